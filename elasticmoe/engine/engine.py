@@ -1,0 +1,295 @@
+"""The engine: scheduler + paged KV + model + sampler, stepped one batch at a time."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from elasticmoe.engine.config import EngineConfig
+from elasticmoe.engine.model_runner import ModelRunner
+from elasticmoe.engine.request import (
+    CompletionOutput,
+    Request,
+    RequestOutput,
+    RequestStatus,
+    SamplingParams,
+)
+from elasticmoe.engine.sampler import Sampler
+from elasticmoe.engine.scheduler import Scheduler
+from elasticmoe.experts.backend import ExpertBackend, LocalExperts
+from elasticmoe.experts.load import ExpertLoadRecorder
+from elasticmoe.kv.manager import KVCacheManager
+from elasticmoe.model.attention import PagedKVCache
+from elasticmoe.model.checkpoint import CheckpointReader
+from elasticmoe.model.config import load_config
+from elasticmoe.model.model import MoEForCausalLM
+from elasticmoe.model.tokenizer import Tokenizer
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[int] | dict
+
+# Builds the expert backend once the model's config, dtype and device are known.
+ExpertBackendFactory = Callable[[CheckpointReader, MoEForCausalLM, torch.dtype, torch.device], ExpertBackend]
+
+
+def local_experts(
+    reader: CheckpointReader, model: MoEForCausalLM, dtype: torch.dtype, device: torch.device
+) -> ExpertBackend:
+    """All experts in-process (``mode="local"``)."""
+    return LocalExperts.from_checkpoint(reader, model.config, dtype, device)
+
+
+class EngineGenerateError(RuntimeError):
+    """A request could not be accepted (the engine itself is fine)."""
+
+
+@dataclass
+class EngineStats:
+    """Point-in-time engine figures for metrics and status."""
+
+    num_running: int
+    num_waiting: int
+    kv_usage: float
+    prefix_cache_hit_rate: float
+    num_preemptions: int
+
+
+class LLMEngine:
+    """Runs requests to completion with continuous batching.
+
+    ``add_request`` queues work; each ``step`` runs one batch and returns the
+    outputs of the requests that advanced.
+    """
+
+    def __init__(
+        self, config: EngineConfig, expert_backend: ExpertBackendFactory = local_experts
+    ) -> None:
+        self.config = config
+        model_dir = Path(config.model)
+        self.device = config.torch_device()
+        reader = CheckpointReader(model_dir)
+        mcfg = load_config(model_dir)
+        self.dtype = config.torch_dtype(mcfg.raw.get("dtype") or mcfg.raw.get("torch_dtype"))
+        self.model = MoEForCausalLM.from_checkpoint(model_dir, self.dtype, self.device, reader)
+        self.model.experts = expert_backend(reader, self.model, self.dtype, self.device)
+        self.model_config = self.model.config
+        self.tokenizer = (
+            Tokenizer.from_dir(model_dir) if (model_dir / "tokenizer.json").is_file() else None
+        )
+        eos = set(self.model_config.eos_token_ids)
+        if self.tokenizer is not None:
+            eos |= set(self.tokenizer.eos_token_ids)
+        self.eos_token_ids = frozenset(eos)
+        self.max_model_len = config.max_model_len or self.model_config.max_position_embeddings
+
+        mc = self.model_config
+        num_blocks = config.num_kv_blocks or max(
+            1,
+            int(config.kv_cache_memory_gb * 2**30)
+            // PagedKVCache.bytes_per_block(
+                mc.num_layers, config.block_size, mc.num_kv_heads, mc.head_dim, self.dtype
+            ),
+        )
+        self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
+        self.kv_cache = PagedKVCache(
+            mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim,
+            self.dtype, self.device,
+        )
+        self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.runner = ModelRunner(self.model, self.kv_cache, self.kv_manager, self.device)
+        self.sampler = Sampler(self.device, config.seed)
+        self.load_recorder = ExpertLoadRecorder(mc.moe_layers, mc.num_experts, self.device)
+        self._ids = itertools.count()
+        # parent request id -> its n sequences
+        self._groups: dict[str, list[Request]] = {}
+
+    # ----------------------------------------------------------------- requests
+    def tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
+        """(text, token ids) of a prompt given as text, ids or ``{"prompt_token_ids": ...}``."""
+        if isinstance(prompt, dict):
+            extra = set(prompt) - {"prompt_token_ids", "prompt"}
+            if extra or "prompt_token_ids" not in prompt:
+                raise ValueError(
+                    f"prompt dict must have the key 'prompt_token_ids'; got keys {sorted(prompt)}"
+                )
+            prompt = list(prompt["prompt_token_ids"])
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError(
+                    f"{self.config.model} has no tokenizer.json: pass prompt_token_ids instead"
+                )
+            return prompt, self.tokenizer.encode(prompt)
+        ids = list(prompt)
+        vocab = self.model_config.vocab_size
+        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt_token_ids contains ids outside 0..{vocab - 1}: {bad[:5]}")
+        return None, ids
+
+    def add_request(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> str:
+        """Queue a prompt; returns its request id. Raises ``ValueError`` for bad input."""
+        params = params or SamplingParams()
+        request_id = request_id or f"req-{next(self._ids)}"
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        text, ids = self.tokenize(prompt)
+        if not ids:
+            raise ValueError("prompt is empty: give at least one token")
+        total = len(ids) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(
+                f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
+                f"exceeds max_model_len={self.max_model_len}"
+            )
+        capacity = self.kv_manager.pool.num_blocks * self.config.block_size
+        if total > capacity:
+            raise ValueError(
+                f"prompt + max_tokens = {total} tokens does not fit in the KV cache "
+                f"({capacity} tokens); raise kv_cache_memory_gb or lower max_tokens"
+            )
+        now = time.time()
+        children = []
+        for i in range(params.n):
+            child_params = params
+            if params.n > 1 and params.seed is not None:
+                child_params = params.model_copy(update={"seed": params.seed + i})
+            child = Request(
+                request_id=request_id if params.n == 1 else f"{request_id}#{i}",
+                prompt_token_ids=list(ids),
+                params=child_params,
+                arrival_time=now,
+                prompt=text,
+                eos_token_ids=self.eos_token_ids,
+            )
+            children.append(child)
+            self.scheduler.add_request(child)
+        self._groups[request_id] = children
+        return request_id
+
+    def abort_request(self, request_id: str) -> None:
+        """Stop a request; its output so far is reported with finish_reason 'abort'."""
+        for child in self._groups.get(request_id, []):
+            if not child.status.finished:
+                self._finish(child, RequestStatus.FINISHED_ABORTED)
+
+    def forget_request(self, request_id: str) -> None:
+        """Drop a finished request's bookkeeping without reporting it."""
+        self._groups.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        """Whether any request is waiting or running."""
+        return self.scheduler.num_unfinished > 0
+
+    # --------------------------------------------------------------------- step
+    def step(self) -> list[RequestOutput]:
+        """Run one batch; return outputs of requests that advanced or finished."""
+        sched = self.scheduler.schedule()
+        if not sched.scheduled:
+            return []
+        try:
+            logits = self.runner.execute(sched, self.load_recorder.record)
+            completing = [s.request for s in sched.scheduled if s.completes_sequence]
+            tokens, logprobs = self.sampler.sample(logits, completing)
+        except Exception as e:  # a failed step fails its requests, not the engine
+            logger.exception("engine step failed")
+            touched = {s.request.request_id for s in sched.scheduled}
+            for s in sched.scheduled:
+                s.request.error = f"{type(e).__name__}: {e}"
+                self._finish(s.request, RequestStatus.FINISHED_ERROR)
+            return self._outputs(touched)
+        finally:
+            self.load_recorder.end_step()
+
+        now = time.time()
+        for s in sched.scheduled:
+            s.request.num_computed_tokens += s.num_new_tokens
+        touched = set()
+        for request, token, lp in zip(completing, tokens, logprobs, strict=True):
+            request.output_token_ids.append(token)
+            if lp is not None:
+                request.output_logprobs.append(lp)
+            if request.first_token_time is None:
+                request.first_token_time = now
+            touched.add(request.request_id)
+            status = self._check_stop(request, token)
+            if status is not None:
+                self._finish(request, status)
+        return self._outputs(touched)
+
+    def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
+        params = request.params
+        if not params.ignore_eos and token in request.eos_token_ids:
+            return RequestStatus.FINISHED_STOPPED
+        if token in params.stop_token_ids:
+            request.stop_reason = token
+            return RequestStatus.FINISHED_STOPPED
+        if params.stop and self.tokenizer is not None:
+            text = self.tokenizer.decode(request.output_token_ids)
+            for stop in params.stop:
+                at = text.find(stop)
+                if at >= 0:
+                    request.stop_reason = stop
+                    request.output_text = text[: at + len(stop)] if params.include_stop_str_in_output else text[:at]
+                    return RequestStatus.FINISHED_STOPPED
+        if len(request.output_token_ids) >= params.max_tokens:
+            return RequestStatus.FINISHED_LENGTH
+        if request.num_tokens >= self.max_model_len:
+            return RequestStatus.FINISHED_LENGTH
+        return None
+
+    def _finish(self, request: Request, status: RequestStatus) -> None:
+        # a stop string already cut the text; otherwise decode it once, at the end
+        if self.tokenizer is not None and not isinstance(request.stop_reason, str):
+            request.output_text = self.tokenizer.decode(request.output_token_ids)
+        self.scheduler.finish(request, status)
+        self.sampler.forget(request.request_id)
+
+    def _parent_id(self, child_id: str) -> str:
+        return child_id.split("#", 1)[0] if child_id not in self._groups else child_id
+
+    def _outputs(self, touched: set[str]) -> list[RequestOutput]:
+        outputs = []
+        for parent in {self._parent_id(c) for c in touched}:
+            children = self._groups[parent]
+            finished = all(c.status.finished for c in children)
+            outputs.append(
+                RequestOutput(
+                    request_id=parent,
+                    prompt=children[0].prompt,
+                    prompt_token_ids=children[0].prompt_token_ids,
+                    outputs=[
+                        CompletionOutput(
+                            index=i,
+                            text=c.output_text,
+                            token_ids=list(c.output_token_ids),
+                            finish_reason=c.status.value if c.status.finished else None,
+                            stop_reason=c.stop_reason if c.error is None else c.error,
+                            logprobs=list(c.output_logprobs) if c.params.logprobs is not None else None,
+                        )
+                        for i, c in enumerate(children)
+                    ],
+                    finished=finished,
+                )
+            )
+            if finished:
+                del self._groups[parent]
+        return outputs
+
+    def stats(self) -> EngineStats:
+        """Current queue lengths, KV usage and cache hit rate."""
+        return EngineStats(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            kv_usage=self.kv_manager.usage,
+            prefix_cache_hit_rate=self.kv_manager.stats.hit_rate,
+            num_preemptions=self.scheduler.num_preemptions,
+        )

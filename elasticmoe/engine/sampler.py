@@ -1,0 +1,81 @@
+"""Turn a step's logits into next tokens (greedy, temperature, top-k, top-p, seeds)."""
+
+from __future__ import annotations
+
+import torch
+
+from elasticmoe.engine.request import Request
+
+
+class Sampler:
+    """Samples one token per row; seeded requests get their own generator."""
+
+    def __init__(self, device: torch.device, seed: int = 0) -> None:
+        self.device = device
+        self.generator = torch.Generator(device=device)
+        self.generator.manual_seed(seed)
+        self._request_generators: dict[str, torch.Generator] = {}
+
+    def forget(self, request_id: str) -> None:
+        """Drop a finished request's generator."""
+        self._request_generators.pop(request_id, None)
+
+    def _generator(self, request: Request) -> torch.Generator:
+        if request.params.seed is None:
+            return self.generator
+        gen = self._request_generators.get(request.request_id)
+        if gen is None:
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(request.params.seed)
+            self._request_generators[request.request_id] = gen
+        return gen
+
+    def sample(
+        self, logits: torch.Tensor, requests: list[Request]
+    ) -> tuple[list[int], list[dict[int, float] | None]]:
+        """logits: [B, V] fp32. Returns the tokens and, where asked, their logprobs."""
+        if all(r.params.greedy for r in requests):
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = self._sample_random(logits, requests)
+        token_list = tokens.tolist()
+        logprobs: list[dict[int, float] | None] = [None] * len(requests)
+        wanted = [i for i, r in enumerate(requests) if r.params.logprobs is not None]
+        if wanted:
+            all_logprobs = torch.log_softmax(logits[wanted], dim=-1)
+            for row, i in enumerate(wanted):
+                n = requests[i].params.logprobs or 0
+                entry = {token_list[i]: float(all_logprobs[row, token_list[i]])}
+                if n:
+                    top = torch.topk(all_logprobs[row], n)
+                    for lp, tid in zip(top.values.tolist(), top.indices.tolist(), strict=True):
+                        entry.setdefault(tid, lp)
+                logprobs[i] = entry
+        return token_list, logprobs
+
+    def _sample_random(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+        greedy_rows = torch.tensor([r.params.greedy for r in requests], device=logits.device)
+        temps = torch.tensor(
+            [r.params.temperature or 1.0 for r in requests], device=logits.device
+        )
+        scaled = logits / temps[:, None]
+        vocab = logits.shape[-1]
+        for i, r in enumerate(requests):
+            if 0 < r.params.top_k < vocab:
+                kth = torch.topk(scaled[i], r.params.top_k).values[-1]
+                scaled[i] = scaled[i].masked_fill(scaled[i] < kth, float("-inf"))
+        probs = torch.softmax(scaled, dim=-1)
+        if any(r.params.top_p < 1.0 for r in requests):
+            top_p = torch.tensor([r.params.top_p for r in requests], device=logits.device)
+            sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)
+            # drop a token when the mass before it already reaches top_p
+            drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]
+            sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+            probs = torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_probs)
+        # Gumbel-style race: argmax(p / E) with E ~ Exp(1) samples from p; one
+        # draw per row so a seeded request never depends on its batch-mates.
+        noise = torch.empty_like(probs)
+        for i, r in enumerate(requests):
+            noise[i].exponential_(generator=self._generator(r))
+        sampled = (probs / noise).argmax(dim=-1)
+        return torch.where(greedy_rows, logits.argmax(dim=-1), sampled)

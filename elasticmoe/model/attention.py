@@ -1,0 +1,113 @@
+"""Paged attention in plain torch.
+
+K/V live in per-layer block tensors ``[num_blocks, block_size, kv_heads,
+head_dim]``. Each step writes the new tokens' K/V at their slots and reads a
+sequence's context by gathering its blocks through its block table; there is
+no per-sequence contiguous cache to grow or concatenate.
+
+A batch is a flat list of T tokens from B sequences (varlen). Sequences that
+add exactly one token (decode) are attended in one batched call; sequences
+adding several (prefill chunks) are padded to the longest chunk in a second
+call, so decode rows never pay for a prefill's query length.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionGroup:
+    """Sequences attended together, with queries padded to ``max_q``.
+
+    token_idx: [B, max_q] row of each query in the flat batch (padding -> 0).
+    positions: [B, max_q] absolute position of each query (padding -> 0, so a
+      padded row still sees key 0 and softmax stays finite).
+    block_tables: [B, max_blocks] block ids of each sequence (padding -> 0).
+    q_valid: [B, max_q] which query slots are real (None when max_q == 1).
+    """
+
+    token_idx: torch.Tensor
+    positions: torch.Tensor
+    block_tables: torch.Tensor
+    q_valid: torch.Tensor | None
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens go in the cache and which context each reads."""
+
+    slot_mapping: torch.Tensor  # [T] block_id * block_size + offset
+    groups: list[AttentionGroup]
+
+
+class PagedKVCache:
+    """The physical K/V block tensors of all layers."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_blocks: int,
+        block_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_block(
+        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+    ) -> int:
+        """Memory one block takes across all layers (K and V)."""
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
+
+
+def paged_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None = None,
+) -> torch.Tensor:
+    """Write k/v into the cache, then attend each query to its sequence's context.
+
+    q: [T, Hq, D]; k, v: [T, Hkv, D]; caches: [N, bs, Hkv, D]. Returns [T, Hq, D].
+    """
+    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    out = torch.empty_like(q)
+    for group in meta.groups:
+        batch, max_q = group.token_idx.shape
+        # Gather each sequence's blocks: [B, nb, bs, Hkv, D] -> [B, Hkv, S, D]
+        keys = k_cache[group.block_tables].flatten(1, 2).transpose(1, 2)
+        values = v_cache[group.block_tables].flatten(1, 2).transpose(1, 2)
+        key_pos = torch.arange(keys.shape[2], device=q.device)
+        # causal over absolute positions; keys past a sequence's length sit at
+        # positions > any of its queries, so this also masks the block padding
+        mask = key_pos[None, None, :] <= group.positions[:, :, None]
+        if sliding_window is not None:
+            mask &= key_pos[None, None, :] > group.positions[:, :, None] - sliding_window
+        queries = q[group.token_idx].transpose(1, 2)  # [B, Hq, max_q, D]
+        attn = F.scaled_dot_product_attention(
+            queries, keys, values, attn_mask=mask[:, None], scale=scale, enable_gqa=True
+        )
+        attn = attn.transpose(1, 2)  # [B, max_q, Hq, D]
+        if group.q_valid is None:
+            out[group.token_idx.flatten()] = attn.flatten(0, 1)
+        else:
+            out[group.token_idx[group.q_valid]] = attn[group.q_valid]
+    return out

@@ -1,0 +1,204 @@
+"""The model configuration elasticmoe needs, read from a Hugging Face config.json.
+
+Each supported family (``model_type``) differs in a handful of switches
+(q/k norm, qkv bias, shared expert, top-k renormalisation); they are all
+resolved here so the model code reads one flat config and never branches on
+the family name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+QKNorm = Literal["none", "per_head", "full"]
+
+
+class ConfigError(ValueError):
+    """A checkpoint's config.json is missing a field or holds an unsupported value."""
+
+
+@dataclass(frozen=True)
+class MoEModelConfig:
+    """Everything the model code needs to build an MoE decoder.
+
+    ``moe_layers`` lists the layer indices whose MLP is a sparse MoE block; the
+    remaining layers use a dense MLP of ``intermediate_size``.
+    """
+
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    num_experts: int
+    top_k: int
+    expert_intermediate_size: int
+    intermediate_size: int
+    norm_topk_prob: bool
+    qkv_bias: bool
+    qk_norm: QKNorm
+    shared_expert_intermediate_size: int = 0
+    clip_qkv: float | None = None
+    sliding_window: int | None = None
+    tie_word_embeddings: bool = False
+    moe_layers: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def has_shared_expert(self) -> bool:
+        """qwen2_moe-style gated shared expert computed next to the routed ones."""
+        return self.shared_expert_intermediate_size > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether ``layer`` has a routed-expert MLP (vs a dense MLP)."""
+        return layer in self.moe_layers
+
+
+def _require(cfg: dict[str, Any], key: str, path: Path) -> Any:
+    if key not in cfg:
+        raise ConfigError(f"{path}: field '{key}' is missing (model_type={cfg.get('model_type')!r})")
+    return cfg[key]
+
+
+def _first(cfg: dict[str, Any], keys: tuple[str, ...], path: Path) -> Any:
+    for key in keys:
+        if cfg.get(key) is not None:
+            return cfg[key]
+    raise ConfigError(f"{path}: none of the fields {list(keys)} is set")
+
+
+def _rope_theta(cfg: dict[str, Any], path: Path) -> float:
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling")
+    if params:
+        rope_type = params.get("rope_type", params.get("type", "default"))
+        if rope_type != "default":
+            raise ConfigError(
+                f"{path}: rope_parameters.rope_type={rope_type!r} is not supported; "
+                "supported: 'default'"
+            )
+        if "rope_theta" in params:
+            return float(params["rope_theta"])
+    return float(cfg.get("rope_theta", 10000.0))
+
+
+def _as_tuple(value: Any) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def parse_config(cfg: dict[str, Any], path: Path | str = "config.json") -> MoEModelConfig:
+    """Turn a Hugging Face config dict into an :class:`MoEModelConfig`.
+
+    Raises :class:`ConfigError` naming the file and field when something is
+    missing or unsupported.
+    """
+    path = Path(path)
+    model_type = cfg.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(
+            f"{path}: model_type={model_type!r} is not supported; "
+            f"supported: {', '.join(SUPPORTED_MODEL_TYPES)}"
+        )
+    hidden = int(_require(cfg, "hidden_size", path))
+    num_heads = int(_require(cfg, "num_attention_heads", path))
+    num_layers = int(_require(cfg, "num_hidden_layers", path))
+    num_kv_heads = int(cfg.get("num_key_value_heads") or num_heads)
+    head_dim = int(cfg.get("head_dim") or hidden // num_heads)
+    num_experts = int(_first(cfg, ("num_local_experts", "num_experts"), path))
+    top_k = int(_require(cfg, "num_experts_per_tok", path))
+    if not 1 <= top_k <= num_experts:
+        raise ConfigError(f"{path}: num_experts_per_tok={top_k} must be in 1..{num_experts}")
+    if num_heads % num_kv_heads:
+        raise ConfigError(
+            f"{path}: num_attention_heads={num_heads} is not a multiple of "
+            f"num_key_value_heads={num_kv_heads}"
+        )
+    intermediate = int(cfg.get("intermediate_size") or 0)
+
+    moe_layers: tuple[int, ...] = tuple(range(num_layers))
+    qkv_bias = False
+    qk_norm: QKNorm = "none"
+    shared = 0
+    norm_topk = bool(cfg.get("norm_topk_prob", False))
+    sliding_window = None
+    if model_type == "mixtral":
+        expert_inter = int(_require(cfg, "intermediate_size", path))
+        norm_topk = True  # mixtral always renormalises the top-k weights
+        sliding_window = cfg.get("sliding_window")
+    elif model_type == "olmoe":
+        expert_inter = int(_require(cfg, "intermediate_size", path))
+        qk_norm = "full"
+    else:  # qwen2_moe, qwen3_moe
+        expert_inter = int(_require(cfg, "moe_intermediate_size", path))
+        step = int(cfg.get("decoder_sparse_step", 1) or 1)
+        mlp_only = set(cfg.get("mlp_only_layers") or [])
+        moe_layers = tuple(
+            i for i in range(num_layers) if i not in mlp_only and (i + 1) % step == 0
+        )
+        if cfg.get("use_sliding_window"):
+            sliding_window = cfg.get("sliding_window")
+        if model_type == "qwen2_moe":
+            qkv_bias = bool(cfg.get("qkv_bias", True))
+            shared = int(cfg.get("shared_expert_intermediate_size") or 0)
+        else:
+            qkv_bias = bool(cfg.get("attention_bias", False))
+            qk_norm = "per_head"
+    if len(moe_layers) < num_layers and intermediate <= 0:
+        raise ConfigError(f"{path}: intermediate_size is needed for the dense MLP layers")
+
+    return MoEModelConfig(
+        model_type=model_type,
+        vocab_size=int(_require(cfg, "vocab_size", path)),
+        hidden_size=hidden,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_dim=head_dim,
+        rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        rope_theta=_rope_theta(cfg, path),
+        max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
+        num_experts=num_experts,
+        top_k=top_k,
+        expert_intermediate_size=expert_inter,
+        intermediate_size=intermediate,
+        norm_topk_prob=norm_topk,
+        qkv_bias=qkv_bias,
+        qk_norm=qk_norm,
+        shared_expert_intermediate_size=shared,
+        clip_qkv=cfg.get("clip_qkv"),
+        sliding_window=int(sliding_window) if sliding_window else None,
+        tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+        moe_layers=moe_layers,
+        bos_token_id=cfg.get("bos_token_id"),
+        eos_token_ids=_as_tuple(cfg.get("eos_token_id")),
+        raw=cfg,
+    )
+
+
+def load_config(model_dir: Path | str) -> MoEModelConfig:
+    """Read and parse ``config.json`` from a checkpoint directory."""
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no config.json; is {model_dir} a Hugging Face checkpoint?")
+    try:
+        cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return parse_config(cfg, path)

@@ -1,0 +1,56 @@
+"""Tiny random MoE checkpoints built with Hugging Face transformers (the reference)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers
+
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+
+BASE = dict(
+    vocab_size=256,
+    hidden_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts_per_tok=2,
+    max_position_embeddings=512,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    bos_token_id=None,
+    eos_token_id=None,
+    pad_token_id=0,
+    initializer_range=0.05,
+)
+
+FAMILY_ARGS: dict[str, dict] = {
+    "mixtral": dict(num_local_experts=8, intermediate_size=48),
+    # layer 1 is dense (mlp_only_layers) to cover that path; gated shared expert
+    "qwen2_moe": dict(
+        num_experts=8, moe_intermediate_size=32, intermediate_size=48,
+        shared_expert_intermediate_size=40, mlp_only_layers=[1], norm_topk_prob=False,
+    ),
+    "qwen3_moe": dict(
+        num_experts=8, moe_intermediate_size=32, intermediate_size=48, norm_topk_prob=True,
+    ),
+    "olmoe": dict(num_experts=8, intermediate_size=32, norm_topk_prob=False),
+}
+
+
+def make_hf_model(
+    family: str, out_dir: Path, seed: int = 0, **overrides
+) -> transformers.PreTrainedModel:
+    """Build a random-weight model with transformers, save it in HF layout, return it."""
+    torch.manual_seed(seed)
+    cls = transformers.CONFIG_MAPPING[family]
+    kwargs = {**BASE, **FAMILY_ARGS[family], **overrides}
+    if family == "qwen3_moe":
+        kwargs["num_local_experts"] = kwargs.pop("num_experts")
+    config = cls(**kwargs)
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.eval()
+    model.save_pretrained(out_dir)
+    return model
