@@ -1,0 +1,378 @@
+"""Write small random-weight MoE checkpoints in the Hugging Face layout.
+
+Tests, benchmarks and demos need real-looking model directories (config.json, tokenizer,
+safetensors weights) for each supported family without downloading anything. The files written
+here load with ``transformers.AutoModelForCausalLM.from_pretrained`` with no missing or
+unexpected keys, and use the per-expert tensor names that ``save_pretrained`` writes (e.g.
+``model.layers.0.mlp.experts.3.gate_proj.weight``), which is also what published checkpoints use.
+
+Only torch, safetensors and json are imported: engine and worker processes call this too, and
+they must not pay for importing transformers.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+__all__ = ["ARCHS", "PRESETS", "build_config", "expert_count_key", "init_model"]
+
+ARCHS: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+PRESETS: tuple[str, ...] = ("tiny", "small")
+
+_ARCHITECTURES = {
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "olmoe": "OlmoeForCausalLM",
+}
+
+# transformers names the expert count differently per family; the config key that its config
+# class serialises is the one that must be written (mixtral and qwen3_moe map the other name
+# onto it through `attribute_map`).
+_EXPERT_COUNT_KEY = {
+    "mixtral": "num_local_experts",
+    "qwen2_moe": "num_experts",
+    "qwen3_moe": "num_local_experts",
+    "olmoe": "num_experts",
+}
+
+_PRESET_VALUES: dict[str, dict[str, int]] = {
+    "tiny": {
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "head_dim": 16,
+        "num_experts": 8,
+        "num_experts_per_tok": 2,
+        "expert_intermediate_size": 64,
+        "shared_expert_intermediate_size": 96,
+        "vocab_size": 512,
+        "max_position_embeddings": 2048,
+    },
+    "small": {
+        "hidden_size": 256,
+        "num_hidden_layers": 4,
+        "num_attention_heads": 8,
+        "num_key_value_heads": 4,
+        "head_dim": 32,
+        "num_experts": 16,
+        "num_experts_per_tok": 2,
+        "expert_intermediate_size": 384,
+        "shared_expert_intermediate_size": 512,
+        "vocab_size": 4096,
+        "max_position_embeddings": 4096,
+    },
+}
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_INIT_STD = 0.02
+# Ids in the tokenizer built by elasticmoe.model.tokenizer: <|endoftext|>=0, <|im_end|>=2,
+# <|pad|>=3.
+_EOS_ID = 0
+_IM_END_ID = 2
+_PAD_ID = 3
+
+
+def _check_choice(kind: str, value: str, options: tuple[str, ...]) -> None:
+    if value not in options:
+        raise ValueError(f"unknown {kind} {value!r}; valid options: {', '.join(options)}")
+
+
+def expert_count_key(arch: str) -> str:
+    """The config.json key that holds the routed-expert count for ``arch``."""
+    _check_choice("arch", arch, ARCHS)
+    return _EXPERT_COUNT_KEY[arch]
+
+
+def build_config(arch: str, preset: str, **overrides: Any) -> dict[str, Any]:
+    """Return a Hugging Face ``config.json`` dict for ``arch`` at size ``preset``.
+
+    ``overrides`` replace keys of the result. Two conveniences keep overrides consistent:
+    ``num_experts``/``num_local_experts`` are written under the key this family uses, and
+    ``rope_theta`` is moved into ``rope_parameters``. ``layer_types`` (qwen2_moe) follows an
+    overridden ``num_hidden_layers`` unless it is overridden too.
+    """
+    _check_choice("arch", arch, ARCHS)
+    _check_choice("preset", preset, PRESETS)
+    p = _PRESET_VALUES[preset]
+    layers = p["num_hidden_layers"]
+    expert_key = _EXPERT_COUNT_KEY[arch]
+
+    cfg: dict[str, Any] = {
+        "architectures": [_ARCHITECTURES[arch]],
+        "model_type": arch,
+        "vocab_size": p["vocab_size"],
+        "hidden_size": p["hidden_size"],
+        "num_hidden_layers": layers,
+        "num_attention_heads": p["num_attention_heads"],
+        "num_key_value_heads": p["num_key_value_heads"],
+        "head_dim": p["head_dim"],
+        "hidden_act": "silu",
+        "max_position_embeddings": p["max_position_embeddings"],
+        "initializer_range": _INIT_STD,
+        "rms_norm_eps": 1e-6 if arch.startswith("qwen") else 1e-5,
+        "rope_parameters": {
+            "rope_type": "default",
+            "rope_theta": 1_000_000.0 if arch in ("mixtral", "qwen3_moe") else 10_000.0,
+        },
+        "attention_dropout": 0.0,
+        "use_cache": True,
+        "tie_word_embeddings": False,
+        "bos_token_id": _EOS_ID,
+        "eos_token_id": _EOS_ID,
+        # olmoe's config class defaults pad_token_id to 1, which is <|im_start|> in our vocab.
+        "pad_token_id": _PAD_ID,
+        "dtype": "float32",
+        expert_key: p["num_experts"],
+        "num_experts_per_tok": p["num_experts_per_tok"],
+        "output_router_logits": False,
+        "router_aux_loss_coef": 0.01 if arch == "olmoe" else 0.001,
+    }
+    if arch == "mixtral":
+        cfg.update(
+            intermediate_size=p["expert_intermediate_size"],
+            sliding_window=None,
+            router_jitter_noise=0.0,
+        )
+    elif arch == "olmoe":
+        cfg.update(
+            intermediate_size=p["expert_intermediate_size"],
+            attention_bias=False,
+            clip_qkv=None,
+            norm_topk_prob=False,
+        )
+    else:
+        # intermediate_size is the dense MLP of `mlp_only_layers`; none exist, but the field must
+        # still be a valid int.
+        cfg.update(
+            intermediate_size=p["shared_expert_intermediate_size"],
+            moe_intermediate_size=p["expert_intermediate_size"],
+            decoder_sparse_step=1,
+            mlp_only_layers=[],
+            use_sliding_window=False,
+            sliding_window=None,
+        )
+        if arch == "qwen2_moe":
+            cfg.update(
+                shared_expert_intermediate_size=p["shared_expert_intermediate_size"],
+                norm_topk_prob=False,
+                qkv_bias=True,
+                # Qwen2MoeConfig turns sliding_window into 0 when sliding is off; write what it
+                # would serialise so a load/save round trip is a no-op.
+                sliding_window=0,
+                max_window_layers=layers,
+                layer_types=["full_attention"] * layers,
+            )
+        else:
+            cfg.update(norm_topk_prob=True, attention_bias=False)
+
+    overrides = dict(overrides)
+    for alias in ("num_experts", "num_local_experts"):
+        if alias in overrides and alias != expert_key:
+            overrides[expert_key] = overrides.pop(alias)
+    if "rope_theta" in overrides:
+        rope = dict(overrides.pop("rope_parameters", cfg["rope_parameters"]))
+        rope["rope_theta"] = float(overrides.pop("rope_theta"))
+        overrides["rope_parameters"] = rope
+    cfg.update(overrides)
+    if arch == "qwen2_moe" and "layer_types" not in overrides:
+        cfg["layer_types"] = ["full_attention"] * cfg["num_hidden_layers"]
+        cfg["max_window_layers"] = cfg["num_hidden_layers"]
+    return cfg
+
+
+def _tensor_specs(arch: str, cfg: dict[str, Any]) -> Iterator[tuple[str, tuple[int, ...], str]]:
+    """Yield (name, shape, init kind) in the module order HF's state_dict uses."""
+    h = cfg["hidden_size"]
+    n_heads = cfg["num_attention_heads"]
+    n_kv = cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or h // n_heads
+    n_experts = cfg[_EXPERT_COUNT_KEY[arch]]
+    inter = (
+        cfg["intermediate_size"] if arch in ("mixtral", "olmoe") else cfg["moe_intermediate_size"]
+    )
+    qkv_bias = arch == "qwen2_moe" and cfg.get("qkv_bias", True)
+
+    yield "model.embed_tokens.weight", (cfg["vocab_size"], h), "embed"
+    for i in range(cfg["num_hidden_layers"]):
+        pre = f"model.layers.{i}"
+        attn = f"{pre}.self_attn"
+        for proj, out_dim in (
+            ("q", n_heads * head_dim),
+            ("k", n_kv * head_dim),
+            ("v", n_kv * head_dim),
+        ):
+            yield f"{attn}.{proj}_proj.weight", (out_dim, h), "linear"
+            if qkv_bias:
+                yield f"{attn}.{proj}_proj.bias", (out_dim,), "bias"
+        yield f"{attn}.o_proj.weight", (h, n_heads * head_dim), "linear"
+        if arch == "qwen3_moe":
+            # Per-head norms (only over head_dim), unlike olmoe's whole-projection norms.
+            yield f"{attn}.q_norm.weight", (head_dim,), "norm"
+            yield f"{attn}.k_norm.weight", (head_dim,), "norm"
+        elif arch == "olmoe":
+            yield f"{attn}.q_norm.weight", (h,), "norm"
+            yield f"{attn}.k_norm.weight", (n_kv * head_dim,), "norm"
+
+        if arch == "mixtral":
+            moe = f"{pre}.block_sparse_moe"
+            yield f"{moe}.gate.weight", (n_experts, h), "router"
+            for e in range(n_experts):
+                yield f"{moe}.experts.{e}.w1.weight", (inter, h), "linear"
+                yield f"{moe}.experts.{e}.w2.weight", (h, inter), "linear"
+                yield f"{moe}.experts.{e}.w3.weight", (inter, h), "linear"
+        else:
+            moe = f"{pre}.mlp"
+            yield f"{moe}.gate.weight", (n_experts, h), "router"
+            for e in range(n_experts):
+                yield f"{moe}.experts.{e}.gate_proj.weight", (inter, h), "linear"
+                yield f"{moe}.experts.{e}.up_proj.weight", (inter, h), "linear"
+                yield f"{moe}.experts.{e}.down_proj.weight", (h, inter), "linear"
+            if arch == "qwen2_moe":
+                shared = cfg["shared_expert_intermediate_size"]
+                yield f"{moe}.shared_expert.gate_proj.weight", (shared, h), "linear"
+                yield f"{moe}.shared_expert.up_proj.weight", (shared, h), "linear"
+                yield f"{moe}.shared_expert.down_proj.weight", (h, shared), "linear"
+                yield f"{moe}.shared_expert_gate.weight", (1, h), "linear"
+        yield f"{pre}.input_layernorm.weight", (h,), "norm"
+        yield f"{pre}.post_attention_layernorm.weight", (h,), "norm"
+    yield "model.norm.weight", (h,), "norm"
+    yield "lm_head.weight", (cfg["vocab_size"], h), "head"
+
+
+def _init_tensor(
+    name: str, shape: tuple[int, ...], kind: str, seed: int, hidden: int
+) -> torch.Tensor:
+    if kind == "norm":
+        return torch.ones(shape)
+    # One generator per tensor, keyed by its name, so a tensor's values depend only on (seed,
+    # name): adding layers or experts through overrides leaves existing tensors unchanged.
+    gen = torch.Generator().manual_seed((seed * 0x9E3779B1 + zlib.crc32(name.encode())) % 2**63)
+    # Router and LM head get std 1/sqrt(hidden) (logits of unit scale) instead of 0.02: with tiny
+    # logits, top-k expert choices and the argmax token are near-ties that flip under
+    # bf16-vs-fp32 rounding, which makes comparisons between implementations flaky.
+    std = hidden**-0.5 if kind in ("router", "head") else _INIT_STD
+    return torch.randn(shape, generator=gen) * std
+
+
+def _shard(names: list[str], sizes: dict[str, int], max_bytes: int | None) -> list[list[str]]:
+    # Same greedy rule as huggingface_hub's split_state_dict_into_shards: start a new shard when
+    # the next tensor would overflow, and give oversized tensors a shard of their own.
+    if max_bytes is None:
+        return [names]
+    shards: list[list[str]] = []
+    current: list[str] = []
+    current_size = 0
+    for name in names:
+        size = sizes[name]
+        if size > max_bytes:
+            shards.append([name])
+            continue
+        if current and current_size + size > max_bytes:
+            shards.append(current)
+            current, current_size = [], 0
+        current.append(name)
+        current_size += size
+    if current:
+        shards.append(current)
+    return shards
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def init_model(
+    arch: str,
+    preset: str,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    dtype: str = "float32",
+    max_shard_size_mb: float | None = None,
+    overwrite: bool = False,
+    **overrides: Any,
+) -> Path:
+    """Write a random-weight checkpoint of ``arch``/``preset`` to ``out_dir`` and return it.
+
+    The directory gets ``config.json``, ``generation_config.json``, tokenizer files and
+    safetensors weights (one file, or HF-style shards plus ``model.safetensors.index.json``
+    when ``max_shard_size_mb`` is set; "MB" means 10**6 bytes as in transformers). Weights are
+    deterministic in ``seed``. ``overrides`` go to :func:`build_config`. An existing non-empty
+    ``out_dir`` raises ``FileExistsError`` unless ``overwrite=True``.
+    """
+    # Imported here so `import elasticmoe.model.init_model` stays cheap for callers that only
+    # need build_config.
+    from elasticmoe.model.tokenizer import build_tokenizer, save_tokenizer_files
+
+    _check_choice("arch", arch, ARCHS)
+    _check_choice("preset", preset, PRESETS)
+    _check_choice("dtype", dtype, tuple(_DTYPES))
+    if max_shard_size_mb is not None and max_shard_size_mb <= 0:
+        raise ValueError(f"max_shard_size_mb must be positive, got {max_shard_size_mb}")
+
+    out = Path(out_dir)
+    if out.exists():
+        if not out.is_dir():
+            raise FileExistsError(f"{out} exists and is not a directory")
+        if any(out.iterdir()):
+            if not overwrite:
+                raise FileExistsError(f"{out} is not empty; pass overwrite=True to replace it")
+            # Stale shards from an earlier, differently sharded run would be picked up by
+            # loaders that glob *.safetensors, so remove our weight files (and only those).
+            for stale in (*out.glob("model*.safetensors"), out / "model.safetensors.index.json"):
+                stale.unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+
+    cfg = build_config(arch, preset, dtype=dtype, **overrides)
+    torch_dtype = _DTYPES[dtype]
+
+    tok = build_tokenizer(cfg["vocab_size"])
+    save_tokenizer_files(tok, out, model_max_length=cfg["max_position_embeddings"])
+    _write_json(out / "config.json", cfg)
+    _write_json(
+        out / "generation_config.json",
+        {
+            "bos_token_id": cfg["bos_token_id"],
+            # <|im_end|> ends an assistant turn in the ChatML template, so chat requests stop
+            # there too and not only at <|endoftext|>.
+            "eos_token_id": sorted({cfg["eos_token_id"], _IM_END_ID}),
+            "pad_token_id": cfg["pad_token_id"],
+        },
+    )
+
+    tensors: dict[str, torch.Tensor] = {}
+    for name, shape, kind in _tensor_specs(arch, cfg):
+        tensors[name] = _init_tensor(name, shape, kind, seed, cfg["hidden_size"]).to(torch_dtype)
+    names = list(tensors)
+    sizes = {n: t.numel() * t.element_size() for n, t in tensors.items()}
+    max_bytes = None if max_shard_size_mb is None else int(max_shard_size_mb * 1_000_000)
+    shards = _shard(names, sizes, max_bytes)
+
+    metadata = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(tensors, str(out / "model.safetensors"), metadata=metadata)
+        return out
+
+    weight_map: dict[str, str] = {}
+    for idx, shard_names in enumerate(shards, start=1):
+        filename = f"model-{idx:05d}-of-{len(shards):05d}.safetensors"
+        save_file({n: tensors[n] for n in shard_names}, str(out / filename), metadata=metadata)
+        weight_map.update(dict.fromkeys(shard_names, filename))
+    index = {
+        "metadata": {
+            "total_parameters": sum(t.numel() for t in tensors.values()),
+            "total_size": sum(sizes.values()),
+        },
+        "weight_map": weight_map,
+    }
+    _write_json(out / "model.safetensors.index.json", index)
+    return out
