@@ -69,8 +69,12 @@ class LLM:
             raise
         results: dict[str, RequestOutput] = {}
         with Progress(
-            TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            disable=not use_tqdm, transient=True,
+            TextColumn("generating"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            disable=not use_tqdm,
+            transient=True,
         ) as progress:
             task = progress.add_task("generate", total=len(ids))
             while self.engine.has_unfinished_requests():

@@ -30,11 +30,18 @@ FAMILY_ARGS: dict[str, dict] = {
     "mixtral": dict(num_local_experts=8, intermediate_size=48),
     # layer 1 is dense (mlp_only_layers) to cover that path; gated shared expert
     "qwen2_moe": dict(
-        num_experts=8, moe_intermediate_size=32, intermediate_size=48,
-        shared_expert_intermediate_size=40, mlp_only_layers=[1], norm_topk_prob=False,
+        num_experts=8,
+        moe_intermediate_size=32,
+        intermediate_size=48,
+        shared_expert_intermediate_size=40,
+        mlp_only_layers=[1],
+        norm_topk_prob=False,
     ),
     "qwen3_moe": dict(
-        num_experts=8, moe_intermediate_size=32, intermediate_size=48, norm_topk_prob=True,
+        num_experts=8,
+        moe_intermediate_size=32,
+        intermediate_size=48,
+        norm_topk_prob=True,
     ),
     "olmoe": dict(num_experts=8, intermediate_size=32, norm_topk_prob=False),
 }

@@ -36,7 +36,9 @@ logger = logging.getLogger(__name__)
 Prompt = str | list[int] | dict
 
 # Builds the expert backend once the model's config, dtype and device are known.
-ExpertBackendFactory = Callable[[CheckpointReader, MoEForCausalLM, torch.dtype, torch.device], ExpertBackend]
+ExpertBackendFactory = Callable[
+    [CheckpointReader, MoEForCausalLM, torch.dtype, torch.device], ExpertBackend
+]
 
 
 def local_experts(
@@ -97,12 +99,21 @@ class LLMEngine:
                 mc.num_layers, config.block_size, mc.num_kv_heads, mc.head_dim, self.dtype
             ),
         )
-        self.kv_manager = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-        self.kv_cache = PagedKVCache(
-            mc.num_layers, num_blocks, config.block_size, mc.num_kv_heads, mc.head_dim,
-            self.dtype, self.device,
+        self.kv_manager = KVCacheManager(
+            num_blocks, config.block_size, config.enable_prefix_caching
         )
-        self.scheduler = Scheduler(self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.kv_cache = PagedKVCache(
+            mc.num_layers,
+            num_blocks,
+            config.block_size,
+            mc.num_kv_heads,
+            mc.head_dim,
+            self.dtype,
+            self.device,
+        )
+        self.scheduler = Scheduler(
+            self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens
+        )
         self.runner = ModelRunner(self.model, self.kv_cache, self.kv_manager, self.device)
         self.sampler = Sampler(self.device, config.seed)
         self.load_recorder = ExpertLoadRecorder(mc.moe_layers, mc.num_experts, self.device)
@@ -238,7 +249,9 @@ class LLMEngine:
                 at = text.find(stop)
                 if at >= 0:
                     request.stop_reason = stop
-                    request.output_text = text[: at + len(stop)] if params.include_stop_str_in_output else text[:at]
+                    request.output_text = (
+                        text[: at + len(stop)] if params.include_stop_str_in_output else text[:at]
+                    )
                     return RequestStatus.FINISHED_STOPPED
         if len(request.output_token_ids) >= params.max_tokens:
             return RequestStatus.FINISHED_LENGTH
@@ -273,7 +286,9 @@ class LLMEngine:
                             token_ids=list(c.output_token_ids),
                             finish_reason=c.status.value if c.status.finished else None,
                             stop_reason=c.stop_reason if c.error is None else c.error,
-                            logprobs=list(c.output_logprobs) if c.params.logprobs is not None else None,
+                            logprobs=list(c.output_logprobs)
+                            if c.params.logprobs is not None
+                            else None,
                         )
                         for i, c in enumerate(children)
                     ],

@@ -55,9 +55,7 @@ class Sampler:
 
     def _sample_random(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         greedy_rows = torch.tensor([r.params.greedy for r in requests], device=logits.device)
-        temps = torch.tensor(
-            [r.params.temperature or 1.0 for r in requests], device=logits.device
-        )
+        temps = torch.tensor([r.params.temperature or 1.0 for r in requests], device=logits.device)
         scaled = logits / temps[:, None]
         vocab = logits.shape[-1]
         for i, r in enumerate(requests):

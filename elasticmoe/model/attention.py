@@ -86,12 +86,11 @@ def paged_attention(
 
     q: [T, Hq, D]; k, v: [T, Hkv, D]; caches: [N, bs, Hkv, D]. Returns [T, Hq, D].
     """
-    num_blocks, block_size, num_kv_heads, head_dim = k_cache.shape
+    num_kv_heads, head_dim = k_cache.shape[2:]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
     for group in meta.groups:
-        batch, max_q = group.token_idx.shape
         # Gather each sequence's blocks: [B, nb, bs, Hkv, D] -> [B, Hkv, S, D]
         keys = k_cache[group.block_tables].flatten(1, 2).transpose(1, 2)
         values = v_cache[group.block_tables].flatten(1, 2).transpose(1, 2)

@@ -48,7 +48,7 @@ class CheckpointReader:
             raise CheckpointError(f"{self.model_dir}: no *.safetensors files")
         files: dict[str, Path] = {}
         for path in paths:
-            for name in self._open(path).keys():  # type: ignore[attr-defined]
+            for name in self._open(path).keys():  # type: ignore[attr-defined]  # noqa: SIM118
                 files[name] = path
         return files
 
@@ -76,7 +76,9 @@ class CheckpointReader:
         """Load one tensor, checking its shape, and cast/move it as asked."""
         path = self.name_to_file.get(name)
         if path is None:
-            raise CheckpointError(f"{self.model_dir}: tensor '{name}' is missing from the checkpoint")
+            raise CheckpointError(
+                f"{self.model_dir}: tensor '{name}' is missing from the checkpoint"
+            )
         try:
             tensor = self._open(path).get_tensor(name)  # type: ignore[attr-defined]
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:

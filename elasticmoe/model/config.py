@@ -68,7 +68,9 @@ class MoEModelConfig:
 
 def _require(cfg: dict[str, Any], key: str, path: Path) -> Any:
     if key not in cfg:
-        raise ConfigError(f"{path}: field '{key}' is missing (model_type={cfg.get('model_type')!r})")
+        raise ConfigError(
+            f"{path}: field '{key}' is missing (model_type={cfg.get('model_type')!r})"
+        )
     return cfg[key]
 
 
@@ -194,7 +196,9 @@ def load_config(model_dir: Path | str) -> MoEModelConfig:
     """Read and parse ``config.json`` from a checkpoint directory."""
     path = Path(model_dir) / "config.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no config.json; is {model_dir} a Hugging Face checkpoint?")
+        raise FileNotFoundError(
+            f"{path}: no config.json; is {model_dir} a Hugging Face checkpoint?"
+        )
     try:
         cfg = json.loads(path.read_text())
     except json.JSONDecodeError as e:

@@ -125,7 +125,9 @@ class SparseMoE(nn.Module):
         self.layer = layer
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
         if config.has_shared_expert:
-            self.shared_expert = DenseMLP(config.hidden_size, config.shared_expert_intermediate_size)
+            self.shared_expert = DenseMLP(
+                config.hidden_size, config.shared_expert_intermediate_size
+            )
             self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
 
     def route(self, x: torch.Tensor) -> GateOutput:

@@ -1,0 +1,34 @@
+# The two commands of the README:
+#   make run    set up from a fresh clone, then serve/generate with the default model
+#   make test   set up from a fresh clone, then run the whole test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch lies on this machine's disk; a bare `torch` would pull a CUDA build.
+TORCH_SPEC ?= torch==2.13.0
+PROMPT ?= def fibonacci(n):
+
+.PHONY: setup run test lint protos clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+run: setup
+	$(VENV)/bin/elasticmoe generate --model default --prompt "$(PROMPT)" --max-tokens 48
+
+lint: setup
+	$(VENV)/bin/ruff check elasticmoe tests bench
+
+test: setup lint
+	$(PY) -m pytest -q -ra
+
+protos: setup
+	$(PY) -m elasticmoe._proto.generate
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

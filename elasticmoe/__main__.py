@@ -1,0 +1,3 @@
+from elasticmoe.cli.main import main
+
+main()

@@ -1,0 +1,142 @@
+"""The ``elasticmoe`` command line."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="elasticmoe",
+    help="Serve Mixture-of-Experts LLMs with expert-level elasticity.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+
+def _fail(message: str) -> typer.Exit:
+    err.print(f"[red]error:[/red] {message}")
+    return typer.Exit(code=2)
+
+
+@app.command("init-model")
+def init_model_cmd(
+    out_dir: Annotated[Path, typer.Argument(help="directory to write the checkpoint to")],
+    arch: Annotated[str, typer.Option(help="mixtral | qwen2_moe | qwen3_moe | olmoe")] = "mixtral",
+    preset: Annotated[str, typer.Option(help="tiny | small")] = "tiny",
+    seed: Annotated[int, typer.Option(help="random seed of the weights")] = 0,
+    dtype: Annotated[str, typer.Option(help="float32 | bfloat16")] = "float32",
+    max_shard_size_mb: Annotated[
+        float | None, typer.Option(help="split weights into shards of this size (with an index)")
+    ] = None,
+    overwrite: Annotated[bool, typer.Option(help="replace an existing checkpoint")] = False,
+) -> None:
+    """Write a random-weight MoE checkpoint (Hugging Face layout, with a tokenizer)."""
+    from elasticmoe.model.init_model import init_model
+
+    try:
+        with err.status(f"writing {arch}/{preset} checkpoint to {out_dir}"):
+            path = init_model(
+                arch,
+                preset,
+                out_dir,
+                seed=seed,
+                dtype=dtype,
+                max_shard_size_mb=max_shard_size_mb,
+                overwrite=overwrite,
+            )
+    except (ValueError, FileExistsError) as e:
+        raise _fail(str(e)) from None
+    err.print(f"[green]wrote[/green] {arch} ({preset}) checkpoint to {path}")
+
+
+@app.command()
+def generate(
+    model: Annotated[str, typer.Option(help="checkpoint directory or built-in name")] = "default",
+    prompt: Annotated[list[str] | None, typer.Option(help="prompt text (repeatable)")] = None,
+    token_ids: Annotated[
+        str | None, typer.Option(help="prompt as comma-separated token ids, e.g. 1,2,3")
+    ] = None,
+    max_tokens: Annotated[int, typer.Option(help="tokens to generate")] = 32,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
+    top_p: Annotated[float, typer.Option()] = 1.0,
+    top_k: Annotated[int, typer.Option(help="0 = off")] = 0,
+    seed: Annotated[int | None, typer.Option()] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="stop string (repeatable)")] = None,
+    dtype: Annotated[str, typer.Option(help="auto | float32 | bfloat16")] = "auto",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="print results as JSON")] = False,
+) -> None:
+    """Generate completions locally (all experts in this process)."""
+    from elasticmoe import LLM, SamplingParams
+
+    prompts: list = list(prompt or [])
+    if token_ids:
+        try:
+            prompts.append(
+                {"prompt_token_ids": [int(t) for t in token_ids.split(",") if t.strip()]}
+            )
+        except ValueError:
+            raise _fail(f"--token-ids {token_ids!r}: expected integers like 1,2,3") from None
+    if not prompts:
+        raise _fail("give --prompt TEXT or --token-ids 1,2,3")
+    try:
+        params = SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            seed=seed,
+            stop=stop or [],
+        )
+        with err.status(f"loading {model}"):
+            start = time.perf_counter()
+            llm = LLM(model=model, dtype=dtype, device=device)
+            load_s = time.perf_counter() - start
+        start = time.perf_counter()
+        outputs = llm.generate(prompts, params, use_tqdm=not as_json)
+        gen_s = time.perf_counter() - start
+    except (ValueError, FileNotFoundError) as e:
+        raise _fail(str(e)) from None
+    if as_json:
+        print(
+            json.dumps(
+                [
+                    {
+                        "prompt": o.prompt,
+                        "prompt_token_ids": o.prompt_token_ids,
+                        "text": o.outputs[0].text,
+                        "token_ids": o.outputs[0].token_ids,
+                        "finish_reason": o.outputs[0].finish_reason,
+                    }
+                    for o in outputs
+                ]
+            )
+        )
+        return
+    console = Console()
+    num_tokens = 0
+    for o in outputs:
+        shown = o.prompt if o.prompt is not None else o.prompt_token_ids
+        console.print(f"[bold]prompt:[/bold] {shown!r}")
+        console.print(f"[bold]output:[/bold] {o.outputs[0].text!r}")
+        console.print(f"[dim]token ids: {o.outputs[0].token_ids}[/dim]")
+        num_tokens += len(o.outputs[0].token_ids)
+    err.print(
+        f"[green]done[/green]: {len(outputs)} prompt(s), {num_tokens} tokens in {gen_s:.2f}s "
+        f"({num_tokens / max(gen_s, 1e-9):.1f} tok/s; model load {load_s:.2f}s)"
+    )
+
+
+def main() -> None:
+    """Entry point for ``python -m elasticmoe``."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

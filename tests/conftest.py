@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny Hugging Face reference models built by transformers."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from hf_models import FAMILIES, make_hf_model
+
+
+@pytest.fixture(scope="session")
+def hf_family_models(tmp_path_factory) -> dict:
+    """family -> (checkpoint dir, transformers model), built once per session."""
+    out = {}
+    for family in FAMILIES:
+        path = tmp_path_factory.mktemp(family)
+        out[family] = (path, make_hf_model(family, path))
+    return out
+
+
+@pytest.fixture(autouse=True)
+def _elasticmoe_home(tmp_path_factory, monkeypatch):
+    """Keep built-in checkpoints out of the user's home."""
+    monkeypatch.setenv("ELASTICMOE_HOME", str(tmp_path_factory.getbasetemp() / "elasticmoe-home"))

@@ -1,0 +1,132 @@
+"""The local engine against Hugging Face transformers on the same random weights."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from elasticmoe import LLM, SamplingParams
+
+from hf_models import FAMILIES
+
+PROMPTS = [
+    [5, 17, 33, 2, 99, 100, 4],
+    [9, 8, 7],
+    list(range(10, 50)),
+    [200, 201, 202, 203, 204, 205, 206, 207, 208, 209, 210, 211, 212],
+]
+GREEDY = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
+
+
+def hf_greedy(hf_model, prompt: list[int], max_tokens: int) -> list[int]:
+    out = hf_model.generate(
+        torch.tensor([prompt]),
+        max_new_tokens=max_tokens,
+        min_new_tokens=max_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+    return out[0, len(prompt) :].tolist()
+
+
+def capture_logits(llm: LLM) -> dict[str, list[torch.Tensor]]:
+    """Record, per request, the logits of every step that samples a token."""
+    captured: dict[str, list[torch.Tensor]] = {}
+    runner = llm.engine.runner
+    original = runner.execute
+
+    def execute(step, load_hook=None):
+        logits = original(step, load_hook)
+        completing = [s.request for s in step.scheduled if s.completes_sequence]
+        for request, row in zip(completing, logits, strict=True):
+            captured.setdefault(request.request_id, []).append(row.clone())
+        return logits
+
+    runner.execute = execute
+    return captured
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefill_and_decode_logits_match(hf_family_models, family):
+    path, hf = hf_family_models[family]
+    llm = LLM(str(path), num_kv_blocks=64, block_size=4)
+    captured = capture_logits(llm)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        steps = captured[out.request_id]
+        assert len(steps) == GREEDY.max_tokens
+        full = prompt + out.outputs[0].token_ids
+        with torch.no_grad():
+            ref = hf(torch.tensor([full])).logits[0].float()
+        # step s predicts the token at position len(prompt) + s
+        expected = ref[len(prompt) - 1 : len(prompt) - 1 + len(steps)]
+        diff = (torch.stack(steps) - expected).abs().max().item()
+        assert diff <= 1e-4, f"{family}: max |logit diff| {diff}"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_batch_matches_transformers(hf_family_models, family):
+    path, hf = hf_family_models[family]
+    llm = LLM(str(path), num_kv_blocks=128, block_size=4)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 32)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_chunked_prefill_matches(hf_family_models, family):
+    """A 16-token budget splits the 40-token prompt into chunks."""
+    path, hf = hf_family_models[family]
+    llm = LLM(str(path), num_kv_blocks=128, block_size=4, max_num_batched_tokens=16)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 32)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prefix_cache_sharing_matches(hf_family_models, family):
+    path, hf = hf_family_models[family]
+    llm = LLM(str(path), num_kv_blocks=128, block_size=4)
+    shared = list(range(60, 90))
+    prompts = [shared + [1, 2, 3], shared + [4, 5], shared + [6, 7, 8, 9, 10]]
+    first = llm.generate([{"prompt_token_ids": prompts[0]}], GREEDY)
+    rest = llm.generate([{"prompt_token_ids": p} for p in prompts[1:]], GREEDY)
+    stats = llm.engine.kv_manager.stats
+    assert stats.hits >= 2 * 28, "the shared 30-token prefix should come from the cache"
+    for prompt, out in zip(prompts, first + rest, strict=True):
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 32)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_preemption_matches(hf_family_models, family):
+    """A pool too small for the batch forces recompute mid-generation."""
+    path, hf = hf_family_models[family]
+    llm = LLM(str(path), num_kv_blocks=24, block_size=4)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)
+    assert llm.engine.scheduler.num_preemptions > 0
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 32)
+
+
+def test_preemption_without_prefix_cache(hf_family_models):
+    path, hf = hf_family_models["mixtral"]
+    llm = LLM(str(path), num_kv_blocks=24, block_size=4, enable_prefix_caching=False)
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)
+    assert llm.engine.scheduler.num_preemptions > 0
+    for prompt, out in zip(PROMPTS, outs, strict=True):
+        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 32)
+
+
+def test_bfloat16_runs_close_to_fp32(hf_family_models):
+    path, _ = hf_family_models["qwen3_moe"]
+    fp32 = LLM(str(path), dtype="float32", num_kv_blocks=64)
+    bf16 = LLM(str(path), dtype="bfloat16", num_kv_blocks=64)
+    assert bf16.engine.kv_cache.k[0].dtype == torch.bfloat16
+    logits32, logits16 = capture_logits(fp32), capture_logits(bf16)
+    params = SamplingParams(max_tokens=1, temperature=0)
+    prompt = {"prompt_token_ids": PROMPTS[2]}
+    fp32.generate([prompt], params)
+    bf16.generate([prompt], params)
+    a = next(iter(logits32.values()))[0]
+    b = next(iter(logits16.values()))[0]
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99

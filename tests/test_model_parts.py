@@ -1,0 +1,132 @@
+"""Model pieces: gate, golden one-expert test, checkpoint errors, load statistics."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from elasticmoe import LLM, SamplingParams
+from elasticmoe.experts.backend import LocalExperts
+from elasticmoe.experts.weights import ExpertWeights, LogicalExpert
+from elasticmoe.model.checkpoint import CheckpointError
+from elasticmoe.model.config import ConfigError, load_config, parse_config
+from elasticmoe.model.gate import topk_softmax_gate
+from elasticmoe.model.init_model import build_config
+from elasticmoe.model.model import DenseMLP, SparseMoE
+
+from hf_models import make_hf_model
+
+
+def test_gate_is_pure_and_counts_tokens():
+    logits = torch.tensor([[3.0, 1.0, 2.0, 0.0], [0.0, 0.0, 5.0, 4.0]])
+    out = topk_softmax_gate(logits, 2, renormalize=True, out_dtype=torch.float32)
+    assert out.indices.tolist() == [[0, 2], [2, 3]]
+    assert torch.allclose(out.weights.sum(-1), torch.ones(2))
+    assert out.tokens_per_expert.tolist() == [1, 0, 2, 1]
+    raw = topk_softmax_gate(logits, 2, renormalize=False, out_dtype=torch.float32)
+    assert (raw.weights.sum(-1) < 1).all()
+    assert torch.equal(logits, torch.tensor([[3.0, 1.0, 2.0, 0.0], [0.0, 0.0, 5.0, 4.0]]))
+
+
+def test_one_expert_moe_equals_dense_ffn():
+    """Golden test: with one expert (top-1, weight 1) the MoE block is the dense FFN."""
+    torch.manual_seed(0)
+    cfg = parse_config(build_config("mixtral", "tiny", num_local_experts=1, num_experts_per_tok=1))
+    dense = DenseMLP(cfg.hidden_size, cfg.expert_intermediate_size)
+    expert = ExpertWeights(
+        torch.cat([dense.gate_proj.weight, dense.up_proj.weight]).detach(),
+        dense.down_proj.weight.detach(),
+    )
+    moe = SparseMoE(cfg, layer=0)
+    x = torch.randn(7, cfg.hidden_size)
+    with torch.no_grad():
+        out = moe(x, LocalExperts({LogicalExpert(0, 0): expert}), None)
+        assert torch.allclose(out, dense(x), atol=1e-6)
+
+
+@pytest.fixture
+def ckpt(tmp_path):
+    make_hf_model("mixtral", tmp_path / "m")
+    return tmp_path / "m"
+
+
+def test_unknown_model_type(ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["model_type"] = "llama"
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=r"config.json: model_type='llama' is not supported"):
+        load_config(ckpt)
+
+
+def test_missing_config_field(ckpt):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    del cfg["hidden_size"]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="'hidden_size' is missing"):
+        LLM(str(ckpt))
+
+
+def test_missing_tensor_is_named(ckpt):
+    path = ckpt / "model.safetensors"
+    tensors = load_file(path)
+    del tensors["model.layers.1.block_sparse_moe.experts.3.w2.weight"]
+    save_file(tensors, path)
+    with pytest.raises(
+        CheckpointError, match=r"'model.layers.1.block_sparse_moe.experts.3.w2.weight' is missing"
+    ):
+        LLM(str(ckpt))
+
+
+def test_shape_mismatch_names_file_and_tensor(ckpt):
+    path = ckpt / "model.safetensors"
+    tensors = load_file(path)
+    tensors["model.layers.0.self_attn.q_proj.weight"] = torch.zeros(3, 3)
+    save_file(tensors, path)
+    with pytest.raises(
+        CheckpointError,
+        match=r"model\.safetensors: tensor 'model\.layers\.0\.self_attn\.q_proj\.weight' "
+        r"has shape \(3, 3\)",
+    ):
+        LLM(str(ckpt))
+
+
+def test_corrupt_file_is_named(ckpt):
+    (ckpt / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00garbage!")
+    with pytest.raises(CheckpointError, match=r"model\.safetensors: cannot read"):
+        LLM(str(ckpt))
+
+
+def test_sharded_checkpoint_with_index(tmp_path, ckpt):
+    """Many files plus an index load the same as one file."""
+    from elasticmoe.model.init_model import init_model
+
+    one = init_model("qwen2_moe", "tiny", tmp_path / "one")
+    many = init_model("qwen2_moe", "tiny", tmp_path / "many", max_shard_size_mb=0.05)
+    assert len(list(many.glob("*.safetensors"))) > 1
+    params = SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    a = LLM(str(one)).generate({"prompt_token_ids": [1, 2, 3]}, params)
+    b = LLM(str(many)).generate({"prompt_token_ids": [1, 2, 3]}, params)
+    assert a[0].outputs[0].token_ids == b[0].outputs[0].token_ids
+    # an index pointing at a missing shard is reported by name
+    shard = sorted(many.glob("model-*.safetensors"))[-1]
+    shutil.move(shard, tmp_path / "elsewhere")
+    with pytest.raises(CheckpointError, match=shard.name):
+        LLM(str(many))
+
+
+def test_expert_load_statistics_add_up(ckpt):
+    llm = LLM(str(ckpt), num_kv_blocks=64)
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (5, 9, 2)]
+    llm.generate(prompts, SamplingParams(max_tokens=4, temperature=0, ignore_eos=True))
+    rec = llm.engine.load_recorder
+    cfg = llm.engine.model_config
+    # every computed token is routed to top_k experts in every MoE layer
+    num_tokens = (5 + 9 + 2) + 3 * 3  # prompts + decode steps (last sampled token never computed)
+    assert rec.total.shape == (len(cfg.moe_layers), cfg.num_experts)
+    assert (rec.total.sum(axis=1) == num_tokens * cfg.top_k).all()
+    assert sum(s.counts.sum() for s in rec.samples) == num_tokens * cfg.top_k * len(cfg.moe_layers)
+    assert rec.window(3600).sum() == rec.total.sum()
