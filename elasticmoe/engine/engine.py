@@ -186,11 +186,13 @@ class LLMEngine:
         self._groups[request_id] = children
         return request_id
 
-    def abort_request(self, request_id: str) -> None:
-        """Stop a request; its output so far is reported with finish_reason 'abort'."""
-        for child in self._groups.get(request_id, []):
+    def abort_request(self, request_id: str) -> list[RequestOutput]:
+        """Stop a request; returns its final output (finish_reason 'abort'), if it was live."""
+        children = self._groups.get(request_id, [])
+        for child in children:
             if not child.status.finished:
                 self._finish(child, RequestStatus.FINISHED_ABORTED)
+        return self._outputs({c.request_id for c in children}) if children else []
 
     def forget_request(self, request_id: str) -> None:
         """Drop a finished request's bookkeeping without reporting it."""
@@ -206,7 +208,9 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched.scheduled:
             return []
+        experts = self.model.experts
         try:
+            experts.begin_step()
             logits = self.runner.execute(sched, self.load_recorder.record)
             completing = [s.request for s in sched.scheduled if s.completes_sequence]
             tokens, logprobs = self.sampler.sample(logits, completing)
@@ -218,6 +222,7 @@ class LLMEngine:
                 self._finish(s.request, RequestStatus.FINISHED_ERROR)
             return self._outputs(touched)
         finally:
+            experts.end_step()
             self.load_recorder.end_step()
 
         now = time.time()

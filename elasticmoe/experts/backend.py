@@ -27,6 +27,14 @@ class ExpertBackend(Protocol):
         """hidden: [T, H]; returns [T, H]."""
         ...
 
+    def begin_step(self) -> None:
+        """Engine step boundary: a remote backend switches to the newest expert map."""
+        ...
+
+    def end_step(self) -> None:
+        """The step's last layer is done."""
+        ...
+
 
 @dataclass
 class ExpertGroups:
@@ -50,6 +58,17 @@ class ExpertGroups:
             if count:
                 yield expert, start, start + count
             start += count
+
+
+def combine_expert_outputs(
+    groups: ExpertGroups, outputs: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """out[t] += weight * expert output, for all pairs in expert-grouped order.
+
+    Local and remote backends both combine here, in the same order, so their
+    results are bit-identical.
+    """
+    return out.index_add_(0, groups.token_idx, outputs * groups.weights[:, None])
 
 
 def group_by_expert(gate: GateOutput) -> ExpertGroups:
@@ -90,9 +109,16 @@ class LocalExperts:
     def forward(self, layer: int, hidden: torch.Tensor, gate: GateOutput) -> torch.Tensor:
         """Run each selected expert once on its rows and combine with the gate weights."""
         groups = group_by_expert(gate)
-        out = torch.zeros_like(hidden)
+        outputs = torch.empty(
+            (groups.token_idx.numel(), hidden.shape[1]), dtype=hidden.dtype, device=hidden.device
+        )
         for expert, start, end in groups.ranges():
             rows = groups.token_idx[start:end]
-            y = self.experts[LogicalExpert(layer, expert)].forward(hidden[rows])
-            out.index_add_(0, rows, y * groups.weights[start:end, None])
-        return out
+            outputs[start:end] = self.experts[LogicalExpert(layer, expert)].forward(hidden[rows])
+        return combine_expert_outputs(groups, outputs, torch.zeros_like(hidden))
+
+    def begin_step(self) -> None:
+        """Local experts never move."""
+
+    def end_step(self) -> None:
+        """Nothing to release."""

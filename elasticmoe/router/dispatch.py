@@ -1,0 +1,101 @@
+"""Which replica computes which rows: a pure function of counts, map and load.
+
+Rows of one logical expert go to the live replica with the least load; a hot
+expert with several live replicas has its rows split across them so they
+level out. Load is the rows already given to a worker in this plan, weighted
+by the worker's cost (1.0 normally; more for a worker seen to be slow).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+
+from elasticmoe.experts.weights import LogicalExpert
+from elasticmoe.router.expert_map import ExpertMap
+
+
+@dataclass(frozen=True)
+class RowSlice:
+    """Rows ``start:end`` (in expert-grouped order) of logical expert ``expert``."""
+
+    expert: int
+    start: int
+    end: int
+
+    @property
+    def num_rows(self) -> int:
+        """How many rows."""
+        return self.end - self.start
+
+
+class NoLiveReplicaError(RuntimeError):
+    """Some experts have no live replica right now."""
+
+    def __init__(self, experts: list[LogicalExpert]) -> None:
+        self.experts = experts
+        shown = ", ".join(str(e) for e in experts[:8]) + ("..." if len(experts) > 8 else "")
+        super().__init__(f"no live replica of expert(s) {shown}")
+
+
+DispatchPlan = dict[str, list[RowSlice]]
+
+
+def plan_dispatch(
+    layer: int,
+    ranges: list[tuple[int, int, int]],
+    expert_map: ExpertMap,
+    down: Collection[str] = (),
+    worker_cost: Mapping[str, float] | None = None,
+    min_split_rows: int = 16,
+) -> DispatchPlan:
+    """Assign each expert's row range to live replicas.
+
+    ranges: (expert, start, end) for every expert with rows, as from
+    :meth:`ExpertGroups.ranges`. ``down`` lists workers not to use. Raises
+    :class:`NoLiveReplicaError` naming every expert left without a replica.
+    """
+    cost = worker_cost or {}
+    load: dict[str, float] = {}
+    plan: DispatchPlan = {}
+    missing: list[LogicalExpert] = []
+    # biggest first so the heavy experts claim the emptiest workers
+    for expert, start, end in sorted(ranges, key=lambda r: r[1] - r[2]):
+        live = [w for w in expert_map.replicas_of(LogicalExpert(layer, expert)) if w not in down]
+        if not live:
+            missing.append(LogicalExpert(layer, expert))
+            continue
+        rows = end - start
+        parts = max(1, min(len(live), rows // max(min_split_rows, 1)))
+        # the `parts` least-loaded replicas share the rows, level-filling them
+        live.sort(key=lambda w: (load.get(w, 0.0), cost.get(w, 1.0), w))
+        chosen = live[:parts]
+        share = _level_fill(
+            rows, [load.get(w, 0.0) for w in chosen], [cost.get(w, 1.0) for w in chosen]
+        )
+        offset = start
+        for worker, n in zip(chosen, share, strict=True):
+            if n == 0:
+                continue
+            plan.setdefault(worker, []).append(RowSlice(expert, offset, offset + n))
+            load[worker] = load.get(worker, 0.0) + n * cost.get(worker, 1.0)
+            offset += n
+    if missing:
+        raise NoLiveReplicaError(missing)
+    return plan
+
+
+def _level_fill(rows: int, loads: list[float], costs: list[float]) -> list[int]:
+    """Split ``rows`` so that load_i + n_i * cost_i comes out as even as possible."""
+    share = [0] * len(loads)
+    current = list(loads)
+    # few replicas per expert, so an O(rows/chunk * replicas) loop is fine
+    chunk = max(1, rows // (8 * len(loads)))
+    remaining = rows
+    while remaining:
+        i = min(range(len(current)), key=lambda j: current[j] + chunk * costs[j])
+        n = min(chunk, remaining)
+        share[i] += n
+        current[i] += n * costs[i]
+        remaining -= n
+    return share

@@ -1,0 +1,266 @@
+"""The engine-side router: sends each MoE layer's rows to expert workers over gRPC.
+
+Per layer: group rows by logical expert, plan which replica computes which
+rows (:func:`plan_dispatch`), send one ``Forward`` call per worker, all
+concurrent, and combine the results with the gate weights in expert order
+(the same order as :class:`LocalExperts`, so results match it exactly).
+
+A call that fails or times out marks its worker down and its rows are
+re-planned onto other replicas of the same experts within the same step. If
+an expert has no live replica, the step waits (bounded) for a new expert map
+and then fails with :class:`ExpertUnavailableError`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import grpc
+import torch
+
+from elasticmoe._proto.elasticmoe.v1 import expert_pb2, expert_pb2_grpc
+from elasticmoe.experts.backend import ExpertGroups, combine_expert_outputs, group_by_expert
+from elasticmoe.experts.wire import WireError, tensor_from_proto, tensor_to_proto
+from elasticmoe.model.gate import GateOutput
+from elasticmoe.router.dispatch import NoLiveReplicaError, RowSlice, plan_dispatch
+from elasticmoe.router.expert_map import ExpertMap
+
+logger = logging.getLogger(__name__)
+
+GRPC_OPTIONS = [
+    ("grpc.max_send_message_length", 256 * 2**20),
+    ("grpc.max_receive_message_length", 256 * 2**20),
+]
+
+
+class ExpertUnavailableError(RuntimeError):
+    """An expert had no live replica for longer than the configured wait."""
+
+
+@dataclass
+class RouterConfig:
+    """Timeouts and thresholds of the router."""
+
+    rpc_timeout_s: float = 30.0
+    # how long a step waits for an expert with no live replica to come back
+    expert_wait_timeout_s: float = 30.0
+    # a down worker is probed again (Health) after this long
+    probe_down_after_s: float = 2.0
+    min_split_rows: int = 16
+
+
+@dataclass
+class RouterStats:
+    """Counters for metrics: calls, failures, retries, time per layer."""
+
+    forward_calls: int = 0
+    failed_calls: int = 0
+    retried_rows: int = 0
+    rows_sent: int = 0
+    dispatch_seconds: dict[int, float] = field(default_factory=dict)
+    layer_calls: dict[int, int] = field(default_factory=dict)
+
+
+class ExpertRouter:
+    """An :class:`ExpertBackend` whose experts live in remote expert workers."""
+
+    def __init__(
+        self,
+        expert_map: ExpertMap,
+        dtype: torch.dtype,
+        hidden_size: int,
+        config: RouterConfig | None = None,
+        pull_map: Callable[[], ExpertMap | None] | None = None,
+        on_worker_down: Callable[[str, str], None] | None = None,
+    ) -> None:
+        self.config = config or RouterConfig()
+        self.dtype = dtype
+        self.hidden_size = hidden_size
+        self.pull_map = pull_map
+        self.on_worker_down = on_worker_down
+        self.expert_map = expert_map
+        self._pending_map: ExpertMap | None = None
+        self._lock = threading.Lock()
+        self._stubs: dict[str, tuple[str, grpc.Channel, expert_pb2_grpc.ExpertServiceStub]] = {}
+        self.down: dict[str, float] = {}  # worker id -> when it was marked down
+        self.stats = RouterStats()
+
+    # ----------------------------------------------------------- expert map
+    def update_map(self, new_map: ExpertMap) -> None:
+        """Push a new map; it takes effect at the next step boundary."""
+        with self._lock:
+            if new_map.epoch > max(self.expert_map.epoch, getattr(self._pending_map, "epoch", -1)):
+                self._pending_map = new_map
+
+    @property
+    def epoch(self) -> int:
+        """Epoch of the map the current step runs on."""
+        return self.expert_map.epoch
+
+    def begin_step(self) -> None:
+        """Step boundary: switch to the newest pushed map, re-probe down workers."""
+        with self._lock:
+            if self._pending_map is not None:
+                self.expert_map, self._pending_map = self._pending_map, None
+                for worker in list(self.down):
+                    if worker not in self.expert_map.workers:
+                        del self.down[worker]
+        now = time.monotonic()
+        for worker, since in list(self.down.items()):
+            if now - since >= self.config.probe_down_after_s:
+                self._probe(worker)
+
+    def end_step(self) -> None:
+        """Nothing to release per step (calls are synchronous within a layer)."""
+
+    def _probe(self, worker: str) -> None:
+        try:
+            self._stub(worker).Health(expert_pb2.HealthRequest(), timeout=0.5)
+        except (grpc.RpcError, KeyError):
+            self.down[worker] = time.monotonic()
+        else:
+            logger.info("worker %s is reachable again", worker)
+            self.down.pop(worker, None)
+
+    def _stub(self, worker: str) -> expert_pb2_grpc.ExpertServiceStub:
+        address = self.expert_map.workers[worker]
+        cached = self._stubs.get(worker)
+        if cached is None or cached[0] != address:
+            if cached is not None:
+                cached[1].close()
+            channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+            cached = (address, channel, expert_pb2_grpc.ExpertServiceStub(channel))
+            self._stubs[worker] = cached
+        return cached[2]
+
+    def _mark_down(self, worker: str, error: str) -> None:
+        logger.warning("expert worker %s failed: %s", worker, error)
+        self.down[worker] = time.monotonic()
+        if self.on_worker_down is not None:
+            self.on_worker_down(worker, error)
+
+    # -------------------------------------------------------------- forward
+    def forward(self, layer: int, hidden: torch.Tensor, gate: GateOutput) -> torch.Tensor:
+        """Compute the layer's routed experts remotely; [T, H] -> [T, H]."""
+        start_time = time.perf_counter()
+        groups = group_by_expert(gate)
+        outputs = torch.empty(
+            (groups.token_idx.numel(), hidden.shape[1]), dtype=hidden.dtype, device=hidden.device
+        )
+        pending = list(groups.ranges())
+        deadline: float | None = None
+        while pending:
+            try:
+                plan = plan_dispatch(
+                    layer,
+                    pending,
+                    self.expert_map,
+                    self.down,
+                    min_split_rows=self.config.min_split_rows,
+                )
+            except NoLiveReplicaError as e:
+                deadline = deadline or time.monotonic() + self.config.expert_wait_timeout_s
+                if time.monotonic() > deadline:
+                    raise ExpertUnavailableError(
+                        f"{e} for {self.config.expert_wait_timeout_s:.0f}s (epoch "
+                        f"{self.expert_map.epoch}); the affected requests fail"
+                    ) from e
+                self._wait_for_replicas()
+                continue
+            pending = self._send(layer, hidden, groups, plan, outputs)
+            if pending:
+                self.stats.retried_rows += sum(end - start for _, start, end in pending)
+        combined = combine_expert_outputs(groups, outputs, torch.zeros_like(hidden))
+        self.stats.dispatch_seconds[layer] = (
+            self.stats.dispatch_seconds.get(layer, 0.0) + time.perf_counter() - start_time
+        )
+        self.stats.layer_calls[layer] = self.stats.layer_calls.get(layer, 0) + 1
+        return combined
+
+    def _send(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        groups: ExpertGroups,
+        plan: dict[str, list[RowSlice]],
+        outputs: torch.Tensor,
+    ) -> list[tuple[int, int, int]]:
+        """One concurrent Forward per worker; fills ``outputs``; returns failed ranges."""
+        calls = []
+        for worker, slices in plan.items():
+            idx = torch.cat([groups.token_idx[s.start : s.end] for s in slices])
+            request = expert_pb2.ForwardRequest(
+                layer=layer,
+                experts=[
+                    expert_pb2.ExpertRows(expert=s.expert, num_rows=s.num_rows) for s in slices
+                ],
+                hidden=tensor_to_proto(hidden[idx]),
+                epoch=self.expert_map.epoch,
+            )
+            try:
+                future = self._stub(worker).Forward.future(
+                    request, timeout=self.config.rpc_timeout_s
+                )
+            except grpc.RpcError as e:  # pragma: no cover - future() itself rarely raises
+                future = e
+            calls.append((worker, slices, future))
+            self.stats.rows_sent += len(idx)
+        self.stats.forward_calls += len(calls)
+        failed: list[tuple[int, int, int]] = []
+        for worker, slices, future in calls:
+            try:
+                if isinstance(future, Exception):
+                    raise future
+                response = future.result()
+                num_rows = sum(s.num_rows for s in slices)
+                y = tensor_from_proto(
+                    response.output,
+                    self.dtype,
+                    (num_rows, self.hidden_size),
+                    device=outputs.device,
+                    readonly_ok=True,
+                    what="ForwardResponse.output",
+                )
+            except (grpc.RpcError, WireError) as e:
+                self.stats.failed_calls += 1
+                detail = e.details() if isinstance(e, grpc.RpcError) else str(e)
+                self._mark_down(worker, f"Forward(layer={layer}) failed: {detail}")
+                failed.extend((s.expert, s.start, s.end) for s in slices)
+                continue
+            offset = 0
+            for s in slices:
+                outputs[s.start : s.end] = y[offset : offset + s.num_rows]
+                offset += s.num_rows
+        return failed
+
+    def _wait_for_replicas(self) -> None:
+        """Give the controller a moment to publish a map with live replicas."""
+        time.sleep(0.2)
+        if self.pull_map is not None:
+            try:
+                new_map = self.pull_map()
+            except Exception as e:  # a controller hiccup must not fail the step yet
+                logger.warning("pulling the expert map failed: %s", e)
+                new_map = None
+            if new_map is not None:
+                self.update_map(new_map)
+        self.begin_step_probe_all()
+        with self._lock:
+            if self._pending_map is not None:
+                self.expert_map, self._pending_map = self._pending_map, None
+
+    def begin_step_probe_all(self) -> None:
+        """Probe every down worker now (used while waiting for replicas)."""
+        for worker in list(self.down):
+            if worker in self.expert_map.workers:
+                self._probe(worker)
+
+    def close(self) -> None:
+        """Close all gRPC channels."""
+        for _, channel, _ in self._stubs.values():
+            channel.close()
+        self._stubs.clear()
