@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Literal
 
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from elasticmoe.control.deployment import Deployment, DeploymentConfig
 from elasticmoe.engine.config import EngineConfig
 from elasticmoe.engine.engine import LLMEngine, Prompt
 from elasticmoe.engine.request import RequestOutput, SamplingParams
 from elasticmoe.model.registry import resolve_model
+from elasticmoe.model.tokenizer import Tokenizer
 
 
 class LLM:
@@ -18,25 +21,60 @@ class LLM:
 
     ``model`` is a checkpoint directory in Hugging Face layout or the name of
     a built-in model (``"default"``). ``mode="local"`` runs every expert in
-    this process; other keyword arguments are :class:`EngineConfig` fields
-    (``dtype``, ``device``, ``num_kv_blocks``, ``max_num_seqs``, ...).
+    this process. ``mode="distributed"`` starts expert workers and engine
+    actors on Ray (``RAY_ADDRESS`` or a local instance); its keyword
+    arguments are :class:`DeploymentConfig` fields (``num_workers``,
+    ``num_engines``, ``replicas_per_expert``, ``expert_replicas``, ...).
+    Other keyword arguments are :class:`EngineConfig` fields (``dtype``,
+    ``device``, ``num_kv_blocks``, ``max_num_seqs``, ...). Call
+    :meth:`shutdown` (or use ``with LLM(...) as llm``) to stop the actors.
     """
 
     def __init__(
         self,
         model: str,
         mode: Literal["local", "distributed"] = "local",
-        **engine_args: Any,
+        progress: bool = True,
+        **kwargs: Any,
     ) -> None:
-        if mode != "local":
-            raise ValueError(f"mode={mode!r} is not supported yet; use mode='local'")
+        if mode not in ("local", "distributed"):
+            raise ValueError(f"mode={mode!r}: use 'local' or 'distributed'")
         self.mode = mode
-        self.engine = LLMEngine(EngineConfig(model=str(resolve_model(model)), **engine_args))
+        model_dir = str(resolve_model(model))
+        self.deployment: Deployment | None = None
+        if mode == "local":
+            self.engine = LLMEngine(EngineConfig(model=model_dir, **kwargs))
+            self._tokenizer = self.engine.tokenizer
+            return
+        deploy_fields = set(DeploymentConfig.model_fields)
+        engine_args = {k: v for k, v in kwargs.items() if k not in deploy_fields}
+        deploy_args = {k: v for k, v in kwargs.items() if k in deploy_fields}
+        # validate engine options here, before any actor starts
+        EngineConfig(model=model_dir, **engine_args)
+        config = DeploymentConfig(
+            model=model_dir, engine={**deploy_args.pop("engine", {}), **engine_args}, **deploy_args
+        )
+        self.deployment = Deployment(config, progress=progress).start()
+        self._tokenizer = (
+            Tokenizer.from_dir(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else None
+        )
+
+    def shutdown(self) -> None:
+        """Stop a distributed deployment's actors (no-op in local mode)."""
+        if self.deployment is not None:
+            self.deployment.shutdown()
+            self.deployment = None
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> Tokenizer | None:
         """The checkpoint's tokenizer (None when it ships none)."""
-        return self.engine.tokenizer
+        return self._tokenizer
 
     def generate(
         self,
@@ -58,6 +96,8 @@ class LLM:
                 raise ValueError(
                     f"got {len(params_list)} sampling_params for {len(prompts)} prompts"
                 )
+        if self.deployment is not None:
+            return self.deployment.generate(prompts, params_list)
         ids: list[str] = []
         try:
             for prompt, params in zip(prompts, params_list, strict=True):
@@ -69,12 +109,8 @@ class LLM:
             raise
         results: dict[str, RequestOutput] = {}
         with Progress(
-            TextColumn("generating"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            disable=not use_tqdm,
-            transient=True,
+            TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+            disable=not use_tqdm, transient=True,
         ) as progress:
             task = progress.add_task("generate", total=len(ids))
             while self.engine.has_unfinished_requests():

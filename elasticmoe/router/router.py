@@ -201,20 +201,13 @@ class ExpertRouter:
                 hidden=tensor_to_proto(hidden[idx]),
                 epoch=self.expert_map.epoch,
             )
-            try:
-                future = self._stub(worker).Forward.future(
-                    request, timeout=self.config.rpc_timeout_s
-                )
-            except grpc.RpcError as e:  # pragma: no cover - future() itself rarely raises
-                future = e
+            future = self._stub(worker).Forward.future(request, timeout=self.config.rpc_timeout_s)
             calls.append((worker, slices, future))
             self.stats.rows_sent += len(idx)
         self.stats.forward_calls += len(calls)
         failed: list[tuple[int, int, int]] = []
         for worker, slices, future in calls:
             try:
-                if isinstance(future, Exception):
-                    raise future
                 response = future.result()
                 num_rows = sum(s.num_rows for s in slices)
                 y = tensor_from_proto(

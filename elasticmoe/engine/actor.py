@@ -1,0 +1,121 @@
+"""``EngineActor``: a data-parallel engine as a Ray actor, its experts behind the router.
+
+The actor runs the same :class:`LLMEngine` as local mode; only the expert
+backend differs (an :class:`ExpertRouter` instead of :class:`LocalExperts`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from elasticmoe.engine.config import EngineConfig
+from elasticmoe.engine.engine import LLMEngine, Prompt
+from elasticmoe.engine.loop import EngineLoop
+from elasticmoe.engine.request import RequestOutput, SamplingParams
+from elasticmoe.router.expert_map import ExpertMap
+from elasticmoe.router.router import ExpertRouter, RouterConfig
+
+logger = logging.getLogger(__name__)
+
+
+class EngineActor:
+    """Attention, KV cache, scheduler and router of one engine replica."""
+
+    def __init__(
+        self,
+        engine_id: str,
+        engine_config: dict[str, Any],
+        expert_map: dict[str, Any],
+        router_config: dict[str, Any] | None = None,
+        num_threads: int | None = None,
+    ) -> None:
+        if num_threads:
+            torch.set_num_threads(num_threads)
+        self.engine_id = engine_id
+        initial_map = ExpertMap.from_dict(expert_map)
+        router_cfg = RouterConfig(**(router_config or {}))
+        self.router: ExpertRouter | None = None
+
+        def make_router(reader, model, dtype, device) -> ExpertRouter:
+            self.router = ExpertRouter(
+                initial_map, dtype, model.config.hidden_size, router_cfg
+            )
+            return self.router
+
+        self.engine = LLMEngine(EngineConfig(**engine_config), expert_backend=make_router)
+        self.loop = EngineLoop(self.engine).start()
+
+    def ready(self) -> dict[str, Any]:
+        """Identity and model facts, once constructed."""
+        mc = self.engine.model_config
+        return {
+            "engine_id": self.engine_id,
+            "model_type": mc.model_type,
+            "num_layers": mc.num_layers,
+            "num_experts": mc.num_experts,
+            "epoch": self.router.epoch if self.router else None,
+        }
+
+    def generate(self, prompt: Prompt, params: SamplingParams | None = None) -> RequestOutput:
+        """Run one request to completion."""
+        return self.loop.generate(prompt, params)
+
+    def generate_batch(
+        self, prompts: list[Prompt], params: list[SamplingParams]
+    ) -> list[RequestOutput]:
+        """Submit all, then wait for all (one Ray call for a whole batch)."""
+        queues = [self.loop.submit(p, sp)[1] for p, sp in zip(prompts, params, strict=True)]
+        results = []
+        for q in queues:
+            while True:
+                item = q.get()
+                if isinstance(item, BaseException):
+                    raise item
+                if item.finished:
+                    results.append(item)
+                    break
+        return results
+
+    def generate_stream(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> Iterator[RequestOutput]:
+        """Yield outputs as steps advance the request (a Ray streaming generator)."""
+        yield from self.loop.stream(prompt, params, request_id)
+
+    def abort(self, request_id: str) -> None:
+        """Abort a request."""
+        self.loop.abort(request_id)
+
+    def update_map(self, expert_map: dict[str, Any]) -> int:
+        """Push a new expert map; returns the epoch the engine will use from its next step."""
+        assert self.router is not None
+        self.router.update_map(ExpertMap.from_dict(expert_map))
+        return expert_map["epoch"]
+
+    def stats(self) -> dict[str, Any]:
+        """Queue, KV and router figures."""
+        s = self.engine.stats()
+        r = self.router.stats if self.router else None
+        return {
+            "engine_id": self.engine_id,
+            "num_running": s.num_running,
+            "num_waiting": s.num_waiting,
+            "kv_usage": s.kv_usage,
+            "prefix_cache_hit_rate": s.prefix_cache_hit_rate,
+            "num_preemptions": s.num_preemptions,
+            "epoch": self.router.epoch if self.router else None,
+            "failed_calls": r.failed_calls if r else 0,
+            "retried_rows": r.retried_rows if r else 0,
+            "down_workers": sorted(self.router.down) if self.router else [],
+            "expert_load": self.engine.load_recorder.total.tolist(),
+        }
+
+    def shutdown(self, timeout: float = 30.0) -> None:
+        """Finish in-flight requests (up to timeout), then stop and close channels."""
+        self.loop.stop(timeout)
+        if self.router is not None:
+            self.router.close()

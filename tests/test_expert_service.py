@@ -1,0 +1,509 @@
+"""The expert service over real gRPC: Forward, load/unload, peer copies, bad requests.
+
+Servers run in-process on 127.0.0.1 inside one background asyncio loop (the
+way a worker actor runs them); tests talk to them with the synchronous gRPC
+client, as a separate process would.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable, Coroutine, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import pytest
+import torch
+
+from elasticmoe._proto.elasticmoe.v1 import expert_pb2, expert_pb2_grpc
+from elasticmoe.experts import service
+from elasticmoe.experts.service import (
+    GRPC_OPTIONS,
+    ChecksumMismatchError,
+    ExpertServicer,
+    ExpertStore,
+    IncompatibleExpertError,
+    StoreFullError,
+    serve,
+)
+from elasticmoe.experts.weights import ExpertWeights, LogicalExpert, load_expert_weights
+from elasticmoe.experts.wire import WireError, tensor_from_proto, tensor_to_proto
+from elasticmoe.model.checkpoint import CheckpointReader
+from elasticmoe.model.config import load_config
+from elasticmoe.model.init_model import init_model
+
+T = TypeVar("T")
+Code = grpc.StatusCode
+
+# Forward views request bytes without copying; torch warns once about the
+# read-only buffer (the service silences it outside pytest's own filters).
+pytestmark = pytest.mark.filterwarnings("ignore:The given buffer is not writable")
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread, for grpc.aio servers under sync tests."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 30) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
+class Server:
+    """One started server and a sync client stub for it."""
+
+    def __init__(self, loop: LoopThread, store: ExpertStore) -> None:
+        self.loop = loop
+        self.store = store
+        self.servicer = ExpertServicer(store, num_threads=1)
+        self.server, self.port = loop.run(serve(store, servicer=self.servicer))
+        self.address = f"127.0.0.1:{self.port}"
+        self.channel = grpc.insecure_channel(self.address, options=GRPC_OPTIONS)
+        self.stub = expert_pb2_grpc.ExpertServiceStub(self.channel)
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.loop.run(self.server.stop(grace=1))
+        self.servicer.close()
+
+    def load(self, *experts: tuple[int, int], source: str = "") -> expert_pb2.LoadExpertsResponse:
+        refs = [expert_pb2.ExpertRef(layer=layer, expert=e) for layer, e in experts]
+        return self.stub.LoadExperts(
+            expert_pb2.LoadExpertsRequest(experts=refs, source=source), timeout=30
+        )
+
+    def forward(
+        self, layer: int, rows: list[tuple[int, int]], hidden: torch.Tensor, **tensor_fields: Any
+    ) -> torch.Tensor:
+        msg = tensor_to_proto(hidden)
+        for key, value in tensor_fields.items():
+            if key == "shape":
+                del msg.shape[:]
+                msg.shape.extend(value)
+            else:
+                setattr(msg, key, value)
+        request = expert_pb2.ForwardRequest(
+            layer=layer,
+            experts=[expert_pb2.ExpertRows(expert=e, num_rows=n) for e, n in rows],
+            hidden=msg,
+            epoch=7,
+        )
+        response = self.stub.Forward(request, timeout=30)
+        return tensor_from_proto(response.output)
+
+    def health(self) -> expert_pb2.HealthResponse:
+        return self.stub.Health(expert_pb2.HealthRequest(), timeout=10)
+
+    def stats(self) -> expert_pb2.StatsResponse:
+        return self.stub.Stats(expert_pb2.StatsRequest(), timeout=10)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ckpt") / "mixtral-tiny"
+    init_model("mixtral", "tiny", path, overwrite=True)
+    return path
+
+
+@pytest.fixture(scope="module")
+def loop() -> Iterator[LoopThread]:
+    lt = LoopThread()
+    yield lt
+    lt.close()
+
+
+@pytest.fixture
+def start(loop: LoopThread, model_dir: Path) -> Iterator[Callable[..., Server]]:
+    """Factory: start a server over a fresh store; every server is stopped afterwards."""
+    servers: list[Server] = []
+
+    def _start(num_slots: int = 4, dtype: torch.dtype = torch.float32, worker_id: str = "w0"):
+        store = ExpertStore(model_dir, num_slots, dtype=dtype, worker_id=worker_id)
+        servers.append(Server(loop, store))
+        return servers[-1]
+
+    yield _start
+    for s in servers:
+        s.stop()
+
+
+def reference(model_dir: Path, expert: LogicalExpert, dtype: torch.dtype) -> ExpertWeights:
+    reader = CheckpointReader(model_dir)
+    return load_expert_weights(reader, load_config(model_dir), expert, dtype)
+
+
+def expect_error(code: grpc.StatusCode, fn: Callable[[], Any], *needles: str) -> str:
+    with pytest.raises(grpc.RpcError) as info:
+        fn()
+    err = info.value
+    assert err.code() == code, f"{err.code()}: {err.details()}"
+    for needle in needles:
+        assert needle in err.details(), err.details()
+    return err.details()
+
+
+# ---------------------------------------------------------------------------
+# Forward
+
+
+def test_forward_matches_local_experts_fp32(start: Callable[..., Server], model_dir: Path) -> None:
+    s = start()
+    infos = s.load((0, 1), (0, 5), (1, 2)).experts
+    assert [(i.layer, i.expert) for i in infos] == [(0, 1), (0, 5), (1, 2)]
+    hidden_size = load_config(model_dir).hidden_size
+    torch.manual_seed(0)
+    rows = [(5, 3), (1, 0), (1, 4)]  # an expert twice and one with no rows
+    hidden = torch.randn(7, hidden_size)
+    out = s.forward(0, rows, hidden)
+    assert out.shape == (7, hidden_size) and out.dtype == torch.float32
+    start_row = 0
+    for e, n in rows:
+        want = reference(model_dir, LogicalExpert(0, e), torch.float32).forward(
+            hidden[start_row : start_row + n]
+        )
+        assert torch.equal(out[start_row : start_row + n], want), f"expert 0:{e}"
+        start_row += n
+
+    out1 = s.forward(1, [(2, 2)], hidden[:2])
+    assert torch.equal(
+        out1, reference(model_dir, LogicalExpert(1, 2), torch.float32).forward(hidden[:2])
+    )
+
+    stats = s.stats()
+    assert stats.forward_calls == 2 and stats.rows_served == 9 and stats.num_slots == 4
+    assert dict(stats.rows_per_expert) == {"0:5": 3, "0:1": 4, "1:2": 2}
+    assert stats.compute_seconds > 0
+    assert [(i.layer, i.expert, i.checksum) for i in stats.experts] == [
+        (i.layer, i.expert, i.checksum) for i in infos
+    ]
+
+
+def test_forward_empty_batch(start: Callable[..., Server], model_dir: Path) -> None:
+    s = start()
+    s.load((0, 1))
+    hidden_size = load_config(model_dir).hidden_size
+    assert s.forward(0, [], torch.zeros(0, hidden_size)).shape == (0, hidden_size)
+    assert s.forward(0, [(1, 0)], torch.zeros(0, hidden_size)).shape == (0, hidden_size)
+
+
+def test_batch_larger_than_grpc_default_limit(
+    start: Callable[..., Server], model_dir: Path
+) -> None:
+    s = start()
+    s.load((1, 1))
+    x = torch.randn(20_000, load_config(model_dir).hidden_size)  # 5 MB > grpc's 4 MB default
+    out = s.forward(1, [(1, x.shape[0])], x)
+    assert torch.equal(out, reference(model_dir, LogicalExpert(1, 1), torch.float32).forward(x))
+
+
+def test_bfloat16_store(start: Callable[..., Server], model_dir: Path) -> None:
+    s = start(dtype=torch.bfloat16)
+    info = s.load((1, 6)).experts[0]
+    ref = reference(model_dir, LogicalExpert(1, 6), torch.bfloat16)
+    assert info.checksum == ref.checksum() and info.nbytes == ref.nbytes()
+    hidden = torch.randn(5, load_config(model_dir).hidden_size).to(torch.bfloat16)
+    out = s.forward(1, [(6, 5)], hidden)
+    assert out.dtype == torch.bfloat16
+    assert torch.equal(out, ref.forward(hidden))
+    # An fp32 batch to a bf16 worker is a caller bug, not something to cast silently.
+    expect_error(Code.INVALID_ARGUMENT, lambda: s.forward(1, [(6, 5)], hidden.float()), "bfloat16")
+
+
+# ---------------------------------------------------------------------------
+# Bad requests: each gets a clear status, and the server keeps serving
+
+
+def test_bad_forward_requests(start: Callable[..., Server], model_dir: Path) -> None:
+    s = start()
+    s.load((0, 1), (0, 2))
+    h = load_config(model_dir).hidden_size
+    x = torch.randn(4, h)
+
+    expect_error(Code.NOT_FOUND, lambda: s.forward(0, [(7, 4)], x), "0:7", "w0", "epoch 7")
+    expect_error(Code.NOT_FOUND, lambda: s.forward(5, [(1, 4)], x), "5:1", "not an MoE layer")
+    expect_error(Code.NOT_FOUND, lambda: s.forward(0, [(1, 2), (99, 2)], x), "0:99")
+    expect_error(
+        Code.INVALID_ARGUMENT, lambda: s.forward(0, [(1, 4)], x.half()), "hidden.dtype", "float16"
+    )
+    expect_error(Code.INVALID_ARGUMENT, lambda: s.forward(0, [(1, 4)], x, dtype="int8"), "'int8'")
+    expect_error(
+        Code.INVALID_ARGUMENT,
+        lambda: s.forward(0, [(1, 4)], torch.randn(4, h - 1)),
+        "hidden.shape",
+        str(h),
+    )
+    expect_error(
+        Code.INVALID_ARGUMENT,
+        lambda: s.forward(0, [(1, 4)], torch.randn(4, 1, h)),
+        "must be [rows, 64]",
+    )
+    expect_error(
+        Code.INVALID_ARGUMENT,
+        lambda: s.forward(0, [(1, 4)], x, data=tensor_to_proto(x).data[:-3]),
+        "bytes",
+    )
+    expect_error(Code.INVALID_ARGUMENT, lambda: s.forward(0, [(1, 4)], x, shape=[5, h]), "bytes")
+    expect_error(
+        Code.INVALID_ARGUMENT, lambda: s.forward(0, [(1, 4)], x, shape=[-4, h]), "negative"
+    )
+    expect_error(
+        Code.INVALID_ARGUMENT, lambda: s.forward(0, [(1, 2), (2, 1)], x), "sum to 3", "4 rows"
+    )
+    expect_error(
+        Code.INVALID_ARGUMENT, lambda: s.forward(0, [(1, 6), (2, -2)], x), "experts[1]", "negative"
+    )
+    expect_error(Code.INVALID_ARGUMENT, lambda: s.forward(0, [], x), "experts is empty")
+    missing_hidden = expert_pb2.ForwardRequest(
+        layer=0, experts=[expert_pb2.ExpertRows(expert=1, num_rows=1)]
+    )
+    expect_error(
+        Code.INVALID_ARGUMENT,
+        lambda: s.stub.Forward(missing_hidden, timeout=10),
+        "hidden.dtype is not set",
+    )
+
+    health = s.health()
+    assert (health.status, health.worker_id, health.num_experts) == ("SERVING", "w0", 2)
+    assert torch.equal(
+        s.forward(0, [(2, 4)], x),
+        reference(model_dir, LogicalExpert(0, 2), torch.float32).forward(x),
+    )
+    assert s.stats().forward_calls == 1  # rejected requests are not counted
+
+
+def test_garbage_message_bytes(start: Callable[..., Server]) -> None:
+    s = start()
+    # Identity (de)serializers: the bytes go out exactly as given.
+    raw = s.channel.unary_unary("/elasticmoe.v1.ExpertService/Forward")
+    # Field 3 (hidden) claims a 2**35-byte payload: not parseable protobuf.
+    garbage = b"\x08\x01\x1a\xff\xff\xff\xff\x7f\x00\x01"
+    expect_error(
+        Code.INVALID_ARGUMENT,
+        lambda: raw(garbage, timeout=10),
+        "not a valid elasticmoe.v1.ForwardRequest",
+    )
+    fetch = s.channel.unary_stream("/elasticmoe.v1.ExpertService/FetchExpert")
+    expect_error(Code.INVALID_ARGUMENT, lambda: list(fetch(garbage, timeout=10)), "ExpertRef")
+    assert s.health().status == "SERVING"
+
+
+def test_health_answers_while_computing(start: Callable[..., Server], model_dir: Path) -> None:
+    s = start()
+    s.load((0, 1))
+    release, entered = threading.Event(), threading.Event()
+    real_forward = s.store.forward
+
+    def slow_forward(*args: Any) -> torch.Tensor:
+        entered.set()
+        assert release.wait(30)
+        return real_forward(*args)
+
+    s.store.forward = slow_forward  # type: ignore[method-assign]
+    x = torch.randn(3, load_config(model_dir).hidden_size)
+    request = expert_pb2.ForwardRequest(
+        layer=0, experts=[expert_pb2.ExpertRows(expert=1, num_rows=3)], hidden=tensor_to_proto(x)
+    )
+    pending = s.stub.Forward.future(request, timeout=30)
+    try:
+        assert entered.wait(10)
+        assert s.health().status == "SERVING"  # not queued behind the forward
+        assert s.stats().num_slots == 4
+    finally:
+        release.set()
+    assert tensor_from_proto(pending.result().output).shape == (3, x.shape[1])
+
+
+# ---------------------------------------------------------------------------
+# Load / unload / slots
+
+
+def test_load_unload(start: Callable[..., Server], model_dir: Path) -> None:
+    s = start(num_slots=3)
+    first = s.load((0, 3), (1, 0)).experts
+    assert first[0].checksum == reference(model_dir, LogicalExpert(0, 3), torch.float32).checksum()
+    assert first[0].nbytes == reference(model_dir, LogicalExpert(0, 3), torch.float32).nbytes()
+    again = s.load((1, 0), (0, 3), (1, 0)).experts  # present: no-op, duplicates collapse
+    assert [(i.layer, i.expert, i.checksum) for i in again] == [
+        (1, 0, first[1].checksum),
+        (0, 3, first[0].checksum),
+    ]
+    assert s.health().num_experts == 2
+    assert [r.slot for r in s.store.replicas()] == [0, 1]
+
+    refs = [expert_pb2.ExpertRef(layer=0, expert=3), expert_pb2.ExpertRef(layer=0, expert=4)]
+    unloaded = s.stub.UnloadExperts(expert_pb2.UnloadExpertsRequest(experts=refs), timeout=10)
+    assert unloaded.num_unloaded == 1
+    h = load_config(model_dir).hidden_size
+    expect_error(Code.NOT_FOUND, lambda: s.forward(0, [(3, 1)], torch.randn(1, h)), "0:3")
+    # The freed slot is reused first.
+    s.load((1, 7))
+    assert [(r.slot, str(r.expert)) for r in s.store.replicas()] == [(0, "1:7"), (1, "1:0")]
+
+    expect_error(Code.NOT_FOUND, lambda: s.load((0, 8)), "0:8", "0..7")
+    expect_error(Code.NOT_FOUND, lambda: s.load((9, 0)), "9:0", "not an MoE layer")
+    expect_error(Code.INVALID_ARGUMENT, lambda: s.load((0, 1), source="nowhere"), "host:port")
+
+
+def test_slot_exhaustion(start: Callable[..., Server]) -> None:
+    s = start(num_slots=2)
+    # More than fits at once: nothing is loaded.
+    expect_error(
+        Code.RESOURCE_EXHAUSTED, lambda: s.load((0, 0), (0, 1), (0, 2)), "w0", "cannot load 3"
+    )
+    assert s.health().num_experts == 0
+    s.load((0, 0), (0, 1))
+    expect_error(Code.RESOURCE_EXHAUSTED, lambda: s.load((0, 2)), "0 free slot(s) of 2")
+    s.load((0, 1))  # already present: still fine on a full worker
+    assert s.health().num_experts == 2
+
+
+def test_store_full_and_checksum_errors_directly(model_dir: Path) -> None:
+    store = ExpertStore(model_dir, num_slots=1)
+    store.load_from_checkpoint(LogicalExpert(0, 0))
+    with pytest.raises(StoreFullError, match="0 free slot"):
+        store.load_from_checkpoint(LogicalExpert(0, 1))
+    w = reference(model_dir, LogicalExpert(0, 1), torch.float32)
+    store.unload(LogicalExpert(0, 0))
+    with pytest.raises(ChecksumMismatchError, match="nothing was installed"):
+        store.install(LogicalExpert(0, 1), w, "0" * 64)
+    assert store.replicas() == []
+    wrong = ExpertWeights(w.gate_up[:, :-1].contiguous(), w.down)
+    with pytest.raises(IncompatibleExpertError, match="this model needs"):
+        store.install(LogicalExpert(0, 1), wrong, wrong.checksum())
+    replica, new = store.install(LogicalExpert(0, 1), w, w.checksum())
+    assert new and replica.slot == 0
+    assert store.install(LogicalExpert(0, 1), w, w.checksum()) == (replica, False)
+
+
+# ---------------------------------------------------------------------------
+# Peer-to-peer copies
+
+
+def test_peer_fetch_copies_identical_replicas(
+    start: Callable[..., Server], model_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(service, "CHUNK_BYTES", 5000)  # several chunks per tensor
+    a = start(worker_id="a")
+    b = start(worker_id="b")
+    src = {(i.layer, i.expert): i.checksum for i in a.load((0, 3), (1, 4)).experts}
+    got = b.load((0, 3), (1, 4), source=a.address).experts
+    assert {(i.layer, i.expert): i.checksum for i in got} == src
+    assert {(i.layer, i.expert): i.checksum for i in b.stats().experts} == src
+
+    x = torch.randn(6, load_config(model_dir).hidden_size)
+    rows = [(3, 4), (3, 2)]
+    assert torch.equal(a.forward(0, rows, x), b.forward(0, rows, x))
+
+    # Peer errors are reported as such, and nothing is installed.
+    c = start(worker_id="c")
+    expect_error(Code.FAILED_PRECONDITION, lambda: c.load((0, 6), source=a.address), "0:6")
+    closed = start(worker_id="closed")
+    closed_address = closed.address
+    closed.stop()
+    expect_error(Code.UNAVAILABLE, lambda: c.load((0, 3), source=closed_address), closed_address)
+    assert c.health().num_experts == 0
+    closed.stop = lambda: None  # type: ignore[method-assign]
+
+
+def test_peer_copy_casts_to_the_receivers_dtype(
+    start: Callable[..., Server], model_dir: Path
+) -> None:
+    a = start(worker_id="a", dtype=torch.bfloat16)
+    b = start(worker_id="b", dtype=torch.float32)
+    a.load((0, 5))
+    info = b.load((0, 5), source=a.address).experts[0]
+    bf16 = reference(model_dir, LogicalExpert(0, 5), torch.bfloat16)
+    # Verified in the sender's dtype, then held (and reported) in the receiver's.
+    assert info.checksum == bf16.to("cpu", torch.float32).checksum()
+    assert b.store.get(LogicalExpert(0, 5)).weights.gate_up.dtype == torch.float32
+
+
+def test_fetch_expert_stream(start: Callable[..., Server], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service, "CHUNK_BYTES", 10000)
+    a = start()
+    info = a.load((1, 1)).experts[0]
+    chunks = list(a.stub.FetchExpert(expert_pb2.ExpertRef(layer=1, expert=1), timeout=10))
+    assert {c.checksum for c in chunks} == {info.checksum}
+    assert all(len(c.data) <= 10000 for c in chunks)
+    assert sum(len(c.data) for c in chunks) == info.nbytes
+    names = [c.name for c in chunks]
+    assert names == sorted(names, key=["gate_up", "down"].index) and names[-1] == "down"
+    assert names[0] == "gate_up"
+    expect_error(
+        Code.NOT_FOUND,
+        lambda: list(a.stub.FetchExpert(expert_pb2.ExpertRef(layer=1, expert=2), timeout=10)),
+        "1:2",
+    )
+
+
+def test_corrupted_peer_is_rejected(
+    start: Callable[..., Server], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    a = start(worker_id="a")
+    b = start(worker_id="b")
+    a.load((0, 2), (0, 4))
+    real = service.iter_expert_chunks
+
+    def corrupt(weights: ExpertWeights, checksum: str, chunk_bytes: int) -> Iterator[Any]:
+        for i, chunk in enumerate(real(weights, checksum, chunk_bytes)):
+            if i == 0:
+                data = bytearray(chunk.data)
+                data[10] ^= 0xFF
+                chunk.data = bytes(data)
+            yield chunk
+
+    monkeypatch.setattr(service, "iter_expert_chunks", corrupt)
+    expect_error(Code.DATA_LOSS, lambda: b.load((0, 2), (0, 4), source=a.address), "0:2", "nothing")
+    assert b.health().num_experts == 0
+    assert b.store.num_free_slots == 4
+
+    # A peer that drops bytes is caught before hashing.
+    def truncate(weights: ExpertWeights, checksum: str, chunk_bytes: int) -> Iterator[Any]:
+        for chunk in real(weights, checksum, chunk_bytes):
+            chunk.data = chunk.data[:-4]
+            yield chunk
+
+    monkeypatch.setattr(service, "iter_expert_chunks", truncate)
+    expect_error(Code.DATA_LOSS, lambda: b.load((0, 4), source=a.address), "incomplete")
+    assert b.health().num_experts == 0
+
+
+# ---------------------------------------------------------------------------
+# wire
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_wire_round_trip(dtype: torch.dtype) -> None:
+    t = torch.randn(3, 5).to(dtype)
+    msg = tensor_to_proto(t)
+    assert msg.dtype == str(dtype).removeprefix("torch.") and list(msg.shape) == [3, 5]
+    back = tensor_from_proto(msg, dtype, (5,))
+    assert torch.equal(back, t)
+    back[0, 0] = 1  # a private copy: writing cannot touch the message
+    assert torch.equal(tensor_from_proto(msg), t)
+    assert torch.equal(tensor_from_proto(tensor_to_proto(t.t())), t.t())  # non-contiguous
+
+
+def test_wire_errors() -> None:
+    bad = expert_pb2.Tensor(dtype="float32", shape=[2, 2], data=b"\x00" * 15)
+    with pytest.raises(WireError, match=r"hidden.data has 15 bytes.*needs 16"):
+        tensor_from_proto(bad, what="hidden")
+    with pytest.raises(WireError, match="'int4' is not supported"):
+        tensor_from_proto(expert_pb2.Tensor(dtype="int4"))
+    with pytest.raises(WireError, match="negative"):
+        tensor_from_proto(expert_pb2.Tensor(dtype="float16", shape=[-1, 2]))
+    ok = tensor_to_proto(torch.zeros(2, 4))
+    with pytest.raises(WireError, match=r"must end with \[8\]"):
+        tensor_from_proto(ok, expected_shape_suffix=(8,))
+    with pytest.raises(WireError, match="expected 'bfloat16'"):
+        tensor_from_proto(ok, expected_dtype=torch.bfloat16)
