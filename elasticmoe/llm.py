@@ -56,7 +56,9 @@ class LLM:
         )
         self.deployment = Deployment(config, progress=progress).start()
         self._tokenizer = (
-            Tokenizer.from_dir(model_dir) if (Path(model_dir) / "tokenizer.json").is_file() else None
+            Tokenizer.from_dir(model_dir)
+            if (Path(model_dir) / "tokenizer.json").is_file()
+            else None
         )
 
     def shutdown(self) -> None:
@@ -109,8 +111,12 @@ class LLM:
             raise
         results: dict[str, RequestOutput] = {}
         with Progress(
-            TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            disable=not use_tqdm, transient=True,
+            TextColumn("generating"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            disable=not use_tqdm,
+            transient=True,
         ) as progress:
             task = progress.add_task("generate", total=len(ids))
             while self.engine.has_unfinished_requests():

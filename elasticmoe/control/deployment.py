@@ -37,8 +37,9 @@ class DeploymentConfig(BaseModel):
     model: str
     num_workers: int = Field(2, ge=1)
     num_engines: int = Field(1, ge=1)
-    slots_per_worker: int | None = Field(None, ge=1, description="default: room for the "
-                                         "initial replicas plus 25% spare")
+    slots_per_worker: int | None = Field(
+        None, ge=1, description="default: room for the initial replicas plus 25% spare"
+    )
     replicas_per_expert: int = Field(1, ge=1)
     # "layer:expert" -> number of replicas, overriding replicas_per_expert
     expert_replicas: dict[str, int] = Field(default_factory=dict)
@@ -115,7 +116,9 @@ class Deployment:
         c = self.config
         self._init_ray()
         mc = load_config(self.model_dir)
-        experts = [LogicalExpert(layer, e) for layer in mc.moe_layers for e in range(mc.num_experts)]
+        experts = [
+            LogicalExpert(layer, e) for layer in mc.moe_layers for e in range(mc.num_experts)
+        ]
         counts = c.replica_counts(experts)
         worker_ids = [f"w{i}" for i in range(c.num_workers)]
         total = sum(counts.values())
@@ -135,8 +138,14 @@ class Deployment:
             for wid in worker_ids:
                 self.workers[wid] = worker_cls.options(
                     name=actor_name(wid), namespace=NAMESPACE
-                ).remote(wid, self.model_dir, self.num_slots, device=c.device, dtype=dtype,
-                         num_threads=c.worker_threads)
+                ).remote(
+                    wid,
+                    self.model_dir,
+                    self.num_slots,
+                    device=c.device,
+                    dtype=dtype,
+                    num_threads=c.worker_threads,
+                )
             pending = {
                 self.workers[wid].start.remote(
                     [tuple(e) for e, ws in placement.items() if wid in ws]
@@ -145,7 +154,9 @@ class Deployment:
             }
             addresses: dict[str, str] = {}
             with self._progress() as progress:
-                task = progress.add_task(f"loading experts on {c.num_workers} workers", total=len(pending))
+                task = progress.add_task(
+                    f"loading experts on {c.num_workers} workers", total=len(pending)
+                )
                 while pending:
                     done, _ = ray.wait(list(pending), num_returns=1, timeout=600)
                     if not done:
@@ -170,7 +181,9 @@ class Deployment:
                 for i in range(c.num_engines)
             ]
             with self._progress() as progress:
-                task = progress.add_task(f"starting {c.num_engines} engine(s)", total=len(self.engines))
+                task = progress.add_task(
+                    f"starting {c.num_engines} engine(s)", total=len(self.engines)
+                )
                 for engine in self.engines:
                     ray.get(engine.ready.remote(), timeout=600)
                     progress.advance(task)
@@ -187,8 +200,13 @@ class Deployment:
 
     def _progress(self) -> Progress:
         return Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TimeElapsedColumn(), console=self._console, disable=not self.progress, transient=True,
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=self._console,
+            disable=not self.progress,
+            transient=True,
         )
 
     # ------------------------------------------------------------ requests
@@ -229,7 +247,9 @@ class Deployment:
         deadline = time.monotonic() + timeout
         for engine in self.engines:
             try:
-                ray.get(engine.shutdown.remote(timeout), timeout=max(1.0, deadline - time.monotonic()))
+                ray.get(
+                    engine.shutdown.remote(timeout), timeout=max(1.0, deadline - time.monotonic())
+                )
             except Exception as e:  # a dead engine cannot drain; kill it anyway
                 logger.warning("engine shutdown failed: %s", e)
             ray.kill(engine)

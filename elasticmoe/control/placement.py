@@ -43,7 +43,9 @@ def initial_placement(
             )
         chosen = sorted((w for w in workers if used[w] < num_slots), key=lambda w: used[w])[:n]
         if len(chosen) < n:
-            raise ValueError(f"expert {expert}: not enough workers with a free slot for {n} replicas")
+            raise ValueError(
+                f"expert {expert}: not enough workers with a free slot for {n} replicas"
+            )
         for w in chosen:
             used[w] += 1
         placement[expert] = tuple(chosen)

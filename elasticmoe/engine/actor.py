@@ -41,9 +41,7 @@ class EngineActor:
         self.router: ExpertRouter | None = None
 
         def make_router(reader, model, dtype, device) -> ExpertRouter:
-            self.router = ExpertRouter(
-                initial_map, dtype, model.config.hidden_size, router_cfg
-            )
+            self.router = ExpertRouter(initial_map, dtype, model.config.hidden_size, router_cfg)
             return self.router
 
         self.engine = LLMEngine(EngineConfig(**engine_config), expert_backend=make_router)
