@@ -7,6 +7,8 @@ from pathlib import Path
 import torch
 import transformers
 
+from elasticmoe import LLM
+
 FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 BASE = dict(
@@ -61,3 +63,28 @@ def make_hf_model(
     model.eval()
     model.save_pretrained(out_dir)
     return model
+
+
+PROMPTS = [
+    [5, 17, 33, 2, 99, 100, 4],
+    [9, 8, 7],
+    list(range(10, 50)),
+    [200, 201, 202, 203, 204, 205, 206, 207, 208, 209, 210, 211, 212],
+]
+
+
+def capture_logits(llm: LLM) -> dict[str, list[torch.Tensor]]:
+    """Record, per request, the logits of every step that samples a token."""
+    captured: dict[str, list[torch.Tensor]] = {}
+    runner = llm.engine.runner
+    original = runner.execute
+
+    def execute(step, load_hook=None):
+        logits = original(step, load_hook)
+        completing = [s.request for s in step.scheduled if s.completes_sequence]
+        for request, row in zip(completing, logits, strict=True):
+            captured.setdefault(request.request_id, []).append(row.clone())
+        return logits
+
+    runner.execute = execute
+    return captured

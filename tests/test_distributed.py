@@ -17,8 +17,8 @@ from elasticmoe import LLM, SamplingParams
 from elasticmoe.engine.config import EngineConfig
 from elasticmoe.engine.engine import LLMEngine
 from elasticmoe.router.router import ExpertRouter
-from hf_models import FAMILIES
-from test_engine_vs_hf import PROMPTS, capture_logits
+
+from hf_models import FAMILIES, PROMPTS, capture_logits
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
@@ -161,6 +161,6 @@ def test_bad_deployment_options_name_the_field(hf_family_models):
         LLM(str(path), mode="distributed", num_workers=0)
     with pytest.raises(ValueError, match="expert_replicas key '9:9'"):
         LLM(str(path), mode="distributed", expert_replicas={"9:9": 2}, progress=False)
-    with pytest.raises(ValueError, match="must be 1..2"):
+    with pytest.raises(ValueError, match=r"must be 1\.\.2"):
         LLM(str(path), mode="distributed", num_workers=2, replicas_per_expert=3, progress=False)
     assert no_elasticmoe_actors_left()

@@ -7,14 +7,8 @@ import torch
 
 from elasticmoe import LLM, SamplingParams
 
-from hf_models import FAMILIES
+from hf_models import FAMILIES, PROMPTS, capture_logits
 
-PROMPTS = [
-    [5, 17, 33, 2, 99, 100, 4],
-    [9, 8, 7],
-    list(range(10, 50)),
-    [200, 201, 202, 203, 204, 205, 206, 207, 208, 209, 210, 211, 212],
-]
 GREEDY = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
 
 
@@ -27,23 +21,6 @@ def hf_greedy(hf_model, prompt: list[int], max_tokens: int) -> list[int]:
         pad_token_id=0,
     )
     return out[0, len(prompt) :].tolist()
-
-
-def capture_logits(llm: LLM) -> dict[str, list[torch.Tensor]]:
-    """Record, per request, the logits of every step that samples a token."""
-    captured: dict[str, list[torch.Tensor]] = {}
-    runner = llm.engine.runner
-    original = runner.execute
-
-    def execute(step, load_hook=None):
-        logits = original(step, load_hook)
-        completing = [s.request for s in step.scheduled if s.completes_sequence]
-        for request, row in zip(completing, logits, strict=True):
-            captured.setdefault(request.request_id, []).append(row.clone())
-        return logits
-
-    runner.execute = execute
-    return captured
 
 
 @pytest.mark.parametrize("family", FAMILIES)

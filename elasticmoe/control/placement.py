@@ -39,7 +39,8 @@ def initial_placement(
         n = count(expert)
         if not 1 <= n <= len(workers):
             raise ValueError(
-                f"expert {expert}: {n} replicas requested, must be 1..{len(workers)} (one per worker)"
+                f"expert {expert}: {n} replicas requested, "
+                f"must be 1..{len(workers)} (one per worker)"
             )
         chosen = sorted((w for w in workers if used[w] < num_slots), key=lambda w: used[w])[:n]
         if len(chosen) < n:
