@@ -255,6 +255,7 @@ class ExpertWorker:
             "slots": [_slot_info(i, r) for i, r in enumerate(slots)],
             "forward_calls": stats.forward_calls if stats else 0,
             "rows_served": stats.rows_served if stats else 0,
+            "compute_seconds": stats.compute_seconds if stats else 0.0,
         }
 
 

@@ -1,0 +1,259 @@
+"""Decode step time: experts on 2 remote workers (gRPC) vs in-process, same engine.
+
+Both runs use the same LLMEngine code in this process; only the expert
+backend differs (ExpertRouter to 2 ExpertWorker actors vs LocalExperts). For
+each batch size B, B requests are prefilled, then `--steps` decode steps
+(B tokens each) are timed. Reported per batch size: mean step time of both,
+the ratio distributed/local, the time inside the expert backend per step, the
+workers' own compute time, and the dispatch overhead per MoE layer
+(router time minus worker compute, per layer call).
+
+Prints JSON on stdout; progress on stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import console, emit_json
+
+from elasticmoe.control.placement import initial_placement
+from elasticmoe.engine.config import EngineConfig
+from elasticmoe.engine.engine import LLMEngine
+from elasticmoe.engine.request import SamplingParams
+from elasticmoe.experts.backend import LocalExperts
+from elasticmoe.experts.weights import LogicalExpert
+from elasticmoe.experts.worker import start_worker
+from elasticmoe.model.config import load_config
+from elasticmoe.model.init_model import init_model
+from elasticmoe.router.expert_map import ExpertMap
+from elasticmoe.router.router import ExpertRouter
+
+
+class TimedBackend:
+    """Wraps an expert backend and accumulates the time spent in it."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.seconds = 0.0
+
+    def forward(self, layer, hidden, gate):
+        start = time.perf_counter()
+        out = self.inner.forward(layer, hidden, gate)
+        self.seconds += time.perf_counter() - start
+        return out
+
+    def begin_step(self) -> None:
+        self.inner.begin_step()
+
+    def end_step(self) -> None:
+        self.inner.end_step()
+
+
+def measure(engine: LLMEngine, batch: int, steps: int, prompt_len: int) -> dict[str, float]:
+    """Prefill `batch` requests, then time `steps` pure decode steps."""
+    backend: TimedBackend = engine.model.experts  # type: ignore[assignment]
+    params = SamplingParams(max_tokens=steps + 4, temperature=0, ignore_eos=True)
+    ids = [
+        engine.add_request(
+            {"prompt_token_ids": [(7 * i + j) % 400 + 5 for j in range(prompt_len)]}, params
+        )
+        for i in range(batch)
+    ]
+    # run until every request is decoding (one token per step)
+    while (
+        any(len(r.output_token_ids) == 0 for r in engine.scheduler.running)
+        or engine.scheduler.waiting
+    ):
+        engine.step()
+    times = []
+    backend.seconds = 0.0
+    for _ in range(steps):
+        start = time.perf_counter()
+        engine.step()
+        times.append(time.perf_counter() - start)
+    expert_s = backend.seconds / steps
+    for request_id in ids:
+        engine.abort_request(request_id)
+        engine.forget_request(request_id)
+    return {
+        "step_ms": 1e3 * statistics.mean(times),
+        "p50_step_ms": 1e3 * statistics.median(times),
+        "expert_backend_ms": 1e3 * expert_s,
+    }
+
+
+def worker_compute_seconds(handles) -> float:
+    return sum(ray.get(h.info.remote())["compute_seconds"] for h in handles)
+
+
+def run_mode(args: argparse.Namespace) -> dict:
+    """Time one mode (local or distributed) in this process; returns per-batch figures."""
+    model_dir = Path(args.model_dir)
+    mc = load_config(model_dir)
+    cfg = EngineConfig(
+        model=str(model_dir),
+        dtype="float32",
+        num_kv_blocks=4096,
+        max_num_seqs=256,
+        max_num_batched_tokens=4096,
+    )
+    batches = [int(b) for b in args.batch_sizes.split(",")]
+    out: dict = {"torch_threads": torch.get_num_threads(), "results": {}}
+    if args.run == "local":
+        engine = LLMEngine(
+            cfg,
+            expert_backend=lambda r, m, d, dev: TimedBackend(
+                LocalExperts.from_checkpoint(r, m.config, d, dev)
+            ),
+        )
+        for batch in batches:
+            measure(engine, batch, 3, args.prompt_len)  # warm-up
+            out["results"][batch] = measure(engine, batch, args.steps, args.prompt_len)
+        return out
+    experts = [LogicalExpert(layer, e) for layer in mc.moe_layers for e in range(mc.num_experts)]
+    ray.init(num_cpus=args.num_workers + 1, include_dashboard=False, log_to_driver=False)
+    worker_ids = [f"w{i}" for i in range(args.num_workers)]
+    placement = initial_placement(experts, worker_ids, len(experts))
+    handles, addresses = {}, {}
+    try:
+        for wid in worker_ids:
+            handles[wid], addresses[wid] = start_worker(
+                wid,
+                model_dir,
+                len(experts),
+                experts_to_load=[tuple(e) for e, ws in placement.items() if wid in ws],
+            )
+        expert_map = ExpertMap(1, placement, addresses)
+        engine = LLMEngine(
+            cfg,
+            expert_backend=lambda r, m, d, dev: TimedBackend(
+                ExpertRouter(expert_map, d, m.config.hidden_size)
+            ),
+        )
+        for batch in batches:
+            measure(engine, batch, 3, args.prompt_len)
+            before = worker_compute_seconds(handles.values())
+            res = measure(engine, batch, args.steps, args.prompt_len)
+            res["worker_compute_ms"] = (
+                1e3 * (worker_compute_seconds(handles.values()) - before) / args.steps
+            )
+            out["results"][batch] = res
+        engine.model.experts.inner.close()
+    finally:
+        for h in handles.values():
+            ray.kill(h)
+        ray.shutdown()
+    return out
+
+
+def spawn(mode: str, args: argparse.Namespace, model_dir: Path) -> dict:
+    """Run one mode in a fresh process so their thread settings do not mix."""
+    env = dict(os.environ)
+    if mode == "distributed":
+        # the engine blocks on RPCs; spinning OpenMP threads would steal the workers' cores
+        env["OMP_WAIT_POLICY"] = "PASSIVE"
+    cmd = [
+        sys.executable,
+        __file__,
+        "--run",
+        mode,
+        "--model-dir",
+        str(model_dir),
+        "--batch-sizes",
+        args.batch_sizes,
+        "--steps",
+        str(args.steps),
+        "--prompt-len",
+        str(args.prompt_len),
+        "--num-workers",
+        str(args.num_workers),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{mode} run failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--arch", default="mixtral")
+    ap.add_argument("--preset", default="small")
+    ap.add_argument("--batch-sizes", default="1,8,32,128")
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--prompt-len", type=int, default=16)
+    ap.add_argument("--num-workers", type=int, default=2)
+    ap.add_argument("--run", choices=["local", "distributed"], help=argparse.SUPPRESS)
+    ap.add_argument("--model-dir", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.run:
+        print(json.dumps(run_mode(args)))
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = init_model(args.arch, args.preset, Path(tmp) / "m")
+        mc = load_config(model_dir)
+        with console.status("local (experts in-process)"):
+            local = spawn("local", args, model_dir)
+        with console.status(f"distributed (experts on {args.num_workers} worker actors)"):
+            dist = spawn("distributed", args, model_dir)
+    num_moe_layers = len(mc.moe_layers)
+    results = []
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        loc, dst = local["results"][str(batch)], dist["results"][str(batch)]
+        compute_ms = dst["worker_compute_ms"]
+        row = {
+            "batch_size": batch,
+            "local_step_ms": round(loc["step_ms"], 3),
+            "distributed_step_ms": round(dst["step_ms"], 3),
+            "ratio_distributed_over_local": round(dst["step_ms"] / loc["step_ms"], 3),
+            "local_expert_ms_per_step": round(loc["expert_backend_ms"], 3),
+            "router_ms_per_step": round(dst["expert_backend_ms"], 3),
+            "worker_compute_ms_per_step": round(compute_ms, 3),
+            "dispatch_overhead_ms_per_layer": round(
+                (dst["expert_backend_ms"] - compute_ms / args.num_workers) / num_moe_layers, 3
+            ),
+        }
+        console.print(row)
+        results.append(row)
+    emit_json(
+        {
+            "benchmark": "dispatch",
+            "model": {
+                "arch": args.arch,
+                "preset": args.preset,
+                "moe_layers": num_moe_layers,
+                "experts_per_layer": mc.num_experts,
+                "top_k": mc.top_k,
+                "hidden_size": mc.hidden_size,
+            },
+            "num_workers": args.num_workers,
+            "steps_timed": args.steps,
+            "torch_threads": {
+                "local": local["torch_threads"],
+                "distributed_engine": dist["torch_threads"],
+                "worker": 1,
+            },
+            "note": "each mode runs in its own process (distributed with OMP_WAIT_POLICY=PASSIVE); "
+            "dispatch overhead = (router time per step - worker compute per step / num_workers)"
+            " / moe layers; worker compute is summed over workers, which run in parallel",
+            "results": results,
+        }
+    )
+
+
+if __name__ == "__main__":
+    main()
