@@ -7,7 +7,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 PROMPT ?= def fibonacci(n):
 
-.PHONY: setup run test lint protos clean
+.PHONY: setup run test lint protos clean redis
 
 setup: $(VENV)/.installed
 
@@ -21,10 +21,14 @@ $(VENV)/.installed: pyproject.toml
 run: setup
 	$(VENV)/bin/elasticmoe generate --model default --prompt "$(PROMPT)" --max-tokens 48
 
+# Redis tests start a real redis-server; this installs Debian's package if missing.
+redis:
+	bash scripts/install-redis.sh
+
 lint: setup
 	$(VENV)/bin/ruff check elasticmoe tests bench
 
-test: setup lint
+test: setup redis lint
 	$(PY) -m pytest -q -ra
 
 protos: setup

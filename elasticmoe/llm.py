@@ -28,6 +28,7 @@ class LLM:
     Other keyword arguments are :class:`EngineConfig` fields (``dtype``,
     ``device``, ``num_kv_blocks``, ``max_num_seqs``, ...). Call
     :meth:`shutdown` (or use ``with LLM(...) as llm``) to stop the actors.
+    ``fault`` configures fault injection in the controller (tests, chaos).
     """
 
     def __init__(
@@ -35,6 +36,7 @@ class LLM:
         model: str,
         mode: Literal["local", "distributed"] = "local",
         progress: bool = True,
+        fault: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> None:
         if mode not in ("local", "distributed"):
@@ -54,7 +56,7 @@ class LLM:
         config = DeploymentConfig(
             model=model_dir, engine={**deploy_args.pop("engine", {}), **engine_args}, **deploy_args
         )
-        self.deployment = Deployment(config, progress=progress).start()
+        self.deployment = Deployment(config, progress=progress, fault=fault).start()
         self._tokenizer = (
             Tokenizer.from_dir(model_dir)
             if (Path(model_dir) / "tokenizer.json").is_file()

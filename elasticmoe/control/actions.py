@@ -11,9 +11,7 @@ from typing import Any, Literal
 
 from elasticmoe.experts.weights import LogicalExpert
 
-ActionKind = Literal[
-    "replicate", "evict", "migrate", "add_worker", "remove_worker", "restore"
-]
+ActionKind = Literal["replicate", "evict", "migrate", "add_worker", "remove_worker", "restore"]
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,8 @@ class EngineActor:
         expert_map: dict[str, Any],
         router_config: dict[str, Any] | None = None,
         num_threads: int | None = None,
+        controller_name: str | None = None,
+        map_poll_s: float = 2.0,
     ) -> None:
         if num_threads:
             torch.set_num_threads(num_threads)
@@ -94,6 +96,10 @@ class EngineActor:
         self.router.update_map(ExpertMap.from_dict(expert_map))
         return expert_map["epoch"]
 
+    def active_epoch(self) -> int | None:
+        """Epoch of the step in flight (None when idle); used to drain old epochs."""
+        return self.router.active_epoch() if self.router else None
+
     def stats(self) -> dict[str, Any]:
         """Queue, KV and router figures."""
         s = self.engine.stats()
@@ -114,6 +120,7 @@ class EngineActor:
 
     def shutdown(self, timeout: float = 30.0) -> None:
         """Finish in-flight requests (up to timeout), then stop and close channels."""
+        self._stop.set()
         self.loop.stop(timeout)
         if self.router is not None:
             self.router.close()

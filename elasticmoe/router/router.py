@@ -87,6 +87,7 @@ class ExpertRouter:
         self._lock = threading.Lock()
         self._stubs: dict[str, tuple[str, grpc.Channel, expert_pb2_grpc.ExpertServiceStub]] = {}
         self.down: dict[str, float] = {}  # worker id -> when it was marked down
+        self._in_step = False
         self.stats = RouterStats()
 
     # ----------------------------------------------------------- expert map
@@ -109,13 +110,24 @@ class ExpertRouter:
                 for worker in list(self.down):
                     if worker not in self.expert_map.workers:
                         del self.down[worker]
+            self._in_step = True
         now = time.monotonic()
         for worker, since in list(self.down.items()):
             if now - since >= self.config.probe_down_after_s:
                 self._probe(worker)
 
     def end_step(self) -> None:
-        """Nothing to release per step (calls are synchronous within a layer)."""
+        """The step is over: its epoch is no longer in use."""
+        self._in_step = False
+
+    def active_epoch(self) -> int | None:
+        """Epoch of the step running now, or None between steps.
+
+        The controller frees what epoch N dropped only once no engine reports
+        an active epoch <= N.
+        """
+        with self._lock:
+            return self.expert_map.epoch if self._in_step else None
 
     def _probe(self, worker: str) -> None:
         try:

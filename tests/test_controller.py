@@ -1,0 +1,230 @@
+"""Control plane on a local Ray instance: zero-downtime scaling under load,
+controller crash recovery with Redis, and a Redis outage while serving."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import grpc
+import pytest
+import ray
+
+from elasticmoe import LLM, SamplingParams
+from elasticmoe._proto.elasticmoe.v1 import expert_pb2, expert_pb2_grpc
+from elasticmoe.control.controller import ChangesPausedError, ControllerError
+from elasticmoe.experts.weights import LogicalExpert
+from elasticmoe.model.init_model import init_model
+from elasticmoe.router.expert_map import ExpertMap
+
+from redis_server import RedisServer
+
+PARAMS = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+PROMPTS = [{"prompt_token_ids": [i, i + 3, i + 8, i + 1]} for i in range(1, 9)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance():
+    ray.init(num_cpus=12, include_dashboard=False, namespace="elasticmoe", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return init_model("qwen2_moe", "tiny", tmp_path_factory.mktemp("m") / "ckpt")
+
+
+@pytest.fixture(scope="module")
+def expected(ckpt):
+    return [o.outputs[0].token_ids for o in LLM(str(ckpt)).generate(PROMPTS, PARAMS)]
+
+
+def held_experts(address: str) -> set[LogicalExpert]:
+    with grpc.insecure_channel(address) as channel:
+        stats = expert_pb2_grpc.ExpertServiceStub(channel).Stats(
+            expert_pb2.StatsRequest(), timeout=10
+        )
+    return {LogicalExpert(i.layer, i.expert) for i in stats.experts}
+
+
+def assert_consistent(m: ExpertMap, experts: list[LogicalExpert]) -> None:
+    """Every expert has a replica and every worker holds exactly what the map says."""
+    assert not m.missing(experts), f"experts without replica: {m.missing(experts)}"
+    for worker, address in m.workers.items():
+        assert held_experts(address) == set(m.experts_on(worker)), (
+            f"orphan/missing slots on {worker}"
+        )
+
+
+class Load:
+    """Closed-loop generation in a background thread, checking every output."""
+
+    def __init__(self, llm: LLM, expected: list[list[int]]) -> None:
+        self.llm, self.expected = llm, expected
+        self.batches = self.mismatches = self.failures = 0
+        self.errors: list[str] = []
+        self._stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                outs = self.llm.generate(PROMPTS, PARAMS)
+            except Exception as e:
+                self.failures += 1
+                self.errors.append(repr(e))
+                continue
+            self.batches += 1
+            for o, want in zip(outs, self.expected, strict=True):
+                if o.outputs[0].finish_reason != "length":
+                    self.failures += 1
+                    self.errors.append(str(o.outputs[0].stop_reason))
+                elif o.outputs[0].token_ids != want:
+                    self.mismatches += 1
+
+    def __enter__(self) -> Load:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self.thread.join(120)
+
+
+def test_scaling_operations_under_load_lose_nothing(ckpt, expected):
+    with LLM(
+        str(ckpt),
+        mode="distributed",
+        num_workers=2,
+        slots_per_worker=16,
+        max_workers=4,
+        name="scale",
+        progress=False,
+    ) as llm:
+        controller = llm.deployment.controller
+        experts = sorted(llm.deployment.expert_map.replicas)
+        with Load(llm, expected) as load:
+            for _ in range(2):
+                m = llm.deployment.expert_map
+                ray.get(controller.replicate.remote("0:1"))
+                holders = llm.deployment.expert_map.replicas_of(LogicalExpert(0, 1))
+                assert len(holders) == 2
+                src = m.replicas_of(LogicalExpert(1, 3))[0]
+                ray.get(controller.migrate.remote("1:3", src))
+                assert src not in llm.deployment.expert_map.replicas_of(LogicalExpert(1, 3))
+                ray.get(controller.evict.remote("0:1", holders[0]))
+                added = ray.get(controller.add_worker.remote())
+                new_worker = added["add_workers"][0]
+                ray.get(controller.replicate.remote("0:4", new_worker))
+                ray.get(controller.scale.remote("0:6", 3))
+                ray.get(controller.scale.remote("0:6", 1))
+                ray.get(controller.remove_worker.remote(new_worker))
+                while load.batches < 1:
+                    time.sleep(0.1)
+            time.sleep(0.5)
+        final = llm.deployment.expert_map
+        assert_consistent(final, experts)
+        status = ray.get(controller.status.remote())
+        assert status["epoch"] == final.epoch and final.epoch > 10
+        assert all(h["result"] == "done" for h in status["history"])
+    assert load.failures == 0, load.errors[:3]
+    assert load.mismatches == 0
+    assert load.batches >= 2
+
+
+def test_bad_scaling_requests_are_rejected_clearly(ckpt):
+    with LLM(str(ckpt), mode="distributed", num_workers=2, name="bad", progress=False) as llm:
+        c = llm.deployment.controller
+        for call, match in [
+            (c.replicate.remote("9:9"), "does not exist"),
+            (c.replicate.remote("zero"), "expected 'layer:expert'"),
+            (
+                c.evict.remote(
+                    "0:1",
+                    "w0"
+                    if "w0" not in llm.deployment.expert_map.replicas_of(LogicalExpert(0, 1))
+                    else "w1",
+                ),
+                "holds no replica",
+            ),
+            (c.remove_worker.remote("w9"), "no worker 'w9'"),
+            (c.scale.remote("0:1", 0), "at least 1"),
+        ]:
+            with pytest.raises(ControllerError, match=match):
+                ray.get(call)
+        only = llm.deployment.expert_map.replicas_of(LogicalExpert(0, 2))[0]
+        with pytest.raises(ControllerError, match="evicting it would lose"):
+            ray.get(c.evict.remote("0:2", only))
+        assert llm.generate(PROMPTS[:1], PARAMS)[0].outputs[0].finish_reason == "length"
+
+
+@pytest.mark.parametrize("crash_after, outcome", [("loaded", "rolled_back"), ("published", "done")])
+def test_controller_killed_mid_migration_recovers(ckpt, expected, tmp_path, crash_after, outcome):
+    with RedisServer() as redis:
+        with LLM(
+            str(ckpt),
+            mode="distributed",
+            num_workers=2,
+            name=f"crash-{crash_after}",
+            state_store=redis.url,
+            progress=False,
+            fault={"crash_after": crash_after, "once_file": str(tmp_path / "fired")},
+        ) as llm:
+            controller = llm.deployment.controller
+            before = llm.deployment.expert_map
+            expert = LogicalExpert(1, 2)
+            src = before.replicas_of(expert)[0]
+            with Load(llm, expected) as load:
+                with pytest.raises(ray.exceptions.RayActorError):
+                    ray.get(controller.migrate.remote(str(expert), src))
+                # Ray restarts the controller; it recovers from the Redis journal
+                deadline = time.monotonic() + 60
+                status = None
+                while time.monotonic() < deadline:
+                    try:
+                        status = ray.get(controller.status.remote(), timeout=10)
+                        break
+                    except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                        time.sleep(0.5)
+                assert status is not None, "controller did not come back"
+                while load.batches < 1:
+                    time.sleep(0.1)
+            after = llm.deployment.expert_map
+            recovered = [h for h in status["history"] if h.get("recovered")]
+            assert [h["result"] for h in recovered] == [outcome]
+            if outcome == "done":
+                assert src not in after.replicas_of(expert) and after.epoch == before.epoch + 1
+            else:
+                assert after == before
+            assert_consistent(after, sorted(before.replicas))
+            # the recovered controller keeps working
+            ray.get(controller.replicate.remote("0:0"))
+        assert load.failures == 0, load.errors[:3]
+        assert load.mismatches == 0
+
+
+def test_redis_outage_pauses_changes_but_not_serving(ckpt, expected):
+    with RedisServer(persist=True) as redis:
+        with LLM(
+            str(ckpt),
+            mode="distributed",
+            num_workers=2,
+            name="outage",
+            state_store=redis.url,
+            progress=False,
+        ) as llm:
+            controller = llm.deployment.controller
+            with Load(llm, expected) as load:
+                redis.stop()
+                with pytest.raises(ChangesPausedError, match="state store unreachable"):
+                    ray.get(controller.replicate.remote("0:3"))
+                start = load.batches
+                while load.batches < start + 1:
+                    time.sleep(0.1)
+                redis.start()
+                ray.get(controller.replicate.remote("0:3"))
+            assert len(llm.deployment.expert_map.replicas_of(LogicalExpert(0, 3))) == 2
+            assert_consistent(llm.deployment.expert_map, sorted(llm.deployment.expert_map.replicas))
+        assert load.failures == 0, load.errors[:3]
+        assert load.mismatches == 0
