@@ -228,3 +228,30 @@ def test_redis_outage_pauses_changes_but_not_serving(ckpt, expected):
             assert_consistent(llm.deployment.expert_map, sorted(llm.deployment.expert_map.replicas))
         assert load.failures == 0, load.errors[:3]
         assert load.mismatches == 0
+
+
+def test_status_and_scale_cli_against_running_deployment(ckpt):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    with LLM(str(ckpt), mode="distributed", num_workers=2, name="cli", progress=False) as llm:
+        env = {**os.environ, "RAY_ADDRESS": ray.get_runtime_context().gcs_address}
+        cli = [sys.executable, "-m", "elasticmoe"]
+        run = lambda *a: subprocess.run([*cli, *a], env=env, capture_output=True, text=True)  # noqa: E731
+        res = run("scale", "--deployment", "cli", "--expert", "1:4", "--replicas", "2", "--json")
+        assert res.returncode == 0, res.stderr
+        assert [r["kind"] for r in json.loads(res.stdout)] == ["replicate"]
+        res = run("status", "--deployment", "cli", "--json")
+        assert res.returncode == 0, res.stderr
+        status = json.loads(res.stdout)
+        assert len(status["replicas"]["1:4"]) == 2
+        assert status["epoch"] == llm.deployment.expert_map.epoch == 2
+        assert {w["worker_id"] for w in status["workers"]} == {"w0", "w1"}
+        human = run("status", "--deployment", "cli")
+        assert "expert map epoch 2" in human.stdout
+        bad = run("scale", "--deployment", "cli", "--expert", "7:7", "--replicas", "2")
+        assert bad.returncode == 2 and "does not exist" in bad.stderr
+        missing = run("status", "--deployment", "nope")
+        assert missing.returncode == 2 and "no elasticmoe deployment named 'nope'" in missing.stderr

@@ -133,6 +133,89 @@ def generate(
     )
 
 
+def _controller(deployment: str, ray_address: str | None):
+    from elasticmoe.control.client import ControllerClient, ControllerNotFoundError
+
+    try:
+        return ControllerClient(deployment, ray_address)
+    except ControllerNotFoundError as e:
+        raise _fail(str(e)) from None
+
+
+DeploymentOpt = Annotated[str, typer.Option("--deployment", "-d", help="deployment name")]
+RayAddressOpt = Annotated[
+    str | None, typer.Option(help="Ray cluster address (default: RAY_ADDRESS, else local)")
+]
+
+
+@app.command()
+def status(
+    deployment: DeploymentOpt = "default",
+    ray_address: RayAddressOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the status as JSON")] = False,
+) -> None:
+    """Show workers, replicas, per-expert load and the expert map epoch of a running deployment."""
+    data = _controller(deployment, ray_address).call("status")
+    if as_json:
+        print(json.dumps(data))
+        return
+    print_status(data)
+
+
+def print_status(data: dict) -> None:
+    """Render a controller status document as rich tables."""
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]expert map epoch[/bold] {data['epoch']}  engines: {data['num_engines']}")
+    workers = Table(
+        "worker", "address", "pool", "replicas / slots", "load", "healthy", title="workers"
+    )
+    for w in data["workers"]:
+        workers.add_row(
+            w["worker_id"],
+            w["address"] or "-",
+            w["pool"] or "-",
+            f"{w['num_replicas']} / {w['num_slots']}",
+            f"{w['load']:.0f}",
+            "yes" if w["healthy"] else "[red]no[/red]",
+        )
+    console.print(workers)
+    experts = Table("expert", "replicas", "workers", "tokens routed", title="experts")
+    load = data["expert_load"]
+    for expert, holders in data["replicas"].items():
+        experts.add_row(expert, str(len(holders)), ",".join(holders), f"{load.get(expert, 0):.0f}")
+    console.print(experts)
+
+
+@app.command()
+def scale(
+    expert: Annotated[str, typer.Option(help="logical expert as LAYER:EXPERT, e.g. 0:3")],
+    replicas: Annotated[int, typer.Option(help="wanted number of replicas")],
+    deployment: DeploymentOpt = "default",
+    ray_address: RayAddressOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the operations as JSON")] = False,
+) -> None:
+    """Set the replica count of one logical expert (zero-downtime replicate/evict)."""
+    from elasticmoe.control.controller import ControllerError
+
+    client = _controller(deployment, ray_address)
+    try:
+        with err.status(f"scaling expert {expert} to {replicas} replica(s)"):
+            results = client.call("scale", expert, replicas)
+    except ControllerError as e:
+        raise _fail(str(e)) from None
+    if as_json:
+        print(json.dumps(results))
+        return
+    for r in results:
+        err.print(
+            f"[green]{r['kind']}[/green] epoch {r['epoch']} in {r['seconds']}s: "
+            f"+{r['add']} -{r['remove']}"
+        )
+    err.print(f"expert {expert} now has {replicas} replica(s)")
+
+
 def main() -> None:
     """Entry point for ``python -m elasticmoe``."""
     app()
