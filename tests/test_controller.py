@@ -255,3 +255,78 @@ def test_status_and_scale_cli_against_running_deployment(ckpt):
         assert bad.returncode == 2 and "does not exist" in bad.stderr
         missing = run("status", "--deployment", "nope")
         assert missing.returncode == 2 and "no elasticmoe deployment named 'nope'" in missing.stderr
+
+
+POLICY = """
+apiVersion: elasticmoe.io/v1alpha1
+kind: AutoscalingPolicy
+metadata: {name: test}
+spec:
+  interval_s: 1
+  window_s: 2
+  experts: {min_replicas: 2, max_replicas: 3, max_actions_per_interval: 8,
+            replicate_cooldown_s: 0, evict_cooldown_s: 600}
+  rebalance: {enabled: false}
+  pools:
+    - {name: default, accelerator: cpu, min_workers: 2, max_workers: 3, slots_per_worker: 16,
+       scale_down_cooldown_s: 600}
+"""
+
+
+def test_autoscaler_brings_experts_to_policy_minimum_under_load(ckpt, expected, tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    with LLM(
+        str(ckpt), mode="distributed", num_workers=2, slots_per_worker=16, name="auto",
+        policy=str(policy), progress=False,
+    ) as llm:
+        experts = sorted(llm.deployment.expert_map.replicas)
+        with Load(llm, expected) as load:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                m = llm.deployment.expert_map
+                if all(len(m.replicas_of(e)) >= 2 for e in experts):
+                    break
+                time.sleep(0.5)
+            while load.batches < 1:
+                time.sleep(0.1)
+        m = llm.deployment.expert_map
+        assert all(len(m.replicas_of(e)) >= 2 for e in experts), m.to_dict()
+        assert_consistent(m, experts)
+        status = ray.get(llm.deployment.controller.status.remote())
+        assert status["autoscaler"] == "test"
+    assert load.failures == 0, load.errors[:3]
+    assert load.mismatches == 0
+
+
+def test_policy_pool_mismatch_is_rejected_before_start(ckpt, tmp_path):
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(POLICY)
+    with pytest.raises(ValueError, match="pool='gpu' is not a pool of policy"):
+        LLM(str(ckpt), mode="distributed", policy=str(policy), pool="gpu", progress=False)
+
+
+def test_dead_worker_is_replaced_and_serving_continues(ckpt, expected):
+    with LLM(
+        str(ckpt), mode="distributed", num_workers=3, replicas_per_expert=2, name="dead",
+        progress=False,
+    ) as llm:
+        experts = sorted(llm.deployment.expert_map.replicas)
+        controller = llm.deployment.controller
+        with Load(llm, expected) as load:
+            ray.kill(llm.deployment.workers["w1"])
+            removed = []
+            for _ in range(10):
+                removed += ray.get(controller.check_workers.remote())
+                if removed:
+                    break
+                time.sleep(0.5)
+            assert removed == ["w1"]
+            start = load.batches
+            while load.batches < start + 1:
+                time.sleep(0.1)
+        m = llm.deployment.expert_map
+        assert "w1" not in m.workers
+        assert_consistent(m, experts)
+    assert load.failures == 0, load.errors[:3]
+    assert load.mismatches == 0

@@ -415,3 +415,12 @@ def test_redis_that_stops_answering_raises_then_recovers(redis_server: RedisServ
         # the retry below is answered consistently (CAS writes are idempotent).
         assert s.put_map(expert_map(2), expected_epoch=1)
         assert s.get_map() == expert_map(2)
+
+
+def test_values_survive_a_new_client(open_store: OpenStore) -> None:
+    first = open_store()
+    assert first.get_value("policy_state") is None
+    first.put_value("policy_state", {"expert_last": {"0:1": 12.5}, "version": 1})
+    assert open_store().get_value("policy_state") == {"expert_last": {"0:1": 12.5}, "version": 1}
+    with pytest.raises(ValueError):
+        first.put_value("bad", {"x": object()})

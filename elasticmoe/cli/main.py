@@ -10,6 +10,8 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from elasticmoe.cli.policy import policy_app
+
 app = typer.Typer(
     name="elasticmoe",
     help="Serve Mixture-of-Experts LLMs with expert-level elasticity.",
@@ -17,6 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 err = Console(stderr=True)
+app.add_typer(policy_app, name="policy")
 
 
 def _fail(message: str) -> typer.Exit:
@@ -131,6 +134,50 @@ def generate(
         f"[green]done[/green]: {len(outputs)} prompt(s), {num_tokens} tokens in {gen_s:.2f}s "
         f"({num_tokens / max(gen_s, 1e-9):.1f} tok/s; model load {load_s:.2f}s)"
     )
+
+
+@app.command("serve")
+def serve_cmd(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="YAML file of ServeConfig settings")
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="checkpoint dir or built-in name")] = None,
+    mode: Annotated[str | None, typer.Option(help="distributed | local")] = None,
+    workers: Annotated[int | None, typer.Option(help="expert workers")] = None,
+    engines: Annotated[int | None, typer.Option(help="engine replicas")] = None,
+    policy: Annotated[str | None, typer.Option(help="autoscaling policy YAML")] = None,
+    state_store: Annotated[
+        str | None, typer.Option(help="memory:// or redis://host:port/db")
+    ] = None,
+    host: Annotated[str | None, typer.Option()] = None,
+    port: Annotated[int | None, typer.Option()] = None,
+    api_key: Annotated[
+        list[str] | None, typer.Option(help="require this Bearer key (repeatable)")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="deployment name")] = None,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API (Ctrl-C stops it cleanly)."""
+    from pydantic import ValidationError
+
+    from elasticmoe.serve.server import load_serve_config, run_server
+
+    overrides = {
+        "model": model,
+        "mode": mode,
+        "num_workers": workers,
+        "num_engines": engines,
+        "policy": policy,
+        "state_store": state_store,
+        "host": host,
+        "port": port,
+        "api_keys": api_key,
+        "name": name,
+    }
+    try:
+        cfg = load_serve_config(config, overrides)
+    except (ValidationError, ValueError) as e:
+        raise _fail(str(e)) from None
+    run_server(cfg)
 
 
 def _controller(deployment: str, ray_address: str | None):

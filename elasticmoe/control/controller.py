@@ -19,6 +19,7 @@ is left behind.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -31,6 +32,8 @@ from typing import Any
 import grpc
 
 from elasticmoe._proto.elasticmoe.v1 import expert_pb2, expert_pb2_grpc
+from elasticmoe.autoscale.decide import ObservedState, PolicyState, WorkerState, decide
+from elasticmoe.autoscale.policy import load_policy
 from elasticmoe.control.actions import Action
 from elasticmoe.control.deployment_config import DeploymentConfig
 from elasticmoe.control.placement import initial_placement
@@ -88,7 +91,23 @@ class Controller:
         self._next_worker = 0
         self.history: list[dict[str, Any]] = []  # finished operations, newest last
         self._needs_recovery = False
+        self.spares: list[str] = []  # started, empty workers outside the map
+        self._op_counts: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._op_seconds: collections.Counter[tuple[str, str]] = collections.Counter()
+        self._load_samples: collections.deque[tuple[float, dict[LogicalExpert, float]]] = (
+            collections.deque(maxlen=4096)
+        )
+        self._unhealthy: dict[str, int] = {}  # worker -> consecutive failed health checks
+        self._stop = threading.Event()
         self._recover()
+        self.policy = load_policy(self.config.policy) if self.config.policy else None
+        self.policy_state = PolicyState()
+        with contextlib.suppress(StateStoreUnavailable):
+            stored_state = self.store.get_value("policy_state")
+            if stored_state:
+                self.policy_state = PolicyState.from_dict(stored_state)
+        if self.policy is not None:
+            threading.Thread(target=self._control_loop, name="autoscaler", daemon=True).start()
 
     # ------------------------------------------------------------------ state
     @property
@@ -113,6 +132,10 @@ class Controller:
             self.expert_map = ExpertMap.from_dict(stored)
         ids = [int(w[1:]) for w in self.workers if w[1:].isdigit()]
         self._next_worker = max(ids, default=-1) + 1
+        in_map = set(self.expert_map.workers) if self.expert_map else set()
+        self.spares = sorted(
+            w for w, e in self.workers.items() if e.get("spare") and w not in in_map
+        )
         for op_id in self.store.open_operations():
             self._resume(op_id)
         if self.expert_map is not None:
@@ -188,6 +211,7 @@ class Controller:
                 raise ControllerError("another controller already published an expert map")
             self.expert_map = new_map
             self.store.publish_epoch(1)
+            self._replenish_spares()
             return new_map.to_dict()
 
     def _new_worker_id(self) -> str:
@@ -195,7 +219,9 @@ class Controller:
         self._next_worker += 1
         return worker_id
 
-    def _start_workers(self, experts_by_worker: dict[str, list[LogicalExpert]]) -> dict[str, str]:
+    def _start_workers(
+        self, experts_by_worker: dict[str, list[LogicalExpert]], spare: bool = False
+    ) -> dict[str, str]:
         """Start worker actors (detached: they outlive a controller restart)."""
         import ray
 
@@ -246,6 +272,7 @@ class Controller:
                     "pool": c.pool,
                     "actor": worker_actor_name(c.name, wid),
                     "started": time.time(),
+                    "spare": spare,
                 }
                 self.workers[wid] = entry
                 self.store.put_worker(wid, entry)
@@ -291,6 +318,12 @@ class Controller:
             "replicas": {str(e): list(ws) for e, ws in sorted(m.replicas.items())} if m else {},
             "expert_load": {str(e): v for e, v in sorted(load.items())},
             "num_engines": len(self._engines()),
+            "spare_workers": list(self.spares),
+            "operations": [
+                {"kind": k, "result": r, "count": n, "seconds": round(self._op_seconds[k, r], 3)}
+                for (k, r), n in sorted(self._op_counts.items())
+            ],
+            "autoscaler": self.policy.metadata.name if self.policy else None,
             "history": self.history[-20:],
         }
 
@@ -387,8 +420,12 @@ class Controller:
                 raise ControllerError(
                     f"adding {count} worker(s) would exceed max_workers={c.max_workers}"
                 )
-            ids = [self._new_worker_id() for _ in range(count)]
-            return self._change("add_worker", add_workers=ids)
+            ids = [self.spares.pop(0) for _ in range(min(count, len(self.spares)))]
+            ids += [self._new_worker_id() for _ in range(count - len(ids))]
+            try:
+                return self._change("add_worker", add_workers=ids)
+            finally:
+                threading.Thread(target=self._replenish_spares, daemon=True).start()
 
     def remove_worker(self, worker: str) -> dict[str, Any]:
         """Move every replica off ``worker``, then stop it."""
@@ -468,8 +505,11 @@ class Controller:
         loaded: list[tuple[LogicalExpert, str]] = []
         try:
             workers = dict(m.workers)
-            if add_workers:
-                workers.update(self._start_workers({w: [] for w in add_workers}))
+            warm = {w: self.workers[w]["address"] for w in add_workers if w in self.workers}
+            workers.update(warm)
+            cold = [w for w in add_workers if w not in warm]
+            if cold:
+                workers.update(self._start_workers({w: [] for w in cold}))
             for expert, worker in add:
                 self._load(expert, worker, workers, exclude=[w for e2, w in remove if e2 == expert])
                 loaded.append((expert, worker))
@@ -507,6 +547,8 @@ class Controller:
             self.history.append(
                 {"op_id": op_id, "kind": kind, "result": "rolled_back", "error": str(e)}
             )
+            self._op_counts[kind, "rolled_back"] += 1
+            self._op_seconds[kind, "rolled_back"] += time.monotonic() - started
             if isinstance(e, StateStoreUnavailable):
                 raise ChangesPausedError(f"state store unreachable, change rolled back: {e}") from e
             raise
@@ -517,6 +559,10 @@ class Controller:
         self._drain(m.epoch)
         self._unload(remove)
         self._stop_workers(remove_workers)
+        for w in add_workers:
+            if self.workers.get(w, {}).get("spare"):
+                self.workers[w]["spare"] = False
+                self.store.put_worker(w, self.workers[w])
         self.store.journal_append(op_id, "done", {})
         self.store.journal_finish(op_id, "done")
         result = {
@@ -531,6 +577,8 @@ class Controller:
             "seconds": round(time.monotonic() - started, 3),
         }
         self.history.append(result)
+        self._op_counts[kind, "done"] += 1
+        self._op_seconds[kind, "done"] += result["seconds"]
         return result
 
     def _load(
@@ -732,6 +780,131 @@ class Controller:
         os._exit(1)
 
     def shutdown(self) -> None:
-        """Stop every worker (the caller kills engines and the controller)."""
+        """Stop the control loop and every worker (the caller kills engines and the controller)."""
+        self._stop.set()
         with self.lock:
             self._stop_workers(list(self.workers))
+            self.spares = []
+
+    # ------------------------------------------------------------ autoscaling
+    def set_policy(self, text: str) -> dict[str, Any]:
+        """Validate and apply an autoscaling policy (YAML/JSON text); starts the loop."""
+        policy = load_policy(text)
+        pools = [p.name for p in policy.spec.pools]
+        if self.config.pool not in pools:
+            raise ControllerError(
+                f"policy pools {pools} do not include this deployment's pool {self.config.pool!r}"
+            )
+        started = self.policy is not None
+        self.policy = policy
+        if not started:
+            threading.Thread(target=self._control_loop, name="autoscaler", daemon=True).start()
+        return {"policy": policy.metadata.name, "interval_s": policy.spec.interval_s}
+
+    def _replenish_spares(self) -> None:
+        """Keep ``spare_workers`` started, empty workers ready for a fast add_worker."""
+        with self.lock:
+            missing = self.config.spare_workers - len(self.spares)
+            if missing <= 0 or self._stop.is_set():
+                return
+            ids = [self._new_worker_id() for _ in range(missing)]
+            try:
+                self._start_workers({w: [] for w in ids}, spare=True)
+            except Exception as e:
+                logger.warning("starting spare workers failed: %s", e)
+                return
+            self.spares.extend(ids)
+
+    def _sample_load(self, now: float) -> None:
+        totals = self.expert_load()
+        self._load_samples.append((now, totals))
+
+    def window_load(self, window_s: float, now: float | None = None) -> dict[LogicalExpert, float]:
+        """Tokens per logical expert routed during the last ``window_s`` seconds."""
+        now = time.time() if now is None else now
+        if not self._load_samples:
+            return {}
+        latest = self._load_samples[-1][1]
+        base: dict[LogicalExpert, float] = {}
+        for t, totals in self._load_samples:
+            if t >= now - window_s:
+                break
+            base = totals
+        return {e: v - base.get(e, 0.0) for e, v in latest.items()}
+
+    def _latency_p99(self) -> tuple[float | None, float | None]:
+        import ray
+
+        ttft, itl = [], []
+        for engine in self._engines():
+            try:
+                s = ray.get(engine.stats.remote(), timeout=5)
+            except Exception:
+                continue
+            if s.get("ttft_p99_ms") is not None:
+                ttft.append(s["ttft_p99_ms"])
+            if s.get("itl_p99_ms") is not None:
+                itl.append(s["itl_p99_ms"])
+        return (max(ttft) if ttft else None, max(itl) if itl else None)
+
+    def check_workers(self) -> list[str]:
+        """Remove workers that failed two health checks in a row (their sole replicas move)."""
+        removed = []
+        for w in list(self._map().workers):
+            if self._healthy(w):
+                self._unhealthy.pop(w, None)
+                continue
+            self._unhealthy[w] = self._unhealthy.get(w, 0) + 1
+            if self._unhealthy[w] >= 2 and len(self._map().workers) > 1:
+                logger.warning("worker %s is dead; moving its experts", w)
+                try:
+                    self.remove_worker(w)
+                    removed.append(w)
+                    self._unhealthy.pop(w, None)
+                except ControllerError as e:
+                    logger.error("could not replace dead worker %s: %s", w, e)
+        return removed
+
+    def autoscale_once(self, now: float | None = None) -> list[dict[str, Any]]:
+        """One control-loop tick: observe, decide (pure), carry out the actions."""
+        assert self.policy is not None, "no autoscaling policy configured"
+        now = time.time() if now is None else now
+        self._sample_load(now)
+        with self.lock:
+            m = self._map()
+            ttft, itl = self._latency_p99()
+            observed = ObservedState(
+                load=self.window_load(self.policy.spec.window_s, now),
+                placement=dict(m.replicas),
+                workers=[
+                    WorkerState(
+                        w,
+                        self.workers.get(w, {}).get("pool", self.config.pool),
+                        self.workers.get(w, {}).get("num_slots", 0),
+                        self._healthy(w),
+                    )
+                    for w in m.workers
+                ],
+                ttft_p99_ms=ttft,
+                itl_p99_ms=itl,
+            )
+            actions, self.policy_state = decide(self.policy, observed, now, self.policy_state)
+            with contextlib.suppress(StateStoreUnavailable):
+                self.store.put_value("policy_state", self.policy_state.to_dict())
+            results = self.apply([a.to_dict() for a in actions])
+        for a, r in zip(actions, results, strict=False):
+            logger.info("autoscaler: %s -> %s", a, r.get("result"))
+        return results
+
+    def _control_loop(self) -> None:
+        assert self.policy is not None
+        while not self._stop.wait(self.policy.spec.interval_s):
+            try:
+                if self.expert_map is None:
+                    continue
+                self.check_workers()
+                self.autoscale_once()
+            except ChangesPausedError as e:
+                logger.warning("autoscaler paused: %s", e)
+            except Exception:
+                logger.exception("autoscaler tick failed")

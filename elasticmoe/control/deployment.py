@@ -84,6 +84,8 @@ class Deployment:
 
         c = self.config
         self._init_ray()
+        if c.mode == "local":
+            return self._start_local()
         try:
             with self._progress() as progress:
                 task = progress.add_task(f"loading experts on {c.num_workers} workers", total=None)
@@ -149,6 +151,35 @@ class Deployment:
             )
         return self
 
+    def _start_local(self) -> Deployment:
+        """Engines with every expert in-process: no workers, no controller."""
+        import ray
+
+        from elasticmoe.engine.actor import EngineActor
+
+        c = self.config
+        engine_cls = ray.remote(num_cpus=c.engine_num_cpus, max_concurrency=512)(EngineActor)
+        try:
+            self.engines = [
+                engine_cls.options(name=f"{ENGINE_PREFIX}{c.name}-{i}", namespace=NAMESPACE).remote(
+                    f"e{i}",
+                    {"model": c.model, "dtype": c.dtype, **c.engine},
+                    None,
+                    None,
+                    c.engine_threads,
+                )
+                for i in range(c.num_engines)
+            ]
+            with self._progress() as progress:
+                task = progress.add_task("loading the model", total=len(self.engines))
+                for engine in self.engines:
+                    ray.get(engine.ready.remote(), timeout=600)
+                    progress.advance(task)
+        except BaseException:
+            self.shutdown()
+            raise
+        return self
+
     def _progress(self) -> Progress:
         return Progress(
             TextColumn("{task.description}"),
@@ -163,9 +194,11 @@ class Deployment:
     # ------------------------------------------------------------ queries
     @property
     def expert_map(self) -> ExpertMap:
-        """The controller's current expert map."""
+        """The controller's current expert map (distributed mode only)."""
         import ray
 
+        if self.controller is None:
+            raise RuntimeError("no expert map: this deployment runs in local mode")
         return ExpertMap.from_dict(ray.get(self.controller.get_map.remote()))
 
     @property

@@ -17,6 +17,9 @@ class DeploymentConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: str
+    mode: Literal["local", "distributed"] = Field(
+        "distributed", description="local: experts inside each engine (no workers, no controller)"
+    )
     name: str = Field(
         "default",
         pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
@@ -46,6 +49,9 @@ class DeploymentConfig(BaseModel):
     ray_address: str | None = None
     state_store: str | None = Field(None, description="None/'memory://' or 'redis://host:port/db'")
     policy: str | None = Field(None, description="autoscaling policy YAML file")
+    spare_workers: int = Field(
+        0, ge=0, description="started, empty workers kept ready so add_worker is instant"
+    )
     drain_timeout_s: float = Field(60.0, gt=0)
     rpc_timeout_s: float = Field(120.0, gt=0)
     worker_start_timeout_s: float = Field(600.0, gt=0)
@@ -55,6 +61,15 @@ class DeploymentConfig(BaseModel):
     def _check_workers(self) -> DeploymentConfig:
         if self.num_workers > self.max_workers:
             raise ValueError(f"num_workers={self.num_workers} > max_workers={self.max_workers}")
+        if self.policy is not None:
+            from elasticmoe.autoscale.policy import load_policy
+
+            pools = [p.name for p in load_policy(self.policy).spec.pools]
+            if self.pool not in pools:
+                raise ValueError(
+                    f"pool={self.pool!r} is not a pool of policy {self.policy} "
+                    f"(its pools: {', '.join(pools)}); set pool to one of them"
+                )
         return self
 
     def num_slots(self, num_experts: int) -> int:

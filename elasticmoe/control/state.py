@@ -131,6 +131,16 @@ class StateStore(ABC):
         than ``expected_epoch``: engines rely on one epoch meaning one map.
         """
 
+    # -- controller state -------------------------------------------------
+
+    @abstractmethod
+    def put_value(self, key: str, value: dict[str, Any]) -> None:
+        """Store a small JSON document under ``key`` (e.g. the autoscaler's policy state)."""
+
+    @abstractmethod
+    def get_value(self, key: str) -> dict[str, Any] | None:
+        """The document stored under ``key``, or None."""
+
     # -- worker registry --------------------------------------------------
 
     @abstractmethod
@@ -338,6 +348,7 @@ class MemoryStateStore(StateStore):
         self._map_json: str | None = None
         self._map_epoch: int | None = None
         self._workers: dict[str, str] = {}
+        self._values: dict[str, str] = {}
         self._seq = 0
         self._journal: dict[str, list[str]] = {}
         self._open: dict[str, int] = {}  # op id -> seq of its first entry
@@ -362,6 +373,16 @@ class MemoryStateStore(StateStore):
                 return False
             self._map_json, self._map_epoch = text, epoch
             return True
+
+    def put_value(self, key: str, value: dict[str, Any]) -> None:
+        text = _dump(value, f"value of {key!r}")
+        with self._lock:
+            self._values[_check_name(key, "key")] = text
+
+    def get_value(self, key: str) -> dict[str, Any] | None:
+        with self._lock:
+            text = self._values.get(_check_name(key, "key"))
+        return None if text is None else json.loads(text)
 
     def put_worker(self, worker_id: str, info: dict[str, Any]) -> None:
         text = _dump(info, f"info of worker {worker_id!r}")
@@ -657,6 +678,7 @@ class RedisStateStore(StateStore):
             raise ValueError(f"invalid Redis URL {self._url!r}: {e}") from e
         self._k_map = f"{prefix}:map"
         self._k_workers = f"{prefix}:workers"
+        self._k_values = f"{prefix}:values"
         self._k_seq = f"{prefix}:journal:seq"
         self._k_open = f"{prefix}:journal:open"
         self._k_finished = f"{prefix}:journal:finished"
@@ -708,6 +730,17 @@ class RedisStateStore(StateStore):
         return bool(won)
 
     # -- worker registry --------------------------------------------------
+
+    def put_value(self, key: str, value: dict[str, Any]) -> None:
+        text = _dump(value, f"value of {_check_name(key, 'key')!r}")
+        with self._guard("put_value"):
+            self._client.hset(self._k_values, key, text)
+
+    def get_value(self, key: str) -> dict[str, Any] | None:
+        _check_name(key, "key")
+        with self._guard("get_value"):
+            text = self._client.hget(self._k_values, key)
+        return None if text is None else json.loads(text)
 
     def put_worker(self, worker_id: str, info: dict[str, Any]) -> None:
         _check_name(worker_id, "worker_id")

@@ -7,6 +7,7 @@ backend differs (an :class:`ExpertRouter` instead of :class:`LocalExperts`).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,7 +30,7 @@ class EngineActor:
         self,
         engine_id: str,
         engine_config: dict[str, Any],
-        expert_map: dict[str, Any],
+        expert_map: dict[str, Any] | None,
         router_config: dict[str, Any] | None = None,
         num_threads: int | None = None,
         controller_name: str | None = None,
@@ -38,16 +39,52 @@ class EngineActor:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.engine_id = engine_id
+        self.router: ExpertRouter | None = None
+        self.controller_name = controller_name
+        self._stop = threading.Event()
+        if expert_map is None:  # local mode: every expert in this actor
+            self.engine = LLMEngine(EngineConfig(**engine_config))
+            self.loop = EngineLoop(self.engine).start()
+            return
         initial_map = ExpertMap.from_dict(expert_map)
         router_cfg = RouterConfig(**(router_config or {}))
-        self.router: ExpertRouter | None = None
 
         def make_router(reader, model, dtype, device) -> ExpertRouter:
-            self.router = ExpertRouter(initial_map, dtype, model.config.hidden_size, router_cfg)
+            self.router = ExpertRouter(
+                initial_map,
+                dtype,
+                model.config.hidden_size,
+                router_cfg,
+                pull_map=self.pull_map if controller_name else None,
+            )
             return self.router
 
         self.engine = LLMEngine(EngineConfig(**engine_config), expert_backend=make_router)
         self.loop = EngineLoop(self.engine).start()
+        if controller_name:
+            # pull fallback: a push lost while this engine was busy or restarting
+            # is picked up within map_poll_s
+            threading.Thread(
+                target=self._poll_map, args=(map_poll_s,), name="map-poll", daemon=True
+            ).start()
+
+    def pull_map(self) -> ExpertMap | None:
+        """Ask the controller for its current map (None if it cannot answer)."""
+        import ray
+
+        try:
+            controller = ray.get_actor(self.controller_name, namespace="elasticmoe")
+            data = ray.get(controller.get_map.remote(), timeout=5)
+        except Exception as e:  # restarting controller: try again later
+            logger.info("map pull failed: %s", e)
+            return None
+        return ExpertMap.from_dict(data) if data else None
+
+    def _poll_map(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            new_map = self.pull_map()
+            if new_map is not None and self.router is not None:
+                self.router.update_map(new_map)
 
     def ready(self) -> dict[str, Any]:
         """Identity and model facts, once constructed."""
@@ -116,6 +153,11 @@ class EngineActor:
             "retried_rows": r.retried_rows if r else 0,
             "down_workers": sorted(self.router.down) if self.router else [],
             "expert_load": self.engine.load_recorder.total.tolist(),
+            "moe_layers": list(self.engine.model_config.moe_layers),
+            "dispatch_seconds": dict(r.dispatch_seconds) if r else {},
+            "dispatch_calls": dict(r.layer_calls) if r else {},
+            "ttft_p99_ms": self.engine.latency.percentile_ms("ttft", 99, 60),
+            "itl_p99_ms": self.engine.latency.percentile_ms("itl", 99, 60),
         }
 
     def shutdown(self, timeout: float = 30.0) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 
 from elasticmoe.engine.config import EngineConfig
+from elasticmoe.engine.latency import LatencyRecorder
 from elasticmoe.engine.model_runner import ModelRunner
 from elasticmoe.engine.request import (
     CompletionOutput,
@@ -117,6 +118,7 @@ class LLMEngine:
         self.runner = ModelRunner(self.model, self.kv_cache, self.kv_manager, self.device)
         self.sampler = Sampler(self.device, config.seed)
         self.load_recorder = ExpertLoadRecorder(mc.moe_layers, mc.num_experts, self.device)
+        self.latency = LatencyRecorder()
         self._ids = itertools.count()
         # parent request id -> its n sequences
         self._groups: dict[str, list[Request]] = {}
@@ -235,6 +237,10 @@ class LLMEngine:
                 request.output_logprobs.append(lp)
             if request.first_token_time is None:
                 request.first_token_time = now
+                self.latency.ttft.append((now, now - request.arrival_time))
+            else:
+                self.latency.itl.append((now, now - request.last_token_time))
+            request.last_token_time = now
             touched.add(request.request_id)
             status = self._check_stop(request, token)
             if status is not None:

@@ -82,6 +82,7 @@ class Request:
     error: str | None = None
     num_preemptions: int = 0
     first_token_time: float | None = None
+    last_token_time: float = 0.0
     eos_token_ids: frozenset[int] = frozenset()
 
     @property

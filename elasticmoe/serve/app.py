@@ -1,0 +1,744 @@
+"""The HTTP front: an OpenAI-compatible API, health, metrics and an admin API.
+
+A Ray Serve deployment with a FastAPI ingress. It tokenizes, validates and
+limits requests itself, so a malformed or oversized request never reaches an
+engine; it streams tokens from the engine actors (Ray streaming generators)
+as server-sent events, detokenizing incrementally; and it turns every failure
+into the OpenAI error shape with the right status code.
+"""
+
+
+import asyncio
+import itertools
+import json
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+from pydantic import BaseModel, ConfigDict, Field
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from elasticmoe.engine.request import RequestOutput, SamplingParams
+from elasticmoe.model.config import load_config
+from elasticmoe.model.tokenizer import Tokenizer
+from elasticmoe.serve.metrics import ClusterCollector, RequestMetrics
+from elasticmoe.serve.protocol import (
+    AddWorkersRequest,
+    ChatCompletionRequest,
+    CompletionRequest,
+    PolicyRequest,
+    ReplicaRequest,
+    ScaleRequest,
+    error_body,
+)
+
+logger = logging.getLogger(__name__)
+NAMESPACE = "elasticmoe"
+
+
+class ServeSettings(BaseModel):
+    """What the HTTP front needs to know (passed from ``elasticmoe serve``)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model_name: str
+    model_dir: str
+    deployment: str = "default"
+    mode: str = "distributed"
+    engine_names: list[str]
+    controller_name: str | None = None
+    api_keys: list[str] = Field(default_factory=list)
+    max_in_flight: int = Field(256, ge=1)
+    max_body_bytes: int = Field(1 << 20, ge=1024)
+    max_model_len: int | None = None
+
+
+class APIError(Exception):
+    """An error answered in the OpenAI shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param = status, message, type_, param
+
+
+def _error(status: int, message: str, type_: str, param: str | None = None) -> JSONResponse:
+    return JSONResponse(error_body(message, type_, status, param), status_code=status)
+
+
+app = FastAPI(
+    title="elasticmoe",
+    version="0.1.0",
+    description="OpenAI-compatible serving of Mixture-of-Experts models with elastic experts.",
+)
+
+
+@app.exception_handler(APIError)
+async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+    return _error(exc.status, exc.message, exc.type, exc.param)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    problems = []
+    param = None
+    for err in exc.errors():
+        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+        param = param or loc or None
+        problems.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+    return _error(422, "; ".join(problems) or "invalid request", "invalid_request_error", param)
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    return _error(exc.status_code, str(exc.detail), "invalid_request_error")
+
+
+@app.exception_handler(Exception)
+async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error")
+    return _error(500, f"internal error: {type(exc).__name__}", "server_error")
+
+
+def _logprob_token(tokenizer: Tokenizer | None, token_id: int) -> str:
+    return tokenizer.decode([token_id], skip_special_tokens=False) if tokenizer else str(token_id)
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2048)
+@serve.ingress(app)
+class OpenAIServer:
+    """The ingress replica: routes OpenAI requests to the engine actors."""
+
+    def __init__(self, settings: dict[str, Any]) -> None:
+        import ray
+
+        self.settings = ServeSettings(**settings)
+        self.engines = [ray.get_actor(n, namespace=NAMESPACE) for n in self.settings.engine_names]
+        self._rr = itertools.count()
+        model_dir = self.settings.model_dir
+        self.tokenizer = Tokenizer.from_dir(model_dir)
+        mc = load_config(model_dir)
+        self.max_model_len = self.settings.max_model_len or mc.max_position_embeddings
+        self.vocab_size = mc.vocab_size
+        self.num_experts = len(mc.moe_layers) * mc.num_experts
+        self.created = int(time.time())
+        self.in_flight = 0
+        self.draining = False
+        self.registry = CollectorRegistry()
+        self.metrics = RequestMetrics(self.registry)
+        self.registry.register(ClusterCollector(self._engine_stats, self._controller_status))
+
+    # ------------------------------------------------------------- helpers
+    def _controller(self) -> Any:
+        import ray
+
+        if self.settings.controller_name is None:
+            raise APIError(
+                409,
+                "this deployment runs in local mode: no expert scaling",
+                "invalid_request_error",
+            )
+        try:
+            return ray.get_actor(self.settings.controller_name, namespace=NAMESPACE)
+        except ValueError:
+            raise APIError(503, "the controller is not running", "service_unavailable") from None
+
+    def _engine_stats(self) -> list[dict[str, Any]]:
+        import ray
+
+        return ray.get([e.stats.remote() for e in self.engines], timeout=10)
+
+    def _controller_status(self) -> dict[str, Any] | None:
+        import ray
+
+        if self.settings.controller_name is None:
+            return None
+        return ray.get(self._controller().status.remote(), timeout=10)
+
+    def _check_auth(self, request: Request) -> None:
+        keys = self.settings.api_keys
+        if not keys:
+            return
+        header = request.headers.get("authorization", "")
+        if not header.startswith("Bearer ") or header[7:] not in keys:
+            raise APIError(
+                401,
+                "invalid or missing API key (Authorization: Bearer <key>)",
+                "authentication_error",
+            )
+
+    async def _body(self, request: Request, model: type[BaseModel]) -> Any:
+        self._check_auth(request)
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.settings.max_body_bytes:
+            raise APIError(
+                413,
+                f"request body of {length} bytes exceeds the limit of "
+                f"{self.settings.max_body_bytes}",
+                "invalid_request_error",
+            )
+        raw = await request.body()
+        if len(raw) > self.settings.max_body_bytes:
+            raise APIError(
+                413,
+                f"request body exceeds the limit of {self.settings.max_body_bytes} bytes",
+                "invalid_request_error",
+            )
+        try:
+            data = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise APIError(400, f"body is not valid JSON: {e}") from None
+        try:
+            return model.model_validate(data)
+        except ValueError as e:
+            errors = getattr(e, "errors", lambda: [])()
+            if errors:
+                first = errors[0]
+                loc = ".".join(str(x) for x in first.get("loc", ()))
+                msg = "; ".join(
+                    f"{'.'.join(str(x) for x in err.get('loc', ()))}: {err.get('msg')}"
+                    for err in errors
+                )
+                raise APIError(400, msg, param=loc or None) from None
+            raise APIError(400, str(e)) from None
+
+    def _check_model(self, name: str) -> None:
+        if name != self.settings.model_name:
+            raise APIError(
+                404,
+                f"model {name!r} does not exist; available: {self.settings.model_name!r}",
+                "not_found_error",
+                "model",
+            )
+
+    def _admit(self) -> None:
+        if self.draining:
+            raise APIError(503, "the server is shutting down", "service_unavailable")
+        if self.in_flight >= self.settings.max_in_flight:
+            raise APIError(
+                429,
+                f"too many requests in flight ({self.in_flight}); retry later",
+                "rate_limit_error",
+            )
+
+    def _tokens(self, prompt: str | list[int], param: str) -> list[int]:
+        if isinstance(prompt, str):
+            ids = self.tokenizer.encode(prompt)
+        else:
+            bad = [t for t in prompt if not 0 <= t < self.vocab_size]
+            if bad:
+                raise APIError(
+                    400, f"token ids outside 0..{self.vocab_size - 1}: {bad[:5]}", param=param
+                )
+            ids = list(prompt)
+        if not ids:
+            raise APIError(400, "prompt is empty", param=param)
+        return ids
+
+    def _params(
+        self, req: Any, prompt_len: int, max_tokens: int | None, logprobs: int | None
+    ) -> SamplingParams:
+        room = self.max_model_len - prompt_len
+        if room < 1:
+            raise APIError(
+                400,
+                f"prompt has {prompt_len} tokens; the model's context is {self.max_model_len}",
+                param="prompt",
+            )
+        if max_tokens is not None and max_tokens > room:
+            raise APIError(
+                400,
+                f"prompt ({prompt_len} tokens) + max_tokens ({max_tokens}) "
+                f"exceeds the context length {self.max_model_len}",
+                param="max_tokens",
+            )
+        return SamplingParams(
+            n=req.n,
+            max_tokens=max_tokens or room,
+            temperature=req.temperature,
+            top_p=req.top_p,
+            top_k=req.top_k,
+            seed=req.seed,
+            stop=req.stop_list,
+            ignore_eos=req.ignore_eos,
+            logprobs=logprobs,
+        )
+
+    def _engine(self) -> Any:
+        return self.engines[next(self._rr) % len(self.engines)]
+
+    async def _stream(
+        self, prompt_ids: list[int], params: SamplingParams, request_id: str
+    ) -> AsyncIterator[RequestOutput]:
+        """Outputs of one engine request; aborts it if the consumer goes away."""
+        engine = self._engine()
+        gen = engine.generate_stream.options(num_returns="streaming").remote(
+            {"prompt_token_ids": prompt_ids}, params, request_id
+        )
+        finished = False
+        try:
+            async for ref in gen:
+                try:
+                    out = await ref
+                except Exception as e:
+                    raise APIError(
+                        503, f"engine failed: {type(e).__name__}: {e}", "service_unavailable"
+                    ) from e
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                engine.abort.remote(request_id)
+
+    # ------------------------------------------------------------ endpoints
+    @app.get("/health")
+    async def health(self) -> JSONResponse:
+        """200 when every expert has a live replica and the engines answer; else 503."""
+        try:
+            stats = await asyncio.gather(*[e.stats.remote() for e in self.engines])
+        except Exception as e:
+            return JSONResponse({"status": "unavailable", "reason": f"engine down: {e}"}, 503)
+        body: dict[str, Any] = {"status": "ok", "engines": len(stats), "draining": self.draining}
+        if self.settings.controller_name is not None:
+            try:
+                status = await self._controller().status.remote()
+            except Exception as e:
+                return JSONResponse({"status": "unavailable", "reason": f"controller: {e}"}, 503)
+            healthy = {w["worker_id"] for w in status["workers"] if w["healthy"]}
+            missing = [e for e, ws in status["replicas"].items() if not set(ws) & healthy]
+            if len(status["replicas"]) < self.num_experts:
+                missing.append("(experts missing from the map)")
+            body["epoch"] = status["epoch"]
+            if missing:
+                return JSONResponse(
+                    {"status": "unavailable", "reason": f"no live replica of {missing[:8]}"}, 503
+                )
+        if self.draining:
+            return JSONResponse({**body, "status": "draining"}, 503)
+        return JSONResponse(body)
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        """Prometheus text format."""
+        data = await asyncio.to_thread(generate_latest, self.registry)
+        return Response(data, media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> JSONResponse:
+        """The one model this server serves."""
+        self._check_auth(request)
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.settings.model_name,
+                        "object": "model",
+                        "created": self.created,
+                        "owned_by": "elasticmoe",
+                        "max_model_len": self.max_model_len,
+                    }
+                ],
+            }
+        )
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        """OpenAI completions, streaming (SSE) or not."""
+        req: CompletionRequest = await self._body(request, CompletionRequest)
+        self._check_model(req.model)
+        self._admit()
+        prompts = [self._tokens(p, "prompt") for p in req.prompts()]
+        params = [self._params(req, len(p), req.max_tokens, req.logprobs) for p in prompts]
+        return await self._respond("completions", req, prompts, params, chat=False)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        """OpenAI chat completions, streaming (SSE) or not."""
+        req: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
+        self._check_model(req.model)
+        self._admit()
+        try:
+            text = self.tokenizer.apply_chat_template(
+                [m.model_dump(exclude_none=True) for m in req.messages], add_generation_prompt=True
+            )
+        except Exception as e:
+            raise APIError(
+                400, f"messages: cannot apply the chat template: {e}", param="messages"
+            ) from None
+        ids = self._tokens(text, "messages")
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        params = self._params(req, len(ids), req.token_limit, logprobs)
+        return await self._respond("chat", req, [ids], [params], chat=True)
+
+    async def _respond(
+        self,
+        endpoint: str,
+        req: Any,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        chat: bool,
+    ) -> Response:
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
+        if req.stream:
+            return StreamingResponse(
+                self._sse(endpoint, rid, req, prompts, params, chat), media_type="text/event-stream"
+            )
+        try:
+            finals = await asyncio.gather(
+                *[
+                    self._collect(p, sp, f"{rid}-{i}")
+                    for i, (p, sp) in enumerate(zip(prompts, params, strict=True))
+                ]
+            )
+        except APIError as e:
+            self.metrics.requests.labels(endpoint, str(e.status)).inc()
+            raise
+        finally:
+            self.in_flight -= 1
+            self.metrics.in_flight.dec()
+        choices, completion_tokens = [], 0
+        for pi, out in enumerate(finals):
+            for c in out.outputs:
+                if c.finish_reason == "error":
+                    self.metrics.requests.labels(endpoint, "503").inc()
+                    raise APIError(
+                        503, f"generation failed: {c.stop_reason}", "service_unavailable"
+                    )
+                completion_tokens += len(c.token_ids)
+                index = pi * req.n + c.index
+                if chat:
+                    choices.append(
+                        {
+                            "index": index,
+                            "message": {"role": "assistant", "content": c.text},
+                            "logprobs": self._chat_logprobs(c.token_ids, c.logprobs)
+                            if c.logprobs is not None
+                            else None,
+                            "finish_reason": c.finish_reason,
+                        }
+                    )
+                else:
+                    choices.append(
+                        {
+                            "index": index,
+                            "text": c.text,
+                            "logprobs": self._completion_logprobs(c.token_ids, c.logprobs)
+                            if c.logprobs is not None
+                            else None,
+                            "finish_reason": c.finish_reason,
+                        }
+                    )
+        prompt_tokens = sum(len(p) for p in prompts)
+        self.metrics.requests.labels(endpoint, "200").inc()
+        self.metrics.prompt_tokens.inc(prompt_tokens)
+        self.metrics.generation_tokens.inc(completion_tokens)
+        return JSONResponse(
+            {
+                "id": rid,
+                "object": "chat.completion" if chat else "text_completion",
+                "created": int(time.time()),
+                "model": self.settings.model_name,
+                "choices": choices,
+                "usage": {
+                    "prompt_tokens": prompt_tokens,
+                    "completion_tokens": completion_tokens,
+                    "total_tokens": prompt_tokens + completion_tokens,
+                },
+            }
+        )
+
+    async def _collect(self, prompt: list[int], params: SamplingParams, rid: str) -> RequestOutput:
+        start = time.monotonic()
+        last = None
+        counts: dict[int, int] = {}
+        async for out in self._stream(prompt, params, rid):
+            self._observe_tokens(out, counts, start, last)
+            last = time.monotonic()
+        self.metrics.e2e.observe(time.monotonic() - start)
+        assert out.finished
+        return out
+
+    def _observe_tokens(
+        self, out: RequestOutput, counts: dict[int, int], start: float, last: float | None
+    ) -> None:
+        now = time.monotonic()
+        grew = False
+        for c in out.outputs:
+            n = len(c.token_ids)
+            if n > counts.get(c.index, 0):
+                grew = True
+                if counts.get(c.index, 0) == 0 and c.index == 0:
+                    self.metrics.ttft.observe(now - start)
+                counts[c.index] = n
+        if grew and last is not None and any(v > 1 for v in counts.values()):
+            self.metrics.itl.observe(now - last)
+
+    def _completion_logprobs(self, ids: list[int], lps: list[dict[int, float]]) -> dict[str, Any]:
+        tokens = [_logprob_token(self.tokenizer, t) for t in ids]
+        offsets, pos = [], 0
+        for t in tokens:
+            offsets.append(pos)
+            pos += len(t)
+        return {
+            "tokens": tokens,
+            "token_logprobs": [lp.get(t) for t, lp in zip(ids, lps, strict=False)],
+            "top_logprobs": [
+                {_logprob_token(self.tokenizer, k): v for k, v in lp.items()} for lp in lps
+            ],
+            "text_offset": offsets,
+        }
+
+    def _chat_logprobs(self, ids: list[int], lps: list[dict[int, float]]) -> dict[str, Any]:
+        content = []
+        for t, lp in zip(ids, lps, strict=False):
+            tok = _logprob_token(self.tokenizer, t)
+            content.append(
+                {
+                    "token": tok,
+                    "logprob": lp.get(t),
+                    "bytes": list(tok.encode()),
+                    "top_logprobs": [
+                        {
+                            "token": _logprob_token(self.tokenizer, k),
+                            "logprob": v,
+                            "bytes": list(_logprob_token(self.tokenizer, k).encode()),
+                        }
+                        for k, v in lp.items()
+                        if k != t or len(lp) == 1
+                    ],
+                }
+            )
+        return {"content": content}
+
+    async def _sse(
+        self,
+        endpoint: str,
+        rid: str,
+        req: Any,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        chat: bool,
+    ) -> AsyncIterator[str]:
+        """Server-sent events: one chunk per new text, then usage (if asked) and [DONE]."""
+        created = int(time.time())
+        obj = "chat.completion.chunk" if chat else "text_completion"
+        queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
+
+        async def pump(pi: int) -> None:
+            try:
+                async for out in self._stream(prompts[pi], params[pi], f"{rid}-{pi}"):
+                    await queue.put((pi, out))
+            except BaseException as e:  # reported in-band: headers are already sent
+                await queue.put(e)
+            finally:
+                await queue.put(None)
+
+        def chunk(index: int, text: str | None, finish: str | None, first: bool) -> str:
+            if chat:
+                delta: dict[str, Any] = {}
+                if first:
+                    delta["role"] = "assistant"
+                if text:
+                    delta["content"] = text
+                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            else:
+                choice = {
+                    "index": index,
+                    "text": text or "",
+                    "logprobs": None,
+                    "finish_reason": finish,
+                }
+            return (
+                "data: "
+                + json.dumps(
+                    {
+                        "id": rid,
+                        "object": obj,
+                        "created": created,
+                        "model": self.settings.model_name,
+                        "choices": [choice],
+                    }
+                )
+                + "\n\n"
+            )
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(prompts))]
+        hold = max((len(s) for s in req.stop_list), default=1) - 1  # text a stop may still cut
+        states: dict[int, tuple[int, str]] = {}  # choice -> (tokens seen, text sent)
+        start, last = time.monotonic(), None
+        counts: dict[int, int] = {}
+        done, completion_tokens, status = 0, 0, "200"
+        try:
+            while done < len(tasks):
+                item = await queue.get()
+                if item is None:
+                    done += 1
+                    continue
+                if isinstance(item, BaseException):
+                    status = "503"
+                    msg = item.message if isinstance(item, APIError) else str(item)
+                    yield (
+                        "data: " + json.dumps(error_body(msg, "service_unavailable", 503)) + "\n\n"
+                    )
+                    continue
+                pi, out = item
+                self._observe_tokens(out, counts, start, last)
+                last = time.monotonic()
+                for c in out.outputs:
+                    index = pi * req.n + c.index
+                    seen, sent = states.get(index, (0, ""))
+                    if len(c.token_ids) == seen and not c.finish_reason:
+                        continue
+                    if c.finish_reason == "error":
+                        status = "503"
+                        yield (
+                            "data: "
+                            + json.dumps(
+                                error_body(
+                                    f"generation failed: {c.stop_reason}",
+                                    "service_unavailable",
+                                    503,
+                                )
+                            )
+                            + "\n\n"
+                        )
+                        states[index] = (len(c.token_ids), sent)
+                        continue
+                    if c.finish_reason:
+                        text = c.text  # final, stop strings already cut by the engine
+                    else:
+                        full = self.tokenizer.decode(c.token_ids)
+                        text = full[: len(full) - hold] if hold else full
+                        if text.endswith("\ufffd"):  # half a UTF-8 character: wait for the rest
+                            text = text.rstrip("\ufffd")
+                    delta = text[len(sent) :] if text.startswith(sent) else ""
+                    if delta or c.finish_reason or seen == 0:
+                        yield chunk(index, delta, c.finish_reason, seen == 0)
+                    states[index] = (len(c.token_ids), sent + delta)
+                    if c.finish_reason:
+                        completion_tokens += len(c.token_ids)
+            if req.stream_options and req.stream_options.include_usage:
+                prompt_tokens = sum(len(p) for p in prompts)
+                yield (
+                    "data: "
+                    + json.dumps(
+                        {
+                            "id": rid,
+                            "object": obj,
+                            "created": created,
+                            "model": self.settings.model_name,
+                            "choices": [],
+                            "usage": {
+                                "prompt_tokens": prompt_tokens,
+                                "completion_tokens": completion_tokens,
+                                "total_tokens": prompt_tokens + completion_tokens,
+                            },
+                        }
+                    )
+                    + "\n\n"
+                )
+            yield "data: [DONE]\n\n"
+        finally:
+            for t in tasks:
+                t.cancel()
+            self.in_flight -= 1
+            self.metrics.in_flight.dec()
+            self.metrics.requests.labels(endpoint, status).inc()
+            self.metrics.e2e.observe(time.monotonic() - start)
+            self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+            self.metrics.generation_tokens.inc(completion_tokens)
+
+    # ---------------------------------------------------------------- admin
+    async def _admin(self, request: Request, method: str, *args: Any) -> JSONResponse:
+        from elasticmoe.control.controller import ControllerError
+
+        self._check_auth(request)
+        try:
+            result = await getattr(self._controller(), method).remote(*args)
+        except ControllerError as e:
+            raise APIError(409 if "paused" in str(e) else 400, str(e)) from None
+        return JSONResponse(result)
+
+    @app.get("/admin/status")
+    async def admin_status(self, request: Request) -> JSONResponse:
+        """Workers, replicas, per-expert load, epoch."""
+        return await self._admin(request, "status")
+
+    @app.get("/admin/expert-map")
+    async def admin_expert_map(self, request: Request) -> JSONResponse:
+        """The current expert map."""
+        return await self._admin(request, "get_map")
+
+    @app.post("/admin/scale")
+    async def admin_scale(self, request: Request) -> JSONResponse:
+        """Set one expert's replica count."""
+        body: ScaleRequest = await self._body(request, ScaleRequest)
+        return await self._admin(request, "scale", body.expert, body.replicas)
+
+    @app.post("/admin/replicate")
+    async def admin_replicate(self, request: Request) -> JSONResponse:
+        """Add a replica of an expert (target optional)."""
+        body: ReplicaRequest = await self._body(request, ReplicaRequest)
+        return await self._admin(request, "replicate", body.expert, body.target)
+
+    @app.post("/admin/evict")
+    async def admin_evict(self, request: Request) -> JSONResponse:
+        """Drop an expert's replica on ``source``."""
+        body: ReplicaRequest = await self._body(request, ReplicaRequest)
+        if body.source is None:
+            raise APIError(400, "source: the worker to evict from is required", param="source")
+        return await self._admin(request, "evict", body.expert, body.source)
+
+    @app.post("/admin/migrate")
+    async def admin_migrate(self, request: Request) -> JSONResponse:
+        """Move an expert's replica from ``source`` to ``target``."""
+        body: ReplicaRequest = await self._body(request, ReplicaRequest)
+        if body.source is None:
+            raise APIError(400, "source: the worker to move from is required", param="source")
+        return await self._admin(request, "migrate", body.expert, body.source, body.target)
+
+    @app.post("/admin/workers")
+    async def admin_add_workers(self, request: Request) -> JSONResponse:
+        """Start workers."""
+        body: AddWorkersRequest = await self._body(request, AddWorkersRequest)
+        return await self._admin(request, "add_worker", body.count)
+
+    @app.delete("/admin/workers/{worker_id}")
+    async def admin_remove_worker(self, worker_id: str, request: Request) -> JSONResponse:
+        """Drain a worker's experts elsewhere, then stop it."""
+        return await self._admin(request, "remove_worker", worker_id)
+
+    @app.put("/admin/policy")
+    async def admin_policy(self, request: Request) -> JSONResponse:
+        """Validate and apply an autoscaling policy."""
+        from elasticmoe.autoscale.policy import PolicyError, load_policy
+
+        body: PolicyRequest = await self._body(request, PolicyRequest)
+        try:
+            load_policy(body.policy)
+        except PolicyError as e:
+            raise APIError(400, str(e), param="policy") from None
+        return await self._admin(request, "set_policy", body.policy)
+
+    async def drain(self, timeout: float) -> int:
+        """Stop admitting requests; wait (bounded) for in-flight ones; returns those left."""
+        self.draining = True
+        deadline = time.monotonic() + timeout
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.in_flight
