@@ -165,6 +165,21 @@ def test_eplb_greedy_spreads_quota_remainder_and_checks_slots():
         eplb_greedy(load, workers_of(3, 3), 4)
 
 
+def test_eplb_greedy_makes_room_when_only_holders_have_quota_left():
+    # packing heaviest first, the last replica's only worker with quota left already holds
+    # that expert: another replica moves there and the last one takes its place
+    load = {LE(0, e): x for e, x in enumerate([1.41, 0.79, 0.83, 0.98, 1.56])}
+    workers = workers_of(4, 3)
+    placement = eplb_greedy(load, workers, 9)
+    check_invariants(placement, set(load), workers)
+    assert Counter(w for ws in placement.values() for w in ws) == {
+        "w0": 3,
+        "w1": 2,
+        "w2": 2,
+        "w3": 2,
+    }
+
+
 def test_eplb_greedy_random_instances_respect_quotas_and_distinct_workers():
     rng = random.Random(7)
     for _ in range(60):

@@ -358,7 +358,7 @@ def rebalance(
        worker). A layer whose ``mean / max`` worker load is within ``tolerance`` of the
        reference is left alone -- so a balanced placement comes back unchanged. The
        others are re-balanced, worst first, to within ``0.75 * tolerance``.
-    3. Re-balance a layer. Replica counts change only where an expert's load per
+    3. Re-balance a layer. _Replica counts change only where an expert's load per
        replica is well above the water level (hysteresis against load noise). Then
        candidate packings: a heaviest-first pass that leaves each replica on its worker
        while that worker stays under a threshold and puts the others on the least
@@ -449,7 +449,7 @@ def _load_of(load: Mapping[LogicalExpert, float], e: LogicalExpert) -> float:
     return float(load.get(e, 0.0))
 
 
-Replica = tuple[LogicalExpert, int]  # (expert, worker index)
+_Replica = tuple[LogicalExpert, int]  # (expert, worker index)
 
 # A layer out of tolerance is re-balanced to within this fraction of the tolerance, so that
 # it does not drift straight back out in the next window.
@@ -489,8 +489,8 @@ def _water_level(loads: Sequence[float], budget: int, min_replicas: int, max_eff
 class _Move:
     """One search step: replicas to drop and replicas to copy, applied together."""
 
-    removes: tuple[Replica, ...]
-    adds: tuple[Replica, ...]
+    removes: tuple[_Replica, ...]
+    adds: tuple[_Replica, ...]
 
 
 class _Layer:
@@ -628,7 +628,7 @@ class _State:
     def spare(self, e: LogicalExpert, min_replicas: int) -> bool:
         return len(self.holders[e]) > min_replicas
 
-    def cross_layer_victim(self, w: int, layer: int, min_replicas: int) -> Replica | None:
+    def cross_layer_victim(self, w: int, layer: int, min_replicas: int) -> _Replica | None:
         """A spare replica on ``w`` of another layer whose eviction keeps that layer's
         critical path where it is (the least damaging one)."""
         best: tuple[float, LogicalExpert] | None = None
@@ -858,7 +858,7 @@ class _State:
         sticky = [math.inf, *sorted({lay.trigger, lay.aim}, reverse=True)]
         sticky += [lay.best_max * (1 + d) for d in _STICKY]
         cands: list[tuple[float, int, dict[LogicalExpert, set[int]]]] = []
-        seen: set[frozenset[Replica]] = set()
+        seen: set[frozenset[_Replica]] = set()
 
         def collect(counts: dict[LogicalExpert, int], thresholds: Sequence[float]) -> None:
             kept = self._drop_to(lay, current, counts)
@@ -1076,6 +1076,11 @@ class _State:
     def _best_move(
         self, lay: _Layer, h: int, min_replicas: int, max_eff: int, max_moves: int | None
     ) -> _Move | None:
+        """The best single step that unloads worker ``h`` (the layer's most loaded):
+        evict, migrate, replicate or swap one of its replicas, making room on a full
+        target by evicting a spare replica there. Accepted only if every worker it
+        touches ends below ``h``'s load by more than an epsilon; ranked by that reduction
+        per weight copy. None if no step helps."""
         peak = lay.wl[h]
         limit = peak - _REL_EPS * lay.mean
         room = None if max_moves is None else max_moves - self.copies
@@ -1103,9 +1108,9 @@ class _State:
             if self.spare(c, min_replicas)
             for v in sorted(self.holders[c])
         ]
-        cross: dict[int, Replica | None] = {}
+        cross: dict[int, _Replica | None] = {}
 
-        def cross_victim(w: int) -> Replica | None:
+        def cross_victim(w: int) -> _Replica | None:
             if w not in cross:
                 cross[w] = self.cross_layer_victim(w, lay.layer, min_replicas)
             return cross[w]

@@ -7,7 +7,6 @@ as server-sent events, detokenizing incrementally; and it turns every failure
 into the OpenAI error shape with the right status code.
 """
 
-
 import asyncio
 import itertools
 import json
@@ -85,6 +84,30 @@ app = FastAPI(
 )
 
 
+@app.middleware("http")
+async def _guard(request: Request, call_next):
+    """Auth and body-size limits before any body is parsed (so bad input costs nothing)."""
+    settings: ServeSettings | None = getattr(request.app.state, "settings", None)
+    path = request.url.path
+    if settings is not None and (path.startswith("/v1") or path.startswith("/admin")):
+        keys = settings.api_keys
+        header = request.headers.get("authorization", "")
+        if keys and (not header.startswith("Bearer ") or header[7:] not in keys):
+            return _error(
+                401,
+                "invalid or missing API key (Authorization: Bearer <key>)",
+                "authentication_error",
+            )
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > settings.max_body_bytes:
+            return _error(
+                413,
+                f"request body of {length} bytes exceeds the limit of {settings.max_body_bytes}",
+                "invalid_request_error",
+            )
+    return await call_next(request)
+
+
 @app.exception_handler(APIError)
 async def _api_error(request: Request, exc: APIError) -> JSONResponse:
     return _error(exc.status, exc.message, exc.type, exc.param)
@@ -139,6 +162,7 @@ class OpenAIServer:
         self.registry = CollectorRegistry()
         self.metrics = RequestMetrics(self.registry)
         self.registry.register(ClusterCollector(self._engine_stats, self._controller_status))
+        app.state.settings = self.settings
 
     # ------------------------------------------------------------- helpers
     def _controller(self) -> Any:
@@ -166,53 +190,6 @@ class OpenAIServer:
         if self.settings.controller_name is None:
             return None
         return ray.get(self._controller().status.remote(), timeout=10)
-
-    def _check_auth(self, request: Request) -> None:
-        keys = self.settings.api_keys
-        if not keys:
-            return
-        header = request.headers.get("authorization", "")
-        if not header.startswith("Bearer ") or header[7:] not in keys:
-            raise APIError(
-                401,
-                "invalid or missing API key (Authorization: Bearer <key>)",
-                "authentication_error",
-            )
-
-    async def _body(self, request: Request, model: type[BaseModel]) -> Any:
-        self._check_auth(request)
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > self.settings.max_body_bytes:
-            raise APIError(
-                413,
-                f"request body of {length} bytes exceeds the limit of "
-                f"{self.settings.max_body_bytes}",
-                "invalid_request_error",
-            )
-        raw = await request.body()
-        if len(raw) > self.settings.max_body_bytes:
-            raise APIError(
-                413,
-                f"request body exceeds the limit of {self.settings.max_body_bytes} bytes",
-                "invalid_request_error",
-            )
-        try:
-            data = json.loads(raw)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise APIError(400, f"body is not valid JSON: {e}") from None
-        try:
-            return model.model_validate(data)
-        except ValueError as e:
-            errors = getattr(e, "errors", lambda: [])()
-            if errors:
-                first = errors[0]
-                loc = ".".join(str(x) for x in first.get("loc", ()))
-                msg = "; ".join(
-                    f"{'.'.join(str(x) for x in err.get('loc', ()))}: {err.get('msg')}"
-                    for err in errors
-                )
-                raise APIError(400, msg, param=loc or None) from None
-            raise APIError(400, str(e)) from None
 
     def _check_model(self, name: str) -> None:
         if name != self.settings.model_name:
@@ -336,9 +313,8 @@ class OpenAIServer:
         return Response(data, media_type=CONTENT_TYPE_LATEST)
 
     @app.get("/v1/models")
-    async def models(self, request: Request) -> JSONResponse:
+    async def models(self) -> JSONResponse:
         """The one model this server serves."""
-        self._check_auth(request)
         return JSONResponse(
             {
                 "object": "list",
@@ -355,9 +331,8 @@ class OpenAIServer:
         )
 
     @app.post("/v1/completions")
-    async def completions(self, request: Request) -> Response:
+    async def completions(self, req: CompletionRequest) -> Response:
         """OpenAI completions, streaming (SSE) or not."""
-        req: CompletionRequest = await self._body(request, CompletionRequest)
         self._check_model(req.model)
         self._admit()
         prompts = [self._tokens(p, "prompt") for p in req.prompts()]
@@ -365,9 +340,8 @@ class OpenAIServer:
         return await self._respond("completions", req, prompts, params, chat=False)
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request) -> Response:
+    async def chat_completions(self, req: ChatCompletionRequest) -> Response:
         """OpenAI chat completions, streaming (SSE) or not."""
-        req: ChatCompletionRequest = await self._body(request, ChatCompletionRequest)
         self._check_model(req.model)
         self._admit()
         try:
@@ -664,10 +638,9 @@ class OpenAIServer:
             self.metrics.generation_tokens.inc(completion_tokens)
 
     # ---------------------------------------------------------------- admin
-    async def _admin(self, request: Request, method: str, *args: Any) -> JSONResponse:
+    async def _admin(self, method: str, *args: Any) -> JSONResponse:
         from elasticmoe.control.controller import ControllerError
 
-        self._check_auth(request)
         try:
             result = await getattr(self._controller(), method).remote(*args)
         except ControllerError as e:
@@ -675,65 +648,59 @@ class OpenAIServer:
         return JSONResponse(result)
 
     @app.get("/admin/status")
-    async def admin_status(self, request: Request) -> JSONResponse:
+    async def admin_status(self) -> JSONResponse:
         """Workers, replicas, per-expert load, epoch."""
-        return await self._admin(request, "status")
+        return await self._admin("status")
 
     @app.get("/admin/expert-map")
-    async def admin_expert_map(self, request: Request) -> JSONResponse:
+    async def admin_expert_map(self) -> JSONResponse:
         """The current expert map."""
-        return await self._admin(request, "get_map")
+        return await self._admin("get_map")
 
     @app.post("/admin/scale")
-    async def admin_scale(self, request: Request) -> JSONResponse:
+    async def admin_scale(self, body: ScaleRequest) -> JSONResponse:
         """Set one expert's replica count."""
-        body: ScaleRequest = await self._body(request, ScaleRequest)
-        return await self._admin(request, "scale", body.expert, body.replicas)
+        return await self._admin("scale", body.expert, body.replicas)
 
     @app.post("/admin/replicate")
-    async def admin_replicate(self, request: Request) -> JSONResponse:
+    async def admin_replicate(self, body: ReplicaRequest) -> JSONResponse:
         """Add a replica of an expert (target optional)."""
-        body: ReplicaRequest = await self._body(request, ReplicaRequest)
-        return await self._admin(request, "replicate", body.expert, body.target)
+        return await self._admin("replicate", body.expert, body.target)
 
     @app.post("/admin/evict")
-    async def admin_evict(self, request: Request) -> JSONResponse:
+    async def admin_evict(self, body: ReplicaRequest) -> JSONResponse:
         """Drop an expert's replica on ``source``."""
-        body: ReplicaRequest = await self._body(request, ReplicaRequest)
         if body.source is None:
             raise APIError(400, "source: the worker to evict from is required", param="source")
-        return await self._admin(request, "evict", body.expert, body.source)
+        return await self._admin("evict", body.expert, body.source)
 
     @app.post("/admin/migrate")
-    async def admin_migrate(self, request: Request) -> JSONResponse:
+    async def admin_migrate(self, body: ReplicaRequest) -> JSONResponse:
         """Move an expert's replica from ``source`` to ``target``."""
-        body: ReplicaRequest = await self._body(request, ReplicaRequest)
         if body.source is None:
             raise APIError(400, "source: the worker to move from is required", param="source")
-        return await self._admin(request, "migrate", body.expert, body.source, body.target)
+        return await self._admin("migrate", body.expert, body.source, body.target)
 
     @app.post("/admin/workers")
-    async def admin_add_workers(self, request: Request) -> JSONResponse:
+    async def admin_add_workers(self, body: AddWorkersRequest) -> JSONResponse:
         """Start workers."""
-        body: AddWorkersRequest = await self._body(request, AddWorkersRequest)
-        return await self._admin(request, "add_worker", body.count)
+        return await self._admin("add_worker", body.count)
 
     @app.delete("/admin/workers/{worker_id}")
-    async def admin_remove_worker(self, worker_id: str, request: Request) -> JSONResponse:
+    async def admin_remove_worker(self, worker_id: str) -> JSONResponse:
         """Drain a worker's experts elsewhere, then stop it."""
-        return await self._admin(request, "remove_worker", worker_id)
+        return await self._admin("remove_worker", worker_id)
 
     @app.put("/admin/policy")
-    async def admin_policy(self, request: Request) -> JSONResponse:
+    async def admin_policy(self, body: PolicyRequest) -> JSONResponse:
         """Validate and apply an autoscaling policy."""
         from elasticmoe.autoscale.policy import PolicyError, load_policy
 
-        body: PolicyRequest = await self._body(request, PolicyRequest)
         try:
             load_policy(body.policy)
         except PolicyError as e:
             raise APIError(400, str(e), param="policy") from None
-        return await self._admin(request, "set_policy", body.policy)
+        return await self._admin("set_policy", body.policy)
 
     async def drain(self, timeout: float) -> int:
         """Stop admitting requests; wait (bounded) for in-flight ones; returns those left."""

@@ -1,0 +1,414 @@
+"""`elasticmoe serve` end to end: a real server subprocess, the official openai client,
+schemathesis fuzzing from its own OpenAPI document, and a /metrics scrape."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import schemathesis
+
+from elasticmoe import LLM, SamplingParams
+from elasticmoe.model.init_model import init_model
+
+API_KEY = "sk-test-123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """`elasticmoe serve` as a child process; stopped by its pid."""
+
+    def __init__(self, model: Path, tmp: Path, *args: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tmp / f"serve-{self.port}.log"
+        env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+        env.pop("RAY_ADDRESS")
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "elasticmoe",
+                "serve",
+                "--model",
+                str(model),
+                "--port",
+                str(self.port),
+                *args,
+            ],
+            stdout=self.log.open("w"),
+            stderr=subprocess.STDOUT,
+            env=env,
+            start_new_session=True,
+        )
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited:\n{self.log.read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{self.url}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        self.stop()
+        raise RuntimeError(f"server did not become healthy:\n{self.log.read_text()[-3000:]}")
+
+    def stop(self, timeout: float = 90) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory) -> Path:
+    return init_model("mixtral", "tiny", tmp_path_factory.mktemp("m") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
+    srv = Server(
+        model,
+        tmp_path_factory.mktemp("srv"),
+        "--workers",
+        "2",
+        "--api-key",
+        API_KEY,
+        "--name",
+        "e2e",
+    )
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server, model):
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+
+
+def reference(model: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
+    outs = LLM(str(model)).generate(
+        [{"prompt_token_ids": p} for p in prompts],
+        SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True),
+    )
+    return [o.outputs[0].token_ids for o in outs]
+
+
+def test_models_and_auth(server, client):
+    assert [m.id for m in client.models.list().data] == [str(server_model(server))]
+    bad = openai.OpenAI(base_url=f"{server.url}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.list()
+    assert httpx.get(f"{server.url}/v1/models").status_code == 401
+    assert httpx.get(f"{server.url}/health").status_code == 200  # health is open
+
+
+def server_model(server) -> str:
+    return httpx.get(
+        f"{server.url}/v1/models", headers={"Authorization": f"Bearer {API_KEY}"}
+    ).json()["data"][0]["id"]
+
+
+def test_greedy_completions_equal_offline_generate(server, client, model):
+    prompts = [[5, 6, 7, 8], [100, 3], list(range(20, 50))]
+    want = reference(model, prompts, 12)
+    name = server_model(server)
+    tok = LLM(str(model)).tokenizer
+    for p, w in zip(prompts, want, strict=True):
+        r = client.completions.create(
+            model=name,
+            prompt=p,
+            max_tokens=12,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+            logprobs=2,
+        )
+        assert r.choices[0].text == tok.decode(w)
+        assert len(r.choices[0].logprobs.tokens) == 12
+        assert r.usage.prompt_tokens == len(p) and r.usage.completion_tokens == 12
+        # streaming gives the same text
+        chunks = client.completions.create(
+            model=name,
+            prompt=p,
+            max_tokens=12,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
+        assert "".join(c.choices[0].text for c in chunks) == tok.decode(w)
+
+
+def test_chat_streaming_and_not(server, client):
+    name = server_model(server)
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hello"}]
+    r = client.chat.completions.create(
+        model=name,
+        messages=msgs,
+        max_tokens=10,
+        temperature=0,
+        seed=1,
+        extra_body={"ignore_eos": True},
+    )
+    assert r.choices[0].message.role == "assistant" and r.choices[0].finish_reason == "length"
+    stream = client.chat.completions.create(
+        model=name,
+        messages=msgs,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
+    parts, usage = [], None
+    for c in stream:
+        if c.usage:
+            usage = c.usage
+        for ch in c.choices:
+            parts.append(ch.delta.content or "")
+    assert "".join(parts) == r.choices[0].message.content
+    assert usage.completion_tokens == 10
+    multi = client.chat.completions.create(
+        model=name,
+        messages=msgs,
+        max_tokens=5,
+        n=3,
+        temperature=1.0,
+        seed=3,
+        logprobs=True,
+        top_logprobs=2,
+    )
+    assert sorted(c.index for c in multi.choices) == [0, 1, 2]
+    assert multi.choices[0].logprobs.content[0].top_logprobs
+
+
+def test_concurrent_clients(server, client, model):
+    name = server_model(server)
+    prompts = [[i, i + 1, i + 2] for i in range(3, 19)]
+    want = reference(model, prompts, 8)
+    got: dict[int, list[int] | str] = {}
+
+    def call(i: int) -> None:
+        r = client.completions.create(
+            model=name,
+            prompt=prompts[i],
+            max_tokens=8,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+            logprobs=0,
+        )
+        got[i] = r.choices[0].logprobs.tokens
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    tok = LLM(str(model)).tokenizer
+    for i, w in enumerate(want):
+        assert got[i] == [tok.decode([t], skip_special_tokens=False) for t in w]
+
+
+@pytest.mark.parametrize(
+    "body, status, fragment",
+    [
+        ({"model": "nope", "prompt": "x"}, 404, "does not exist"),
+        ({"prompt": "x"}, 422, "model"),
+        ({"model": "M", "prompt": "x", "temperature": -1}, 422, "temperature"),
+        ({"model": "M", "prompt": "x", "max_tokens": 10**7}, 400, "context length"),
+        ({"model": "M", "prompt": [10**9]}, 400, "token ids outside"),
+        ({"model": "M", "prompt": "x", "frequency_penalty": 1}, 422, "not supported"),
+        ({"model": "M", "prompt": "x", "bogus": 1}, 422, "bogus"),
+    ],
+)
+def test_bad_requests_get_openai_errors(server, body, status, fragment):
+    body = {k: (server_model(server) if v == "M" else v) for k, v in body.items()}
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        json=body,
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=30,
+    )
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert fragment in err["message"] and err["type"]
+
+
+def test_oversized_and_malformed_bodies(server):
+    headers = {"Authorization": f"Bearer {API_KEY}", "content-type": "application/json"}
+    big = json.dumps({"model": "x", "prompt": "a" * (2 << 20)})
+    r = httpx.post(f"{server.url}/v1/completions", content=big, headers=headers, timeout=30)
+    assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.url}/v1/completions", content=b"{not json", headers=headers)
+    assert r.status_code == 422
+    assert httpx.get(f"{server.url}/health").status_code == 200
+
+
+def test_admin_api_scales_an_expert(server):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    r = httpx.post(
+        f"{server.url}/admin/scale",
+        json={"expert": "1:2", "replicas": 2},
+        headers=headers,
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text
+    m = httpx.get(f"{server.url}/admin/expert-map", headers=headers).json()
+    assert len(m["replicas"]["1:2"]) == 2
+    bad = httpx.post(
+        f"{server.url}/admin/scale",
+        json={"expert": "9:9", "replicas": 2},
+        headers=headers,
+        timeout=60,
+    )
+    assert bad.status_code == 400 and "does not exist" in bad.json()["error"]["message"]
+    assert httpx.post(f"{server.url}/admin/scale", json={"expert": "1:2"}).status_code == 401
+
+
+def test_metrics_during_load(server, client):
+    name = server_model(server)
+    before = scrape(server)
+    for i in range(4):
+        client.completions.create(
+            model=name,
+            prompt=[7, 8, 9 + i],
+            max_tokens=6,
+            temperature=0,
+            extra_body={"ignore_eos": True},
+        )
+    time.sleep(2.5)  # the cluster collector caches for 2 s
+    after = scrape(server)
+    for name_ in (
+        "elasticmoe_time_to_first_token_seconds_count",
+        "elasticmoe_inter_token_latency_seconds_count",
+        "elasticmoe_e2e_latency_seconds_count",
+        "elasticmoe_kv_cache_usage_ratio",
+        "elasticmoe_expert_map_epoch",
+        "elasticmoe_expert_replicas",
+        "elasticmoe_worker_load_balance",
+        "elasticmoe_running_requests",
+        "elasticmoe_prefix_cache_hit_ratio",
+        "elasticmoe_dispatch_seconds_total",
+        "elasticmoe_scaling_operations_total",
+        "elasticmoe_workers",
+    ):
+        assert any(k.startswith(name_) for k in after), name_
+    assert (
+        total(after, "elasticmoe_requests_total") >= total(before, "elasticmoe_requests_total") + 4
+    )
+    # tokens routed per expert add up: every computed token goes to top_k experts per MoE layer
+    routed = total(after, "elasticmoe_expert_tokens_total") - total(
+        before, "elasticmoe_expert_tokens_total"
+    )
+    computed = 4 * (3 + 5)  # each request: 3 prompt tokens + 5 decode steps
+    assert routed == computed * 2 * 2  # top_k=2, 2 MoE layers
+    assert after["elasticmoe_worker_load_balance"] > 0
+
+
+def scrape(server) -> dict[str, float]:
+    text = httpx.get(f"{server.url}/metrics", timeout=30).text
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        m = re.match(r"^(elasticmoe_\w+)(\{[^}]*\})? ([0-9.e+-]+|NaN)$", line)
+        if m:
+            out[m.group(1) + (m.group(2) or "")] = float(m.group(3))
+    return out
+
+
+def total(metrics: dict[str, float], name: str) -> float:
+    return sum(v for k, v in metrics.items() if k == name or k.startswith(name + "{"))
+
+
+@pytest.fixture(scope="module")
+def local_server(model, tmp_path_factory):
+    srv = Server(model, tmp_path_factory.mktemp("local"), "--mode", "local", "--name", "fuzz")
+    yield srv
+    srv.stop()
+
+
+def test_fuzz_http_api_never_5xx(local_server):
+    """Schemathesis, from the server's own OpenAPI document: no request gets a 5xx.
+
+    (The pytest plugin's ``from_fixture`` does not work with pytest 9, so each
+    operation's hypothesis strategy is driven directly.)
+    """
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_url(f"{local_server.url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/completions", "/v1/chat/completions"}
+    failures: list[str] = []
+    for op in operations:
+
+        @given(case=op.as_strategy())
+        @settings(
+            max_examples=25, deadline=None, database=None, suppress_health_check=list(HealthCheck)
+        )
+        def check(case) -> None:
+            if isinstance(case.body, dict) and isinstance(case.body.get("max_tokens"), int):
+                case.body["max_tokens"] = min(case.body["max_tokens"], 8)  # keep it short
+            response = case.call(base_url=local_server.url, timeout=60)
+            if response.status_code >= 500:
+                failures.append(
+                    f"{case.method} {case.path} {case.body!r:.200}: "
+                    f"{response.status_code} {response.text[:200]}"
+                )
+
+        check()
+    assert not failures, failures[:5]
+
+
+def test_server_still_healthy_after_fuzz_then_auth_off(local_server, model):
+    assert httpx.get(f"{local_server.url}/health", timeout=10).status_code == 200
+    c = openai.OpenAI(base_url=f"{local_server.url}/v1", api_key="anything", max_retries=0)
+    r = c.completions.create(model=str(model), prompt=[1, 2, 3], max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason in ("length", "stop")
+
+
+def test_graceful_shutdown_finishes_in_flight_requests(local_server, model):
+    c = openai.OpenAI(base_url=f"{local_server.url}/v1", api_key="x", max_retries=0)
+    results: list = []
+
+    def call() -> None:
+        try:
+            r = c.completions.create(
+                model=str(model),
+                prompt=[4, 5, 6],
+                max_tokens=60,
+                temperature=0,
+                extra_body={"ignore_eos": True},
+            )
+            results.append(r.choices[0].finish_reason)
+        except Exception as e:
+            results.append(e)
+
+    threads = [threading.Thread(target=call) for _ in range(3)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    assert local_server.stop() == 0
+    for t in threads:
+        t.join(60)
+    # accepted requests finished before the server went away
+    assert results == ["length"] * 3, results
+    assert "stopped" in local_server.log.read_text()
