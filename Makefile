@@ -6,8 +6,9 @@ PY := $(VENV)/bin/python
 # The CPU build of torch lies on this machine's disk; a bare `torch` would pull a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 PROMPT ?= def fibonacci(n):
+PORT ?= 8000
 
-.PHONY: setup run test lint protos clean redis
+.PHONY: setup run demo test lint protos clean redis dashboards
 
 setup: $(VENV)/.installed
 
@@ -18,7 +19,12 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e ".[dev]"
 	touch $@
 
+# Serves the default model at http://127.0.0.1:$(PORT)/v1 (local Ray instance, 2 expert workers);
+# Ctrl-C stops it cleanly.
 run: setup
+	$(VENV)/bin/elasticmoe serve --model default --workers 2 --port $(PORT)
+
+demo: setup
 	$(VENV)/bin/elasticmoe generate --model default --prompt "$(PROMPT)" --max-tokens 48
 
 # Redis tests start a real redis-server; this installs Debian's package if missing.
@@ -33,6 +39,9 @@ test: setup redis lint
 
 protos: setup
 	$(PY) -m elasticmoe._proto.generate
+
+dashboards: setup
+	$(PY) -m elasticmoe.serve.dashboards
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
