@@ -44,7 +44,7 @@ GRID_WIDTH = 24
 
 # Exposition suffixes Prometheus adds to a metric's base name.
 EXPOSED_SUFFIXES = ("_total", "_bucket", "_sum", "_count", "_created")
-_METRIC_RE = re.compile(r"(?<![A-Za-z0-9_:])elasticmoe_[A-Za-z0-9_:]*")
+METRIC_RE = re.compile(r"(?<![A-Za-z0-9_:])elasticmoe_[A-Za-z0-9_:]*")
 
 Panel = dict[str, Any]
 Dashboard = dict[str, Any]
@@ -70,7 +70,7 @@ def iter_exprs(dashboard: Dashboard) -> Iterator[tuple[Panel, str]]:
 
 def exposed_names(expr: str) -> list[str]:
     """The ``elasticmoe_*`` series names in ``expr`` as written (with suffixes)."""
-    return _METRIC_RE.findall(expr)
+    return METRIC_RE.findall(expr)
 
 
 def base_name(exposed: str) -> str:
@@ -429,15 +429,20 @@ def _latency_queries(histogram: str) -> list[tuple[str, str]]:
 
 
 _REQUESTS = "elasticmoe_requests_total"
-_ERROR_RATIO = "sum(" + _rate(_REQUESTS + '{status=~"5.."}') + ") / sum(" + _rate(_REQUESTS) + ")"
-_CLIENT_ERROR_RATIO = (
-    "sum(" + _rate(_REQUESTS + '{status=~"4.."}') + ") / sum(" + _rate(_REQUESTS) + ")"
-)
+
+
+def _status_ratio(pattern: str) -> str:
+    """Share of requests whose status matches ``pattern`` (0, not empty, when none do)."""
+    matching = _rate(_REQUESTS + '{status=~"' + pattern + '"}')
+    return f"(sum({matching}) or vector(0)) / sum({_rate(_REQUESTS)})"
+
+
+_ERROR_RATIO = _status_ratio("5..")
+_CLIENT_ERROR_RATIO = _status_ratio("4..")
 _TTFT = "elasticmoe_time_to_first_token_seconds"
 _ITL = "elasticmoe_inter_token_latency_seconds"
 _E2E = "elasticmoe_e2e_latency_seconds"
 _TOKENS_PER_S = "count:tok/s"
-_RATIO_STEPS = _thresholds((None, "green"), (0.8, "yellow"), (0.95, "red"))
 _ERROR_STEPS = _thresholds((None, "green"), (0.01, "yellow"), (0.05, "red"))
 
 
@@ -689,7 +694,7 @@ def experts_and_scaling() -> Dashboard:
                 (
                     f'sum(max by (kind, result) (increase({_OPS}{{result!="done"}}[$__range])))'
                     " or vector(0)",
-                    "failed",
+                    "rolled back",
                 )
             ],
             "short",
@@ -771,7 +776,7 @@ def experts_and_scaling() -> Dashboard:
     )
     g.add(
         timeseries(
-            "Expert map epoch",
+            "Expert map epoch over time",
             "Epoch of the controller's expert map; each step up is a published change.",
             [("max(elasticmoe_expert_map_epoch)", "epoch")],
             "none",
@@ -936,7 +941,7 @@ def workers_and_pools() -> Dashboard:
     )
     g.add(
         timeseries(
-            "Worker load balance",
+            "Worker load balance over time",
             "Mean over max token load of the workers (1 = even); placement aims to keep it high.",
             [(_BALANCE, "mean / max")],
             "percentunit",
