@@ -152,6 +152,7 @@ def part_a(base: DeploymentConfig, args) -> dict[str, Any]:
             update={
                 "name": "cold",
                 "num_workers": base.num_workers + 1,
+                "spare_workers": 0,
                 "expert_replicas": {e: 2 for e in hot},
             }
         )
@@ -159,7 +160,9 @@ def part_a(base: DeploymentConfig, args) -> dict[str, Any]:
         dep.shutdown()
     cold, cold_s = start_deployment(new_shape)
     cold.shutdown()
-    second, second_s = start_deployment(base.model_copy(update={"name": "second"}))
+    second, second_s = start_deployment(
+        base.model_copy(update={"name": "second", "spare_workers": 0})
+    )
     second.shutdown()
     return {
         "replicate_hottest_experts": {
@@ -206,9 +209,10 @@ def part_b(base: DeploymentConfig, args) -> dict[str, Any]:
                     )
                 )
             )
-        added = ray.get(c.add_worker.remote())
-        ops.append(added)
-        ops.append(ray.get(c.remove_worker.remote(added["add_workers"][0])))
+        if args.worker_ops:
+            added = ray.get(c.add_worker.remote())
+            ops.append(added)
+            ops.append(ray.get(c.remove_worker.remote(added["add_workers"][0])))
         during_end = time.monotonic()
         time.sleep(1.0)
     finally:
@@ -424,12 +428,24 @@ def main() -> None:
     ap.add_argument("--preset", default="small")
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--hot-experts", type=int, default=4)
+    ap.add_argument(
+        "--spare-workers",
+        type=int,
+        default=1,
+        help="started, empty workers kept ready (0: add_worker starts a process)",
+    )
     ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--prompt-len", type=int, default=24)
     ap.add_argument("--warmup-s", type=float, default=5)
     ap.add_argument("--steady-s", type=float, default=20)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument(
+        "--no-worker-ops",
+        dest="worker_ops",
+        action="store_false",
+        help="(b): only replicate/migrate/evict, no add/remove worker",
+    )
     ap.add_argument("--parts", default="a,b,c")
     ap.add_argument("--trace", default=str(DEFAULT_TRACE))
     ap.add_argument("--trace-minutes", type=float, default=10)
@@ -444,11 +460,19 @@ def main() -> None:
     result: dict[str, Any] = {
         "benchmark": "scaling",
         "model": {"arch": args.arch, "preset": args.preset},
+        "workers": args.workers,
+        "spare_workers": args.spare_workers,
+        "machine_note": "2 CPU cores shared by every process (engine, workers, clients, Ray)",
     }
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = init_model(args.arch, args.preset, Path(tmp) / "m")
         ray.init(num_cpus=16, include_dashboard=False, namespace="elasticmoe", log_to_driver=False)
-        base = DeploymentConfig(model=str(model_dir), num_workers=args.workers, name="base")
+        base = DeploymentConfig(
+            model=str(model_dir),
+            num_workers=args.workers,
+            name="base",
+            spare_workers=args.spare_workers,
+        )
         try:
             if "a" in parts:
                 with console.status("(a) scale-up latency"):

@@ -330,3 +330,27 @@ def test_dead_worker_is_replaced_and_serving_continues(ckpt, expected):
         assert_consistent(m, experts)
     assert load.failures == 0, load.errors[:3]
     assert load.mismatches == 0
+
+
+def test_spare_worker_makes_add_worker_instant_and_is_replenished(ckpt, expected):
+    with LLM(
+        str(ckpt), mode="distributed", num_workers=2, spare_workers=1, name="spare",
+        progress=False,
+    ) as llm:
+        controller = llm.deployment.controller
+        spare = ray.get(controller.status.remote())["spare_workers"]
+        assert len(spare) == 1 and spare[0] not in llm.deployment.expert_map.workers
+        added = ray.get(controller.add_worker.remote())
+        assert added["add_workers"] == spare  # the warm spare joined the map
+        assert spare[0] in llm.deployment.expert_map.workers
+        ray.get(controller.replicate.remote("0:5", spare[0]))
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            new = ray.get(controller.status.remote())["spare_workers"]
+            if new:
+                break
+            time.sleep(0.5)
+        assert new and new != spare
+        out = llm.generate(PROMPTS, PARAMS)
+        assert [o.outputs[0].token_ids for o in out] == expected
+        assert_consistent(llm.deployment.expert_map, sorted(llm.deployment.expert_map.replicas))

@@ -92,6 +92,7 @@ class Controller:
         self.history: list[dict[str, Any]] = []  # finished operations, newest last
         self._needs_recovery = False
         self.spares: list[str] = []  # started, empty workers outside the map
+        self._spares_starting = 0
         self._op_counts: collections.Counter[tuple[str, str]] = collections.Counter()
         self._op_seconds: collections.Counter[tuple[str, str]] = collections.Counter()
         self._load_samples: collections.deque[tuple[float, dict[LogicalExpert, float]]] = (
@@ -804,15 +805,22 @@ class Controller:
     def _replenish_spares(self) -> None:
         """Keep ``spare_workers`` started, empty workers ready for a fast add_worker."""
         with self.lock:
-            missing = self.config.spare_workers - len(self.spares)
+            missing = self.config.spare_workers - len(self.spares) - self._spares_starting
             if missing <= 0 or self._stop.is_set():
                 return
             ids = [self._new_worker_id() for _ in range(missing)]
-            try:
-                self._start_workers({w: [] for w in ids}, spare=True)
-            except Exception as e:
-                logger.warning("starting spare workers failed: %s", e)
-                return
+            self._spares_starting += len(ids)
+        # started outside the lock: a process start takes seconds and must not
+        # hold up scaling operations meanwhile
+        try:
+            self._start_workers({w: [] for w in ids}, spare=True)
+        except Exception as e:
+            logger.warning("starting spare workers failed: %s", e)
+            return
+        finally:
+            with self.lock:
+                self._spares_starting -= len(ids)
+        with self.lock:
             self.spares.extend(ids)
 
     def _sample_load(self, now: float) -> None:
