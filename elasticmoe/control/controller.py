@@ -252,6 +252,7 @@ class Controller:
                 device=c.device,
                 dtype=c.resolved_dtype(self.model),
                 num_threads=c.worker_threads,
+                fault_injection=c.fault_injection,
             )
         refs = {
             handles[w].start.remote([tuple(e) for e in es]): w

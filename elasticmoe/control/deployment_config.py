@@ -49,6 +49,9 @@ class DeploymentConfig(BaseModel):
     ray_address: str | None = None
     state_store: str | None = Field(None, description="None/'memory://' or 'redis://host:port/db'")
     policy: str | None = Field(None, description="autoscaling policy YAML file")
+    fault_injection: bool = Field(
+        False, description="install the gRPC fault hook on workers (chaos drills; off by default)"
+    )
     spare_workers: int = Field(
         0, ge=0, description="started, empty workers kept ready so add_worker is instant"
     )

@@ -152,6 +152,7 @@ class EngineActor:
             "failed_calls": r.failed_calls if r else 0,
             "retried_rows": r.retried_rows if r else 0,
             "down_workers": sorted(self.router.down) if self.router else [],
+            "slow_workers": self.router.latency.slow_workers() if self.router else [],
             "expert_load": self.engine.load_recorder.total.tolist(),
             "moe_layers": list(self.engine.model_config.moe_layers),
             "dispatch_seconds": dict(r.dispatch_seconds) if r else {},

@@ -846,6 +846,7 @@ async def serve(
     port: int = 0,
     *,
     servicer: ExpertServicer | None = None,
+    interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> tuple[grpc.aio.Server, int]:
     """Start a grpc.aio server for ``store`` on ``host:port`` (0: any free port).
 
@@ -853,7 +854,7 @@ async def serve(
     started server and the bound port; stop it with ``await server.stop(grace)``
     (and ``servicer.close()`` if you passed one).
     """
-    server = grpc.aio.server(options=GRPC_OPTIONS)
+    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=list(interceptors))
     add_servicer_to_server(servicer or ExpertServicer(store), server)
     address = format_address(host, port)
     bound = server.add_insecure_port(address)

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from elasticmoe.experts.faults import FaultConfig, FaultInterceptor
 from elasticmoe.experts.service import (
     NOT_SERVING,
     ExpertServicer,
@@ -151,6 +152,7 @@ class ExpertWorker:
         host: str | None = None,
         port: int = 0,
         bind_all: bool = False,
+        fault_injection: bool = False,
     ) -> None:
         if num_threads < 1:
             raise ValueError(f"num_threads={num_threads} must be >= 1")
@@ -163,6 +165,8 @@ class ExpertWorker:
         self.host = host
         self.port = port
         self.bind_all = bind_all
+        # installed only when asked: the default server has no fault hook at all
+        self._faults = FaultInterceptor() if fault_injection else None
         # Several workers share a node's cores; torch's default (one thread per
         # core each) would oversubscribe them.
         torch.set_num_threads(num_threads)
@@ -208,7 +212,13 @@ class ExpertWorker:
             servicer = ExpertServicer(store, num_threads=self.num_threads)
             advertise = self.host or _default_host()
             bind = "0.0.0.0" if self.bind_all else advertise
-            server, port = await serve(store, bind, self.port, servicer=servicer)
+            server, port = await serve(
+                store,
+                bind,
+                self.port,
+                servicer=servicer,
+                interceptors=[self._faults] if self._faults else (),
+            )
             self._store, self._servicer, self._server = store, servicer, server
             self._address = format_address(advertise, port)
             logger.info(
@@ -222,6 +232,16 @@ class ExpertWorker:
             assert self._servicer is not None
             await self._servicer.load_experts(experts)
         return await self.info()
+
+    async def set_fault(self, delay_ms: float = 0.0, fail_rate: float = 0.0) -> dict[str, float]:
+        """Delay and/or fail this worker's Forward calls (needs ``fault_injection=True``)."""
+        if self._faults is None:
+            raise RuntimeError(
+                f"worker {self.worker_id} was started without fault_injection; "
+                "set fault_injection: true in the deployment config"
+            )
+        self._faults.config = FaultConfig(delay_ms, fail_rate)
+        return {"delay_ms": delay_ms, "fail_rate": fail_rate}
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop serving: refuse new calls, let in-flight ones finish for ``grace`` seconds."""

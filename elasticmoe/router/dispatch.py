@@ -68,7 +68,8 @@ def plan_dispatch(
         rows = end - start
         parts = max(1, min(len(live), rows // max(min_split_rows, 1)))
         # the `parts` least-loaded replicas share the rows, level-filling them
-        live.sort(key=lambda w: (load.get(w, 0.0), cost.get(w, 1.0), w))
+        # projected load if this worker took all the rows: cost counts as well as load
+        live.sort(key=lambda w: (load.get(w, 0.0) + rows * cost.get(w, 1.0), w))
         chosen = live[:parts]
         share = _level_fill(
             rows, [load.get(w, 0.0) for w in chosen], [cost.get(w, 1.0) for w in chosen]

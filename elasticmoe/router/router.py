@@ -51,6 +51,9 @@ class RouterConfig:
     # a down worker is probed again (Health) after this long
     probe_down_after_s: float = 2.0
     min_split_rows: int = 16
+    # a worker whose call latency exceeds this multiple of the median is
+    # treated as slow: its replicas get proportionally fewer rows
+    slow_worker_factor: float = 3.0
 
 
 @dataclass
@@ -63,6 +66,51 @@ class RouterStats:
     rows_sent: int = 0
     dispatch_seconds: dict[int, float] = field(default_factory=dict)
     layer_calls: dict[int, int] = field(default_factory=dict)
+
+
+class WorkerLatency:
+    """EWMA call latency per worker, turned into dispatch costs (1.0 = normal).
+
+    A worker slower than ``slow_factor`` x the median worker gets a cost equal
+    to its slowdown (capped at 16), so plan_dispatch sends it fewer rows. The
+    penalty decays with a 5 s half-life when no new calls are observed, so a
+    worker that recovered gets traffic (and new samples) again.
+    """
+
+    def __init__(self, slow_factor: float = 3.0, alpha: float = 0.3) -> None:
+        self.slow_factor = slow_factor
+        self.alpha = alpha
+        self._ewma: dict[str, tuple[float, float]] = {}  # worker -> (seconds, last update)
+        self._lock = threading.Lock()
+
+    def observe(self, worker: str, seconds: float) -> None:
+        """Record one call's latency (called from gRPC callback threads)."""
+        with self._lock:
+            old = self._ewma.get(worker)
+            value = seconds if old is None else (1 - self.alpha) * old[0] + self.alpha * seconds
+            self._ewma[worker] = (value, time.monotonic())
+
+    def costs(self) -> dict[str, float]:
+        """Dispatch cost per known worker (only slow ones differ from 1.0)."""
+        with self._lock:
+            items = dict(self._ewma)
+        if len(items) < 2:
+            return {}
+        values = sorted(v for v, _ in items.values())
+        # lower median: with two workers, compare against the faster one
+        median = values[(len(values) - 1) // 2] or 1e-9
+        now = time.monotonic()
+        costs = {}
+        for worker, (value, updated) in items.items():
+            ratio = value / median
+            if ratio > self.slow_factor:
+                decay = 0.5 ** ((now - updated) / 5.0)
+                costs[worker] = max(1.0, min(16.0, ratio) * decay)
+        return costs
+
+    def slow_workers(self) -> list[str]:
+        """Workers currently treated as slow."""
+        return sorted(w for w, c in self.costs().items() if c > 1.0)
 
 
 class ExpertRouter:
@@ -88,6 +136,7 @@ class ExpertRouter:
         self._stubs: dict[str, tuple[str, grpc.Channel, expert_pb2_grpc.ExpertServiceStub]] = {}
         self.down: dict[str, float] = {}  # worker id -> when it was marked down
         self._in_step = False
+        self.latency = WorkerLatency(self.config.slow_worker_factor)
         self.stats = RouterStats()
 
     # ----------------------------------------------------------- expert map
@@ -172,6 +221,7 @@ class ExpertRouter:
                     pending,
                     self.expert_map,
                     self.down,
+                    worker_cost=self.latency.costs(),
                     min_split_rows=self.config.min_split_rows,
                 )
             except NoLiveReplicaError as e:
@@ -214,6 +264,10 @@ class ExpertRouter:
                 epoch=self.expert_map.epoch,
             )
             future = self._stub(worker).Forward.future(request, timeout=self.config.rpc_timeout_s)
+            sent = time.monotonic()
+            future.add_done_callback(
+                lambda f, w=worker, t=sent: self.latency.observe(w, time.monotonic() - t)
+            )
             calls.append((worker, slices, future))
             self.stats.rows_sent += len(idx)
         self.stats.forward_calls += len(calls)

@@ -1,0 +1,58 @@
+"""Fault injection on an expert worker's gRPC server (chaos tests, drills).
+
+A server interceptor, installed only when a worker is started with fault
+injection enabled (off by default), that delays and/or fails ``Forward``
+calls. The delay and failure rate can be changed while the worker runs
+(``ExpertWorker.set_fault``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+
+import grpc
+
+
+@dataclass
+class FaultConfig:
+    """What to do to each Forward call: sleep ``delay_ms``, then fail with ``fail_rate``."""
+
+    delay_ms: float = 0.0
+    fail_rate: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.delay_ms < 0 or not 0.0 <= self.fail_rate <= 1.0:
+            raise ValueError(
+                f"fault config: delay_ms must be >= 0 and fail_rate in 0..1 "
+                f"(got delay_ms={self.delay_ms}, fail_rate={self.fail_rate})"
+            )
+
+
+class FaultInterceptor(grpc.aio.ServerInterceptor):
+    """Delays or fails ``/elasticmoe.v1.ExpertService/Forward`` per :class:`FaultConfig`."""
+
+    def __init__(self, config: FaultConfig | None = None, seed: int = 0) -> None:
+        self.config = config or FaultConfig()
+        self._rng = random.Random(seed)
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or not handler_call_details.method.endswith("/Forward"):
+            return handler
+        inner = handler.unary_unary
+
+        async def faulty(request, context):
+            cfg = self.config
+            if cfg.delay_ms:
+                await asyncio.sleep(cfg.delay_ms / 1e3)
+            if cfg.fail_rate and self._rng.random() < cfg.fail_rate:
+                await context.abort(grpc.StatusCode.UNAVAILABLE, "injected fault")
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(
+            faulty,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -1,0 +1,93 @@
+"""Fault injection on worker gRPC servers: slow workers are avoided, failing ones
+are retried elsewhere, outputs stay identical."""
+
+from __future__ import annotations
+
+import pytest
+import ray
+
+from elasticmoe import LLM, SamplingParams
+from elasticmoe.model.init_model import init_model
+from elasticmoe.router.router import WorkerLatency
+
+PARAMS = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+PROMPTS = [{"prompt_token_ids": [i, i + 4, i + 9]} for i in range(1, 7)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_instance():
+    ray.init(num_cpus=8, include_dashboard=False, namespace="elasticmoe", log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return init_model("olmoe", "tiny", tmp_path_factory.mktemp("m") / "ckpt")
+
+
+def test_worker_latency_costs():
+    lat = WorkerLatency(slow_factor=3.0)
+    for _ in range(5):
+        lat.observe("a", 0.002)
+        lat.observe("b", 0.002)
+        lat.observe("c", 0.200)
+    costs = lat.costs()
+    assert set(costs) == {"c"} and costs["c"] > 10
+    assert lat.slow_workers() == ["c"]
+    two = WorkerLatency(slow_factor=3.0)  # with two workers, compare against the faster
+    two.observe("fast", 0.002)
+    two.observe("slow", 0.150)
+    assert two.slow_workers() == ["slow"]
+
+
+def test_slow_worker_is_detected_and_avoided(ckpt):
+    expected = LLM(str(ckpt)).generate(PROMPTS, PARAMS)
+    with LLM(
+        str(ckpt),
+        mode="distributed",
+        num_workers=2,
+        replicas_per_expert=2,
+        fault_injection=True,
+        name="slow",
+        progress=False,
+    ) as llm:
+        workers = llm.deployment.workers
+        ray.get(workers["w0"].set_fault.remote(delay_ms=150))
+        before = {w: ray.get(h.info.remote())["rows_served"] for w, h in workers.items()}
+        out = llm.generate(PROMPTS, PARAMS)
+        out += llm.generate(PROMPTS, PARAMS)
+        after = {w: ray.get(h.info.remote())["rows_served"] for w, h in workers.items()}
+        stats = llm.deployment.engine_stats()[0]
+    assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in expected] * 2
+    assert stats["slow_workers"] == ["w0"]
+    assert after["w1"] - before["w1"] > 5 * (after["w0"] - before["w0"])
+
+
+def test_failing_worker_calls_are_retried_on_the_other_replica(ckpt):
+    expected = LLM(str(ckpt)).generate(PROMPTS, PARAMS)
+    with LLM(
+        str(ckpt),
+        mode="distributed",
+        num_workers=2,
+        replicas_per_expert=2,
+        fault_injection=True,
+        name="failing",
+        progress=False,
+        router={"probe_down_after_s": 0.2},
+    ) as llm:
+        ray.get(llm.deployment.workers["w1"].set_fault.remote(fail_rate=0.5))
+        out = llm.generate(PROMPTS, PARAMS)
+        stats = llm.deployment.engine_stats()[0]
+    assert [o.outputs[0].finish_reason for o in out] == ["length"] * len(PROMPTS)
+    assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in expected]
+    assert stats["failed_calls"] >= 1
+
+
+def test_set_fault_requires_fault_injection(ckpt):
+    llm = LLM(str(ckpt), mode="distributed", num_workers=2, name="nofault", progress=False)
+    try:
+        with pytest.raises(RuntimeError, match="without fault_injection"):
+            ray.get(llm.deployment.workers["w0"].set_fault.remote(delay_ms=10))
+    finally:
+        llm.shutdown()
