@@ -91,3 +91,37 @@ def test_set_fault_requires_fault_injection(ckpt):
             ray.get(llm.deployment.workers["w0"].set_fault.remote(delay_ms=10))
     finally:
         llm.shutdown()
+
+
+def test_engine_killed_mid_batch_requests_rerun_elsewhere(ckpt):
+    import threading
+    import time
+
+    prompts = [{"prompt_token_ids": [i, i + 2, i + 7]} for i in range(1, 9)]
+    params = SamplingParams(max_tokens=40, temperature=0, ignore_eos=True)
+    expected = LLM(str(ckpt)).generate(prompts, params)
+    with LLM(
+        str(ckpt),
+        mode="distributed",
+        num_workers=2,
+        num_engines=2,
+        name="enginekill",
+        progress=False,
+    ) as llm:
+        result: dict = {}
+        thread = threading.Thread(
+            target=lambda: result.setdefault("out", llm.generate(prompts, params))
+        )
+        thread.start()
+        engine = llm.deployment.engines[0]
+        deadline = time.monotonic() + 60
+        while ray.get(engine.stats.remote())["num_running"] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ray.kill(engine, no_restart=False)  # Ray restarts it; its requests rerun elsewhere
+        thread.join(180)
+        assert not thread.is_alive()
+        # the restarted engine serves again, on the current expert map
+        again = llm.generate(prompts[:2], params)
+    out = result["out"]
+    assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in expected]
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in expected[:2]]

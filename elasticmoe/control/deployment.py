@@ -118,6 +118,7 @@ class Deployment:
                 engine_cls.options(
                     name=f"{ENGINE_PREFIX}{c.name}-{i}",
                     namespace=NAMESPACE,
+                    max_restarts=-1,  # a dead engine comes back (and pulls the current map)
                     # the engine blocks on expert RPCs; spinning OpenMP threads
                     # would take the cores the workers need
                     runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
@@ -213,17 +214,40 @@ class Deployment:
 
     def generate(self, prompts: list, params: list[SamplingParams]) -> list[RequestOutput]:
         """Spread prompts over the engines (round-robin) and gather outputs in order."""
-        import ray
 
         n = len(self.engines)
-        refs = [
-            self.engines[i].generate_batch.remote(prompts[i::n], params[i::n]) for i in range(n)
-        ]
-        per_engine = ray.get(refs)
+        refs = {
+            i: self.engines[i].generate_batch.remote(prompts[i::n], params[i::n]) for i in range(n)
+        }
         out: list[RequestOutput] = [None] * len(prompts)  # type: ignore[list-item]
-        for i, results in enumerate(per_engine):
-            out[i::n] = results
+        for i, ref in refs.items():
+            out[i::n] = self._get_with_failover(ref, i, prompts[i::n], params[i::n])
         return out
+
+    def _get_with_failover(self, ref: Any, engine_index: int, prompts: list, params: list) -> list:
+        """Results of one engine's share; if that engine died, run the share again elsewhere.
+
+        Ray restarts a dead engine, so "elsewhere" is the next engine, or the
+        same one once it is back. Requests that had not finished are recomputed
+        from their prompts (greedy and seeded sampling give the same tokens).
+        """
+        import ray
+
+        attempts = 0
+        while True:
+            try:
+                return ray.get(ref)
+            except ray.exceptions.RayActorError as e:
+                attempts += 1
+                if attempts > 3:
+                    raise RuntimeError(
+                        f"engine failed {attempts} times running these requests: {e}"
+                    ) from e
+                logger.warning(
+                    "engine %d died; retrying its %d request(s)", engine_index, len(prompts)
+                )
+                engine_index = (engine_index + 1) % len(self.engines)
+                ref = self.engines[engine_index].generate_batch.remote(prompts, params)
 
     def engine_stats(self) -> list[dict[str, Any]]:
         """Stats of every engine."""

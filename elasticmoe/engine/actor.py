@@ -47,6 +47,11 @@ class EngineActor:
             self.loop = EngineLoop(self.engine).start()
             return
         initial_map = ExpertMap.from_dict(expert_map)
+        if controller_name:
+            # a restarted engine must not start on the (stale) map it was created with
+            current = self.pull_map()
+            if current is not None and current.epoch > initial_map.epoch:
+                initial_map = current
         router_cfg = RouterConfig(**(router_config or {}))
 
         def make_router(reader, model, dtype, device) -> ExpertRouter:

@@ -8,6 +8,7 @@ into the OpenAI error shape with the right status code.
 """
 
 import asyncio
+import contextlib
 import itertools
 import json
 import logging
@@ -259,25 +260,44 @@ class OpenAIServer:
     async def _stream(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[RequestOutput]:
-        """Outputs of one engine request; aborts it if the consumer goes away."""
-        engine = self._engine()
-        gen = engine.generate_stream.options(num_returns="streaming").remote(
-            {"prompt_token_ids": prompt_ids}, params, request_id
-        )
-        finished = False
-        try:
-            async for ref in gen:
-                try:
+        """Outputs of one engine request; aborts it if the consumer goes away.
+
+        If an engine dies before it produced anything, the request is sent to
+        the next engine; once tokens were streamed it fails with a retryable
+        503 instead (the client has seen tokens that a rerun might not repeat).
+        """
+        from ray.exceptions import RayActorError
+
+        for attempt in range(len(self.engines) + 1):
+            engine = self._engine()
+            gen = engine.generate_stream.options(num_returns="streaming").remote(
+                {"prompt_token_ids": prompt_ids}, params, request_id
+            )
+            finished = produced = False
+            try:
+                async for ref in gen:
                     out = await ref
-                except Exception as e:
+                    finished, produced = out.finished, True
+                    yield out
+                return
+            except RayActorError as e:
+                if produced or attempt == len(self.engines):
                     raise APIError(
-                        503, f"engine failed: {type(e).__name__}: {e}", "service_unavailable"
+                        503,
+                        f"engine failed mid-request ({e.__class__.__name__}); retry it",
+                        "service_unavailable",
                     ) from e
-                finished = out.finished
-                yield out
-        finally:
-            if not finished:
-                engine.abort.remote(request_id)
+                logger.warning("engine died before answering %s; retrying", request_id)
+            except APIError:
+                raise
+            except Exception as e:
+                raise APIError(
+                    503, f"engine failed: {type(e).__name__}: {e}", "service_unavailable"
+                ) from e
+            finally:
+                if not finished:
+                    with contextlib.suppress(Exception):
+                        engine.abort.remote(request_id)
 
     # ------------------------------------------------------------ endpoints
     @app.get("/health")
