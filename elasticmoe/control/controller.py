@@ -109,6 +109,7 @@ class Controller:
                 self.policy_state = PolicyState.from_dict(stored_state)
         if self.policy is not None:
             threading.Thread(target=self._control_loop, name="autoscaler", daemon=True).start()
+        threading.Thread(target=self._health_loop, name="health", daemon=True).start()
 
     # ------------------------------------------------------------------ state
     @property
@@ -905,13 +906,23 @@ class Controller:
             logger.info("autoscaler: %s -> %s", a, r.get("result"))
         return results
 
+    def _health_loop(self) -> None:
+        """Always on: replace dead workers, whether or not a policy is set."""
+        while not self._stop.wait(self.config.health_check_s):
+            try:
+                if self.expert_map is not None:
+                    self.check_workers()
+            except ChangesPausedError as e:
+                logger.warning("worker replacement paused: %s", e)
+            except Exception:
+                logger.exception("health check failed")
+
     def _control_loop(self) -> None:
         assert self.policy is not None
         while not self._stop.wait(self.policy.spec.interval_s):
             try:
                 if self.expert_map is None:
                     continue
-                self.check_workers()
                 self.autoscale_once()
             except ChangesPausedError as e:
                 logger.warning("autoscaler paused: %s", e)

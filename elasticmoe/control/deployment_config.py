@@ -59,6 +59,9 @@ class DeploymentConfig(BaseModel):
     rpc_timeout_s: float = Field(120.0, gt=0)
     worker_start_timeout_s: float = Field(600.0, gt=0)
     map_poll_s: float = Field(2.0, gt=0, description="engines pull the map this often")
+    health_check_s: float = Field(
+        2.0, gt=0, description="the controller checks workers this often; 2 misses = dead"
+    )
 
     @model_validator(mode="after")
     def _check_workers(self) -> DeploymentConfig:
