@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import ray
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -26,3 +27,11 @@ def hf_family_models(tmp_path_factory) -> dict:
 def _elasticmoe_home(tmp_path_factory, monkeypatch):
     """Keep built-in checkpoints out of the user's home."""
     monkeypatch.setenv("ELASTICMOE_HOME", str(tmp_path_factory.getbasetemp() / "elasticmoe-home"))
+
+
+@pytest.fixture(scope="module")
+def ray_instance():
+    """One local Ray instance per test module that asks for it (stopped at module end)."""
+    ray.init(num_cpus=12, include_dashboard=False, namespace="elasticmoe", log_to_driver=False)
+    yield
+    ray.shutdown()

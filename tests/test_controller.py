@@ -23,11 +23,7 @@ PARAMS = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
 PROMPTS = [{"prompt_token_ids": [i, i + 3, i + 8, i + 1]} for i in range(1, 9)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_instance():
-    ray.init(num_cpus=12, include_dashboard=False, namespace="elasticmoe", log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_instance")
 
 
 @pytest.fixture(scope="module")

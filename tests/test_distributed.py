@@ -23,11 +23,7 @@ from hf_models import FAMILIES, PROMPTS, capture_logits
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_instance():
-    ray.init(num_cpus=8, include_dashboard=False, namespace="elasticmoe", log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_instance")
 
 
 def no_elasticmoe_actors_left(timeout: float = 10.0) -> bool:

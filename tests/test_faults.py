@@ -14,11 +14,7 @@ PARAMS = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
 PROMPTS = [{"prompt_token_ids": [i, i + 4, i + 9]} for i in range(1, 7)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def ray_instance():
-    ray.init(num_cpus=8, include_dashboard=False, namespace="elasticmoe", log_to_driver=False)
-    yield
-    ray.shutdown()
+pytestmark = pytest.mark.usefixtures("ray_instance")
 
 
 @pytest.fixture(scope="module")
