@@ -31,7 +31,20 @@ def _elasticmoe_home(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="module")
 def ray_instance():
-    """One local Ray instance per test module that asks for it (stopped at module end)."""
-    ray.init(num_cpus=12, include_dashboard=False, namespace="elasticmoe", log_to_driver=False)
+    """One local Ray instance per test module that asks for it (stopped at module end).
+
+    Starting Ray's GCS can time out on a loaded 2-core machine (seen once in a full run);
+    a second attempt after a clean shutdown succeeds.
+    """
+    for attempt in range(3):
+        try:
+            ray.init(
+                num_cpus=12, include_dashboard=False, namespace="elasticmoe", log_to_driver=False
+            )
+            break
+        except RuntimeError:
+            ray.shutdown()
+            if attempt == 2:
+                raise
     yield
     ray.shutdown()
