@@ -14,11 +14,12 @@ from typing import Any
 
 import pytest
 import yaml
-from k8s_schemas import validate
 
 from elasticmoe.serve.server import load_serve_config
 from operators.elasticmoe_operator import crd, render
 from operators.elasticmoe_operator.spec import SpecError, validate_name, validate_spec
+
+from k8s_schemas import validate
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLES = REPO / "examples" / "k8s"
