@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PROMPT ?= def fibonacci(n):
 PORT ?= 8000
 
-.PHONY: setup run demo test lint protos clean redis dashboards
+.PHONY: setup run demo test lint protos clean redis dashboards golden
 
 setup: $(VENV)/.installed
 
@@ -32,7 +32,7 @@ redis:
 	bash scripts/install-redis.sh
 
 lint: setup
-	$(VENV)/bin/ruff check elasticmoe tests bench
+	$(VENV)/bin/ruff check elasticmoe operators tests bench
 
 test: setup redis lint
 	$(PY) -m pytest -q -ra
@@ -42,6 +42,12 @@ protos: setup
 
 dashboards: setup
 	$(PY) -m elasticmoe.serve.dashboards
+
+# Regenerate the Kubernetes files derived from the code: the chart's CRD, the chart's
+# copies of dashboards/policies/examples, and the golden renders in tests/golden/helm.
+golden: setup
+	$(PY) -m operators.elasticmoe_operator.crd
+	$(PY) -m operators.elasticmoe_operator.chart
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

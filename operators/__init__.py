@@ -1,0 +1,1 @@
+"""Kubernetes operators of elasticmoe (see :mod:`operators.elasticmoe_operator`)."""

@@ -1,0 +1,363 @@
+"""Reconcile handlers: read the world, call the pure functions of :mod:`render`, write.
+
+Each handler takes the custom resource's ``body`` and an :class:`OperatorContext`
+holding the Kubernetes client, the admin-API client factory and the settings,
+so tests run them against a mock API server without kopf's machinery. The kopf
+decorators in :mod:`main` are one-line calls into these.
+
+Errors follow kopf's split: a spec that can never work raises
+:class:`kopf.PermanentError` after writing a ``Ready=False`` condition that
+names the field; a dependency that is not there yet (a Secret, a ConfigMap, a
+PVC, the RayCluster, the admin API) raises :class:`kopf.TemporaryError` with a
+delay.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import kopf
+
+from operators.elasticmoe_operator import render
+from operators.elasticmoe_operator.admin import AdminClient, AdminError
+from operators.elasticmoe_operator.config import OperatorConfig
+from operators.elasticmoe_operator.crd import GROUP, PLURAL, VERSION
+from operators.elasticmoe_operator.kube import (
+    CONFIG_MAPS,
+    PODS,
+    PVCS,
+    RAY_CLUSTERS,
+    SECRETS,
+    KubeClient,
+)
+from operators.elasticmoe_operator.spec import SpecError, check_policy, validate_name, validate_spec
+
+Obj = dict[str, Any]
+DEPLOYMENTS = (f"{GROUP}/{VERSION}", PLURAL)
+log = logging.getLogger(__name__)
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class OperatorContext:
+    """What handlers need from the outside world (injected, so tests can swap it)."""
+
+    kube: KubeClient
+    config: OperatorConfig = field(default_factory=OperatorConfig)
+    admin_factory: Callable[[str, str | None, OperatorConfig], AdminClient] = field(
+        default=lambda url, key, cfg: AdminClient(
+            url, key, timeout_s=cfg.admin_timeout_s, drain_timeout_s=cfg.drain_timeout_s
+        )
+    )
+    now: Callable[[], str] = _now
+
+    def admin_url(self, name: str, namespace: str, spec: Obj) -> str:
+        """The deployment's admin API base URL."""
+        if self.config.admin_url:
+            return self.config.admin_url.format(name=name, namespace=namespace)
+        return render.admin_url(name, namespace, spec)
+
+
+def _ids(body: Obj) -> tuple[str, str, int]:
+    meta = body["metadata"]
+    return meta["name"], meta["namespace"], int(meta.get("generation", 1))
+
+
+async def _write_status(ctx: OperatorContext, body: Obj, status: Obj) -> None:
+    name, namespace, _ = _ids(body)
+    old = body.get("status", {}).get("conditions", [])
+    if "conditions" in status:
+        status = {**status, "conditions": render.merge_conditions(old, status["conditions"])}
+    await ctx.kube.patch(DEPLOYMENTS, namespace, name, {"status": status}, status=True)
+
+
+async def _fail_spec(ctx: OperatorContext, body: Obj, err: SpecError) -> kopf.PermanentError:
+    _, _, generation = _ids(body)
+    now = ctx.now()
+    await _write_status(
+        ctx,
+        body,
+        {
+            "observedGeneration": generation,
+            "conditions": [
+                render.condition("Ready", False, "InvalidSpec", str(err), now, generation),
+                render.condition("Degraded", True, "InvalidSpec", str(err), now, generation),
+            ],
+        },
+    )
+    return kopf.PermanentError(str(err))
+
+
+async def _secret_value(ctx: OperatorContext, namespace: str, ref: Obj, field_: str) -> str:
+    """A Secret's key (base64-decoded); TemporaryError while the Secret is missing."""
+    import base64
+
+    secret = await ctx.kube.get(SECRETS, namespace, ref["name"])
+    if secret is None or ref["key"] not in secret.get("data", {}):
+        raise kopf.TemporaryError(
+            f"{field_}: Secret {ref['name']!r} with key {ref['key']!r} not found yet",
+            delay=ctx.config.retry_delay_s,
+        )
+    return base64.b64decode(secret["data"][ref["key"]]).decode()
+
+
+async def _check_dependencies(ctx: OperatorContext, namespace: str, spec: Obj) -> None:
+    """Everything the spec refers to exists (else TemporaryError) and is valid (else SpecError)."""
+    delay = ctx.config.retry_delay_s
+    ref = spec.get("autoscaling", {}).get("policyConfigMap")
+    if ref is not None:
+        cm = await ctx.kube.get(CONFIG_MAPS, namespace, ref["name"])
+        if cm is None:
+            raise kopf.TemporaryError(
+                f"spec.autoscaling.policyConfigMap: ConfigMap {ref['name']!r} not found yet",
+                delay=delay,
+            )
+        key = ref.get("key", render.POLICY_FILE)
+        if key not in cm.get("data", {}):
+            raise SpecError(
+                "spec.autoscaling.policyConfigMap.key",
+                f"ConfigMap {ref['name']!r} has no key {key!r} "
+                f"(its keys: {', '.join(sorted(cm.get('data', {}))) or 'none'})",
+            )
+        check_policy(cm["data"][key], spec, "spec.autoscaling.policyConfigMap")
+    if "apiKeySecret" in spec.get("serve", {}):
+        await _secret_value(
+            ctx, namespace, spec["serve"]["apiKeySecret"], "spec.serve.apiKeySecret"
+        )
+    store = spec.get("stateStore", {})
+    if store.get("type") == "redis" and "passwordSecret" in store["redis"]:
+        await _secret_value(
+            ctx, namespace, store["redis"]["passwordSecret"], "spec.stateStore.redis.passwordSecret"
+        )
+    pvc = spec["model"]["checkpoint"].get("pvc")
+    if pvc is not None and await ctx.kube.get(PVCS, namespace, pvc["claimName"]) is None:
+        raise kopf.TemporaryError(
+            f"spec.model.checkpoint.pvc: PersistentVolumeClaim {pvc['claimName']!r} not found yet",
+            delay=delay,
+        )
+
+
+async def _validated(ctx: OperatorContext, body: Obj) -> Obj:
+    """The spec with defaults, or PermanentError (with a Ready=False condition)."""
+    name, namespace, _ = _ids(body)
+    try:
+        validate_name(name)
+        spec = validate_spec(body.get("spec", {}))
+        await _check_dependencies(ctx, namespace, spec)
+    except SpecError as e:
+        raise await _fail_spec(ctx, body, e) from None
+    return spec
+
+
+async def _apply(ctx: OperatorContext, res: tuple[str, str], desired: Obj) -> Obj:
+    """Create ``desired`` or merge-patch the existing object's labels and content."""
+    meta = desired["metadata"]
+    current = await ctx.kube.get(res, meta["namespace"], meta["name"])
+    if current is None:
+        return await ctx.kube.create(res, desired)
+    patch = {k: v for k, v in desired.items() if k not in ("apiVersion", "kind", "metadata")}
+    patch["metadata"] = {
+        k: meta[k] for k in ("labels", "annotations", "ownerReferences") if k in meta
+    }
+    out = await ctx.kube.patch(res, meta["namespace"], meta["name"], patch)
+    return out or current
+
+
+async def reconcile(body: Obj, ctx: OperatorContext, logger: logging.Logger = log) -> None:
+    """Create or update the ConfigMap and the RayCluster of a MoEDeployment; set status."""
+    name, namespace, generation = _ids(body)
+    spec = await _validated(ctx, body)
+    rc = await ctx.kube.get(RAY_CLUSTERS, namespace, render.raycluster_name(name))
+    replicas = render.group_replicas(rc) if rc else None
+    config_map, desired_rc = render.render_children(name, spec, body, replicas)
+    if rc is not None:
+        # Keep a shrink KubeRay has not finished yet (pods named for deletion).
+        pending = {
+            g["groupName"]: g["scaleStrategy"]
+            for g in rc["spec"].get("workerGroupSpecs", [])
+            if g.get("scaleStrategy", {}).get("workersToDelete")
+        }
+        for group in desired_rc["spec"]["workerGroupSpecs"]:
+            if group["groupName"] in pending:
+                group["scaleStrategy"] = pending[group["groupName"]]
+    await _apply(ctx, CONFIG_MAPS, config_map)
+    rc = await _apply(ctx, RAY_CLUSTERS, desired_rc)
+    logger.info("RayCluster %s/%s %s", namespace, name, "updated" if replicas else "created")
+
+    now = ctx.now()
+    ready = rc.get("status", {}).get("state") == "ready"
+    pools = render.pool_status(spec, rc, [], None)
+    await _write_status(
+        ctx,
+        body,
+        {
+            "observedGeneration": generation,
+            "rayCluster": render.raycluster_name(name),
+            "endpoint": render.admin_url(name, namespace, spec) + "/v1",
+            "workers": sum(p["replicas"] for p in pools.values()),
+            "pools": pools,
+            "conditions": [
+                render.condition(
+                    "Ready",
+                    ready,
+                    "RayClusterReady" if ready else "RayClusterStarting",
+                    "RayCluster is ready" if ready else "waiting for the RayCluster to be ready",
+                    now,
+                    generation,
+                ),
+                render.condition("Degraded", False, "SpecApplied", "", now, generation),
+            ],
+        },
+    )
+
+
+async def scale(body: Obj, ctx: OperatorContext, logger: logging.Logger = log) -> None:
+    """Size every worker group to the controller's demand, draining before a shrink."""
+    name, namespace, generation = _ids(body)
+    try:
+        validate_name(name)
+        spec = validate_spec(body.get("spec", {}))
+    except SpecError:
+        return  # reconcile() reported it; nothing to scale
+    rc = await ctx.kube.get(RAY_CLUSTERS, namespace, render.raycluster_name(name))
+    if rc is None:
+        raise kopf.TemporaryError("RayCluster not created yet", delay=ctx.config.retry_delay_s)
+    api_key = None
+    if "apiKeySecret" in spec.get("serve", {}):
+        api_key = await _secret_value(
+            ctx, namespace, spec["serve"]["apiKeySecret"], "spec.serve.apiKeySecret"
+        )
+    pods = await ctx.kube.list(PODS, namespace, {render.RAY_LABEL_CLUSTER: rc["metadata"]["name"]})
+    pods = [p for p in pods if render.RAY_LABEL_GROUP in p["metadata"].get("labels", {})]
+    now = ctx.now()
+    rc_ready = rc.get("status", {}).get("state") == "ready"
+
+    admin = ctx.admin_factory(ctx.admin_url(name, namespace, spec), api_key, ctx.config)
+    try:
+        try:
+            demand = await admin.demand()
+        except AdminError as e:
+            await _write_status(
+                ctx,
+                body,
+                {
+                    "pools": render.pool_status(spec, rc, pods, None),
+                    "conditions": [
+                        render.condition(
+                            "Ready", False, "AdminUnreachable", str(e), now, generation
+                        )
+                    ],
+                },
+            )
+            raise kopf.TemporaryError(
+                f"admin API not reachable yet: {e}", delay=ctx.config.retry_delay_s
+            ) from None
+        demand_obj = demand.model_dump()
+        plan = render.plan_scale(spec, rc, demand_obj, pods)
+        refused = ""
+        if plan.drain_nodes:
+            try:
+                drained = await admin.drain(nodes=plan.drain_nodes)
+                logger.info("drained workers %s on %s", drained, plan.drain_nodes)
+            except AdminError as e:
+                # Keep every pod; grow what needs growing, shrink again next time.
+                refused = f"drain of {', '.join(plan.drain_nodes)} not done: {e}"
+                logger.warning(refused)
+                plan = render.ScalePlan(
+                    {
+                        k: (render.PoolScale(k, p.current, p.current) if p.shrinks else p)
+                        for k, p in plan.pools.items()
+                    }
+                )
+    finally:
+        await admin.aclose()
+
+    if plan.changes:
+        groups = render.apply_scale(rc, plan)
+        patch: Obj = {"spec": {"workerGroupSpecs": groups}}
+        if rc["metadata"].get("resourceVersion"):
+            # Optimistic concurrency: fail rather than overwrite a concurrent change.
+            patch["metadata"] = {"resourceVersion": rc["metadata"]["resourceVersion"]}
+        rc = await ctx.kube.patch(RAY_CLUSTERS, namespace, rc["metadata"]["name"], patch) or rc
+        for change in plan.changes:
+            logger.info(
+                "pool %s: %d -> %d workers%s",
+                change.pool,
+                change.current,
+                change.desired,
+                f" (removing {', '.join(change.remove_pods)})" if change.remove_pods else "",
+            )
+
+    pools = render.pool_status(spec, rc, pods, demand_obj)
+    unsettled = [
+        n
+        for n, p in pools.items()
+        if p["replicas"] != p["readyReplicas"] or p.get("desired", p["replicas"]) != p["replicas"]
+    ]
+    unhealthy = [w.worker_id for w in demand.workers if not w.healthy]
+    degraded_msg = "; ".join(
+        m
+        for m in (
+            refused,
+            f"unhealthy workers: {', '.join(unhealthy)}" if unhealthy else "",
+        )
+        if m
+    )
+    scaling_msg = ", ".join(f"{c.pool} {c.current}->{c.desired}" for c in plan.changes) or (
+        f"pools settling: {', '.join(unsettled)}" if unsettled else ""
+    )
+    await _write_status(
+        ctx,
+        body,
+        {
+            "epoch": demand.epoch,
+            "workers": sum(p["replicas"] for p in pools.values()),
+            "pools": pools,
+            "conditions": [
+                render.condition(
+                    "Ready",
+                    rc_ready,
+                    "RayClusterReady" if rc_ready else "RayClusterStarting",
+                    "" if rc_ready else "waiting for the RayCluster to be ready",
+                    now,
+                    generation,
+                ),
+                render.condition(
+                    "Scaling",
+                    bool(plan.changes or unsettled),
+                    "WorkerGroupsResized"
+                    if plan.changes
+                    else ("PodsSettling" if unsettled else "Stable"),
+                    scaling_msg,
+                    now,
+                    generation,
+                ),
+                render.condition(
+                    "Degraded",
+                    bool(degraded_msg),
+                    "DrainRefused" if refused else ("UnhealthyWorkers" if unhealthy else "Healthy"),
+                    degraded_msg,
+                    now,
+                    generation,
+                ),
+            ],
+        },
+    )
+
+
+async def delete(body: Obj, ctx: OperatorContext, logger: logging.Logger = log) -> None:
+    """Delete the children now (owner references would also let the GC do it, later)."""
+    name, namespace, _ = _ids(body)
+    for res, child in (
+        (RAY_CLUSTERS, render.raycluster_name(name)),
+        (CONFIG_MAPS, render.config_map_name(name)),
+    ):
+        if await ctx.kube.delete(res, namespace, child):
+            logger.info("deleted %s %s/%s", res[1], namespace, child)
