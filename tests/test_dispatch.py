@@ -63,10 +63,14 @@ def test_load_aware_choice_prefers_the_emptier_replica():
     assert [s.expert for s in plan["w1"]] == [1]
 
 
-def test_slow_worker_gets_less():
-    m = ExpertMap(1, {LE(0, 0): ("w0", "w1")}, WORKERS)
-    plan = plan_dispatch(0, [(0, 0, 100)], m, worker_cost={"w0": 4.0}, min_split_rows=16)
-    assert sum(s.num_rows for s in plan["w0"]) < sum(s.num_rows for s in plan["w1"])
+def test_slow_worker_gets_nothing_while_another_replica_is_normal():
+    m = ExpertMap(1, {LE(0, 0): ("w0", "w1"), LE(0, 1): ("w0",)}, WORKERS)
+    plan = plan_dispatch(
+        0, [(0, 0, 100), (1, 100, 104)], m, worker_cost={"w0": 4.0}, min_split_rows=16
+    )
+    # expert 0 avoids the slow w0 entirely; expert 1 has no other replica, so w0 serves it
+    assert [s.expert for s in plan["w1"]] == [0] and plan["w1"][0].num_rows == 100
+    assert [s.expert for s in plan["w0"]] == [1]
 
 
 def test_expert_map_round_trip_and_changes():

@@ -2,7 +2,8 @@
 
 A server interceptor, installed only when a worker is started with fault
 injection enabled (off by default), that delays and/or fails ``Forward``
-calls. The delay and failure rate can be changed while the worker runs
+calls and can delay ``LoadExperts`` (so a drill can catch a scaling operation
+half-way). The settings can be changed while the worker runs
 (``ExpertWorker.set_fault``).
 """
 
@@ -17,21 +18,24 @@ import grpc
 
 @dataclass
 class FaultConfig:
-    """What to do to each Forward call: sleep ``delay_ms``, then fail with ``fail_rate``."""
+    """Forward calls sleep ``delay_ms`` then fail with ``fail_rate``; LoadExperts calls
+    sleep ``load_delay_ms``."""
 
     delay_ms: float = 0.0
     fail_rate: float = 0.0
+    load_delay_ms: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.delay_ms < 0 or not 0.0 <= self.fail_rate <= 1.0:
+        if self.delay_ms < 0 or self.load_delay_ms < 0 or not 0.0 <= self.fail_rate <= 1.0:
             raise ValueError(
-                f"fault config: delay_ms must be >= 0 and fail_rate in 0..1 "
-                f"(got delay_ms={self.delay_ms}, fail_rate={self.fail_rate})"
+                f"fault config: delay_ms and load_delay_ms must be >= 0 and fail_rate in 0..1 "
+                f"(got delay_ms={self.delay_ms}, load_delay_ms={self.load_delay_ms}, "
+                f"fail_rate={self.fail_rate})"
             )
 
 
 class FaultInterceptor(grpc.aio.ServerInterceptor):
-    """Delays or fails ``/elasticmoe.v1.ExpertService/Forward`` per :class:`FaultConfig`."""
+    """Delays or fails ``Forward`` and delays ``LoadExperts`` per :class:`FaultConfig`."""
 
     def __init__(self, config: FaultConfig | None = None, seed: int = 0) -> None:
         self.config = config or FaultConfig()
@@ -39,15 +43,18 @@ class FaultInterceptor(grpc.aio.ServerInterceptor):
 
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
-        if handler is None or not handler_call_details.method.endswith("/Forward"):
+        method = handler_call_details.method
+        if handler is None or not method.endswith(("/Forward", "/LoadExperts")):
             return handler
         inner = handler.unary_unary
+        forward = method.endswith("/Forward")
 
         async def faulty(request, context):
             cfg = self.config
-            if cfg.delay_ms:
-                await asyncio.sleep(cfg.delay_ms / 1e3)
-            if cfg.fail_rate and self._rng.random() < cfg.fail_rate:
+            delay = cfg.delay_ms if forward else cfg.load_delay_ms
+            if delay:
+                await asyncio.sleep(delay / 1e3)
+            if forward and cfg.fail_rate and self._rng.random() < cfg.fail_rate:
                 await context.abort(grpc.StatusCode.UNAVAILABLE, "injected fault")
             return await inner(request, context)
 

@@ -233,15 +233,18 @@ class ExpertWorker:
             await self._servicer.load_experts(experts)
         return await self.info()
 
-    async def set_fault(self, delay_ms: float = 0.0, fail_rate: float = 0.0) -> dict[str, float]:
-        """Delay and/or fail this worker's Forward calls (needs ``fault_injection=True``)."""
+    async def set_fault(
+        self, delay_ms: float = 0.0, fail_rate: float = 0.0, load_delay_ms: float = 0.0
+    ) -> dict[str, float]:
+        """Delay and/or fail this worker's Forward calls, delay its LoadExperts calls
+        (needs ``fault_injection=True``)."""
         if self._faults is None:
             raise RuntimeError(
                 f"worker {self.worker_id} was started without fault_injection; "
                 "set fault_injection: true in the deployment config"
             )
-        self._faults.config = FaultConfig(delay_ms, fail_rate)
-        return {"delay_ms": delay_ms, "fail_rate": fail_rate}
+        self._faults.config = FaultConfig(delay_ms, fail_rate, load_delay_ms)
+        return {"delay_ms": delay_ms, "fail_rate": fail_rate, "load_delay_ms": load_delay_ms}
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop serving: refuse new calls, let in-flight ones finish for ``grace`` seconds."""
@@ -276,7 +279,18 @@ class ExpertWorker:
             "forward_calls": stats.forward_calls if stats else 0,
             "rows_served": stats.rows_served if stats else 0,
             "compute_seconds": stats.compute_seconds if stats else 0.0,
+            **_node_identity(),
         }
+
+
+def _node_identity() -> dict[str, str | None]:
+    """The Ray node this worker runs on (drains and node-loss reports name nodes)."""
+    import ray
+
+    if not ray.is_initialized():
+        return {"node_id": None, "node_ip": None}
+    ctx = ray.get_runtime_context()
+    return {"node_id": ctx.get_node_id(), "node_ip": ray.util.get_node_ip_address()}
 
 
 def _default_host() -> str:

@@ -3,7 +3,8 @@
 Rows of one logical expert go to the live replica with the least load; a hot
 expert with several live replicas has its rows split across them so they
 level out. Load is the rows already given to a worker in this plan, weighted
-by the worker's cost (1.0 normally; more for a worker seen to be slow).
+by the worker's cost (1.0 normally; more for a worker seen to be slow). A
+slow worker gets rows only for experts that have no replica on a normal one.
 """
 
 from __future__ import annotations
@@ -65,6 +66,10 @@ def plan_dispatch(
         if not live:
             missing.append(LogicalExpert(layer, expert))
             continue
+        # a slow worker's delay is per call, not per row: any rows sent there hold up the
+        # whole layer, so it gets none while the expert has a replica on a normal worker
+        normal = [w for w in live if cost.get(w, 1.0) <= 1.0]
+        live = normal or live
         rows = end - start
         parts = max(1, min(len(live), rows // max(min_split_rows, 1)))
         # the `parts` least-loaded replicas share the rows, level-filling them

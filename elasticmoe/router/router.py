@@ -72,7 +72,8 @@ class WorkerLatency:
     """EWMA call latency per worker, turned into dispatch costs (1.0 = normal).
 
     A worker slower than ``slow_factor`` x the median worker gets a cost equal
-    to its slowdown (capped at 16), so plan_dispatch sends it fewer rows. The
+    to its slowdown (capped at 16), so plan_dispatch sends it no rows where
+    another replica is on a normal worker. The
     penalty decays with a 5 s half-life when no new calls are observed, so a
     worker that recovered gets traffic (and new samples) again.
     """
