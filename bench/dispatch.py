@@ -125,7 +125,9 @@ def run_mode(args: argparse.Namespace) -> dict:
             out["results"][batch] = measure(engine, batch, args.steps, args.prompt_len)
         return out
     experts = [LogicalExpert(layer, e) for layer in mc.moe_layers for e in range(mc.num_experts)]
-    ray.init(num_cpus=args.num_workers + 1, include_dashboard=False, log_to_driver=False)
+    ray.init(
+        address="local", num_cpus=args.num_workers + 1, include_dashboard=False, log_to_driver=False
+    )
     worker_ids = [f"w{i}" for i in range(args.num_workers)]
     placement = initial_placement(experts, worker_ids, len(experts))
     handles, addresses = {}, {}

@@ -466,7 +466,13 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = init_model(args.arch, args.preset, Path(tmp) / "m")
-        ray.init(num_cpus=16, include_dashboard=False, namespace="elasticmoe", log_to_driver=False)
+        ray.init(
+            address="local",
+            num_cpus=16,
+            include_dashboard=False,
+            namespace="elasticmoe",
+            log_to_driver=False,
+        )
         base = DeploymentConfig(
             model=str(model_dir),
             num_workers=args.workers,

@@ -39,7 +39,11 @@ def ray_instance():
     for attempt in range(3):
         try:
             ray.init(
-                num_cpus=12, include_dashboard=False, namespace="elasticmoe", log_to_driver=False
+                address="local",  # never another session's cluster (e.g. the chaos drill's)
+                num_cpus=12,
+                include_dashboard=False,
+                namespace="elasticmoe",
+                log_to_driver=False,
             )
             break
         except RuntimeError:

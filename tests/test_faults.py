@@ -121,3 +121,82 @@ def test_engine_killed_mid_batch_requests_rerun_elsewhere(ckpt):
     out = result["out"]
     assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in expected]
     assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in expected[:2]]
+
+
+def test_replay_skips_delivered_tokens_and_rejects_a_different_rerun():
+    from elasticmoe.engine.request import (
+        CompletionOutput,
+        Replay,
+        ReplayDivergedError,
+        RequestOutput,
+    )
+
+    def out(ids, finished=False):
+        return RequestOutput("r", None, [1], [CompletionOutput(0, "", list(ids))], finished)
+
+    replay = Replay(SamplingParams(max_tokens=4, temperature=0))
+    assert replay.can_resume()
+    assert replay.accept(out([5])) and replay.accept(out([5, 6]))
+    # the engine died; the rerun repeats 5, 6 (skipped), then goes on
+    assert not replay.accept(out([5])) and not replay.accept(out([5, 6]))
+    assert replay.accept(out([5, 6, 7]))
+    with pytest.raises(ReplayDivergedError, match="different tokens after 3"):
+        replay.accept(out([5, 9]))
+    sampled = Replay(SamplingParams(max_tokens=4, temperature=1.0))
+    assert sampled.can_resume()  # nothing delivered yet
+    sampled.accept(out([3]))
+    assert not sampled.can_resume()  # an unseeded rerun would not repeat [3]
+    seeded = Replay(SamplingParams(max_tokens=4, temperature=1.0, seed=7))
+    seeded.accept(out([3]))
+    assert seeded.can_resume()
+
+
+def test_demand_drain_and_adoption_after_a_controller_restart(ckpt):
+    """The operator's hooks, and a controller restart with the in-memory store."""
+    import time
+
+    from elasticmoe.control.controller import ControllerError
+
+    expected = LLM(str(ckpt)).generate(PROMPTS, PARAMS)
+    with LLM(
+        str(ckpt),
+        mode="distributed",
+        num_workers=3,
+        replicas_per_expert=2,
+        name="drain",
+        progress=False,
+    ) as llm:
+        controller = llm.deployment.controller
+        demand = ray.get(controller.demand.remote())
+        assert demand["pools"] == {"default": {"workers": 3, "desired": 3}}
+        assert {w["worker_id"] for w in demand["workers"]} == {"w0", "w1", "w2"}
+        assert all(w["node"] and w["node_id"] for w in demand["workers"])
+        assert ray.get(controller.redundancy.remote(True))["full"]
+
+        drained = ray.get(controller.drain.remote(["w0"], []))
+        assert drained["drained"] == ["w0"]
+        m = llm.deployment.expert_map
+        assert "w0" not in m.workers and all(m.replicas_of(e) for e in m.replicas)
+        with pytest.raises(ControllerError, match="would leave no worker"):
+            ray.get(controller.drain.remote([], [demand["workers"][0]["node_id"]]))
+        with pytest.raises(ControllerError, match="no worker"):
+            ray.get(controller.drain.remote(["w9"], []))
+
+        epoch = m.epoch
+        old = ray.get(controller.instance_id.remote())
+        ray.kill(controller, no_restart=False)  # the in-memory store dies with it
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            try:
+                if ray.get(controller.instance_id.remote(), timeout=10) != old:
+                    break
+            except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+                time.sleep(0.2)
+        status = ray.get(controller.status.remote())
+        assert status["epoch"] == epoch  # adopted from the engine, not a new bootstrap
+        assert sorted(w["worker_id"] for w in status["workers"]) == ["w1", "w2"]
+        assert status["history"][-1]["kind"] == "adopt"
+        ray.get(controller.add_worker.remote(1))  # changes work again
+        assert len(llm.deployment.expert_map.workers) == 3
+        out = llm.generate(PROMPTS, PARAMS)
+    assert [o.outputs[0].token_ids for o in out] == [o.outputs[0].token_ids for o in expected]

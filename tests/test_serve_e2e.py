@@ -285,6 +285,25 @@ def test_admin_api_scales_an_expert(server):
     assert httpx.post(f"{server.url}/admin/scale", json={"expert": "1:2"}).status_code == 401
 
 
+def test_admin_demand_and_drain_refusals(server):
+    """The Kubernetes operator's hooks (a successful drain is tested in test_faults)."""
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    demand = httpx.get(f"{server.url}/admin/demand", headers=headers, timeout=60).json()
+    assert demand["pools"]["default"]["workers"] == 2
+    assert demand["pools"]["default"]["desired"] >= 2
+    workers = [w["worker_id"] for w in demand["workers"]]
+    assert len(workers) == 2 and all(w["node"] for w in demand["workers"])
+    # draining every worker would lose experts: refused with 409, nothing changes
+    r = httpx.post(
+        f"{server.url}/admin/drain", json={"workers": workers}, headers=headers, timeout=60
+    )
+    assert r.status_code == 409 and "would leave no worker" in r.json()["error"]["message"]
+    r = httpx.post(f"{server.url}/admin/drain", json={}, headers=headers, timeout=60)
+    assert r.status_code in (400, 422) and "at least one worker or node" in r.text
+    after = httpx.get(f"{server.url}/admin/demand", headers=headers, timeout=60).json()
+    assert after["epoch"] == demand["epoch"]
+
+
 def test_metrics_during_load(server, client):
     name = server_model(server)
     before = scrape(server)

@@ -93,6 +93,7 @@ class Controller:
         self._needs_recovery = False
         self.spares: list[str] = []  # started, empty workers outside the map
         self._spares_starting = 0
+        self._workers_starting = 0
         self._op_counts: collections.Counter[tuple[str, str]] = collections.Counter()
         self._op_seconds: collections.Counter[tuple[str, str]] = collections.Counter()
         self._load_samples: collections.deque[tuple[float, dict[LogicalExpert, float]]] = (
@@ -100,6 +101,7 @@ class Controller:
         )
         self._unhealthy: dict[str, int] = {}  # worker -> consecutive failed health checks
         self._stop = threading.Event()
+        self.instance = uuid.uuid4().hex  # changes when Ray restarts the actor
         self._recover()
         self.policy = load_policy(self.config.policy) if self.config.policy else None
         self.policy_state = PolicyState()
@@ -132,6 +134,8 @@ class Controller:
             return
         if stored is not None:
             self.expert_map = ExpertMap.from_dict(stored)
+        elif self.store.is_memory:
+            self._adopt()
         ids = [int(w[1:]) for w in self.workers if w[1:].isdigit()]
         self._next_worker = max(ids, default=-1) + 1
         in_map = set(self.expert_map.workers) if self.expert_map else set()
@@ -142,6 +146,64 @@ class Controller:
             self._resume(op_id)
         if self.expert_map is not None:
             self._reconcile_slots()
+
+    def _adopt(self) -> None:
+        """After a restart that lost the in-memory store: take over what still runs.
+
+        Engines hold the newest expert map; the detached worker actors hold the
+        weights. Workers outside that map become spares; an operation that was
+        half-done when the old controller died leaves orphan slots, which
+        :meth:`_reconcile_slots` frees. (A Redis store keeps the journal and
+        does better: it finishes or rolls back that operation.)
+        """
+        import ray
+
+        maps = []
+        for engine in self._engines():
+            try:
+                current = ray.get(engine.current_map.remote(), timeout=30)
+            except Exception as e:  # a dead engine knows nothing
+                logger.info("engine did not answer while adopting: %s", e)
+                continue
+            if current:
+                maps.append(current)
+        if not maps:
+            return  # a first start: bootstrap() publishes epoch 1
+        newest = ExpertMap.from_dict(max(maps, key=lambda d: d["epoch"]))
+        prefix = worker_actor_name(self.config.name, "")
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            if entry.get("namespace") != NAMESPACE or not entry["name"].startswith(prefix):
+                continue
+            wid = entry["name"][len(prefix) :]
+            try:
+                info = ray.get(
+                    ray.get_actor(entry["name"], namespace=NAMESPACE).info.remote(), timeout=30
+                )
+            except Exception as e:
+                logger.warning("worker %s did not answer while adopting: %s", wid, e)
+                continue
+            self.workers[wid] = {
+                "address": info["address"],
+                "node_id": info.get("node_id"),
+                "node_ip": info.get("node_ip"),
+                "num_slots": info["num_slots"],
+                "pool": self.config.pool,
+                "actor": entry["name"],
+                "started": time.time(),
+                "spare": wid not in newest.workers,
+            }
+            self.store.put_worker(wid, self.workers[wid])
+        ids = [int(w[1:]) for w in self.workers if w[1:].isdigit()]
+        self._next_worker = max(ids, default=-1) + 1
+        self.spares = sorted(w for w in self.workers if w not in newest.workers)
+        self.store.put_map(newest.to_dict(), expected_epoch=None)
+        self.expert_map = newest
+        logger.warning(
+            "state store was empty after a restart: adopted expert map epoch %d and %d workers",
+            newest.epoch,
+            len(self.workers),
+        )
+        self.history.append({"kind": "adopt", "result": "done", "epoch": newest.epoch})
 
     def _resume(self, op_id: str) -> None:
         entries = self.store.journal_entries(op_id)
@@ -245,6 +307,8 @@ class Controller:
                 name=worker_actor_name(c.name, wid),
                 namespace=NAMESPACE,
                 lifetime="detached",
+                # one node's loss takes as few replicas as possible
+                scheduling_strategy="SPREAD",
                 runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
             ).remote(
                 wid,
@@ -271,6 +335,8 @@ class Controller:
                         )
                 entry = {
                     "address": info["address"],
+                    "node_id": info.get("node_id"),
+                    "node_ip": info.get("node_ip"),
                     "num_slots": num_slots,
                     "pool": c.pool,
                     "actor": worker_actor_name(c.name, wid),
@@ -290,6 +356,14 @@ class Controller:
     def dtype(self) -> str:
         """The dtype workers and engines run in."""
         return self.config.resolved_dtype(self.model)
+
+    def instance_id(self) -> str:
+        """Differs after every restart of this actor."""
+        return self.instance
+
+    def state_store_url(self) -> str | None:
+        """Where the state lives (None: in this actor's memory)."""
+        return self.config.state_store
 
     def get_map(self) -> dict[str, Any] | None:
         """The current expert map (engines pull this as a fallback to pushes)."""
@@ -326,6 +400,7 @@ class Controller:
                 {"kind": k, "result": r, "count": n, "seconds": round(self._op_seconds[k, r], 3)}
                 for (k, r), n in sorted(self._op_counts.items())
             ],
+            "redundancy": self.redundancy(),
             "autoscaler": self.policy.metadata.name if self.policy else None,
             "history": self.history[-20:],
         }
@@ -425,13 +500,19 @@ class Controller:
                 )
             ids = [self.spares.pop(0) for _ in range(min(count, len(self.spares)))]
             ids += [self._new_worker_id() for _ in range(count - len(ids))]
+            self._workers_starting += count
             try:
                 return self._change("add_worker", add_workers=ids)
             finally:
+                self._workers_starting -= count
                 threading.Thread(target=self._replenish_spares, daemon=True).start()
 
-    def remove_worker(self, worker: str) -> dict[str, Any]:
-        """Move every replica off ``worker``, then stop it."""
+    def remove_worker(self, worker: str, keep_off: Iterable[str] = ()) -> dict[str, Any]:
+        """Move every replica off ``worker``, then stop it.
+
+        Replicas that must move go to live workers not in ``keep_off`` (workers
+        about to be drained too).
+        """
         with self.lock:
             m = self._map()
             if worker not in m.workers:
@@ -440,13 +521,149 @@ class Controller:
                 raise ControllerError("cannot remove the last worker")
             adds, removes = [], []
             planned: dict[str, int] = {}
+            exclude = {worker, *keep_off}
             for e in m.experts_on(worker):
                 removes.append((e, worker))
-                if len(m.replicas_of(e)) == 1:  # its only copy: move it
-                    target = self._pick_target(e, exclude={worker}, planned=planned)
+                live = [w for w in m.replicas_of(e) if w not in exclude]
+                if not live:  # no copy stays: move it
+                    target = self._pick_target(e, exclude=exclude, planned=planned)
                     planned[target] = planned.get(target, 0) + 1
                     adds.append((e, target))
             return self._change("remove_worker", add=adds, remove=removes, remove_workers=[worker])
+
+    def drain(self, workers: Iterable[str] = (), nodes: Iterable[str] = ()) -> dict[str, Any]:
+        """Move every replica off these workers (and the workers on these nodes), then stop them.
+
+        A node is named by its Ray node id or IP. Used before a Kubernetes
+        worker group shrinks: the pods go only after their experts moved.
+        """
+        with self.lock:
+            m = self._map()
+            nodes = set(nodes)
+            wanted = set(workers)
+            unknown = sorted(w for w in wanted if w not in m.workers and w not in self.spares)
+            if unknown:
+                raise ControllerError(f"no worker(s) {unknown}; workers: {sorted(m.workers)}")
+            for w, entry in self.workers.items():
+                if nodes & {entry.get("node_id"), entry.get("node_ip")}:
+                    wanted.add(w)
+            spares = sorted(w for w in wanted if w in self.spares)
+            active = sorted(w for w in wanted if w in m.workers)
+            if active and len(active) >= len(m.workers):
+                raise ControllerError(
+                    f"draining {active} would leave no worker; add workers elsewhere first"
+                )
+            drained = []
+            for w in active:
+                self.remove_worker(w, keep_off=set(active) - set(drained) - {w})
+                drained.append(w)
+            for w in spares:
+                self.spares.remove(w)
+            self._stop_workers(spares)
+            return {"drained": drained + spares, "epoch": self._map().epoch}
+
+    def demand(self) -> dict[str, Any]:
+        """Workers per pool now and wanted (the Kubernetes operator sizes node groups by it).
+
+        Lock-free on purpose: an ``add_worker`` waiting for a node holds the lock,
+        and the operator must read this demand to create that node.
+        """
+        m = self.expert_map
+        in_map = list(m.workers) if m else []
+        workers = [
+            {
+                "worker_id": w,
+                "pool": self.workers.get(w, {}).get("pool", self.config.pool),
+                "node": self.workers.get(w, {}).get("node_ip"),
+                "node_id": self.workers.get(w, {}).get("node_id"),
+                "spare": w in self.spares,
+                "healthy": self._unhealthy.get(w, 0) == 0,
+            }
+            for w in [*in_map, *self.spares]
+        ]
+        pools: dict[str, dict[str, int]] = {}
+        for entry in workers:
+            pool = pools.setdefault(entry["pool"], {"workers": 0, "desired": 0})
+            pool["workers"] += 1
+        own = pools.setdefault(self.config.pool, {"workers": 0, "desired": 0})
+        own["desired"] = max(
+            own["workers"] + self._spares_starting + self._workers_starting,
+            self.config.spare_workers + (self.policy_min_workers() or 1),
+        )
+        for name, pool in pools.items():
+            if name != self.config.pool:
+                pool["desired"] = pool["workers"]
+        return {"epoch": m.epoch if m else None, "pools": pools, "workers": workers}
+
+    def policy_min_workers(self) -> int | None:
+        """The policy's floor for this deployment's pool (None without a policy)."""
+        if self.policy is None:
+            return None
+        for pool in self.policy.spec.pools:
+            if pool.name == self.config.pool:
+                return pool.min_workers
+        return None
+
+    def min_replicas(self) -> dict[LogicalExpert, int]:
+        """Replicas every expert must keep: the policy's minimum, else the configured counts."""
+        counts = self.config.replica_counts(self.all_experts)
+        if self.policy is not None:
+            floor = self.policy.spec.experts.min_replicas
+            counts = {e: floor for e in counts}
+        workers = len(self._map().workers) if self.expert_map else 1
+        return {e: min(n, workers) for e, n in counts.items()}
+
+    def redundancy(self, probe: bool = False) -> dict[str, Any]:
+        """Experts below their minimum replica count on live workers (``full`` when none).
+
+        A worker counts as dead after a failed health check of the health loop,
+        or, with ``probe``, when it does not answer one now.
+        """
+        if self.expert_map is None:
+            return {"full": False, "below_min": [], "missing": [], "workers": 0}
+        m = self.expert_map
+        floor = self.min_replicas()
+        if probe:
+            dead = {w for w in m.workers if not self._healthy(w)}
+        else:
+            dead = {w for w, n in self._unhealthy.items() if n > 0}
+        below, missing = [], []
+        for e, n in sorted(floor.items()):
+            live = [w for w in m.replicas_of(e) if w not in dead]
+            if not live:
+                missing.append(str(e))
+            if len(live) < n:
+                below.append(str(e))
+        return {
+            "full": not below,
+            "below_min": below,
+            "missing": missing,
+            "workers": len(m.workers) - len(dead),
+        }
+
+    def restore_redundancy(self, replace_workers: int = 0) -> list[dict[str, Any]]:
+        """Start ``replace_workers`` workers (within max_workers), then replicate every expert
+        below its minimum replica count (after a worker died)."""
+        results = []
+        with self.lock:
+            room = self.config.max_workers - len(self._map().workers)
+            count = min(replace_workers, room)
+            if count > 0:
+                results.append(self.add_worker(count))
+            m = self._map()
+            for e, n in sorted(self.min_replicas().items()):
+                missing = n - len(self._map().replicas_of(e))
+                for _ in range(missing):
+                    try:
+                        if self._map().replicas_of(e):
+                            results.append(self.replicate(str(e)))
+                        else:
+                            results.append(self.restore(str(e)))
+                    except ControllerError as err:
+                        logger.warning("cannot restore redundancy of %s: %s", e, err)
+                        break
+            del m
+        return results
 
     def restore(self, expert: str) -> dict[str, Any]:
         """Bring back an expert that lost every replica (from the checkpoint)."""
@@ -858,7 +1075,18 @@ class Controller:
         return (max(ttft) if ttft else None, max(itl) if itl else None)
 
     def check_workers(self) -> list[str]:
-        """Remove workers that failed two health checks in a row (their sole replicas move)."""
+        """Replace workers that failed two health checks in a row.
+
+        The dead worker leaves the map (its sole replicas are restored from the
+        checkpoint on live workers), a replacement starts (a spare if ready),
+        and every expert is replicated back to its minimum replica count.
+        """
+        removed = self._remove_dead_workers()
+        if removed or not self.redundancy()["full"]:
+            self.restore_redundancy(replace_workers=len(removed))
+        return removed
+
+    def _remove_dead_workers(self) -> list[str]:
         removed = []
         for w in list(self._map().workers):
             if self._healthy(w):
@@ -907,11 +1135,17 @@ class Controller:
         return results
 
     def _health_loop(self) -> None:
-        """Always on: replace dead workers, whether or not a policy is set."""
+        """Always on: replace dead workers, whether or not a policy is set; every 30 s,
+        free slots no map lists (a load that finished after its operation was rolled back)."""
+        last_reconcile = time.monotonic()
         while not self._stop.wait(self.config.health_check_s):
             try:
                 if self.expert_map is not None:
                     self.check_workers()
+                    if time.monotonic() - last_reconcile > 30:
+                        last_reconcile = time.monotonic()
+                        with self.lock:  # no operation is half-done while it is held
+                            self._reconcile_slots()
             except ChangesPausedError as e:
                 logger.warning("worker replacement paused: %s", e)
             except Exception:

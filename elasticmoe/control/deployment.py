@@ -68,6 +68,8 @@ class Deployment:
             # logical CPUs: room for the initial actors plus a few added workers
             needed = c.num_workers * c.worker_num_cpus + c.num_engines * c.engine_num_cpus
             ray.init(
+                # a new instance even if another Ray cluster on this machine was started last
+                address="local",
                 num_cpus=max(os.cpu_count() or 1, math.ceil(needed) + 4),
                 namespace=NAMESPACE,
                 include_dashboard=False,

@@ -108,6 +108,8 @@ class StateStore(ABC):
     does not increase, appending to a finished operation) raises ``ValueError``.
     """
 
+    is_memory = False  # whether the state dies with the controller process
+
     @property
     @abstractmethod
     def url(self) -> str:
@@ -341,6 +343,8 @@ class MemoryStateStore(StateStore):
     Published epochs are delivered synchronously, in the publisher's thread,
     in subscription order, before :meth:`publish_epoch` returns.
     """
+
+    is_memory = True
 
     def __init__(self) -> None:
         # RLock: a subscriber callback may call back into the store.

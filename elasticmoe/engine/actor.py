@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
@@ -39,6 +40,7 @@ class EngineActor:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.engine_id = engine_id
+        self.instance = uuid.uuid4().hex  # changes when Ray restarts the actor
         self.router: ExpertRouter | None = None
         self.controller_name = controller_name
         self._stop = threading.Event()
@@ -96,9 +98,11 @@ class EngineActor:
         mc = self.engine.model_config
         return {
             "engine_id": self.engine_id,
+            "instance": self.instance,
             "model_type": mc.model_type,
             "num_layers": mc.num_layers,
             "num_experts": mc.num_experts,
+            "vocab_size": mc.vocab_size,
             "epoch": self.router.epoch if self.router else None,
         }
 
@@ -137,6 +141,15 @@ class EngineActor:
         assert self.router is not None
         self.router.update_map(ExpertMap.from_dict(expert_map))
         return expert_map["epoch"]
+
+    def current_map(self) -> dict[str, Any] | None:
+        """The newest expert map this engine knows (a restarted controller that lost its
+        in-memory state adopts it)."""
+        if self.router is None:
+            return None
+        pending = self.router._pending_map
+        newest = pending if pending is not None else self.router.expert_map
+        return newest.to_dict()
 
     def active_epoch(self) -> int | None:
         """Epoch of the step in flight (None when idle); used to drain old epochs."""

@@ -118,3 +118,46 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+
+
+class ReplayDivergedError(RuntimeError):
+    """A request rerun after its engine died produced different tokens than were delivered."""
+
+
+class Replay:
+    """Resume a streamed request on another engine after its engine died.
+
+    The rerun starts from the prompt again; greedy and seeded sampling give the
+    same tokens, so the outputs that only repeat what the client already has
+    are skipped (:meth:`accept` says which to pass on), and a rerun that
+    disagrees raises :class:`ReplayDivergedError`. Unseeded sampling cannot be
+    replayed (:meth:`can_resume`).
+    """
+
+    def __init__(self, params: SamplingParams) -> None:
+        self.params = params
+        self.delivered: dict[int, list[int]] = {}  # completion index -> tokens passed on
+
+    @property
+    def started(self) -> bool:
+        """Whether any token was passed on."""
+        return any(self.delivered.values())
+
+    def can_resume(self) -> bool:
+        """Whether a rerun repeats the delivered tokens exactly."""
+        return not self.started or self.params.temperature == 0 or self.params.seed is not None
+
+    def accept(self, out: RequestOutput) -> bool:
+        """Whether to pass ``out`` on (False while a rerun is still catching up)."""
+        for c in out.outputs:
+            seen = self.delivered.get(c.index, [])
+            if c.token_ids[: len(seen)] != seen[: len(c.token_ids)]:
+                raise ReplayDivergedError(
+                    f"completion {c.index}: the rerun produced different tokens after "
+                    f"{len(seen)} delivered ones"
+                )
+            if len(c.token_ids) < len(seen) or (len(c.token_ids) == len(seen) and not out.finished):
+                return False
+        for c in out.outputs:
+            self.delivered[c.index] = list(c.token_ids)
+        return True

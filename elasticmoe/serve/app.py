@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from elasticmoe.engine.request import RequestOutput, SamplingParams
+from elasticmoe.engine.request import Replay, ReplayDivergedError, RequestOutput, SamplingParams
 from elasticmoe.model.config import load_config
 from elasticmoe.model.tokenizer import Tokenizer
 from elasticmoe.serve.metrics import ClusterCollector, RequestMetrics
@@ -33,6 +33,7 @@ from elasticmoe.serve.protocol import (
     AddWorkersRequest,
     ChatCompletionRequest,
     CompletionRequest,
+    DrainRequest,
     PolicyRequest,
     ReplicaRequest,
     ScaleRequest,
@@ -262,32 +263,39 @@ class OpenAIServer:
     ) -> AsyncIterator[RequestOutput]:
         """Outputs of one engine request; aborts it if the consumer goes away.
 
-        If an engine dies before it produced anything, the request is sent to
-        the next engine; once tokens were streamed it fails with a retryable
-        503 instead (the client has seen tokens that a rerun might not repeat).
+        If the engine dies, the request runs again on the next engine (Ray
+        restarts the dead one). Tokens already streamed are not sent twice:
+        greedy and seeded requests replay to the same tokens, which are
+        skipped (:class:`Replay`). An unseeded sampled request that already
+        streamed tokens fails with a retryable 503 instead: a rerun would not
+        repeat what the client has seen.
         """
-        from ray.exceptions import RayActorError
+        from ray.exceptions import ActorUnavailableError, RayActorError
 
+        replay = Replay(params)
         for attempt in range(len(self.engines) + 1):
             engine = self._engine()
             gen = engine.generate_stream.options(num_returns="streaming").remote(
                 {"prompt_token_ids": prompt_ids}, params, request_id
             )
-            finished = produced = False
+            finished = False
             try:
                 async for ref in gen:
                     out = await ref
-                    finished, produced = out.finished, True
-                    yield out
+                    finished = out.finished
+                    if replay.accept(out):
+                        yield out
                 return
-            except RayActorError as e:
-                if produced or attempt == len(self.engines):
+            except (RayActorError, ActorUnavailableError) as e:
+                if not replay.can_resume() or attempt == len(self.engines):
                     raise APIError(
                         503,
                         f"engine failed mid-request ({e.__class__.__name__}); retry it",
                         "service_unavailable",
                     ) from e
-                logger.warning("engine died before answering %s; retrying", request_id)
+                logger.warning("engine died while serving %s; running it again", request_id)
+            except ReplayDivergedError as e:
+                raise APIError(503, f"engine failover failed: {e}", "service_unavailable") from e
             except APIError:
                 raise
             except Exception as e:
@@ -658,13 +666,14 @@ class OpenAIServer:
             self.metrics.generation_tokens.inc(completion_tokens)
 
     # ---------------------------------------------------------------- admin
-    async def _admin(self, method: str, *args: Any) -> JSONResponse:
+    async def _admin(self, method: str, *args: Any, conflict: bool = False) -> JSONResponse:
+        """Call the controller; its refusals become 400 (409 when paused or ``conflict``)."""
         from elasticmoe.control.controller import ControllerError
 
         try:
             result = await getattr(self._controller(), method).remote(*args)
         except ControllerError as e:
-            raise APIError(409 if "paused" in str(e) else 400, str(e)) from None
+            raise APIError(409 if conflict or "paused" in str(e) else 400, str(e)) from None
         return JSONResponse(result)
 
     @app.get("/admin/status")
@@ -710,6 +719,16 @@ class OpenAIServer:
     async def admin_remove_worker(self, worker_id: str) -> JSONResponse:
         """Drain a worker's experts elsewhere, then stop it."""
         return await self._admin("remove_worker", worker_id)
+
+    @app.get("/admin/demand")
+    async def admin_demand(self) -> JSONResponse:
+        """Workers per pool now and wanted, and where each worker runs (for the operator)."""
+        return await self._admin("demand")
+
+    @app.post("/admin/drain")
+    async def admin_drain(self, body: DrainRequest) -> JSONResponse:
+        """Move every replica off these workers / nodes, then stop those workers."""
+        return await self._admin("drain", body.workers, body.nodes, conflict=True)
 
     @app.put("/admin/policy")
     async def admin_policy(self, body: PolicyRequest) -> JSONResponse:

@@ -129,6 +129,20 @@ class AddWorkersRequest(BaseModel):
     count: int = Field(1, ge=1, le=64)
 
 
+class DrainRequest(BaseModel):
+    """``POST /admin/drain``: workers (ids) and/or nodes (Ray node id or IP) to empty and stop."""
+
+    model_config = ConfigDict(extra="forbid")
+    workers: list[str] = Field(default_factory=list, max_length=1024)
+    nodes: list[str] = Field(default_factory=list, max_length=1024)
+
+    @model_validator(mode="after")
+    def _something(self) -> DrainRequest:
+        if not self.workers and not self.nodes:
+            raise ValueError("name at least one worker or node to drain")
+        return self
+
+
 class PolicyRequest(BaseModel):
     """``PUT /admin/policy``: an autoscaling policy document (YAML or JSON text)."""
 
