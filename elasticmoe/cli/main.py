@@ -263,6 +263,68 @@ def scale(
     err.print(f"expert {expert} now has {replicas} replica(s)")
 
 
+@app.command()
+def chaos(
+    scenario: Annotated[
+        str,
+        typer.Option(
+            help="worker-kill | node-loss | controller-kill | redis-outage | engine-kill | "
+            "slow-worker"
+        ),
+    ],
+    duration: Annotated[float, typer.Option(help="seconds of faults", min=1)] = 60.0,
+    deployment: DeploymentOpt = "default",
+    ray_address: RayAddressOpt = None,
+    interval: Annotated[float, typer.Option(help="worker-kill: seconds between kills")] = 10.0,
+    delay_ms: Annotated[float, typer.Option(help="slow-worker: added delay per call")] = 200.0,
+    concurrency: Annotated[int, typer.Option(help="streaming clients of the load", min=1)] = 4,
+    baseline: Annotated[float, typer.Option(help="seconds of fault-free load first")] = 10.0,
+    seed: int = 0,
+) -> None:
+    """Run a fault scenario against a running deployment under load; print a JSON report.
+
+    The load streams greedy requests straight to the engines; the report counts
+    requests sent, completed and failed, outputs that differ from a fault-free
+    run, the time until every expert is back to its minimum replica count, and
+    p99 inter-token latency during the faults vs before. slow-worker needs
+    ``fault_injection: true`` in the deployment; redis-outage pauses the
+    deployment's Redis (CLIENT PAUSE). Exits 1 if a request failed, was lost
+    or differs.
+    """
+    from elasticmoe.chaos import SCENARIOS, FaultInjector, run_scenario
+
+    if scenario not in SCENARIOS:
+        raise _fail(f"--scenario {scenario!r}: one of {', '.join(SCENARIOS)}")
+    _controller(deployment, ray_address)  # connects to Ray; fails clearly if nothing runs
+    injector = FaultInjector(deployment, seed=seed)
+    try:
+        with err.status(f"chaos: {scenario}") as status:
+            report = run_scenario(
+                injector,
+                scenario,
+                duration,
+                before_s=baseline,
+                interval_s=interval,
+                delay_ms=delay_ms,
+                concurrency=concurrency,
+                seed=seed,
+                log=lambda msg: status.update(f"chaos: {msg}"),
+            )
+    except (RuntimeError, ValueError) as e:
+        raise _fail(str(e)) from None
+    print(json.dumps(report, indent=2))
+    r = report["requests"]
+    bad = r["failed"] + r["lost"] + report["differing_outputs"]
+    err.print(
+        f"{scenario}: {r['completed']}/{r['sent']} completed, {r['failed']} failed, "
+        f"{r['lost']} lost, {report['differing_outputs']} differing; "
+        f"redundancy restored in {report['time_to_full_redundancy_s']['max']} s; "
+        f"p99 ITL x{report['itl_p99_ms']['ratio']}"
+    )
+    if bad:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     """Entry point for ``python -m elasticmoe``."""
     app()
