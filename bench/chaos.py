@@ -9,13 +9,14 @@ failed / lost, greedy outputs differing from the fault-free run, time until
 full redundancy, and p99 inter-token latency and throughput during the faults
 as ratios to the fault-free baseline measured just before, in the same run.
 
-    python bench/chaos.py > chaos.json
+    python bench/chaos.py --out chaos.json
     python bench/chaos.py --scenarios worker-kill --duration 60
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import tempfile
 from pathlib import Path
@@ -51,6 +52,9 @@ def main() -> None:
     ap.add_argument("--baseline", type=float, default=8, help="fault-free seconds first")
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--delay-ms", type=float, default=200)
+    ap.add_argument(
+        "--out", help="also write the JSON here (Ray prints node-loss notices on stdout)"
+    )
     args = ap.parse_args()
     scenarios = args.scenarios.split(",")
     unknown = [s for s in scenarios if s not in SCENARIOS]
@@ -83,17 +87,18 @@ def main() -> None:
                     f"p99 ITL x{r['itl_p99_ms']['ratio']}, throughput "
                     f"x{r['throughput_tok_s']['ratio']}"
                 )
-    emit_json(
-        {
-            "benchmark": "chaos",
-            "model": {"arch": args.arch, "preset": args.preset},
-            "cluster": {"nodes": 3, "cpus_per_node": 4, "state_store": "redis"},
-            "deployment": DRILL_DEPLOYMENT,
-            "load": {"streaming_clients": args.concurrency, "baseline_s": args.baseline},
-            "machine_note": "2 CPU cores shared by 3 raylets, workers, engines and the clients",
-            "scenarios": results,
-        }
-    )
+    result = {
+        "benchmark": "chaos",
+        "model": {"arch": args.arch, "preset": args.preset},
+        "cluster": {"nodes": 3, "cpus_per_node": 4, "state_store": "redis"},
+        "deployment": DRILL_DEPLOYMENT,
+        "load": {"streaming_clients": args.concurrency, "baseline_s": args.baseline},
+        "machine_note": "2 CPU cores shared by 3 raylets, workers, engines and the clients",
+        "scenarios": results,
+    }
+    emit_json(result)
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

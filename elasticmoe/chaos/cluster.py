@@ -17,6 +17,8 @@ from elasticmoe.control.controller import NAMESPACE
 __all__ = ["DRILL_DEPLOYMENT", "drill", "local_cluster", "node_remover"]
 
 _LOCAL = {"node_ip_address": "127.0.0.1", "object_store_memory": 96 * 1024 * 1024}
+# the GCS declares a silent node dead after 3 missed 1 s health checks (default 5 x 3 s)
+_FAST_NODE_FAILURE = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3}
 
 
 @contextlib.contextmanager
@@ -30,7 +32,12 @@ def local_cluster(num_nodes: int = 3, cpus_per_node: int = 4) -> Iterator[Any]:
     os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
     cluster = Cluster(
         initialize_head=True,
-        head_node_args={"num_cpus": cpus_per_node, "include_dashboard": False, **_LOCAL},
+        head_node_args={
+            "num_cpus": cpus_per_node,
+            "include_dashboard": False,
+            "_system_config": _FAST_NODE_FAILURE,
+            **_LOCAL,
+        },
     )
     try:
         for _ in range(num_nodes - 1):

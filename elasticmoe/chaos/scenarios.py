@@ -103,7 +103,10 @@ def _worker_kill(run: _Run, duration_s: float, interval_s: float, **_: Any) -> N
         next_kill = time.monotonic() + interval_s
         dead = run.injector.kill_worker()
         entry = run.fault("kill_worker", dead)
-        run.restored(entry, max(1.0, next_kill - time.monotonic()), gone=frozenset({dead}))
+        # restored before the next kill, or (after the last one) within two minutes
+        last = next_kill >= end
+        timeout = 120.0 if last else max(1.0, next_kill - time.monotonic())
+        run.restored(entry, timeout, gone=frozenset({dead}))
         time.sleep(max(0.0, min(next_kill, end) - time.monotonic()))
 
 
@@ -150,6 +153,13 @@ def _slow_worker(run: _Run, duration_s: float, delay_ms: float, **_: Any) -> Non
     inj.clear_faults()
 
 
+def _reason(e: BaseException) -> str:
+    """The controller's own error message, without Ray's remote traceback around it."""
+    cause = getattr(e, "cause", None)  # ray.exceptions.RayTaskError
+    inner = cause if isinstance(cause, BaseException) else e
+    return f"{type(inner).__name__}: {inner}"
+
+
 def _pick_migration(injector: FaultInjector) -> tuple[str, str, str]:
     """An expert, a worker holding it and a worker with a free slot that does not."""
     status = injector.call("status")
@@ -182,7 +192,7 @@ def _controller_kill(run: _Run, duration_s: float, **_: Any) -> None:
         except ray.exceptions.RayActorError as e:
             outcome["error"] = f"controller died during the migration ({type(e).__name__})"
         except Exception as e:
-            outcome["error"] = f"{type(e).__name__}: {e}"
+            outcome["error"] = _reason(e)
 
     thread = threading.Thread(target=migrate)
     thread.start()
@@ -212,7 +222,7 @@ def _redis_outage(run: _Run, duration_s: float, **_: Any) -> None:
             inj.call("replicate", expert, target)
             run.notes["change_during_outage"] = "applied (unexpected)"
         except Exception as e:
-            run.notes["change_during_outage"] = f"refused: {e}"
+            run.notes["change_during_outage"] = f"refused: {_reason(e)}"
         time.sleep(max(0.0, duration_s - min(2.0, duration_s / 2)))
     finally:
         inj.start_redis()
@@ -224,7 +234,7 @@ def _redis_outage(run: _Run, duration_s: float, **_: Any) -> None:
         inj.call("evict", expert, target)
         run.notes["change_after_outage"] = "applied"
     except Exception as e:
-        run.notes["change_after_outage"] = f"failed: {e}"
+        run.notes["change_after_outage"] = f"failed: {_reason(e)}"
 
 
 _RUNNERS: dict[str, Callable[..., None]] = {
