@@ -8,7 +8,8 @@
 3. the scenario injects its faults over ``duration_s`` and, after each, times
    how long until the deployment is whole again (every expert back to its
    minimum replica count on live workers, as many live workers as before,
-   every engine and the controller answering);
+   every engine and the controller answering); ``None`` (counted as
+   ``unrestored``) when the next fault came first;
 4. the load stops; requests still in flight are waited for.
 
 The report (a dict, printed as JSON by ``elasticmoe chaos`` and
