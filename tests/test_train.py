@@ -166,7 +166,7 @@ def test_batches_are_a_function_of_the_step(tmp_path):
 
 @pytest.fixture(scope="module")
 def trained(ray_instance, tmp_path_factory):
-    """A tiny model trained from scratch on 2 Ray Train workers: (result, progress events)."""
+    """A tiny model trained from scratch on 2 Ray Train workers (a TrainResult)."""
     from elasticmoe.train.trainer import run_training
 
     tmp = tmp_path_factory.mktemp("train")

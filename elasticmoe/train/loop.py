@@ -209,9 +209,10 @@ def train_loop_per_worker(args: dict[str, Any]) -> None:
 
         done = step + 1
         if done % tc.log_every == 0 or done == tc.steps:
-            stats = window.clone()
+            stats = window.to(device)  # NCCL reduces device tensors only
             if world > 1:
                 dist.all_reduce(stats)  # sum over ranks; the step count sums too
+            stats = stats.cpu()
             n = float(stats[3])
             now = time.perf_counter()
             log.write(
