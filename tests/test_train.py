@@ -275,3 +275,53 @@ def test_default_model_is_the_shipped_trained_checkpoint():
     assert info["eval_loss"] < 4.0
     assert (path / "model.safetensors").stat().st_size <= 20_000_000
     assert resolve_model("mixtral-small").name == "mixtral-small"  # random built-ins remain
+
+
+@pytest.mark.slow
+def test_cli_train_then_trace_record_then_policy_simulate(tmp_path):
+    """The commands a user runs, end to end (a fresh local Ray instance in the subprocess)."""
+    cli = [sys.executable, "-m", "elasticmoe"]
+    out = tmp_path / "model"
+    sets = {
+        "output_dir": str(out),
+        "storage_path": str(tmp_path / "runs"),
+        "scaling.num_workers": 1,
+        "train.steps": 6,
+        "train.warmup_steps": 1,
+        "train.batch_size": 4,
+        "train.log_every": 2,
+        "data.max_chars": 40000,
+        "data.seq_len": 32,
+        "tokenizer.vocab_size": 300,
+    }
+    args = [f"--set={k}={v}" for k, v in sets.items()]
+    res = subprocess.run(
+        [*cli, "train", "--config", str(EXAMPLES / "tiny.yaml"), *args, "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    summary = json.loads(res.stdout)
+    assert summary["steps"] == 6 and summary["output_dir"] == str(out)
+    assert "step      6  loss" in res.stderr and "eval" in res.stderr  # progress lines
+
+    trace = tmp_path / "trace.csv"
+    res = subprocess.run(
+        [*cli, "trace", "record", "--model", str(out), "--out", str(trace)]
+        + ["--prompts", "4", "--prompt-tokens", "16", "--max-tokens", "2", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert json.loads(res.stdout)["num_experts"] == 8
+    policy = EXAMPLES.parent / "policies" / "default.yaml"
+    res = subprocess.run(
+        [*cli, "policy", "simulate", "--policy", str(policy), "--trace", str(trace), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "expert-routing trace" in res.stdout
