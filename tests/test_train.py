@@ -165,8 +165,12 @@ def test_batches_are_a_function_of_the_step(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained(ray_instance, tmp_path_factory):
-    """A tiny model trained from scratch on 2 Ray Train workers (a TrainResult)."""
+def trained(tmp_path_factory):
+    """A tiny model trained from scratch on 2 Ray Train workers (a TrainResult).
+
+    ``run_training`` starts a fresh local Ray instance (``address="local"``) and shuts it
+    down, so these runs never join another Ray instance running on the machine.
+    """
     from elasticmoe.train.trainer import run_training
 
     tmp = tmp_path_factory.mktemp("train")
