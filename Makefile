@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 PROMPT ?= def fibonacci(n):
 PORT ?= 8000
 
-.PHONY: setup run demo test lint protos clean redis dashboards golden
+.PHONY: setup run demo test lint protos clean redis dashboards golden default-model
 
 setup: $(VENV)/.installed
 
@@ -26,6 +26,11 @@ run: setup
 
 demo: setup
 	$(VENV)/bin/elasticmoe generate --model default --prompt "$(PROMPT)" --max-tokens 48
+
+# Retrains the shipped default model (elasticmoe/models/default) on 2 Ray Train CPU workers,
+# about 30 minutes; the checkpoint is committed, so `make run` never needs this.
+default-model: setup
+	$(VENV)/bin/elasticmoe train --config examples/train/default.yaml
 
 # Redis tests start a real redis-server; this installs Debian's package if missing.
 redis:

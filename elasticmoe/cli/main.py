@@ -11,6 +11,7 @@ import typer
 from rich.console import Console
 
 from elasticmoe.cli.policy import policy_app
+from elasticmoe.cli.train import trace_app, train_cmd
 
 app = typer.Typer(
     name="elasticmoe",
@@ -20,6 +21,8 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 app.add_typer(policy_app, name="policy")
+app.add_typer(trace_app, name="trace")
+app.command("train")(train_cmd)
 
 
 def _fail(message: str) -> typer.Exit:

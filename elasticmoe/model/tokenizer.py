@@ -119,10 +119,11 @@ def _corpus_texts() -> list[str]:
     return texts
 
 
-def build_tokenizer(vocab_size: int) -> tokenizers.Tokenizer:
+def build_tokenizer(vocab_size: int, texts: Iterable[str] | None = None) -> tokenizers.Tokenizer:
     """Train a deterministic byte-level BPE tokenizer with exactly ``vocab_size`` tokens.
 
-    The corpus is a fixed list of Python standard-library sources, so no download is needed.
+    The corpus is ``texts`` or, by default, a fixed list of Python standard-library sources, so
+    no download is needed.
     Ids 0-3 are the special tokens in :data:`SPECIAL_TOKENS`. If the corpus yields fewer merges
     than requested, the vocabulary is padded with ``<|reserved_N|>`` special tokens so that the
     tokenizer and the model's embedding matrix always agree on the vocabulary size.
@@ -145,7 +146,7 @@ def build_tokenizer(vocab_size: int) -> tokenizers.Tokenizer:
         special_tokens=list(SPECIAL_TOKENS),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
-    tok.train_from_iterator(_corpus_texts(), trainer=trainer)
+    tok.train_from_iterator(_corpus_texts() if texts is None else texts, trainer=trainer)
 
     missing = vocab_size - tok.get_vocab_size(with_added_tokens=True)
     if missing > 0:
