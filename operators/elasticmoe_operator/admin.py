@@ -37,7 +37,8 @@ class WorkerInfo(BaseModel):
     model_config = ConfigDict(extra="ignore")
     worker_id: str
     pool: str
-    node: str
+    node: str | None = None  # None until the worker reported its node
+    spare: bool = False
     healthy: bool = True
 
 
@@ -45,7 +46,7 @@ class Demand(BaseModel):
     """``GET /admin/demand``: live and wanted workers per pool, and where workers run."""
 
     model_config = ConfigDict(extra="ignore")
-    epoch: int = 0
+    epoch: int | None = None  # None before the first expert map
     pools: dict[str, PoolDemand] = Field(default_factory=dict)
     workers: list[WorkerInfo] = Field(default_factory=list)
 

@@ -317,7 +317,7 @@ async def scale(body: Obj, ctx: OperatorContext, logger: logging.Logger = log) -
         ctx,
         body,
         {
-            "epoch": demand.epoch,
+            "epoch": demand.epoch or 0,  # 0: no expert map published yet
             "workers": sum(p["replicas"] for p in pools.values()),
             "pools": pools,
             "conditions": [
