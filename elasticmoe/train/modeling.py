@@ -25,6 +25,7 @@ from torch import nn
 
 from elasticmoe.model.checkpoint import CheckpointReader
 from elasticmoe.model.config import MoEModelConfig
+from elasticmoe.model.gate import topk_softmax_gate
 from elasticmoe.model.model import Attention, DenseMLP, RMSNorm, apply_rotary, rotary_cos_sin
 
 __all__ = ["CausalLMOutput", "TrainableMoE", "load_balancing_loss"]
@@ -102,12 +103,9 @@ class TrainableSparseMoE(nn.Module):
         """x [N, H] -> (out [N, H], router logits [N, E], tokens per expert [E])."""
         c = self.config
         logits = self.gate(x)
-        # Same gate as serving (elasticmoe.model.gate.topk_softmax_gate), differentiable.
-        probs = torch.softmax(logits.float(), dim=-1)
-        weights, indices = torch.topk(probs, c.top_k, dim=-1)
-        if c.norm_topk_prob:
-            weights = weights / weights.sum(dim=-1, keepdim=True)
-        weights = weights.to(x.dtype)
+        # the serving gate (plain torch ops, so differentiable)
+        gate = topk_softmax_gate(logits, c.top_k, c.norm_topk_prob, x.dtype)
+        weights, indices, tokens = gate.weights, gate.indices, gate.tokens_per_expert
         out = torch.zeros_like(x)
         for e, expert in enumerate(self.experts):
             rows, slot = torch.where(indices == e)
@@ -116,7 +114,6 @@ class TrainableSparseMoE(nn.Module):
             out = out.index_add(0, rows, expert(x[rows]) * weights[rows, slot, None])
         if c.has_shared_expert:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        tokens = torch.bincount(indices.flatten(), minlength=c.num_experts)
         return out, logits, tokens
 
 
