@@ -91,8 +91,6 @@ class LoadGenerator:
                 order = [(first + i) % len(engines) for i in range(len(engines))]
                 # another engine first; the failed one again once Ray restarted it
                 index = next((i for i in order if i not in failed), order[0])
-                if len(failed) >= len(engines):
-                    failed.clear()
                 engine = engines[index]
                 gen = engine.generate_stream.options(num_returns="streaming").remote(
                     {"prompt_token_ids": self.prompts[prompt_index]},

@@ -278,10 +278,14 @@ def chaos(
     duration: Annotated[float, typer.Option(help="seconds of faults", min=1)] = 60.0,
     deployment: DeploymentOpt = "default",
     ray_address: RayAddressOpt = None,
-    interval: Annotated[float, typer.Option(help="worker-kill: seconds between kills")] = 10.0,
-    delay_ms: Annotated[float, typer.Option(help="slow-worker: added delay per call")] = 200.0,
+    interval: Annotated[
+        float, typer.Option(help="worker-kill: seconds between kills", min=1)
+    ] = 10.0,
+    delay_ms: Annotated[
+        float, typer.Option(help="slow-worker: added delay per call", min=0)
+    ] = 200.0,
     concurrency: Annotated[int, typer.Option(help="streaming clients of the load", min=1)] = 4,
-    baseline: Annotated[float, typer.Option(help="seconds of fault-free load first")] = 10.0,
+    baseline: Annotated[float, typer.Option(help="seconds of fault-free load first", min=1)] = 10.0,
     seed: int = 0,
 ) -> None:
     """Run a fault scenario against a running deployment under load; print a JSON report.

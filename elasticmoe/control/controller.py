@@ -614,19 +614,17 @@ class Controller:
         return {e: min(n, workers) for e, n in counts.items()}
 
     def redundancy(self, probe: bool = False) -> dict[str, Any]:
-        """Experts below their minimum replica count on live workers (``full`` when none).
+        """Experts below their minimum replica count (``full`` when none).
 
-        A worker counts as dead after a failed health check of the health loop,
-        or, with ``probe``, when it does not answer one now.
+        Counts the replicas in the map (the health loop takes a worker out after
+        two missed checks); with ``probe``, only those on workers that answer a
+        health check now.
         """
         if self.expert_map is None:
             return {"full": False, "below_min": [], "missing": [], "workers": 0}
         m = self.expert_map
         floor = self.min_replicas()
-        if probe:
-            dead = {w for w in m.workers if not self._healthy(w)}
-        else:
-            dead = {w for w, n in self._unhealthy.items() if n > 0}
+        dead = {w for w in m.workers if not self._healthy(w)} if probe else set()
         below, missing = [], []
         for e, n in sorted(floor.items()):
             live = [w for w in m.replicas_of(e) if w not in dead]
@@ -650,7 +648,6 @@ class Controller:
             count = min(replace_workers, room)
             if count > 0:
                 results.append(self.add_worker(count))
-            m = self._map()
             for e, n in sorted(self.min_replicas().items()):
                 missing = n - len(self._map().replicas_of(e))
                 for _ in range(missing):
@@ -662,7 +659,6 @@ class Controller:
                     except ControllerError as err:
                         logger.warning("cannot restore redundancy of %s: %s", e, err)
                         break
-            del m
         return results
 
     def restore(self, expert: str) -> dict[str, Any]:

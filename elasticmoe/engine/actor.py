@@ -145,11 +145,7 @@ class EngineActor:
     def current_map(self) -> dict[str, Any] | None:
         """The newest expert map this engine knows (a restarted controller that lost its
         in-memory state adopts it)."""
-        if self.router is None:
-            return None
-        pending = self.router._pending_map
-        newest = pending if pending is not None else self.router.expert_map
-        return newest.to_dict()
+        return self.router.newest_map().to_dict() if self.router else None
 
     def active_epoch(self) -> int | None:
         """Epoch of the step in flight (None when idle); used to drain old epochs."""

@@ -147,6 +147,11 @@ class ExpertRouter:
             if new_map.epoch > max(self.expert_map.epoch, getattr(self._pending_map, "epoch", -1)):
                 self._pending_map = new_map
 
+    def newest_map(self) -> ExpertMap:
+        """The newest map known: pushed for the next step, else the current one."""
+        with self._lock:
+            return self._pending_map or self.expert_map
+
     @property
     def epoch(self) -> int:
         """Epoch of the map the current step runs on."""
