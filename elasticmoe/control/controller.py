@@ -136,8 +136,7 @@ class Controller:
             self.expert_map = ExpertMap.from_dict(stored)
         elif self.store.is_memory:
             self._adopt()
-        ids = [int(w[1:]) for w in self.workers if w[1:].isdigit()]
-        self._next_worker = max(ids, default=-1) + 1
+        self._next_worker = self._first_free_worker_id()
         in_map = set(self.expert_map.workers) if self.expert_map else set()
         self.spares = sorted(
             w for w, e in self.workers.items() if e.get("spare") and w not in in_map
@@ -146,6 +145,25 @@ class Controller:
             self._resume(op_id)
         if self.expert_map is not None:
             self._reconcile_slots()
+
+    def _register(self, worker_id: str, info: dict[str, Any], spare: bool) -> None:
+        """Record a started worker (its ``ExpertWorker.info()``) in the registry and store."""
+        entry = {
+            "address": info["address"],
+            "node_id": info.get("node_id"),
+            "node_ip": info.get("node_ip"),
+            "num_slots": info["num_slots"],
+            "pool": self.config.pool,
+            "actor": worker_actor_name(self.config.name, worker_id),
+            "started": time.time(),
+            "spare": spare,
+        }
+        self.workers[worker_id] = entry
+        self.store.put_worker(worker_id, entry)
+
+    def _first_free_worker_id(self) -> int:
+        ids = [int(w[1:]) for w in self.workers if w[1:].isdigit()]
+        return max(ids, default=-1) + 1
 
     def _adopt(self) -> None:
         """After a restart that lost the in-memory store: take over what still runs.
@@ -182,19 +200,8 @@ class Controller:
             except Exception as e:
                 logger.warning("worker %s did not answer while adopting: %s", wid, e)
                 continue
-            self.workers[wid] = {
-                "address": info["address"],
-                "node_id": info.get("node_id"),
-                "node_ip": info.get("node_ip"),
-                "num_slots": info["num_slots"],
-                "pool": self.config.pool,
-                "actor": entry["name"],
-                "started": time.time(),
-                "spare": wid not in newest.workers,
-            }
-            self.store.put_worker(wid, self.workers[wid])
-        ids = [int(w[1:]) for w in self.workers if w[1:].isdigit()]
-        self._next_worker = max(ids, default=-1) + 1
+            self._register(wid, info, spare=wid not in newest.workers)
+        self._next_worker = self._first_free_worker_id()
         self.spares = sorted(w for w in self.workers if w not in newest.workers)
         self.store.put_map(newest.to_dict(), expected_epoch=None)
         self.expert_map = newest
@@ -333,18 +340,7 @@ class Controller:
                         self.checksums.setdefault(
                             LogicalExpert(slot["layer"], slot["expert"]), slot["checksum"]
                         )
-                entry = {
-                    "address": info["address"],
-                    "node_id": info.get("node_id"),
-                    "node_ip": info.get("node_ip"),
-                    "num_slots": num_slots,
-                    "pool": c.pool,
-                    "actor": worker_actor_name(c.name, wid),
-                    "started": time.time(),
-                    "spare": spare,
-                }
-                self.workers[wid] = entry
-                self.store.put_worker(wid, entry)
+                self._register(wid, info, spare)
         except BaseException:
             for wid, handle in handles.items():
                 ray.kill(handle)
