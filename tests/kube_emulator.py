@@ -170,8 +170,9 @@ class ApiServerEmulator(km.KubernetesEmulator):
             if hold is not None:
                 hold.arrived.set()
                 await hold.dropped.wait()
-                raise km.KubernetesError(status=503, reason="ServiceUnavailable",
-                                          message="held by the test and dropped")  # fmt: skip
+                raise km.KubernetesError(
+                    status=503, reason="ServiceUnavailable", message="held by the test, dropped"
+                )
             self._stamp(request)
         try:
             return await super()._handle(request)

@@ -22,12 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import kmock as km
+import kopf
 import pytest
 import pytest_asyncio
 import yaml
 from kube_emulator import ApiServerEmulator, serve_api
 
-from operators.elasticmoe_operator.main import FINALIZER
+from operators.elasticmoe_operator import main
+from operators.elasticmoe_operator.config import OperatorConfig
 
 pytestmark = [pytest.mark.asyncio, pytest.mark.kmock(cls=ApiServerEmulator)]
 
@@ -73,26 +75,32 @@ def demand(desired: int, workers: int = 2) -> dict[str, Any]:
     }
 
 
+def write_kubeconfig(tmp_path: Path, server: str) -> Path:
+    """A kubeconfig like a developer's, pointing at the emulated API server."""
+    path = tmp_path / "kubeconfig"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "apiVersion": "v1",
+                "kind": "Config",
+                "clusters": [{"name": "kmock", "cluster": {"server": server}}],
+                "users": [{"name": "operator", "user": {"token": "test-token"}}],
+                "contexts": [
+                    {"name": "kmock", "context": {"cluster": "kmock", "user": "operator"}}
+                ],
+                "current-context": "kmock",
+            }
+        )
+    )
+    return path
+
+
 class Operator:
     """``elasticmoe-operator`` in a child process, logged in through a kubeconfig."""
 
     def __init__(self, tmp_path: Path, server: str, args: list[str]) -> None:
         self.log_path = tmp_path / f"operator-{len(list(tmp_path.glob('operator-*.log')))}.log"
-        kubeconfig = tmp_path / "kubeconfig"
-        kubeconfig.write_text(
-            yaml.safe_dump(
-                {
-                    "apiVersion": "v1",
-                    "kind": "Config",
-                    "clusters": [{"name": "kmock", "cluster": {"server": server}}],
-                    "users": [{"name": "operator", "user": {"token": "test-token"}}],
-                    "contexts": [
-                        {"name": "kmock", "context": {"cluster": "kmock", "user": "operator"}}
-                    ],
-                    "current-context": "kmock",
-                }
-            )
-        )
+        kubeconfig = write_kubeconfig(tmp_path, server)
         self.env = {
             k: v for k, v in os.environ.items() if not k.startswith(("KUBERNETES_", "KUBECONFIG"))
         }
@@ -239,7 +247,7 @@ async def test_create_scale_change_delete(api, admin, operators):
         return cr if ready and cr["status"].get("observedGeneration") == generation else None
 
     cr = await until("the first reconcile's status", lambda: reconciled(1), op)
-    assert cr["metadata"]["finalizers"] == [FINALIZER]
+    assert cr["metadata"]["finalizers"] == [main.FINALIZER]
     assert cr["status"]["rayCluster"] == NAME and cr["status"]["pools"]["cpu"]["replicas"] == 2
     ready = conditions(cr)["Ready"]
     assert (ready["status"], ready["reason"]) == ("False", "RayClusterStarting")
@@ -338,10 +346,12 @@ async def test_restart_mid_reconcile_finishes_without_duplicates(api, operators,
     )
     await until("kopf done with it", lambda: handled(api), op)
     cr = get(api, DEPLOYMENTS, NAME)
-    assert cr["metadata"]["finalizers"] == [FINALIZER]
+    assert cr["metadata"]["finalizers"] == [main.FINALIZER]
     assert created(api, RAYCLUSTERS, NAME) == 1
     assert created(api, CONFIGMAPS, f"{NAME}-serve-config") == 1
     assert [k for k in api.objects if k[0] == RAYCLUSTERS] == [(RAYCLUSTERS, NS, NAME)]
+    if change == "create":  # the dead operator's create was dropped, the new one's landed
+        assert writes(api, "POST", RAYCLUSTERS) == 2
 
     resp = await api.delete(url(DEPLOYMENTS, name=NAME))
     assert resp.status == 200, await resp.text()
@@ -360,3 +370,34 @@ async def test_namespaced_operator_serves_only_its_namespace(api, operators):
     assert get(api, RAYCLUSTERS, "elsewhere", "other") is None
     assert "finalizers" not in get(api, DEPLOYMENTS, "elsewhere", "other")["metadata"]
     assert await op.stop() == 0, op.log()
+
+
+async def test_kopf_operator_in_process(api, admin, tmp_path, monkeypatch):
+    """``kopf.operator()`` in this process, as the issue first tried it, on the same server."""
+    server = str(api.url).rstrip("/")
+    monkeypatch.setenv("KUBECONFIG", str(write_kubeconfig(tmp_path, server)))
+    for var in ("KUBERNETES_SERVICE_HOST", "KUBERNETES_SERVICE_PORT"):
+        monkeypatch.delenv(var, raising=False)
+    # main read its settings at import; the login handler builds the context from these.
+    monkeypatch.setattr(main, "CONFIG", OperatorConfig(admin_url=server, retry_delay_s=0.5))
+    stop = asyncio.Event()
+    task = asyncio.create_task(
+        kopf.operator(
+            registry=kopf.get_default_registry(),  # where main's decorators registered
+            standalone=True,
+            clusterwide=True,
+            stop_flag=stop,
+        )
+    )
+    try:
+        await create(api, example())
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + TIMEOUT_S
+        while not (get(api, RAYCLUSTERS, NAME) and handled(api)):
+            assert not task.done(), f"kopf.operator() ended: {task.exception()!r}"
+            assert loop.time() < deadline, "timed out waiting for the RayCluster"
+            await asyncio.sleep(0.05)
+        assert any(r.params.get("watch") == "true" and r.resource == DEPLOYMENTS for r in api)
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, TIMEOUT_S)
