@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end on a throwaway kind cluster: KubeRay + the elasticmoe chart + the CPU
-# example, then requests under load while a worker pod is deleted.
+# example, then requests under load while a worker pod is deleted; then a two-pool
+# deployment (pools cpu-a and cpu-b, one worker group each).
 #
 #   tests/e2e/kind/run.sh            # create the cluster, run the suite, delete the cluster
 #   KEEP_CLUSTER=1 tests/e2e/kind/run.sh

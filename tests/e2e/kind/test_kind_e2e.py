@@ -10,54 +10,17 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import os
-import shutil
-import socket
-import subprocess
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import yaml
+from kind_cluster import REPO, kubectl, needs_kind, port_forward, wait_for
 
-pytestmark = [
-    pytest.mark.kind,
-    pytest.mark.skipif(
-        os.environ.get("ELASTICMOE_E2E_KIND") != "1" or shutil.which("kubectl") is None,
-        reason="needs a kind cluster with KubeRay and the chart: run tests/e2e/kind/run.sh "
-        "(no Docker on this machine)",
-    ),
-]
+pytestmark = needs_kind
 
-REPO = Path(__file__).resolve().parents[3]
-NS = os.environ.get("ELASTICMOE_E2E_NAMESPACE", "elasticmoe")
 NAME = "tiny-cpu"
 WORKERS = f"ray.io/cluster={NAME},ray.io/group=cpu"
-
-
-def kubectl(*args: str, input: str | None = None) -> str:
-    return subprocess.run(
-        ["kubectl", "-n", NS, *args], input=input, text=True, check=True, capture_output=True
-    ).stdout
-
-
-def wait_for(what: str, check, timeout_s: float = 900.0, every_s: float = 5.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            result = check()
-        except subprocess.CalledProcessError:
-            result = None
-        if result:
-            return result
-        time.sleep(every_s)
-    raise AssertionError(f"timed out waiting for {what}")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -73,21 +36,8 @@ def endpoint() -> Iterator[str]:
                 'jsonpath={.status.conditions[?(@.type=="Ready")].status}',
             ) == "True",
         )  # fmt: skip
-        port = free_port()
-        forward = subprocess.Popen(
-            ["kubectl", "-n", NS, "port-forward", f"svc/{NAME}-head-svc", f"{port}:8000"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        try:
-            url = f"http://127.0.0.1:{port}"
-            import httpx
-
-            wait_for("/health", lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200)
+        with port_forward(f"{NAME}-head-svc") as url:
             yield url
-        finally:
-            forward.terminate()
-            forward.wait(timeout=30)
     finally:
         kubectl("delete", "moedeployment", NAME, "--wait=true", "--timeout=300s")
 
