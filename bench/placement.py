@@ -38,7 +38,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import console, emit_json, timer
 
-from elasticmoe.control.placement import (
+from elasticmoe.core.experts import LogicalExpert
+from elasticmoe.core.placement import (
     Placement,
     WorkerSpec,
     balancedness,
@@ -48,7 +49,6 @@ from elasticmoe.control.placement import (
     rebalance,
     worker_layer_loads,
 )
-from elasticmoe.experts.weights import LogicalExpert
 
 DEEPSEEK_WEIGHTS = [
     [90, 132, 40, 61, 104, 165, 39, 4, 73, 56, 183, 86],

@@ -19,8 +19,8 @@ from elasticmoe.control.state import (
     StateStoreUnavailable,
     make_state_store,
 )
-from elasticmoe.experts.weights import LogicalExpert
-from elasticmoe.router.expert_map import ExpertMap
+from elasticmoe.core.expert_map import ExpertMap
+from elasticmoe.core.experts import LogicalExpert
 
 from redis_server import RedisServer
 

@@ -4,7 +4,7 @@
 each step it (1) measures the interval that just ended with the placement
 that served it, (2) applies the actions decided one step earlier (an action
 takes one interval to carry out: load weights, publish an epoch, drain),
-(3) calls :func:`~elasticmoe.autoscale.decide.decide` on the load of the last
+(3) calls :func:`~elasticmoe.core.decide.decide` on the load of the last
 ``window_s``. Nothing runs on a device: load is token counts, and a worker's
 cost is the tokens routed to its replicas, an expert's tokens split evenly
 over its replicas (what the router's load-aware dispatch aims for).
@@ -55,11 +55,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from elasticmoe.autoscale.decide import ObservedState, PolicyState, WorkerState, decide
-from elasticmoe.autoscale.policy import Policy
-from elasticmoe.control import placement as placement_mod
-from elasticmoe.control.actions import Action
-from elasticmoe.experts.weights import LogicalExpert
+from elasticmoe.core import placement as placement_mod
+from elasticmoe.core.actions import Action
+from elasticmoe.core.decide import ObservedState, PolicyState, WorkerState, decide
+from elasticmoe.core.experts import LogicalExpert
+from elasticmoe.core.policy import Policy
 
 ROUTING_COLUMNS = ("timestamp", "layer", "expert", "tokens")
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")

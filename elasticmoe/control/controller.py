@@ -32,15 +32,15 @@ from typing import Any
 import grpc
 
 from elasticmoe._proto.elasticmoe.v1 import expert_pb2, expert_pb2_grpc
-from elasticmoe.autoscale.decide import ObservedState, PolicyState, WorkerState, decide
-from elasticmoe.autoscale.policy import load_policy
-from elasticmoe.control.actions import Action
 from elasticmoe.control.deployment_config import DeploymentConfig
-from elasticmoe.control.placement import initial_placement
 from elasticmoe.control.state import StateStore, StateStoreUnavailable, make_state_store
-from elasticmoe.experts.weights import LogicalExpert
+from elasticmoe.core.actions import Action
+from elasticmoe.core.decide import ObservedState, PolicyState, WorkerState, decide
+from elasticmoe.core.expert_map import ExpertMap
+from elasticmoe.core.experts import LogicalExpert, parse_expert
+from elasticmoe.core.placement import initial_placement
+from elasticmoe.core.policy import load_policy
 from elasticmoe.model.config import load_config
-from elasticmoe.router.expert_map import ExpertMap
 from elasticmoe.router.router import GRPC_OPTIONS
 
 logger = logging.getLogger(__name__)
@@ -64,15 +64,12 @@ class ChangesPausedError(ControllerError):
     """The state store is unreachable: serving goes on, changes wait for it."""
 
 
-def parse_expert(text: str | LogicalExpert | tuple) -> LogicalExpert:
-    """``"3:5"`` (layer:expert) or a tuple -> :class:`LogicalExpert`."""
-    if isinstance(text, tuple):
-        return LogicalExpert(int(text[0]), int(text[1]))
+def _parse_expert(text: str | LogicalExpert | tuple) -> LogicalExpert:
+    """:func:`~elasticmoe.core.experts.parse_expert`, raising :class:`ControllerError`."""
     try:
-        layer, expert = (int(x) for x in str(text).split(":"))
-    except ValueError:
-        raise ControllerError(f"expert {text!r}: expected 'layer:expert', e.g. '0:3'") from None
-    return LogicalExpert(layer, expert)
+        return parse_expert(text)
+    except ValueError as e:
+        raise ControllerError(str(e)) from None
 
 
 class Controller:
@@ -430,7 +427,7 @@ class Controller:
     # ------------------------------------------------------------ operations
     def replicate(self, expert: str, target: str | None = None) -> dict[str, Any]:
         """Add a replica of ``expert`` on ``target`` (default: least-used worker without it)."""
-        e = parse_expert(expert)
+        e = _parse_expert(expert)
         with self.lock:
             m = self._map()
             self._check_expert(e)
@@ -441,7 +438,7 @@ class Controller:
 
     def evict(self, expert: str, worker: str) -> dict[str, Any]:
         """Drop the replica of ``expert`` on ``worker`` (never the last one)."""
-        e = parse_expert(expert)
+        e = _parse_expert(expert)
         with self.lock:
             m = self._map()
             if worker not in m.replicas_of(e):
@@ -454,7 +451,7 @@ class Controller:
 
     def migrate(self, expert: str, source: str, target: str | None = None) -> dict[str, Any]:
         """Move the replica of ``expert`` from ``source`` to ``target``."""
-        e = parse_expert(expert)
+        e = _parse_expert(expert)
         with self.lock:
             m = self._map()
             if source not in m.replicas_of(e):
@@ -466,7 +463,7 @@ class Controller:
 
     def scale(self, expert: str, replicas: int) -> list[dict[str, Any]]:
         """Bring ``expert`` to exactly ``replicas`` replicas (replicate or evict)."""
-        e = parse_expert(expert)
+        e = _parse_expert(expert)
         if replicas < 1:
             raise ControllerError(f"replicas={replicas}: an expert needs at least 1")
         results = []
@@ -659,7 +656,7 @@ class Controller:
 
     def restore(self, expert: str) -> dict[str, Any]:
         """Bring back an expert that lost every replica (from the checkpoint)."""
-        e = parse_expert(expert)
+        e = _parse_expert(expert)
         with self.lock:
             if self._map().replicas_of(e):
                 raise ControllerError(f"expert {e} still has replicas; use replicate")

@@ -27,8 +27,8 @@ from elasticmoe.control.controller import (
     worker_actor_name,
 )
 from elasticmoe.control.deployment_config import DeploymentConfig
+from elasticmoe.core.expert_map import ExpertMap
 from elasticmoe.engine.request import RequestOutput, SamplingParams
-from elasticmoe.router.expert_map import ExpertMap
 
 logger = logging.getLogger(__name__)
 

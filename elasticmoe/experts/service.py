@@ -34,7 +34,8 @@ import grpc
 import torch
 
 from elasticmoe._proto.elasticmoe.v1 import expert_pb2, expert_pb2_grpc
-from elasticmoe.experts.weights import ExpertWeights, LogicalExpert, load_expert_weights
+from elasticmoe.core.experts import LogicalExpert
+from elasticmoe.experts.weights import ExpertWeights, load_expert_weights
 from elasticmoe.experts.wire import (
     WireError,
     bytes_to_tensor,
