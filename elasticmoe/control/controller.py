@@ -40,6 +40,16 @@ from elasticmoe.core.expert_map import ExpertMap
 from elasticmoe.core.experts import LogicalExpert, parse_expert
 from elasticmoe.core.placement import initial_placement
 from elasticmoe.core.policy import load_policy
+from elasticmoe.core.protocol import (
+    Change,
+    ClusterView,
+    PlanRefused,
+    Step,
+    WorkerSlots,
+    check_change,
+    plan_action,
+    recover,
+)
 from elasticmoe.model.config import load_config
 from elasticmoe.router.router import GRPC_OPTIONS
 
@@ -97,6 +107,9 @@ class Controller:
             collections.deque(maxlen=4096)
         )
         self._unhealthy: dict[str, int] = {}  # worker -> consecutive failed health checks
+        # worker -> answered its last health check; filled by the health loop only, so
+        # status(), /health and /metrics never wait on an RPC
+        self._health: dict[str, bool] = {}
         self._stop = threading.Event()
         self.instance = uuid.uuid4().hex  # changes when Ray restarts the actor
         self._recover()
@@ -143,14 +156,16 @@ class Controller:
         if self.expert_map is not None:
             self._reconcile_slots()
 
-    def _register(self, worker_id: str, info: dict[str, Any], spare: bool) -> None:
+    def _register(
+        self, worker_id: str, info: dict[str, Any], spare: bool, pool: str | None = None
+    ) -> None:
         """Record a started worker (its ``ExpertWorker.info()``) in the registry and store."""
         entry = {
             "address": info["address"],
             "node_id": info.get("node_id"),
             "node_ip": info.get("node_ip"),
             "num_slots": info["num_slots"],
-            "pool": self.config.pool,
+            "pool": pool or self.config.pool,
             "actor": worker_actor_name(self.config.name, worker_id),
             "started": time.time(),
             "spare": spare,
@@ -210,33 +225,22 @@ class Controller:
         self.history.append({"kind": "adopt", "result": "done", "epoch": newest.epoch})
 
     def _resume(self, op_id: str) -> None:
-        entries = self.store.journal_entries(op_id)
-        begin = next(e["data"] for e in entries if e["step"] == "begin")
-        steps = [e["step"] for e in entries]
-        adds = [(parse_expert(e), w) for e, w in begin["add"]]
-        removes = [(parse_expert(e), w) for e, w in begin["remove"]]
-        published = "published" in steps or (
-            self.expert_map is not None and self.expert_map.epoch > begin["epoch"]
+        """Finish or roll back an open change, as :func:`~elasticmoe.core.protocol.recover` says."""
+        plan = recover(
+            self.store.journal_entries(op_id), self.expert_map.epoch if self.expert_map else None
         )
-        if published:
-            logger.info("resuming operation %s (%s): finishing", op_id, begin["kind"])
-            self._drain(begin["epoch"])
-            self._unload(removes)
-            self._stop_workers(begin.get("remove_workers", []))
-            self.store.journal_append(op_id, "done", {"recovered": True})
-            self.store.journal_finish(op_id, "done")
-        else:
-            logger.info("resuming operation %s (%s): rolling back", op_id, begin["kind"])
-            self._unload(adds)
-            self._stop_workers(begin.get("add_workers", []))
-            self.store.journal_finish(op_id, "rolled_back")
+        logger.info("resuming operation %s (%s): %s", op_id, plan.change.kind, plan.outcome)
+        if plan.drain_epoch is not None:
+            self._drain(plan.drain_epoch)
+        self._unload(plan.unload)
+        self._stop_workers(plan.stop_workers)
+        result = "done" if plan.outcome == "finish" else "rolled_back"
+        for step in plan.journal:
+            if step is not Step.ROLLED_BACK:
+                self.store.journal_append(op_id, step.value, {"recovered": True})
+        self.store.journal_finish(op_id, result)
         self.history.append(
-            {
-                "op_id": op_id,
-                "kind": begin["kind"],
-                "result": "done" if published else "rolled_back",
-                "recovered": True,
-            }
+            {"op_id": op_id, "kind": plan.change.kind, "result": result, "recovered": True}
         )
 
     def _reconcile_slots(self) -> None:
@@ -288,7 +292,10 @@ class Controller:
         return worker_id
 
     def _start_workers(
-        self, experts_by_worker: dict[str, list[LogicalExpert]], spare: bool = False
+        self,
+        experts_by_worker: dict[str, list[LogicalExpert]],
+        spare: bool = False,
+        pool: str | None = None,
     ) -> dict[str, str]:
         """Start worker actors (detached: they outlive a controller restart)."""
         import ray
@@ -337,7 +344,8 @@ class Controller:
                         self.checksums.setdefault(
                             LogicalExpert(slot["layer"], slot["expert"]), slot["checksum"]
                         )
-                self._register(wid, info, spare)
+                self._register(wid, info, spare, pool)
+                self._health[wid] = True
         except BaseException:
             for wid, handle in handles.items():
                 ray.kill(handle)
@@ -399,11 +407,22 @@ class Controller:
         }
 
     def _healthy(self, worker: str) -> bool:
+        """The health loop's last word on ``worker`` (no RPC here)."""
+        return self._health.get(worker, worker in self.workers)
+
+    def _probe(self, worker: str) -> bool:
         try:
             self._stub(worker).Health(expert_pb2.HealthRequest(), timeout=1)
             return True
         except (grpc.RpcError, KeyError):
             return False
+
+    def probe_health(self) -> dict[str, bool]:
+        """Health-check every worker now (outside the lock) and refresh the cache."""
+        workers = sorted({*(self.expert_map.workers if self.expert_map else ()), *self.spares})
+        result = {w: self._probe(w) for w in workers}
+        self._health = result
+        return result
 
     def expert_load(self) -> dict[LogicalExpert, float]:
         """Tokens routed to each logical expert so far, summed over engines."""
@@ -427,39 +446,46 @@ class Controller:
     # ------------------------------------------------------------ operations
     def replicate(self, expert: str, target: str | None = None) -> dict[str, Any]:
         """Add a replica of ``expert`` on ``target`` (default: least-used worker without it)."""
-        e = _parse_expert(expert)
-        with self.lock:
-            m = self._map()
-            self._check_expert(e)
-            target = target or self._pick_target(e)
-            if target in m.replicas_of(e):
-                raise ControllerError(f"worker {target} already holds expert {e}")
-            return self._change("replicate", add=[(e, target)])
+        return self._act(Action("replicate", expert=_parse_expert(expert), target=target))
 
     def evict(self, expert: str, worker: str) -> dict[str, Any]:
         """Drop the replica of ``expert`` on ``worker`` (never the last one)."""
-        e = _parse_expert(expert)
-        with self.lock:
-            m = self._map()
-            if worker not in m.replicas_of(e):
-                raise ControllerError(f"worker {worker} holds no replica of expert {e}")
-            if len(m.replicas_of(e)) <= 1:
-                raise ControllerError(
-                    f"expert {e} has one replica; evicting it would lose the expert"
-                )
-            return self._change("evict", remove=[(e, worker)])
+        return self._act(Action("evict", expert=_parse_expert(expert), source=worker))
 
     def migrate(self, expert: str, source: str, target: str | None = None) -> dict[str, Any]:
         """Move the replica of ``expert`` from ``source`` to ``target``."""
-        e = _parse_expert(expert)
+        return self._act(
+            Action("migrate", expert=_parse_expert(expert), source=source, target=target)
+        )
+
+    def _view(self) -> ClusterView:
+        """The map and workers as the planner sees them (health from the cache)."""
+        m = self._map()
+        return ClusterView(
+            epoch=m.epoch,
+            placement=dict(m.replicas),
+            workers={
+                w: WorkerSlots(
+                    self.workers.get(w, {}).get("num_slots", 0),
+                    self._healthy(w),
+                    self.workers.get(w, {}).get("pool", self.config.pool),
+                )
+                for w in m.workers
+            },
+            experts=frozenset(self.all_experts),
+            max_workers=self.config.max_workers,
+        )
+
+    def _act(
+        self, action: Action, new_worker_ids: list[str] = (), keep_off: Iterable[str] = ()
+    ) -> dict[str, Any]:
+        """Plan ``action`` (pure, the same planner ``policy simulate`` uses), then run it."""
         with self.lock:
-            m = self._map()
-            if source not in m.replicas_of(e):
-                raise ControllerError(f"worker {source} holds no replica of expert {e}")
-            target = target or self._pick_target(e)
-            if target in m.replicas_of(e):
-                raise ControllerError(f"worker {target} already holds expert {e}")
-            return self._change("migrate", add=[(e, target)], remove=[(e, source)])
+            try:
+                change = plan_action(self._view(), action, new_worker_ids, keep_off)
+            except PlanRefused as e:
+                raise ControllerError(str(e)) from None
+            return self._change(change)
 
     def scale(self, expert: str, replicas: int) -> list[dict[str, Any]]:
         """Bring ``expert`` to exactly ``replicas`` replicas (replicate or evict)."""
@@ -482,20 +508,30 @@ class Controller:
                 results.append(self.evict(str(e), busiest))
         return results
 
-    def add_worker(self, count: int = 1) -> dict[str, Any]:
-        """Start ``count`` empty workers and add them to the map."""
+    def add_worker(self, count: int = 1, pool: str | None = None) -> dict[str, Any]:
+        """Start ``count`` empty workers (spares first) and add them to the map.
+
+        ``pool`` must be this deployment's pool (or None): placing workers in other
+        pools is the Kubernetes operator's, not yet the controller's.
+        """
+        if pool is not None and pool != self.config.pool:
+            raise ControllerError(
+                f"pool {pool!r}: this controller starts workers in pool {self.config.pool!r} only"
+            )
         with self.lock:
-            m = self._map()
-            c = self.config
-            if len(m.workers) + count > c.max_workers:
+            if count < 1:
+                raise ControllerError(f"count={count}: add at least one worker")
+            if len(self._map().workers) + count > self.config.max_workers:
                 raise ControllerError(
-                    f"adding {count} worker(s) would exceed max_workers={c.max_workers}"
+                    f"adding {count} worker(s) would exceed max_workers={self.config.max_workers}"
                 )
             ids = [self.spares.pop(0) for _ in range(min(count, len(self.spares)))]
             ids += [self._new_worker_id() for _ in range(count - len(ids))]
             self._workers_starting += count
             try:
-                return self._change("add_worker", add_workers=ids)
+                return self._act(
+                    Action("add_worker", pool=pool or self.config.pool, count=count), ids
+                )
             finally:
                 self._workers_starting -= count
                 threading.Thread(target=self._replenish_spares, daemon=True).start()
@@ -506,23 +542,7 @@ class Controller:
         Replicas that must move go to live workers not in ``keep_off`` (workers
         about to be drained too).
         """
-        with self.lock:
-            m = self._map()
-            if worker not in m.workers:
-                raise ControllerError(f"no worker {worker!r}; workers: {sorted(m.workers)}")
-            if len(m.workers) <= 1:
-                raise ControllerError("cannot remove the last worker")
-            adds, removes = [], []
-            planned: dict[str, int] = {}
-            exclude = {worker, *keep_off}
-            for e in m.experts_on(worker):
-                removes.append((e, worker))
-                live = [w for w in m.replicas_of(e) if w not in exclude]
-                if not live:  # no copy stays: move it
-                    target = self._pick_target(e, exclude=exclude, planned=planned)
-                    planned[target] = planned.get(target, 0) + 1
-                    adds.append((e, target))
-            return self._change("remove_worker", add=adds, remove=removes, remove_workers=[worker])
+        return self._act(Action("remove_worker", source=worker), keep_off=keep_off)
 
     def drain(self, workers: Iterable[str] = (), nodes: Iterable[str] = ()) -> dict[str, Any]:
         """Move every replica off these workers (and the workers on these nodes), then stop them.
@@ -617,7 +637,7 @@ class Controller:
             return {"full": False, "below_min": [], "missing": [], "workers": 0}
         m = self.expert_map
         floor = self.min_replicas()
-        dead = {w for w in m.workers if not self._healthy(w)} if probe else set()
+        dead = {w for w in m.workers if not self._probe(w)} if probe else set()
         below, missing = [], []
         for e, n in sorted(floor.items()):
             live = [w for w in m.replicas_of(e) if w not in dead]
@@ -656,11 +676,7 @@ class Controller:
 
     def restore(self, expert: str) -> dict[str, Any]:
         """Bring back an expert that lost every replica (from the checkpoint)."""
-        e = _parse_expert(expert)
-        with self.lock:
-            if self._map().replicas_of(e):
-                raise ControllerError(f"expert {e} still has replicas; use replicate")
-            return self._change("restore", add=[(e, self._pick_target(e))])
+        return self._act(Action("restore", expert=_parse_expert(expert)))
 
     def apply(self, actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Carry out autoscaler actions in order; a failed one is reported, not raised."""
@@ -675,7 +691,7 @@ class Controller:
                 elif a.kind == "migrate":
                     results.append(self.migrate(str(a.expert), a.source, a.target))
                 elif a.kind == "add_worker":
-                    results.append(self.add_worker(a.count))
+                    results.append(self.add_worker(a.count, a.pool))
                 elif a.kind == "remove_worker":
                     results.append(self.remove_worker(a.source))
                 elif a.kind == "restore":
@@ -685,31 +701,15 @@ class Controller:
         return results
 
     # ------------------------------------------------------- the protocol
-    def _change(
-        self,
-        kind: str,
-        add: list[tuple[LogicalExpert, str]] = (),
-        remove: list[tuple[LogicalExpert, str]] = (),
-        add_workers: list[str] = (),
-        remove_workers: list[str] = (),
-    ) -> dict[str, Any]:
-        """Run one zero-downtime change; see the module docstring."""
+    def _change(self, change: Change) -> dict[str, Any]:
+        """Run one zero-downtime change (steps: :mod:`elasticmoe.core.protocol`)."""
         self._check_store()
         m = self._map()
+        kind, add, remove = change.kind, change.add, change.remove
+        add_workers, remove_workers = change.add_workers, change.remove_workers
         op_id = f"{kind}-{uuid.uuid4().hex[:8]}"
         started = time.monotonic()
-        self.store.journal_append(
-            op_id,
-            "begin",
-            {
-                "kind": kind,
-                "epoch": m.epoch,
-                "add": [[str(e), w] for e, w in add],
-                "remove": [[str(e), w] for e, w in remove],
-                "add_workers": list(add_workers),
-                "remove_workers": list(remove_workers),
-            },
-        )
+        self.store.journal_append(op_id, Step.BEGIN.value, change.to_journal())
         self._fault("begin")
         loaded: list[tuple[LogicalExpert, str]] = []
         try:
@@ -718,20 +718,19 @@ class Controller:
             workers.update(warm)
             cold = [w for w in add_workers if w not in warm]
             if cold:
-                workers.update(self._start_workers({w: [] for w in cold}))
+                workers.update(self._start_workers({w: [] for w in cold}, pool=change.pool))
             for expert, worker in add:
                 self._load(expert, worker, workers, exclude=[w for e2, w in remove if e2 == expert])
                 loaded.append((expert, worker))
-            self.store.journal_append(op_id, "loaded", {})
+            self.store.journal_append(op_id, Step.LOADED.value, {})
             self._fault("loaded")
             for w in remove_workers:
                 workers.pop(w, None)
+            try:
+                check_change(self._view(), change)  # the last word, right before publishing
+            except PlanRefused as e:
+                raise ControllerError(str(e)) from None
             new_map = m.with_changes(add=add, remove=remove, workers=workers)
-            if new_map.missing(self.all_experts):
-                raise ControllerError(
-                    f"change would leave experts without a replica: "
-                    f"{[str(e) for e in new_map.missing(self.all_experts)][:8]}"
-                )
             try:
                 published = self.store.put_map(new_map.to_dict(), expected_epoch=m.epoch)
             except StateStoreUnavailable as e:
@@ -763,7 +762,7 @@ class Controller:
             raise
         self.expert_map = new_map
         self._push(new_map)
-        self.store.journal_append(op_id, "published", {"epoch": new_map.epoch})
+        self.store.journal_append(op_id, Step.PUBLISHED.value, {"epoch": new_map.epoch})
         self._fault("published")
         self._drain(m.epoch)
         self._unload(remove)
@@ -772,7 +771,7 @@ class Controller:
             if self.workers.get(w, {}).get("spare"):
                 self.workers[w]["spare"] = False
                 self.store.put_worker(w, self.workers[w])
-        self.store.journal_append(op_id, "done", {})
+        self.store.journal_append(op_id, Step.DONE.value, {})
         self.store.journal_finish(op_id, "done")
         result = {
             "op_id": op_id,
@@ -950,27 +949,6 @@ class Controller:
             self._needs_recovery = False
             self._recover()
 
-    def _pick_target(
-        self,
-        e: LogicalExpert,
-        exclude: set[str] = frozenset(),
-        planned: dict[str, int] | None = None,
-    ) -> str:
-        """The worker with the most free slots that does not hold ``e``."""
-        m = self._map()
-        planned = planned or {}
-        candidates = []
-        for w in m.workers:
-            if w in exclude or w in m.replicas_of(e) or not self._healthy(w):
-                continue
-            used = len(m.experts_on(w)) + planned.get(w, 0)
-            slots = self.workers.get(w, {}).get("num_slots", 0)
-            if used < slots:
-                candidates.append((used - slots, w))
-        if not candidates:
-            raise ControllerError(f"no worker has a free slot for expert {e}; add a worker")
-        return min(candidates)[1]
-
     def _fault(self, step: str) -> None:
         """Test/chaos hook: die right after journaling ``step`` when configured to.
 
@@ -1070,6 +1048,7 @@ class Controller:
         checkpoint on live workers), a replacement starts (a spare if ready),
         and every expert is replicated back to its minimum replica count.
         """
+        self.probe_health()
         removed = self._remove_dead_workers()
         if removed or not self.redundancy()["full"]:
             self.restore_redundancy(replace_workers=len(removed))
