@@ -20,8 +20,8 @@ import torch
 from elasticmoe._proto.elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 from elasticmoe.core.experts import LogicalExpert
 from elasticmoe.experts import service
+from elasticmoe.experts.rpc import GRPC_OPTIONS
 from elasticmoe.experts.service import (
-    GRPC_OPTIONS,
     ChecksumMismatchError,
     ExpertServicer,
     ExpertStore,

@@ -29,9 +29,13 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-import grpc
-
-from elasticmoe._proto.elasticmoe.v1 import expert_pb2, expert_pb2_grpc
+from elasticmoe.control.cluster import (
+    Cluster,
+    ClusterError,
+    RayCluster,
+    WorkerLaunch,
+    worker_actor_name,
+)
 from elasticmoe.control.deployment_config import DeploymentConfig
 from elasticmoe.control.state import StateStore, StateStoreUnavailable, make_state_store
 from elasticmoe.core.actions import Action
@@ -51,20 +55,8 @@ from elasticmoe.core.protocol import (
     recover,
 )
 from elasticmoe.model.config import load_config
-from elasticmoe.router.router import GRPC_OPTIONS
 
 logger = logging.getLogger(__name__)
-
-NAMESPACE = "elasticmoe"
-CONTROLLER_NAME = "elasticmoe-controller"
-ENGINE_PREFIX = "elasticmoe-engine-"
-WORKER_PREFIX = "elasticmoe-worker-"
-
-
-def worker_actor_name(deployment: str, worker_id: str) -> str:
-    """Ray actor name of a deployment's expert worker."""
-    return f"{WORKER_PREFIX}{deployment}-{worker_id}"
-
 
 class ControllerError(RuntimeError):
     """A scaling request cannot be carried out (the message says why)."""
@@ -85,16 +77,22 @@ def _parse_expert(text: str | LogicalExpert | tuple) -> LogicalExpert:
 class Controller:
     """Owns the expert map and the worker registry (run as a named Ray actor)."""
 
-    def __init__(self, config: dict[str, Any], fault: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        fault: dict[str, Any] | None = None,
+        cluster: Cluster | None = None,
+    ) -> None:
         self.config = DeploymentConfig(**config)
         self.fault = fault or {}
+        # every effect on another process goes through this (a FakeCluster in unit tests)
+        self.cluster: Cluster = cluster if cluster is not None else RayCluster()
         self.model = load_config(self.config.model)
         self.store: StateStore = make_state_store(self.config.state_store, self.config.name)
         self.lock = threading.RLock()
         self.expert_map: ExpertMap | None = None
         self.workers: dict[str, dict[str, Any]] = {}  # worker id -> registry entry
         self.checksums: dict[LogicalExpert, str] = {}
-        self._stubs: dict[str, tuple[str, Any]] = {}
         self._next_worker = 0
         self.history: list[dict[str, Any]] = []  # finished operations, newest last
         self._needs_recovery = False
@@ -186,32 +184,11 @@ class Controller:
         :meth:`_reconcile_slots` frees. (A Redis store keeps the journal and
         does better: it finishes or rolls back that operation.)
         """
-        import ray
-
-        maps = []
-        for engine in self._engines():
-            try:
-                current = ray.get(engine.current_map.remote(), timeout=30)
-            except Exception as e:  # a dead engine knows nothing
-                logger.info("engine did not answer while adopting: %s", e)
-                continue
-            if current:
-                maps.append(current)
+        maps = self.cluster.engine_maps(self.config.name)
         if not maps:
             return  # a first start: bootstrap() publishes epoch 1
         newest = ExpertMap.from_dict(max(maps, key=lambda d: d["epoch"]))
-        prefix = worker_actor_name(self.config.name, "")
-        for entry in ray.util.list_named_actors(all_namespaces=True):
-            if entry.get("namespace") != NAMESPACE or not entry["name"].startswith(prefix):
-                continue
-            wid = entry["name"][len(prefix) :]
-            try:
-                info = ray.get(
-                    ray.get_actor(entry["name"], namespace=NAMESPACE).info.remote(), timeout=30
-                )
-            except Exception as e:
-                logger.warning("worker %s did not answer while adopting: %s", wid, e)
-                continue
+        for wid, info in self.cluster.running_workers(self.config.name).items():
             self._register(wid, info, spare=wid not in newest.workers)
         self._next_worker = self._first_free_worker_id()
         self.spares = sorted(w for w in self.workers if w not in newest.workers)
@@ -248,12 +225,9 @@ class Controller:
         assert self.expert_map is not None
         for worker in list(self.expert_map.workers):
             try:
-                held = {
-                    LogicalExpert(i.layer, i.expert): i.checksum
-                    for i in self._stub(worker).Stats(expert_pb2.StatsRequest(), timeout=5).experts
-                }
-            except grpc.RpcError as e:
-                logger.warning("worker %s unreachable while reconciling: %s", worker, e.details())
+                held = self.cluster.held(worker, self._address(worker))
+            except (ClusterError, KeyError) as e:
+                logger.warning("worker %s unreachable while reconciling: %s", worker, e)
                 continue
             for expert, checksum in held.items():
                 self.checksums.setdefault(expert, checksum)
@@ -282,7 +256,6 @@ class Controller:
             if not self.store.put_map(new_map.to_dict(), expected_epoch=None):
                 raise ControllerError("another controller already published an expert map")
             self.expert_map = new_map
-            self.store.publish_epoch(1)
             self._replenish_spares()
             return new_map.to_dict()
 
@@ -297,60 +270,35 @@ class Controller:
         spare: bool = False,
         pool: str | None = None,
     ) -> dict[str, str]:
-        """Start worker actors (detached: they outlive a controller restart)."""
-        import ray
-
-        from elasticmoe.experts.worker import ExpertWorker
-
+        """Start workers (all or none) and register them."""
         c = self.config
         resources = dict(c.worker_resources)
         if c.device == "npu":
             resources.setdefault("NPU", 1)
-        cls = ExpertWorker.remote_class(
+        launch = WorkerLaunch(
+            deployment=c.name,
+            model=c.model,
+            num_slots=c.num_slots(len(self.all_experts)),
+            device=c.device,
+            dtype=c.resolved_dtype(self.model),
             num_cpus=c.worker_num_cpus,
             num_gpus=c.worker_num_gpus or (1 if c.device == "cuda" else 0),
             resources=resources,
+            num_threads=c.worker_threads,
+            fault_injection=c.fault_injection,
+            start_timeout_s=c.worker_start_timeout_s,
         )
-        num_slots = c.num_slots(len(self.all_experts))
-        handles = {}
-        for wid in experts_by_worker:
-            handles[wid] = cls.options(
-                name=worker_actor_name(c.name, wid),
-                namespace=NAMESPACE,
-                lifetime="detached",
-                # one node's loss takes as few replicas as possible
-                scheduling_strategy="SPREAD",
-                runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
-            ).remote(
-                wid,
-                c.model,
-                num_slots,
-                device=c.device,
-                dtype=c.resolved_dtype(self.model),
-                num_threads=c.worker_threads,
-                fault_injection=c.fault_injection,
-            )
-        refs = {
-            handles[w].start.remote([tuple(e) for e in es]): w
-            for w, es in experts_by_worker.items()
-        }
+        infos = self.cluster.start_workers(launch, experts_by_worker)
         addresses = {}
-        try:
-            for ref, wid in refs.items():
-                info = ray.get(ref, timeout=c.worker_start_timeout_s)
-                addresses[wid] = info["address"]
-                for slot in info["slots"]:
-                    if slot:
-                        self.checksums.setdefault(
-                            LogicalExpert(slot["layer"], slot["expert"]), slot["checksum"]
-                        )
-                self._register(wid, info, spare, pool)
-                self._health[wid] = True
-        except BaseException:
-            for wid, handle in handles.items():
-                ray.kill(handle)
-                self.workers.pop(wid, None)
-            raise
+        for wid, info in infos.items():
+            addresses[wid] = info["address"]
+            for slot in info["slots"]:
+                if slot:
+                    self.checksums.setdefault(
+                        LogicalExpert(slot["layer"], slot["expert"]), slot["checksum"]
+                    )
+            self._register(wid, info, spare, pool)
+            self._health[wid] = True
         return addresses
 
     # --------------------------------------------------------------- queries
@@ -395,7 +343,7 @@ class Controller:
             "workers": workers,
             "replicas": {str(e): list(ws) for e, ws in sorted(m.replicas.items())} if m else {},
             "expert_load": {str(e): v for e, v in sorted(load.items())},
-            "num_engines": len(self._engines()),
+            "num_engines": self.cluster.num_engines(self.config.name),
             "spare_workers": list(self.spares),
             "operations": [
                 {"kind": k, "result": r, "count": n, "seconds": round(self._op_seconds[k, r], 3)}
@@ -412,9 +360,8 @@ class Controller:
 
     def _probe(self, worker: str) -> bool:
         try:
-            self._stub(worker).Health(expert_pb2.HealthRequest(), timeout=1)
-            return True
-        except (grpc.RpcError, KeyError):
+            return self.cluster.healthy(worker, self._address(worker))
+        except KeyError:
             return False
 
     def probe_health(self) -> dict[str, bool]:
@@ -426,17 +373,8 @@ class Controller:
 
     def expert_load(self) -> dict[LogicalExpert, float]:
         """Tokens routed to each logical expert so far, summed over engines."""
-        import ray
-
         totals: dict[LogicalExpert, float] = {}
-        engines = self._engines()
-        stats = []
-        for engine in engines:
-            try:
-                stats.append(ray.get(engine.stats.remote(), timeout=5))
-            except Exception as e:  # a dead engine has no load to report
-                logger.info("engine stats failed: %s", e)
-        for s in stats:
+        for s in self.cluster.engine_stats(self.config.name):
             for row, layer in enumerate(self.model.moe_layers):
                 for e, v in enumerate(s["expert_load"][row]):
                     key = LogicalExpert(layer, e)
@@ -804,20 +742,19 @@ class Controller:
         last_error = None
         for source in sources:
             try:
-                resp = self._stub(worker, workers.get(worker)).LoadExperts(
-                    expert_pb2.LoadExpertsRequest(
-                        experts=[expert_pb2.ExpertRef(layer=expert.layer, expert=expert.expert)],
-                        source=source,
-                    ),
-                    timeout=self.config.rpc_timeout_s,
+                checksum = self.cluster.load(
+                    worker,
+                    self._address(worker, workers.get(worker)),
+                    expert,
+                    source,
+                    self.config.rpc_timeout_s,
                 )
-            except grpc.RpcError as e:
-                last_error = f"{e.code().name}: {e.details()}"
+            except ClusterError as e:
+                last_error = str(e)
                 logger.warning(
                     "loading %s on %s from %s failed: %s", expert, worker, source, last_error
                 )
                 continue
-            checksum = resp.experts[0].checksum
             known = self.checksums.setdefault(expert, checksum)
             if checksum != known:
                 self._unload([(expert, worker)])
@@ -834,84 +771,41 @@ class Controller:
             by_worker.setdefault(w, []).append(e)
         for worker, experts in by_worker.items():
             try:
-                self._stub(worker).UnloadExperts(
-                    expert_pb2.UnloadExpertsRequest(
-                        experts=[
-                            expert_pb2.ExpertRef(layer=e.layer, expert=e.expert) for e in experts
-                        ]
-                    ),
-                    timeout=self.config.rpc_timeout_s,
+                self.cluster.unload(
+                    worker, self._address(worker), experts, self.config.rpc_timeout_s
                 )
-            except (grpc.RpcError, KeyError) as e:  # a dead worker holds nothing anyway
+            except (ClusterError, KeyError) as e:  # a dead worker holds nothing anyway
                 logger.info("unload on %s skipped: %s", worker, e)
 
     def _stop_workers(self, worker_ids: Iterable[str]) -> None:
-        import ray
-
         for wid in worker_ids:
-            with contextlib.suppress(ValueError):  # already gone
-                ray.kill(
-                    ray.get_actor(worker_actor_name(self.config.name, wid), namespace=NAMESPACE)
-                )
+            self.cluster.stop_worker(self.config.name, wid)
             self.workers.pop(wid, None)
-            self._stubs.pop(wid, None)
+            self._health.pop(wid, None)
             try:
                 self.store.delete_worker(wid)
             except StateStoreUnavailable:
                 logger.warning("could not drop %s from the registry (store down)", wid)
 
     def _push(self, new_map: ExpertMap) -> None:
-        """Push the new map to every engine and announce the epoch."""
-        import ray
-
-        refs = [e.update_map.remote(new_map.to_dict()) for e in self._engines()]
-        for ref in refs:
-            try:
-                ray.get(ref, timeout=10)
-            except Exception as e:  # a dead or slow engine pulls the map later
-                logger.warning("pushing epoch %d failed: %s", new_map.epoch, e)
-        try:
-            self.store.publish_epoch(new_map.epoch)
-        except StateStoreUnavailable as e:
-            logger.warning("could not announce epoch %d: %s", new_map.epoch, e)
+        """Push the new map to every engine (the one channel; engines pull as the fallback)."""
+        self.cluster.push_map(self.config.name, new_map.to_dict())
 
     def _drain(self, old_epoch: int) -> None:
         """Wait until no engine runs a step on an epoch <= ``old_epoch``."""
-        import ray
-
         deadline = time.monotonic() + self.config.drain_timeout_s
-        engines = self._engines()
-        while engines and time.monotonic() < deadline:
-            still = []
-            for engine in engines:
-                try:
-                    active = ray.get(engine.active_epoch.remote(), timeout=5)
-                except Exception:
-                    continue  # a dead engine runs nothing
-                if active is not None and active <= old_epoch:
-                    still.append(engine)
-            engines = still
-            if engines:
-                time.sleep(0.01)
-        if engines:
-            logger.warning("drain of epoch %d timed out; freeing anyway", old_epoch)
+        while True:
+            active = self.cluster.active_epochs(self.config.name)
+            if not any(a is not None and a <= old_epoch for a in active):
+                return
+            if time.monotonic() >= deadline:
+                logger.warning("drain of epoch %d timed out; freeing anyway", old_epoch)
+                return
+            time.sleep(0.01)
 
     # --------------------------------------------------------------- helpers
-    def _engines(self) -> list[Any]:
-        import ray
-
-        handles = []
-        for name in ray.util.list_named_actors(all_namespaces=True):
-            if isinstance(name, dict):
-                if name.get("namespace") != NAMESPACE:
-                    continue
-                name = name["name"]
-            if name.startswith(ENGINE_PREFIX + self.config.name + "-"):
-                with contextlib.suppress(ValueError):  # died since listed
-                    handles.append(ray.get_actor(name, namespace=NAMESPACE))
-        return handles
-
-    def _stub(self, worker: str, address: str | None = None) -> Any:
+    def _address(self, worker: str, address: str | None = None) -> str:
+        """Where ``worker``'s gRPC service listens (KeyError: unknown worker)."""
         address = (
             address
             or (self.expert_map.workers.get(worker) if self.expert_map else None)
@@ -919,12 +813,7 @@ class Controller:
         )
         if address is None:
             raise KeyError(worker)
-        cached = self._stubs.get(worker)
-        if cached is None or cached[0] != address:
-            channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
-            cached = (address, expert_pb2_grpc.ExpertServiceStub(channel))
-            self._stubs[worker] = cached
-        return cached[1]
+        return address
 
     def _map(self) -> ExpertMap:
         if self.expert_map is None:
@@ -1027,14 +916,8 @@ class Controller:
         return {e: v - base.get(e, 0.0) for e, v in latest.items()}
 
     def _latency_p99(self) -> tuple[float | None, float | None]:
-        import ray
-
         ttft, itl = [], []
-        for engine in self._engines():
-            try:
-                s = ray.get(engine.stats.remote(), timeout=5)
-            except Exception:
-                continue
+        for s in self.cluster.engine_stats(self.config.name):
             if s.get("ttft_p99_ms") is not None:
                 ttft.append(s["ttft_p99_ms"])
             if s.get("itl_p99_ms") is not None:

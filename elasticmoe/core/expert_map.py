@@ -55,7 +55,7 @@ class ExpertMap:
         return [e for e in experts if not self.replicas.get(e)]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly form (state store, admin API, pub/sub)."""
+        """JSON-friendly form (state store, admin API, pushes to engines)."""
         return {
             "epoch": self.epoch,
             "workers": dict(self.workers),
