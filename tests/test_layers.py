@@ -15,7 +15,7 @@ t0 = time.perf_counter()
 import elasticmoe
 import elasticmoe.core.actions, elasticmoe.core.decide, elasticmoe.core.expert_map
 import elasticmoe.core.experts, elasticmoe.core.placement, elasticmoe.core.policy
-import elasticmoe.core.protocol
+import elasticmoe.core.protocol, elasticmoe.core.stats
 import operators.elasticmoe_operator.handlers, operators.elasticmoe_operator.spec
 from operators.elasticmoe_operator.spec import check_policy
 seconds = time.perf_counter() - t0

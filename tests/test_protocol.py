@@ -159,3 +159,14 @@ def test_recovery_refuses_a_journal_out_of_order() -> None:
         recover(_journal("begin", "published", change=change), map_epoch=1)
     with pytest.raises(ProtocolError):
         recover([{"step": "loaded", "data": {}}], map_epoch=1)
+
+
+def test_percentile_is_nearest_rank() -> None:
+    from elasticmoe.core.stats import percentile
+
+    assert percentile([], 99) is None
+    assert percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert percentile(range(1, 101), 99) == 100
+    assert percentile(range(1, 201), 99) == 199
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
