@@ -129,7 +129,12 @@ def start_deployment(cfg: DeploymentConfig) -> tuple[Deployment, float]:
 
 
 def hottest_experts(dep: Deployment, n: int) -> list[str]:
-    load = ray.get(dep.controller.status.remote())["expert_load"]
+    # status() reports the engines' load as the controller's health loop last saw it
+    deadline = time.monotonic() + 60
+    load: dict[str, float] = {}
+    while not any(load.values()) and time.monotonic() < deadline:
+        load = ray.get(dep.controller.status.remote())["expert_load"]
+        time.sleep(0.2)
     return [e for e, _ in sorted(load.items(), key=lambda kv: -kv[1])[:n]]
 
 

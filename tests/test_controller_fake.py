@@ -180,3 +180,55 @@ def test_a_restarted_controller_adopts_what_runs(
         assert_map_matches_workers(again, cluster)
     finally:
         again.shutdown()
+
+
+def wait_for(condition, what: str, timeout_s: float = 30.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_add_worker_takes_the_ready_spare_then_replaces_it(cluster: FakeCluster) -> None:
+    c = Controller(config(slots_per_worker=40, spare_workers=1), cluster=cluster)
+    try:
+        c.bootstrap()
+        assert c.status()["spare_workers"] == ["w2"]
+        lifecycles = {w["worker_id"]: w["lifecycle"] for w in c.status()["workers"]}
+        assert lifecycles == {"w0": "active", "w1": "active", "w2": "spare"}
+        demand = c.demand()
+        assert demand["pools"]["default"] == {"workers": 3, "desired": 3}
+        starts = [x for x in cluster.calls if x[0] == "start"]
+        result = c.add_worker(1)
+        assert result["add_workers"] == ["w2"]  # the spare, no process start for it
+        assert [x for x in cluster.calls if x[0] == "start"][: len(starts)] == starts
+        assert c.store.get_workers()["w2"]["lifecycle"] == "active"
+        wait_for(lambda: c.status()["spare_workers"] == ["w3"], what="a new spare")
+        assert "w3" in cluster.workers and "w3" not in c.expert_map.workers
+    finally:
+        c.shutdown()
+
+
+def test_registry_lifecycle_and_old_entries() -> None:
+    from elasticmoe.control.workers import Lifecycle, WorkerRecord, WorkerRegistry
+
+    reg = WorkerRegistry("cpu")
+    ids = reg.new_ids(2, Lifecycle.SPARE)
+    assert ids == ["w0", "w1"] and reg.num_starting(Lifecycle.SPARE) == 2
+    reg.register(WorkerRecord("w0", "a:1", 4, "cpu", lifecycle=Lifecycle.SPARE))
+    reg.release(ids)  # w1 failed to start
+    assert reg.num_starting() == 0 and reg.spares() == ["w0"]
+    assert reg.take_spares(3) == ["w0"] and reg.get("w0").lifecycle is Lifecycle.ACTIVE
+    assert reg.new_ids(1, Lifecycle.ACTIVE) == ["w2"]  # ids are never reused
+    reg.record_health({"w0": False})
+    reg.record_health({"w0": False})
+    assert reg.misses("w0") == 2 and not reg.healthy("w0")
+    reg.record_health({"w0": True})
+    assert reg.misses("w0") == 0 and reg.healthy("w0")
+    # an entry written before lifecycles existed
+    old = WorkerRecord.from_entry("w7", {"address": "b:2", "num_slots": 8, "spare": True}, "cpu")
+    assert old.lifecycle is Lifecycle.SPARE and old.pool == "cpu"
+    reg.load({"w7": old.to_entry(), "w0": reg.get("w0").to_entry()}, in_map=["w0"])
+    assert reg.spares() == ["w7"] and reg.new_ids(1, Lifecycle.ACTIVE) == ["w8"]

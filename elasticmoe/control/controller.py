@@ -1,7 +1,16 @@
 """The controller: sole owner of the expert map; runs zero-downtime changes.
 
-Every change (replicate, evict, migrate, add/remove worker, restore) goes
-through :meth:`Controller._change`, which follows DESIGN.md's protocol:
+A thin actor over four parts: the planner and the journaled steps
+(:mod:`elasticmoe.core.protocol`, pure), recovery from a journal
+(:func:`~elasticmoe.core.protocol.recover`, pure), the worker registry with
+its lifecycle states and health cache (:mod:`elasticmoe.control.workers`),
+and the one interface to other processes (:mod:`elasticmoe.control.cluster`:
+Ray actors and gRPC, or an in-memory fake). ``status()`` reads caches only:
+the health loop refreshes worker health and the engines' stats.
+
+Every change (replicate, evict, migrate, add/remove worker, restore) is
+planned by :func:`~elasticmoe.core.protocol.plan_action` and carried out by
+:meth:`Controller._change`, which follows DESIGN.md's protocol:
 
 1. load each new replica (peer-to-peer from a live replica, else from the
    checkpoint) and verify its checksum;
@@ -38,6 +47,7 @@ from elasticmoe.control.cluster import (
 )
 from elasticmoe.control.deployment_config import DeploymentConfig
 from elasticmoe.control.state import StateStore, StateStoreUnavailable, make_state_store
+from elasticmoe.control.workers import Lifecycle, WorkerRecord, WorkerRegistry
 from elasticmoe.core.actions import Action
 from elasticmoe.core.decide import ObservedState, PolicyState, WorkerState, decide
 from elasticmoe.core.expert_map import ExpertMap
@@ -91,23 +101,20 @@ class Controller:
         self.store: StateStore = make_state_store(self.config.state_store, self.config.name)
         self.lock = threading.RLock()
         self.expert_map: ExpertMap | None = None
-        self.workers: dict[str, dict[str, Any]] = {}  # worker id -> registry entry
+        # every worker process: lifecycle (starting/spare/active) and the health cache
+        self.registry = WorkerRegistry(self.config.pool)
         self.checksums: dict[LogicalExpert, str] = {}
-        self._next_worker = 0
         self.history: list[dict[str, Any]] = []  # finished operations, newest last
         self._needs_recovery = False
-        self.spares: list[str] = []  # started, empty workers outside the map
-        self._spares_starting = 0
-        self._workers_starting = 0
         self._op_counts: collections.Counter[tuple[str, str]] = collections.Counter()
         self._op_seconds: collections.Counter[tuple[str, str]] = collections.Counter()
         self._load_samples: collections.deque[tuple[float, dict[LogicalExpert, float]]] = (
             collections.deque(maxlen=4096)
         )
-        self._unhealthy: dict[str, int] = {}  # worker -> consecutive failed health checks
-        # worker -> answered its last health check; filled by the health loop only, so
-        # status(), /health and /metrics never wait on an RPC
-        self._health: dict[str, bool] = {}
+        # engines' stats as last observed; the health and control loops refresh them, so
+        # status() (and /health, /metrics behind it) never waits on an RPC
+        self._engine_stats: list[dict[str, Any]] = []
+        self._num_engines = 0
         self._stop = threading.Event()
         self.instance = uuid.uuid4().hex  # changes when Ray restarts the actor
         self._recover()
@@ -135,7 +142,7 @@ class Controller:
         """Load the map and registry; finish or roll back half-done operations."""
         try:
             stored = self.store.get_map()
-            self.workers = self.store.get_workers()
+            entries = self.store.get_workers()
         except StateStoreUnavailable:
             logger.warning("state store unreachable; recovering once it is back")
             self._needs_recovery = True
@@ -144,11 +151,8 @@ class Controller:
             self.expert_map = ExpertMap.from_dict(stored)
         elif self.store.is_memory:
             self._adopt()
-        self._next_worker = self._first_free_worker_id()
-        in_map = set(self.expert_map.workers) if self.expert_map else set()
-        self.spares = sorted(
-            w for w, e in self.workers.items() if e.get("spare") and w not in in_map
-        )
+        if entries or not self.registry.records:  # _adopt registered what runs
+            self.registry.load(entries, self.expert_map.workers if self.expert_map else ())
         for op_id in self.store.open_operations():
             self._resume(op_id)
         if self.expert_map is not None:
@@ -158,22 +162,27 @@ class Controller:
         self, worker_id: str, info: dict[str, Any], spare: bool, pool: str | None = None
     ) -> None:
         """Record a started worker (its ``ExpertWorker.info()``) in the registry and store."""
-        entry = {
-            "address": info["address"],
-            "node_id": info.get("node_id"),
-            "node_ip": info.get("node_ip"),
-            "num_slots": info["num_slots"],
-            "pool": pool or self.config.pool,
-            "actor": worker_actor_name(self.config.name, worker_id),
-            "started": time.time(),
-            "spare": spare,
-        }
-        self.workers[worker_id] = entry
-        self.store.put_worker(worker_id, entry)
+        record = self.registry.register(
+            WorkerRecord(
+                worker_id=worker_id,
+                address=info["address"],
+                num_slots=info["num_slots"],
+                pool=pool or self.config.pool,
+                actor=worker_actor_name(self.config.name, worker_id),
+                node_id=info.get("node_id"),
+                node_ip=info.get("node_ip"),
+                lifecycle=Lifecycle.SPARE if spare else Lifecycle.ACTIVE,
+            )
+        )
+        self.store.put_worker(worker_id, record.to_entry())
 
-    def _first_free_worker_id(self) -> int:
-        ids = [int(w[1:]) for w in self.workers if w[1:].isdigit()]
-        return max(ids, default=-1) + 1
+    def _slots(self, worker: str) -> int:
+        record = self.registry.get(worker)
+        return record.num_slots if record else 0
+
+    def _pool_of(self, worker: str) -> str:
+        record = self.registry.get(worker)
+        return record.pool if record else self.config.pool
 
     def _adopt(self) -> None:
         """After a restart that lost the in-memory store: take over what still runs.
@@ -190,14 +199,12 @@ class Controller:
         newest = ExpertMap.from_dict(max(maps, key=lambda d: d["epoch"]))
         for wid, info in self.cluster.running_workers(self.config.name).items():
             self._register(wid, info, spare=wid not in newest.workers)
-        self._next_worker = self._first_free_worker_id()
-        self.spares = sorted(w for w in self.workers if w not in newest.workers)
         self.store.put_map(newest.to_dict(), expected_epoch=None)
         self.expert_map = newest
         logger.warning(
             "state store was empty after a restart: adopted expert map epoch %d and %d workers",
             newest.epoch,
-            len(self.workers),
+            len(self.registry.records),
         )
         self.history.append({"kind": "adopt", "result": "done", "epoch": newest.epoch})
 
@@ -245,24 +252,22 @@ class Controller:
             self._check_store()
             c = self.config
             counts = c.replica_counts(self.all_experts)
-            worker_ids = [self._new_worker_id() for _ in range(c.num_workers)]
-            placement = initial_placement(
-                self.all_experts, worker_ids, c.num_slots(len(self.all_experts)), counts
-            )
-            addresses = self._start_workers(
-                {w: [e for e, ws in placement.items() if w in ws] for w in worker_ids}
-            )
+            worker_ids = self.registry.new_ids(c.num_workers, Lifecycle.ACTIVE)
+            try:
+                placement = initial_placement(
+                    self.all_experts, worker_ids, c.num_slots(len(self.all_experts)), counts
+                )
+                addresses = self._start_workers(
+                    {w: [e for e, ws in placement.items() if w in ws] for w in worker_ids}
+                )
+            finally:
+                self.registry.release(worker_ids)
             new_map = ExpertMap(1, placement, addresses)
             if not self.store.put_map(new_map.to_dict(), expected_epoch=None):
                 raise ControllerError("another controller already published an expert map")
             self.expert_map = new_map
             self._replenish_spares()
             return new_map.to_dict()
-
-    def _new_worker_id(self) -> str:
-        worker_id = f"w{self._next_worker}"
-        self._next_worker += 1
-        return worker_id
 
     def _start_workers(
         self,
@@ -298,7 +303,6 @@ class Controller:
                         LogicalExpert(slot["layer"], slot["expert"]), slot["checksum"]
                     )
             self._register(wid, info, spare, pool)
-            self._health[wid] = True
         return addresses
 
     # --------------------------------------------------------------- queries
@@ -323,14 +327,15 @@ class Controller:
         m = self.expert_map
         load = self.expert_load()
         workers = []
-        for wid, entry in sorted(self.workers.items()):
+        for wid, record in sorted(self.registry.records.items()):
             experts = m.experts_on(wid) if m else ()
             workers.append(
                 {
                     "worker_id": wid,
-                    "address": entry.get("address"),
-                    "pool": entry.get("pool"),
-                    "num_slots": entry.get("num_slots"),
+                    "address": record.address,
+                    "pool": record.pool,
+                    "num_slots": record.num_slots,
+                    "lifecycle": record.lifecycle.value,
                     "num_replicas": len(experts),
                     "load": sum(load.get(e, 0.0) / max(1, len(m.replicas_of(e))) for e in experts)
                     if m
@@ -343,8 +348,8 @@ class Controller:
             "workers": workers,
             "replicas": {str(e): list(ws) for e, ws in sorted(m.replicas.items())} if m else {},
             "expert_load": {str(e): v for e, v in sorted(load.items())},
-            "num_engines": self.cluster.num_engines(self.config.name),
-            "spare_workers": list(self.spares),
+            "num_engines": self._num_engines,
+            "spare_workers": self.registry.spares(),
             "operations": [
                 {"kind": k, "result": r, "count": n, "seconds": round(self._op_seconds[k, r], 3)}
                 for (k, r), n in sorted(self._op_counts.items())
@@ -356,7 +361,7 @@ class Controller:
 
     def _healthy(self, worker: str) -> bool:
         """The health loop's last word on ``worker`` (no RPC here)."""
-        return self._health.get(worker, worker in self.workers)
+        return self.registry.healthy(worker)
 
     def _probe(self, worker: str) -> bool:
         try:
@@ -366,15 +371,20 @@ class Controller:
 
     def probe_health(self) -> dict[str, bool]:
         """Health-check every worker now (outside the lock) and refresh the cache."""
-        workers = sorted({*(self.expert_map.workers if self.expert_map else ()), *self.spares})
-        result = {w: self._probe(w) for w in workers}
-        self._health = result
+        in_map = self.expert_map.workers if self.expert_map else ()
+        result = {w: self._probe(w) for w in sorted({*in_map, *self.registry.spares()})}
+        self.registry.record_health(result)
         return result
+
+    def observe_engines(self) -> None:
+        """Refresh the engines' stats (load, latency) that status() and decisions read."""
+        self._engine_stats = self.cluster.engine_stats(self.config.name)
+        self._num_engines = self.cluster.num_engines(self.config.name)
 
     def expert_load(self) -> dict[LogicalExpert, float]:
         """Tokens routed to each logical expert so far, summed over engines."""
         totals: dict[LogicalExpert, float] = {}
-        for s in self.cluster.engine_stats(self.config.name):
+        for s in self._engine_stats:
             for row, layer in enumerate(self.model.moe_layers):
                 for e, v in enumerate(s["expert_load"][row]):
                     key = LogicalExpert(layer, e)
@@ -404,9 +414,9 @@ class Controller:
             placement=dict(m.replicas),
             workers={
                 w: WorkerSlots(
-                    self.workers.get(w, {}).get("num_slots", 0),
+                    self._slots(w),
                     self._healthy(w),
-                    self.workers.get(w, {}).get("pool", self.config.pool),
+                    self._pool_of(w),
                 )
                 for w in m.workers
             },
@@ -463,15 +473,14 @@ class Controller:
                 raise ControllerError(
                     f"adding {count} worker(s) would exceed max_workers={self.config.max_workers}"
                 )
-            ids = [self.spares.pop(0) for _ in range(min(count, len(self.spares)))]
-            ids += [self._new_worker_id() for _ in range(count - len(ids))]
-            self._workers_starting += count
+            ids = self.registry.take_spares(count)
+            fresh = self.registry.new_ids(count - len(ids), Lifecycle.ACTIVE)
             try:
                 return self._act(
-                    Action("add_worker", pool=pool or self.config.pool, count=count), ids
+                    Action("add_worker", pool=pool or self.config.pool, count=count), ids + fresh
                 )
             finally:
-                self._workers_starting -= count
+                self.registry.release(fresh)
                 threading.Thread(target=self._replenish_spares, daemon=True).start()
 
     def remove_worker(self, worker: str, keep_off: Iterable[str] = ()) -> dict[str, Any]:
@@ -492,13 +501,14 @@ class Controller:
             m = self._map()
             nodes = set(nodes)
             wanted = set(workers)
-            unknown = sorted(w for w in wanted if w not in m.workers and w not in self.spares)
+            spares = set(self.registry.spares())
+            unknown = sorted(w for w in wanted if w not in m.workers and w not in spares)
             if unknown:
                 raise ControllerError(f"no worker(s) {unknown}; workers: {sorted(m.workers)}")
-            for w, entry in self.workers.items():
-                if nodes & {entry.get("node_id"), entry.get("node_ip")}:
+            for w, record in self.registry.records.items():
+                if nodes & {record.node_id, record.node_ip}:
                     wanted.add(w)
-            spares = sorted(w for w in wanted if w in self.spares)
+            spares = sorted(w for w in wanted if w in spares)
             active = sorted(w for w in wanted if w in m.workers)
             if active and len(active) >= len(m.workers):
                 raise ControllerError(
@@ -508,8 +518,6 @@ class Controller:
             for w in active:
                 self.remove_worker(w, keep_off=set(active) - set(drained) - {w})
                 drained.append(w)
-            for w in spares:
-                self.spares.remove(w)
             self._stop_workers(spares)
             return {"drained": drained + spares, "epoch": self._map().epoch}
 
@@ -521,16 +529,18 @@ class Controller:
         """
         m = self.expert_map
         in_map = list(m.workers) if m else []
+        records = dict(self.registry.records)  # a snapshot: this runs without the lock
+        # every worker process: in the map, joining it, or spare
         workers = [
             {
                 "worker_id": w,
-                "pool": self.workers.get(w, {}).get("pool", self.config.pool),
-                "node": self.workers.get(w, {}).get("node_ip"),
-                "node_id": self.workers.get(w, {}).get("node_id"),
-                "spare": w in self.spares,
-                "healthy": self._unhealthy.get(w, 0) == 0,
+                "pool": records[w].pool if w in records else self.config.pool,
+                "node": records[w].node_ip if w in records else None,
+                "node_id": records[w].node_id if w in records else None,
+                "spare": w in records and records[w].lifecycle is Lifecycle.SPARE,
+                "healthy": self.registry.misses(w) == 0,
             }
-            for w in [*in_map, *self.spares]
+            for w in [*in_map, *(w for w in records if w not in set(in_map))]
         ]
         pools: dict[str, dict[str, int]] = {}
         for entry in workers:
@@ -538,7 +548,7 @@ class Controller:
             pool["workers"] += 1
         own = pools.setdefault(self.config.pool, {"workers": 0, "desired": 0})
         own["desired"] = max(
-            own["workers"] + self._spares_starting + self._workers_starting,
+            own["workers"] + self.registry.num_starting(),
             self.config.spare_workers + (self.policy_min_workers() or 1),
         )
         for name, pool in pools.items():
@@ -652,7 +662,7 @@ class Controller:
         loaded: list[tuple[LogicalExpert, str]] = []
         try:
             workers = dict(m.workers)
-            warm = {w: self.workers[w]["address"] for w in add_workers if w in self.workers}
+            warm = {w: self.registry.records[w].address for w in add_workers if w in self.registry}
             workers.update(warm)
             cold = [w for w in add_workers if w not in warm]
             if cold:
@@ -706,9 +716,10 @@ class Controller:
         self._unload(remove)
         self._stop_workers(remove_workers)
         for w in add_workers:
-            if self.workers.get(w, {}).get("spare"):
-                self.workers[w]["spare"] = False
-                self.store.put_worker(w, self.workers[w])
+            record = self.registry.get(w)
+            if record is not None:  # a spare that joined is stored as active from now on
+                record.lifecycle = Lifecycle.ACTIVE
+                self.store.put_worker(w, record.to_entry())
         self.store.journal_append(op_id, Step.DONE.value, {})
         self.store.journal_finish(op_id, "done")
         result = {
@@ -780,8 +791,7 @@ class Controller:
     def _stop_workers(self, worker_ids: Iterable[str]) -> None:
         for wid in worker_ids:
             self.cluster.stop_worker(self.config.name, wid)
-            self.workers.pop(wid, None)
-            self._health.pop(wid, None)
+            self.registry.forget(wid)
             try:
                 self.store.delete_worker(wid)
             except StateStoreUnavailable:
@@ -809,7 +819,7 @@ class Controller:
         address = (
             address
             or (self.expert_map.workers.get(worker) if self.expert_map else None)
-            or self.workers.get(worker, {}).get("address")
+            or (self.registry.records[worker].address if worker in self.registry else None)
         )
         if address is None:
             raise KeyError(worker)
@@ -859,8 +869,7 @@ class Controller:
         """Stop the control loop and every worker (the caller kills engines and the controller)."""
         self._stop.set()
         with self.lock:
-            self._stop_workers(list(self.workers))
-            self.spares = []
+            self._stop_workers(list(self.registry))
 
     # ------------------------------------------------------------ autoscaling
     def set_policy(self, text: str) -> dict[str, Any]:
@@ -880,23 +889,20 @@ class Controller:
     def _replenish_spares(self) -> None:
         """Keep ``spare_workers`` started, empty workers ready for a fast add_worker."""
         with self.lock:
-            missing = self.config.spare_workers - len(self.spares) - self._spares_starting
+            have = len(self.registry.spares()) + self.registry.num_starting(Lifecycle.SPARE)
+            missing = self.config.spare_workers - have
             if missing <= 0 or self._stop.is_set():
                 return
-            ids = [self._new_worker_id() for _ in range(missing)]
-            self._spares_starting += len(ids)
+            ids = self.registry.new_ids(missing, Lifecycle.SPARE)
         # started outside the lock: a process start takes seconds and must not
         # hold up scaling operations meanwhile
         try:
-            self._start_workers({w: [] for w in ids}, spare=True)
+            self._start_workers({w: [] for w in ids}, spare=True)  # registers them as spares
         except Exception as e:
             logger.warning("starting spare workers failed: %s", e)
-            return
         finally:
             with self.lock:
-                self._spares_starting -= len(ids)
-        with self.lock:
-            self.spares.extend(ids)
+                self.registry.release(ids)
 
     def _sample_load(self, now: float) -> None:
         totals = self.expert_load()
@@ -917,7 +923,7 @@ class Controller:
 
     def _latency_p99(self) -> tuple[float | None, float | None]:
         ttft, itl = [], []
-        for s in self.cluster.engine_stats(self.config.name):
+        for s in self._engine_stats:
             if s.get("ttft_p99_ms") is not None:
                 ttft.append(s["ttft_p99_ms"])
             if s.get("itl_p99_ms") is not None:
@@ -940,16 +946,11 @@ class Controller:
     def _remove_dead_workers(self) -> list[str]:
         removed = []
         for w in list(self._map().workers):
-            if self._healthy(w):
-                self._unhealthy.pop(w, None)
-                continue
-            self._unhealthy[w] = self._unhealthy.get(w, 0) + 1
-            if self._unhealthy[w] >= 2 and len(self._map().workers) > 1:
+            if self.registry.misses(w) >= 2 and len(self._map().workers) > 1:
                 logger.warning("worker %s is dead; moving its experts", w)
                 try:
                     self.remove_worker(w)
                     removed.append(w)
-                    self._unhealthy.pop(w, None)
                 except ControllerError as e:
                     logger.error("could not replace dead worker %s: %s", w, e)
         return removed
@@ -958,6 +959,7 @@ class Controller:
         """One control-loop tick: observe, decide (pure), carry out the actions."""
         assert self.policy is not None, "no autoscaling policy configured"
         now = time.time() if now is None else now
+        self.observe_engines()
         self._sample_load(now)
         with self.lock:
             m = self._map()
@@ -966,12 +968,7 @@ class Controller:
                 load=self.window_load(self.policy.spec.window_s, now),
                 placement=dict(m.replicas),
                 workers=[
-                    WorkerState(
-                        w,
-                        self.workers.get(w, {}).get("pool", self.config.pool),
-                        self.workers.get(w, {}).get("num_slots", 0),
-                        self._healthy(w),
-                    )
+                    WorkerState(w, self._pool_of(w), self._slots(w), self._healthy(w))
                     for w in m.workers
                 ],
                 ttft_p99_ms=ttft,
@@ -991,6 +988,8 @@ class Controller:
         last_reconcile = time.monotonic()
         while not self._stop.wait(self.config.health_check_s):
             try:
+                with contextlib.suppress(Exception):  # engines come and go; next tick
+                    self.observe_engines()
                 if self.expert_map is not None:
                     self.check_workers()
                     if time.monotonic() - last_reconcile > 30:
