@@ -42,3 +42,16 @@ def test_public_api_still_loads_on_use() -> None:
         "assert 'LLM' in dir(elasticmoe)\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_protocol_recovery_and_placement_tests_run_without_torch_or_ray() -> None:
+    # --noconftest: tests/conftest.py imports Ray and torch for the other tests
+    code = (
+        "import sys, pytest\n"
+        "rc = pytest.main(['-q', '-p', 'no:cacheprovider', '--noconftest',\n"
+        "                  'tests/test_protocol.py', 'tests/test_controller_fake.py',\n"
+        "                  'tests/test_placement.py'])\n"
+        "loaded = sorted(m for m in ('torch', 'ray') if m in sys.modules)\n"
+        "assert rc == 0 and loaded == [], (rc, loaded)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
