@@ -37,7 +37,7 @@ redis:
 	bash scripts/install-redis.sh
 
 lint: setup
-	$(VENV)/bin/ruff check elasticmoe operators tests bench
+	$(VENV)/bin/ruff check elasticmoe operators tests bench tools
 
 test: setup redis lint
 	$(PY) -m pytest -q -ra
@@ -46,7 +46,7 @@ protos: setup
 	$(PY) -m elasticmoe._proto.generate
 
 dashboards: setup
-	$(PY) -m elasticmoe.serve.dashboards
+	$(PY) tools/dashboards.py
 
 # Regenerate the Kubernetes files derived from the code: the chart's CRD, the chart's
 # copies of dashboards/policies/examples, and the golden renders in tests/golden/helm.

@@ -30,16 +30,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import console, emit_json
 
-from elasticmoe.control.placement import initial_placement
+from elasticmoe.core.expert_map import ExpertMap
+from elasticmoe.core.experts import LogicalExpert
+from elasticmoe.core.placement import initial_placement
 from elasticmoe.engine.config import EngineConfig
 from elasticmoe.engine.engine import LLMEngine
 from elasticmoe.engine.request import SamplingParams
 from elasticmoe.experts.backend import LocalExperts
-from elasticmoe.experts.weights import LogicalExpert
 from elasticmoe.experts.worker import start_worker
 from elasticmoe.model.config import load_config
 from elasticmoe.model.init_model import init_model
-from elasticmoe.router.expert_map import ExpertMap
 from elasticmoe.router.router import ExpertRouter
 
 

@@ -10,15 +10,6 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from elasticmoe.autoscale.decide import ObservedState, PolicyState, WorkerState, decide
-from elasticmoe.autoscale.policy import (
-    SCHEMA_PATH,
-    Policy,
-    PolicyError,
-    load_policy,
-    parse_policy,
-    policy_json_schema,
-)
 from elasticmoe.autoscale.simulate import (
     RoutingTrace,
     SimClock,
@@ -27,8 +18,17 @@ from elasticmoe.autoscale.simulate import (
     simulate,
 )
 from elasticmoe.cli.policy import policy_app
-from elasticmoe.control.actions import Action
-from elasticmoe.experts.weights import LogicalExpert as E
+from elasticmoe.core.actions import Action
+from elasticmoe.core.decide import ObservedState, PolicyState, WorkerState, decide
+from elasticmoe.core.experts import LogicalExpert as E
+from elasticmoe.core.policy import (
+    SCHEMA_PATH,
+    Policy,
+    PolicyError,
+    load_policy,
+    parse_policy,
+    policy_json_schema,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples" / "policies").glob("*.yaml"))
@@ -173,7 +173,7 @@ def test_schema_file_is_current() -> None:
     committed = json.loads(SCHEMA_PATH.read_text())
     assert committed == policy_json_schema(), (
         "policy.schema.json is stale: run "
-        'python -c "from elasticmoe.autoscale.policy import write_schema; write_schema()"'
+        'python -c "from elasticmoe.core.policy import write_schema; write_schema()"'
     )
     assert committed["additionalProperties"] is False
     accel = committed["$defs"]["PoolSpec"]["properties"]["accelerator"]

@@ -122,7 +122,7 @@ def test_default_policies_as_configmaps():
         if c["metadata"]["name"].startswith("elasticmoe-policy-")
     }
     assert {"elasticmoe-policy-default", "elasticmoe-policy-default-cpu"} <= set(maps)
-    from elasticmoe.autoscale.policy import load_policy
+    from elasticmoe.core.policy import load_policy
 
     for cm in maps.values():
         load_policy(cm["data"]["policy.yaml"])

@@ -13,9 +13,9 @@ import ray
 from elasticmoe import LLM, SamplingParams
 from elasticmoe._proto.elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 from elasticmoe.control.controller import ChangesPausedError, ControllerError
-from elasticmoe.experts.weights import LogicalExpert
+from elasticmoe.core.expert_map import ExpertMap
+from elasticmoe.core.experts import LogicalExpert
 from elasticmoe.model.init_model import init_model
-from elasticmoe.router.expert_map import ExpertMap
 
 from redis_server import RedisServer
 

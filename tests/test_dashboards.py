@@ -3,7 +3,7 @@
 Checks every PromQL expression of every panel against
 :data:`elasticmoe.serve.metrics.METRICS` and against the labels that
 ``metrics.py`` gives each metric (read from its source with :mod:`ast`), and
-checks that the committed JSON is what ``python -m elasticmoe.serve.dashboards``
+checks that the committed JSON is what ``python tools/dashboards.py``
 writes.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import ast
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,14 @@ import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from elasticmoe.serve import dashboards as dash
 from elasticmoe.serve import metrics as metrics_mod
 from elasticmoe.serve.metrics import METRICS, ClusterCollector, RequestMetrics
 
-REGENERATE = "run `python -m elasticmoe.serve.dashboards` and commit the result"
+# tools/ holds build-time code; it is not part of the installed package
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+import dashboards as dash
+
+REGENERATE = "run `python tools/dashboards.py` and commit the result"
 
 # Constructor -> metric type, for prometheus_client's metric classes and families.
 _CONSTRUCTORS = {

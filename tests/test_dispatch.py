@@ -6,9 +6,9 @@ import random
 
 import pytest
 
-from elasticmoe.experts.weights import LogicalExpert as LE
+from elasticmoe.core.expert_map import ExpertMap
+from elasticmoe.core.experts import LogicalExpert as LE
 from elasticmoe.router.dispatch import NoLiveReplicaError, plan_dispatch
-from elasticmoe.router.expert_map import ExpertMap
 
 WORKERS = {f"w{i}": f"127.0.0.1:{5000 + i}" for i in range(4)}
 

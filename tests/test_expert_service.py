@@ -18,9 +18,10 @@ import pytest
 import torch
 
 from elasticmoe._proto.elasticmoe.v1 import expert_pb2, expert_pb2_grpc
+from elasticmoe.core.experts import LogicalExpert
 from elasticmoe.experts import service
+from elasticmoe.experts.rpc import GRPC_OPTIONS
 from elasticmoe.experts.service import (
-    GRPC_OPTIONS,
     ChecksumMismatchError,
     ExpertServicer,
     ExpertStore,
@@ -28,7 +29,7 @@ from elasticmoe.experts.service import (
     StoreFullError,
     serve,
 )
-from elasticmoe.experts.weights import ExpertWeights, LogicalExpert, load_expert_weights
+from elasticmoe.experts.weights import ExpertWeights, load_expert_weights
 from elasticmoe.experts.wire import WireError, tensor_from_proto, tensor_to_proto
 from elasticmoe.model.checkpoint import CheckpointReader
 from elasticmoe.model.config import load_config

@@ -10,8 +10,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from elasticmoe import LLM, SamplingParams
+from elasticmoe.core.experts import LogicalExpert
 from elasticmoe.experts.backend import LocalExperts
-from elasticmoe.experts.weights import ExpertWeights, LogicalExpert
+from elasticmoe.experts.weights import ExpertWeights
 from elasticmoe.model.checkpoint import CheckpointError
 from elasticmoe.model.config import ConfigError, load_config, parse_config
 from elasticmoe.model.gate import topk_softmax_gate

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from elasticmoe.control.actions import Action
-from elasticmoe.control.placement import (
+from elasticmoe.core.actions import Action
+from elasticmoe.core.experts import LogicalExpert as LE
+from elasticmoe.core.placement import (
     Placement,
     WorkerSpec,
     balancedness,
@@ -23,7 +24,6 @@ from elasticmoe.control.placement import (
     rebalance,
     worker_layer_loads,
 )
-from elasticmoe.experts.weights import LogicalExpert as LE
 
 # DeepSeek EPLB README example: 2 layers x 12 experts, 16 replicas per layer, 8 GPUs
 DEEPSEEK_WEIGHTS = [
@@ -399,8 +399,8 @@ def test_rebalance_tracks_drift_with_few_moves():
 def test_rebalance_is_deterministic_across_hash_seeds():
     code = (
         "import random\n"
-        "from elasticmoe.control.placement import WorkerSpec, initial_placement, rebalance\n"
-        "from elasticmoe.experts.weights import LogicalExpert as LE\n"
+        "from elasticmoe.core.placement import WorkerSpec, initial_placement, rebalance\n"
+        "from elasticmoe.core.experts import LogicalExpert as LE\n"
         "rng = random.Random(1)\n"
         "load = {LE(layer, e): rng.paretovariate(1.1) for layer in range(3) for e in range(10)}\n"
         "ws = [WorkerSpec(f'worker-{i}', 9) for i in range(4)]\n"

@@ -19,8 +19,8 @@ from elasticmoe.control.state import (
     StateStoreUnavailable,
     make_state_store,
 )
-from elasticmoe.experts.weights import LogicalExpert
-from elasticmoe.router.expert_map import ExpertMap
+from elasticmoe.core.expert_map import ExpertMap
+from elasticmoe.core.experts import LogicalExpert
 
 from redis_server import RedisServer
 
@@ -255,44 +255,6 @@ def test_journal_appends_from_threads_keep_a_total_order(open_store: OpenStore) 
         assert [e["data"]["n"] for e in entries] == list(range(25))
 
 
-# -- epoch pub/sub ---------------------------------------------------------
-
-
-def test_pubsub_delivers_epochs_in_order(open_store: OpenStore) -> None:
-    subscriber, publisher = open_store(), open_store()  # two clients for Redis
-    got: list[int] = []
-    other: list[int] = []
-    sub = subscriber.subscribe_epochs(got.append)
-    sub_other = subscriber.subscribe_epochs(other.append)
-    for epoch in (1, 2, 3):
-        publisher.publish_epoch(epoch)
-    wait_for(lambda: len(got) == 3 and len(other) == 3, what="epochs 1..3")
-    assert got == other == [1, 2, 3]
-
-    sub.close()
-    assert sub.closed
-    publisher.publish_epoch(4)
-    wait_for(lambda: other == [1, 2, 3, 4], what="epoch 4")
-    time.sleep(0.05)
-    assert got == [1, 2, 3]  # nothing after close
-    sub_other.close()
-    sub_other.close()  # idempotent
-
-
-def test_a_failing_subscriber_does_not_stop_delivery(store: StateStore) -> None:
-    got: list[int] = []
-
-    def flaky(epoch: int) -> None:
-        got.append(epoch)
-        if epoch == 1:
-            raise RuntimeError("subscriber bug")
-
-    with store.subscribe_epochs(flaky):
-        store.publish_epoch(1)
-        store.publish_epoch(2)
-        wait_for(lambda: got == [1, 2], what="epoch after a failed callback")
-
-
 # -- Redis only: restart, isolation, retries, outage -----------------------
 
 
@@ -323,15 +285,11 @@ def test_deployments_on_one_redis_are_isolated(redis_server: RedisServer) -> Non
         make_state_store(redis_server.url, deployment=f"a-{uuid.uuid4().hex[:8]}") as a,
         make_state_store(redis_server.url, deployment=f"b-{uuid.uuid4().hex[:8]}") as b,
     ):
-        got_b: list[int] = []
-        with b.subscribe_epochs(got_b.append):
-            assert a.put_map(expert_map(1), expected_epoch=None)
-            a.put_worker("w0", {})
-            a.journal_append("op", "load", {})
-            a.publish_epoch(1)
-            assert b.put_map(expert_map(7), expected_epoch=None)  # b's own first map
-            b.publish_epoch(7)
-            wait_for(lambda: got_b == [7], what="b's own epoch")
+        assert a.put_map(expert_map(1), expected_epoch=None)
+        a.put_worker("w0", {})
+        a.journal_append("op", "load", {})
+        assert b.put_map(expert_map(7), expected_epoch=None)  # b's own first map
+        assert b.get_map()["epoch"] == 7
         assert b.get_workers() == {} and b.open_operations() == []
         assert a.get_map()["epoch"] == 1
 
@@ -350,14 +308,9 @@ def test_redis_outage_raises_then_recovers(tmp_path: Path) -> None:
     server = RedisServer(tmp_path / "aof", persist=True)  # data must survive the restart
     with server:
         store = make_state_store(server.url, deployment="outage")
-        publisher = make_state_store(server.url, deployment="outage")
         assert store.put_map(expert_map(1), expected_epoch=None)
         store.put_worker("w0", {"address": "10.0.0.1:50051"})
         store.journal_append("op-1", "load", {"expert": "0:0"})
-        got: list[int] = []
-        sub = store.subscribe_epochs(got.append)
-        publisher.publish_epoch(1)
-        wait_for(lambda: got == [1], what="epoch before the outage")
 
         server.stop()
         assert not store.ping()
@@ -372,8 +325,6 @@ def test_redis_outage_raises_then_recovers(tmp_path: Path) -> None:
             "open_operations": store.open_operations,
             "journal_finish": lambda: store.journal_finish("op-1", "done"),
             "journal_result": lambda: store.journal_result("op-1"),
-            "publish_epoch": lambda: store.publish_epoch(2),
-            "subscribe_epochs": lambda: store.subscribe_epochs(got.append),
         }
         for name, call in calls.items():
             with pytest.raises(StateStoreUnavailable, match=str(server.port)) as err:
@@ -389,17 +340,8 @@ def test_redis_outage_raises_then_recovers(tmp_path: Path) -> None:
         assert [e["step"] for e in store.journal_entries("op-1")] == ["load", "verify"]
         assert store.put_map(expert_map(2), expected_epoch=1)
 
-        # The subscription reconnects by itself. Pub/sub is at most once, so
-        # keep publishing until the resubscribed reader picks one up.
-        def delivered() -> bool:
-            publisher.publish_epoch(2)
-            return 2 in got
-
-        wait_for(delivered, what="epoch after the outage")
-        assert got[0] == 1 and set(got[1:]) == {2}
-        sub.close()
         store.close()
-        publisher.close()
+
 
 
 def test_redis_that_stops_answering_raises_then_recovers(redis_server: RedisServer) -> None:

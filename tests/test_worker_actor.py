@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from elasticmoe._proto.elasticmoe.v1 import expert_pb2, expert_pb2_grpc
-from elasticmoe.experts.service import GRPC_OPTIONS
-from elasticmoe.experts.weights import LogicalExpert, load_expert_weights
+from elasticmoe.core.experts import LogicalExpert
+from elasticmoe.experts.rpc import GRPC_OPTIONS
+from elasticmoe.experts.weights import load_expert_weights
 from elasticmoe.experts.wire import tensor_from_proto, tensor_to_proto
 from elasticmoe.experts.worker import (
     NAMESPACE,

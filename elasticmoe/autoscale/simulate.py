@@ -4,7 +4,7 @@
 each step it (1) measures the interval that just ended with the placement
 that served it, (2) applies the actions decided one step earlier (an action
 takes one interval to carry out: load weights, publish an epoch, drain),
-(3) calls :func:`~elasticmoe.autoscale.decide.decide` on the load of the last
+(3) calls :func:`~elasticmoe.core.decide.decide` on the load of the last
 ``window_s``. Nothing runs on a device: load is token counts, and a worker's
 cost is the tokens routed to its replicas, an expert's tokens split evenly
 over its replicas (what the router's load-aware dispatch aims for).
@@ -55,11 +55,18 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from elasticmoe.autoscale.decide import ObservedState, PolicyState, WorkerState, decide
-from elasticmoe.autoscale.policy import Policy
-from elasticmoe.control import placement as placement_mod
-from elasticmoe.control.actions import Action
-from elasticmoe.experts.weights import LogicalExpert
+from elasticmoe.core import placement as placement_mod
+from elasticmoe.core.actions import Action
+from elasticmoe.core.decide import ObservedState, PolicyState, WorkerState, decide
+from elasticmoe.core.experts import LogicalExpert
+from elasticmoe.core.policy import Policy
+from elasticmoe.core.protocol import (
+    ClusterView,
+    PlanRefused,
+    WorkerSlots,
+    check_change,
+    plan_action,
+)
 
 ROUTING_COLUMNS = ("timestamp", "layer", "expert", "tokens")
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
@@ -423,6 +430,8 @@ class _Cluster:
     ) -> None:
         self.workers = {w.worker_id: w for w in workers}
         self.placement = dict(placement)
+        self.experts = frozenset(placement)
+        self.epoch = 1
         self.pool_slots = dict(slots)
         self.next_id: Counter[str] = Counter()
         for w in workers:
@@ -434,56 +443,47 @@ class _Cluster:
     def used(self, worker_id: str) -> int:
         return sum(worker_id in reps for reps in self.placement.values())
 
-    def _can_host(self, e: LogicalExpert, w: str | None) -> str | None:
-        if w is None or w not in self.workers or not self.workers[w].healthy:
-            return f"worker {w} is not a healthy worker"
-        if w in self.placement.get(e, ()):
-            return f"{w} already holds {e}"
-        if self.used(w) >= self.workers[w].num_slots:
-            return f"{w} has no free slot"
-        return None
+    def view(self) -> ClusterView:
+        """The simulated cluster as the controller's planner sees it."""
+        return ClusterView(
+            epoch=self.epoch,
+            placement=self.placement,
+            workers={
+                w.worker_id: WorkerSlots(w.num_slots, w.healthy, w.pool)
+                for w in self.workers.values()
+            },
+            experts=self.experts,
+        )
 
     def apply(self, action: Action) -> str | None:
-        """Carry out ``action``; returns why it could not be, or None."""
-        e = action.expert
-        if action.kind in ("replicate", "restore"):
-            assert e is not None, "replicate/restore without an expert"
-            why = self._can_host(e, action.target)
-            if why:
-                return why
-            self.placement[e] = (*self.placement.get(e, ()), action.target)
-        elif action.kind == "evict":
-            assert e is not None, "evict without an expert"
-            if action.source not in self.placement.get(e, ()):
-                return f"{action.source} holds no replica of {e}"
-            self.placement[e] = tuple(w for w in self.placement[e] if w != action.source)
-        elif action.kind == "migrate":
-            assert e is not None, "migrate without an expert"
-            if action.source not in self.placement.get(e, ()):
-                return f"{action.source} holds no replica of {e}"
-            why = self._can_host(e, action.target)
-            if why:
-                return why
-            self.placement[e] = tuple(
-                action.target if w == action.source else w for w in self.placement[e]
-            )
-        elif action.kind == "add_worker":
+        """Carry out ``action`` as the controller would; returns why it was refused, or None.
+
+        Plans go through :func:`~elasticmoe.core.protocol.plan_action` and
+        :func:`~elasticmoe.core.protocol.check_change`, the controller's own
+        planner, so a plan refused here is refused in production and the other
+        way round (a ``remove_worker`` moves the worker's sole replicas first; the
+        last replica of an expert is never evicted).
+        """
+        new_ids: list[str] = []
+        if action.kind == "add_worker":
             pool = action.pool or ""
             if pool not in self.pool_slots:
                 return f"unknown pool {pool!r}"
-            for _ in range(action.count):
-                self.next_id[pool] += 1
-                wid = f"{pool}-{self.next_id[pool]}"
-                self.workers[wid] = WorkerState(wid, pool, self.pool_slots[pool])
-        elif action.kind == "remove_worker":
-            if action.source not in self.workers:
-                return f"unknown worker {action.source}"
-            del self.workers[action.source]
-            # Whatever was not drained is lost; the next decision restores it.
-            self.placement = {
-                x: tuple(w for w in reps if w != action.source)
-                for x, reps in self.placement.items()
-            }
+            for i in range(action.count):
+                new_ids.append(f"{pool}-{self.next_id[pool] + 1 + i}")
+        view = self.view()
+        try:
+            change = plan_action(view, action, new_ids)
+            self.placement = check_change(view, change)
+        except PlanRefused as e:
+            return str(e)
+        self.epoch += 1
+        for wid in change.add_workers:
+            pool = change.pool or ""
+            self.next_id[pool] += 1
+            self.workers[wid] = WorkerState(wid, pool, self.pool_slots[pool])
+        for wid in change.remove_workers:
+            del self.workers[wid]
         return None
 
     def fail(self, worker_id: str) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 from unittest import mock
 
-from elasticmoe.control.controller import NAMESPACE
+from elasticmoe.control.cluster import NAMESPACE
 
 __all__ = ["DRILL_DEPLOYMENT", "drill", "local_cluster", "node_remover"]
 

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from elasticmoe.control.controller import (
+from elasticmoe.control.cluster import (
     CONTROLLER_NAME,
     ENGINE_PREFIX,
     NAMESPACE,

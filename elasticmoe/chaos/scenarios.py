@@ -29,6 +29,7 @@ from typing import Any
 
 from elasticmoe.chaos.faults import FaultInjector
 from elasticmoe.chaos.load import LoadGenerator, RequestRecord, make_prompts
+from elasticmoe.core.stats import percentile
 from elasticmoe.engine.request import SamplingParams
 
 __all__ = ["SCENARIOS", "run_scenario"]
@@ -44,10 +45,7 @@ SCENARIOS: dict[str, str] = {
 
 
 def _p99(values: list[float]) -> float | None:
-    if not values:
-        return None
-    values = sorted(values)
-    return values[min(len(values) - 1, int(0.99 * len(values)))]
+    return percentile(values, 99)
 
 
 def _window(records: list[RequestRecord], start: float, end: float) -> tuple[list[float], int]:

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from elasticmoe.autoscale.policy import Policy, PolicyError, load_policy
+from elasticmoe.core.policy import Policy, PolicyError, load_policy
 
 policy_app = typer.Typer(
     name="policy",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from elasticmoe.control.controller import CONTROLLER_NAME, NAMESPACE
+from elasticmoe.control.cluster import CONTROLLER_NAME, NAMESPACE
 
 
 class ControllerNotFoundError(RuntimeError):

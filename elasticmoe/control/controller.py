@@ -1,7 +1,16 @@
 """The controller: sole owner of the expert map; runs zero-downtime changes.
 
-Every change (replicate, evict, migrate, add/remove worker, restore) goes
-through :meth:`Controller._change`, which follows DESIGN.md's protocol:
+A thin actor over four parts: the planner and the journaled steps
+(:mod:`elasticmoe.core.protocol`, pure), recovery from a journal
+(:func:`~elasticmoe.core.protocol.recover`, pure), the worker registry with
+its lifecycle states and health cache (:mod:`elasticmoe.control.workers`),
+and the one interface to other processes (:mod:`elasticmoe.control.cluster`:
+Ray actors and gRPC, or an in-memory fake). ``status()`` reads caches only:
+the health loop refreshes worker health and the engines' stats.
+
+Every change (replicate, evict, migrate, add/remove worker, restore) is
+planned by :func:`~elasticmoe.core.protocol.plan_action` and carried out by
+:meth:`Controller._change`, which follows DESIGN.md's protocol:
 
 1. load each new replica (peer-to-peer from a live replica, else from the
    checkpoint) and verify its checksum;
@@ -29,32 +38,35 @@ import uuid
 from collections.abc import Iterable
 from typing import Any
 
-import grpc
-
-from elasticmoe._proto.elasticmoe.v1 import expert_pb2, expert_pb2_grpc
-from elasticmoe.autoscale.decide import ObservedState, PolicyState, WorkerState, decide
-from elasticmoe.autoscale.policy import load_policy
-from elasticmoe.control.actions import Action
+from elasticmoe.control.cluster import (
+    Cluster,
+    ClusterError,
+    RayCluster,
+    WorkerLaunch,
+    worker_actor_name,
+)
 from elasticmoe.control.deployment_config import DeploymentConfig
-from elasticmoe.control.placement import initial_placement
 from elasticmoe.control.state import StateStore, StateStoreUnavailable, make_state_store
-from elasticmoe.experts.weights import LogicalExpert
+from elasticmoe.control.workers import Lifecycle, WorkerRecord, WorkerRegistry
+from elasticmoe.core.actions import Action
+from elasticmoe.core.decide import ObservedState, PolicyState, WorkerState, decide
+from elasticmoe.core.expert_map import ExpertMap
+from elasticmoe.core.experts import LogicalExpert, parse_expert
+from elasticmoe.core.placement import initial_placement
+from elasticmoe.core.policy import load_policy
+from elasticmoe.core.protocol import (
+    Change,
+    ClusterView,
+    PlanRefused,
+    Step,
+    WorkerSlots,
+    check_change,
+    plan_action,
+    recover,
+)
 from elasticmoe.model.config import load_config
-from elasticmoe.router.expert_map import ExpertMap
-from elasticmoe.router.router import GRPC_OPTIONS
 
 logger = logging.getLogger(__name__)
-
-NAMESPACE = "elasticmoe"
-CONTROLLER_NAME = "elasticmoe-controller"
-ENGINE_PREFIX = "elasticmoe-engine-"
-WORKER_PREFIX = "elasticmoe-worker-"
-
-
-def worker_actor_name(deployment: str, worker_id: str) -> str:
-    """Ray actor name of a deployment's expert worker."""
-    return f"{WORKER_PREFIX}{deployment}-{worker_id}"
-
 
 class ControllerError(RuntimeError):
     """A scaling request cannot be carried out (the message says why)."""
@@ -64,42 +76,45 @@ class ChangesPausedError(ControllerError):
     """The state store is unreachable: serving goes on, changes wait for it."""
 
 
-def parse_expert(text: str | LogicalExpert | tuple) -> LogicalExpert:
-    """``"3:5"`` (layer:expert) or a tuple -> :class:`LogicalExpert`."""
-    if isinstance(text, tuple):
-        return LogicalExpert(int(text[0]), int(text[1]))
+def _parse_expert(text: str | LogicalExpert | tuple) -> LogicalExpert:
+    """:func:`~elasticmoe.core.experts.parse_expert`, raising :class:`ControllerError`."""
     try:
-        layer, expert = (int(x) for x in str(text).split(":"))
-    except ValueError:
-        raise ControllerError(f"expert {text!r}: expected 'layer:expert', e.g. '0:3'") from None
-    return LogicalExpert(layer, expert)
+        return parse_expert(text)
+    except ValueError as e:
+        raise ControllerError(str(e)) from None
 
 
 class Controller:
     """Owns the expert map and the worker registry (run as a named Ray actor)."""
 
-    def __init__(self, config: dict[str, Any], fault: dict[str, Any] | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        fault: dict[str, Any] | None = None,
+        cluster: Cluster | None = None,
+    ) -> None:
         self.config = DeploymentConfig(**config)
         self.fault = fault or {}
+        # every effect on another process goes through this (a FakeCluster in unit tests)
+        self.cluster: Cluster = cluster if cluster is not None else RayCluster()
         self.model = load_config(self.config.model)
         self.store: StateStore = make_state_store(self.config.state_store, self.config.name)
         self.lock = threading.RLock()
         self.expert_map: ExpertMap | None = None
-        self.workers: dict[str, dict[str, Any]] = {}  # worker id -> registry entry
+        # every worker process: lifecycle (starting/spare/active) and the health cache
+        self.registry = WorkerRegistry(self.config.pool)
         self.checksums: dict[LogicalExpert, str] = {}
-        self._stubs: dict[str, tuple[str, Any]] = {}
-        self._next_worker = 0
         self.history: list[dict[str, Any]] = []  # finished operations, newest last
         self._needs_recovery = False
-        self.spares: list[str] = []  # started, empty workers outside the map
-        self._spares_starting = 0
-        self._workers_starting = 0
         self._op_counts: collections.Counter[tuple[str, str]] = collections.Counter()
         self._op_seconds: collections.Counter[tuple[str, str]] = collections.Counter()
         self._load_samples: collections.deque[tuple[float, dict[LogicalExpert, float]]] = (
             collections.deque(maxlen=4096)
         )
-        self._unhealthy: dict[str, int] = {}  # worker -> consecutive failed health checks
+        # engines' stats as last observed; the health and control loops refresh them, so
+        # status() (and /health, /metrics behind it) never waits on an RPC
+        self._engine_stats: list[dict[str, Any]] = []
+        self._num_engines = 0
         self._stop = threading.Event()
         self.instance = uuid.uuid4().hex  # changes when Ray restarts the actor
         self._recover()
@@ -127,7 +142,7 @@ class Controller:
         """Load the map and registry; finish or roll back half-done operations."""
         try:
             stored = self.store.get_map()
-            self.workers = self.store.get_workers()
+            entries = self.store.get_workers()
         except StateStoreUnavailable:
             logger.warning("state store unreachable; recovering once it is back")
             self._needs_recovery = True
@@ -136,34 +151,38 @@ class Controller:
             self.expert_map = ExpertMap.from_dict(stored)
         elif self.store.is_memory:
             self._adopt()
-        self._next_worker = self._first_free_worker_id()
-        in_map = set(self.expert_map.workers) if self.expert_map else set()
-        self.spares = sorted(
-            w for w, e in self.workers.items() if e.get("spare") and w not in in_map
-        )
+        if entries or not self.registry.records:  # _adopt registered what runs
+            self.registry.load(entries, self.expert_map.workers if self.expert_map else ())
         for op_id in self.store.open_operations():
             self._resume(op_id)
         if self.expert_map is not None:
             self._reconcile_slots()
 
-    def _register(self, worker_id: str, info: dict[str, Any], spare: bool) -> None:
+    def _register(
+        self, worker_id: str, info: dict[str, Any], spare: bool, pool: str | None = None
+    ) -> None:
         """Record a started worker (its ``ExpertWorker.info()``) in the registry and store."""
-        entry = {
-            "address": info["address"],
-            "node_id": info.get("node_id"),
-            "node_ip": info.get("node_ip"),
-            "num_slots": info["num_slots"],
-            "pool": self.config.pool,
-            "actor": worker_actor_name(self.config.name, worker_id),
-            "started": time.time(),
-            "spare": spare,
-        }
-        self.workers[worker_id] = entry
-        self.store.put_worker(worker_id, entry)
+        record = self.registry.register(
+            WorkerRecord(
+                worker_id=worker_id,
+                address=info["address"],
+                num_slots=info["num_slots"],
+                pool=pool or self.config.pool,
+                actor=worker_actor_name(self.config.name, worker_id),
+                node_id=info.get("node_id"),
+                node_ip=info.get("node_ip"),
+                lifecycle=Lifecycle.SPARE if spare else Lifecycle.ACTIVE,
+            )
+        )
+        self.store.put_worker(worker_id, record.to_entry())
 
-    def _first_free_worker_id(self) -> int:
-        ids = [int(w[1:]) for w in self.workers if w[1:].isdigit()]
-        return max(ids, default=-1) + 1
+    def _slots(self, worker: str) -> int:
+        record = self.registry.get(worker)
+        return record.num_slots if record else 0
+
+    def _pool_of(self, worker: str) -> str:
+        record = self.registry.get(worker)
+        return record.pool if record else self.config.pool
 
     def _adopt(self) -> None:
         """After a restart that lost the in-memory store: take over what still runs.
@@ -174,72 +193,38 @@ class Controller:
         :meth:`_reconcile_slots` frees. (A Redis store keeps the journal and
         does better: it finishes or rolls back that operation.)
         """
-        import ray
-
-        maps = []
-        for engine in self._engines():
-            try:
-                current = ray.get(engine.current_map.remote(), timeout=30)
-            except Exception as e:  # a dead engine knows nothing
-                logger.info("engine did not answer while adopting: %s", e)
-                continue
-            if current:
-                maps.append(current)
+        maps = self.cluster.engine_maps(self.config.name)
         if not maps:
             return  # a first start: bootstrap() publishes epoch 1
         newest = ExpertMap.from_dict(max(maps, key=lambda d: d["epoch"]))
-        prefix = worker_actor_name(self.config.name, "")
-        for entry in ray.util.list_named_actors(all_namespaces=True):
-            if entry.get("namespace") != NAMESPACE or not entry["name"].startswith(prefix):
-                continue
-            wid = entry["name"][len(prefix) :]
-            try:
-                info = ray.get(
-                    ray.get_actor(entry["name"], namespace=NAMESPACE).info.remote(), timeout=30
-                )
-            except Exception as e:
-                logger.warning("worker %s did not answer while adopting: %s", wid, e)
-                continue
+        for wid, info in self.cluster.running_workers(self.config.name).items():
             self._register(wid, info, spare=wid not in newest.workers)
-        self._next_worker = self._first_free_worker_id()
-        self.spares = sorted(w for w in self.workers if w not in newest.workers)
         self.store.put_map(newest.to_dict(), expected_epoch=None)
         self.expert_map = newest
         logger.warning(
             "state store was empty after a restart: adopted expert map epoch %d and %d workers",
             newest.epoch,
-            len(self.workers),
+            len(self.registry.records),
         )
         self.history.append({"kind": "adopt", "result": "done", "epoch": newest.epoch})
 
     def _resume(self, op_id: str) -> None:
-        entries = self.store.journal_entries(op_id)
-        begin = next(e["data"] for e in entries if e["step"] == "begin")
-        steps = [e["step"] for e in entries]
-        adds = [(parse_expert(e), w) for e, w in begin["add"]]
-        removes = [(parse_expert(e), w) for e, w in begin["remove"]]
-        published = "published" in steps or (
-            self.expert_map is not None and self.expert_map.epoch > begin["epoch"]
+        """Finish or roll back an open change, as :func:`~elasticmoe.core.protocol.recover` says."""
+        plan = recover(
+            self.store.journal_entries(op_id), self.expert_map.epoch if self.expert_map else None
         )
-        if published:
-            logger.info("resuming operation %s (%s): finishing", op_id, begin["kind"])
-            self._drain(begin["epoch"])
-            self._unload(removes)
-            self._stop_workers(begin.get("remove_workers", []))
-            self.store.journal_append(op_id, "done", {"recovered": True})
-            self.store.journal_finish(op_id, "done")
-        else:
-            logger.info("resuming operation %s (%s): rolling back", op_id, begin["kind"])
-            self._unload(adds)
-            self._stop_workers(begin.get("add_workers", []))
-            self.store.journal_finish(op_id, "rolled_back")
+        logger.info("resuming operation %s (%s): %s", op_id, plan.change.kind, plan.outcome)
+        if plan.drain_epoch is not None:
+            self._drain(plan.drain_epoch)
+        self._unload(plan.unload)
+        self._stop_workers(plan.stop_workers)
+        result = "done" if plan.outcome == "finish" else "rolled_back"
+        for step in plan.journal:
+            if step is not Step.ROLLED_BACK:
+                self.store.journal_append(op_id, step.value, {"recovered": True})
+        self.store.journal_finish(op_id, result)
         self.history.append(
-            {
-                "op_id": op_id,
-                "kind": begin["kind"],
-                "result": "done" if published else "rolled_back",
-                "recovered": True,
-            }
+            {"op_id": op_id, "kind": plan.change.kind, "result": result, "recovered": True}
         )
 
     def _reconcile_slots(self) -> None:
@@ -247,12 +232,9 @@ class Controller:
         assert self.expert_map is not None
         for worker in list(self.expert_map.workers):
             try:
-                held = {
-                    LogicalExpert(i.layer, i.expert): i.checksum
-                    for i in self._stub(worker).Stats(expert_pb2.StatsRequest(), timeout=5).experts
-                }
-            except grpc.RpcError as e:
-                logger.warning("worker %s unreachable while reconciling: %s", worker, e.details())
+                held = self.cluster.held(worker, self._address(worker))
+            except (ClusterError, KeyError) as e:
+                logger.warning("worker %s unreachable while reconciling: %s", worker, e)
                 continue
             for expert, checksum in held.items():
                 self.checksums.setdefault(expert, checksum)
@@ -270,82 +252,57 @@ class Controller:
             self._check_store()
             c = self.config
             counts = c.replica_counts(self.all_experts)
-            worker_ids = [self._new_worker_id() for _ in range(c.num_workers)]
-            placement = initial_placement(
-                self.all_experts, worker_ids, c.num_slots(len(self.all_experts)), counts
-            )
-            addresses = self._start_workers(
-                {w: [e for e, ws in placement.items() if w in ws] for w in worker_ids}
-            )
+            worker_ids = self.registry.new_ids(c.num_workers, Lifecycle.ACTIVE)
+            try:
+                placement = initial_placement(
+                    self.all_experts, worker_ids, c.num_slots(len(self.all_experts)), counts
+                )
+                addresses = self._start_workers(
+                    {w: [e for e, ws in placement.items() if w in ws] for w in worker_ids}
+                )
+            finally:
+                self.registry.release(worker_ids)
             new_map = ExpertMap(1, placement, addresses)
             if not self.store.put_map(new_map.to_dict(), expected_epoch=None):
                 raise ControllerError("another controller already published an expert map")
             self.expert_map = new_map
-            self.store.publish_epoch(1)
             self._replenish_spares()
             return new_map.to_dict()
 
-    def _new_worker_id(self) -> str:
-        worker_id = f"w{self._next_worker}"
-        self._next_worker += 1
-        return worker_id
-
     def _start_workers(
-        self, experts_by_worker: dict[str, list[LogicalExpert]], spare: bool = False
+        self,
+        experts_by_worker: dict[str, list[LogicalExpert]],
+        spare: bool = False,
+        pool: str | None = None,
     ) -> dict[str, str]:
-        """Start worker actors (detached: they outlive a controller restart)."""
-        import ray
-
-        from elasticmoe.experts.worker import ExpertWorker
-
+        """Start workers (all or none) and register them."""
         c = self.config
         resources = dict(c.worker_resources)
         if c.device == "npu":
             resources.setdefault("NPU", 1)
-        cls = ExpertWorker.remote_class(
+        launch = WorkerLaunch(
+            deployment=c.name,
+            model=c.model,
+            num_slots=c.num_slots(len(self.all_experts)),
+            device=c.device,
+            dtype=c.resolved_dtype(self.model),
             num_cpus=c.worker_num_cpus,
             num_gpus=c.worker_num_gpus or (1 if c.device == "cuda" else 0),
             resources=resources,
+            num_threads=c.worker_threads,
+            fault_injection=c.fault_injection,
+            start_timeout_s=c.worker_start_timeout_s,
         )
-        num_slots = c.num_slots(len(self.all_experts))
-        handles = {}
-        for wid in experts_by_worker:
-            handles[wid] = cls.options(
-                name=worker_actor_name(c.name, wid),
-                namespace=NAMESPACE,
-                lifetime="detached",
-                # one node's loss takes as few replicas as possible
-                scheduling_strategy="SPREAD",
-                runtime_env={"env_vars": {"OMP_WAIT_POLICY": "PASSIVE"}},
-            ).remote(
-                wid,
-                c.model,
-                num_slots,
-                device=c.device,
-                dtype=c.resolved_dtype(self.model),
-                num_threads=c.worker_threads,
-                fault_injection=c.fault_injection,
-            )
-        refs = {
-            handles[w].start.remote([tuple(e) for e in es]): w
-            for w, es in experts_by_worker.items()
-        }
+        infos = self.cluster.start_workers(launch, experts_by_worker)
         addresses = {}
-        try:
-            for ref, wid in refs.items():
-                info = ray.get(ref, timeout=c.worker_start_timeout_s)
-                addresses[wid] = info["address"]
-                for slot in info["slots"]:
-                    if slot:
-                        self.checksums.setdefault(
-                            LogicalExpert(slot["layer"], slot["expert"]), slot["checksum"]
-                        )
-                self._register(wid, info, spare)
-        except BaseException:
-            for wid, handle in handles.items():
-                ray.kill(handle)
-                self.workers.pop(wid, None)
-            raise
+        for wid, info in infos.items():
+            addresses[wid] = info["address"]
+            for slot in info["slots"]:
+                if slot:
+                    self.checksums.setdefault(
+                        LogicalExpert(slot["layer"], slot["expert"]), slot["checksum"]
+                    )
+            self._register(wid, info, spare, pool)
         return addresses
 
     # --------------------------------------------------------------- queries
@@ -370,14 +327,15 @@ class Controller:
         m = self.expert_map
         load = self.expert_load()
         workers = []
-        for wid, entry in sorted(self.workers.items()):
+        for wid, record in sorted(self.registry.records.items()):
             experts = m.experts_on(wid) if m else ()
             workers.append(
                 {
                     "worker_id": wid,
-                    "address": entry.get("address"),
-                    "pool": entry.get("pool"),
-                    "num_slots": entry.get("num_slots"),
+                    "address": record.address,
+                    "pool": record.pool,
+                    "num_slots": record.num_slots,
+                    "lifecycle": record.lifecycle.value,
                     "num_replicas": len(experts),
                     "load": sum(load.get(e, 0.0) / max(1, len(m.replicas_of(e))) for e in experts)
                     if m
@@ -390,8 +348,8 @@ class Controller:
             "workers": workers,
             "replicas": {str(e): list(ws) for e, ws in sorted(m.replicas.items())} if m else {},
             "expert_load": {str(e): v for e, v in sorted(load.items())},
-            "num_engines": len(self._engines()),
-            "spare_workers": list(self.spares),
+            "num_engines": self._num_engines,
+            "spare_workers": self.registry.spares(),
             "operations": [
                 {"kind": k, "result": r, "count": n, "seconds": round(self._op_seconds[k, r], 3)}
                 for (k, r), n in sorted(self._op_counts.items())
@@ -402,25 +360,31 @@ class Controller:
         }
 
     def _healthy(self, worker: str) -> bool:
+        """The health loop's last word on ``worker`` (no RPC here)."""
+        return self.registry.healthy(worker)
+
+    def _probe(self, worker: str) -> bool:
         try:
-            self._stub(worker).Health(expert_pb2.HealthRequest(), timeout=1)
-            return True
-        except (grpc.RpcError, KeyError):
+            return self.cluster.healthy(worker, self._address(worker))
+        except KeyError:
             return False
+
+    def probe_health(self) -> dict[str, bool]:
+        """Health-check every worker now (outside the lock) and refresh the cache."""
+        in_map = self.expert_map.workers if self.expert_map else ()
+        result = {w: self._probe(w) for w in sorted({*in_map, *self.registry.spares()})}
+        self.registry.record_health(result)
+        return result
+
+    def observe_engines(self) -> None:
+        """Refresh the engines' stats (load, latency) that status() and decisions read."""
+        self._engine_stats = self.cluster.engine_stats(self.config.name)
+        self._num_engines = self.cluster.num_engines(self.config.name)
 
     def expert_load(self) -> dict[LogicalExpert, float]:
         """Tokens routed to each logical expert so far, summed over engines."""
-        import ray
-
         totals: dict[LogicalExpert, float] = {}
-        engines = self._engines()
-        stats = []
-        for engine in engines:
-            try:
-                stats.append(ray.get(engine.stats.remote(), timeout=5))
-            except Exception as e:  # a dead engine has no load to report
-                logger.info("engine stats failed: %s", e)
-        for s in stats:
+        for s in self._engine_stats:
             for row, layer in enumerate(self.model.moe_layers):
                 for e, v in enumerate(s["expert_load"][row]):
                     key = LogicalExpert(layer, e)
@@ -430,43 +394,50 @@ class Controller:
     # ------------------------------------------------------------ operations
     def replicate(self, expert: str, target: str | None = None) -> dict[str, Any]:
         """Add a replica of ``expert`` on ``target`` (default: least-used worker without it)."""
-        e = parse_expert(expert)
-        with self.lock:
-            m = self._map()
-            self._check_expert(e)
-            target = target or self._pick_target(e)
-            if target in m.replicas_of(e):
-                raise ControllerError(f"worker {target} already holds expert {e}")
-            return self._change("replicate", add=[(e, target)])
+        return self._act(Action("replicate", expert=_parse_expert(expert), target=target))
 
     def evict(self, expert: str, worker: str) -> dict[str, Any]:
         """Drop the replica of ``expert`` on ``worker`` (never the last one)."""
-        e = parse_expert(expert)
-        with self.lock:
-            m = self._map()
-            if worker not in m.replicas_of(e):
-                raise ControllerError(f"worker {worker} holds no replica of expert {e}")
-            if len(m.replicas_of(e)) <= 1:
-                raise ControllerError(
-                    f"expert {e} has one replica; evicting it would lose the expert"
-                )
-            return self._change("evict", remove=[(e, worker)])
+        return self._act(Action("evict", expert=_parse_expert(expert), source=worker))
 
     def migrate(self, expert: str, source: str, target: str | None = None) -> dict[str, Any]:
         """Move the replica of ``expert`` from ``source`` to ``target``."""
-        e = parse_expert(expert)
+        return self._act(
+            Action("migrate", expert=_parse_expert(expert), source=source, target=target)
+        )
+
+    def _view(self) -> ClusterView:
+        """The map and workers as the planner sees them (health from the cache)."""
+        m = self._map()
+        return ClusterView(
+            epoch=m.epoch,
+            placement=dict(m.replicas),
+            workers={
+                w: WorkerSlots(
+                    self._slots(w),
+                    self._healthy(w),
+                    self._pool_of(w),
+                )
+                for w in m.workers
+            },
+            experts=frozenset(self.all_experts),
+            max_workers=self.config.max_workers,
+        )
+
+    def _act(
+        self, action: Action, new_worker_ids: list[str] = (), keep_off: Iterable[str] = ()
+    ) -> dict[str, Any]:
+        """Plan ``action`` (pure, the same planner ``policy simulate`` uses), then run it."""
         with self.lock:
-            m = self._map()
-            if source not in m.replicas_of(e):
-                raise ControllerError(f"worker {source} holds no replica of expert {e}")
-            target = target or self._pick_target(e)
-            if target in m.replicas_of(e):
-                raise ControllerError(f"worker {target} already holds expert {e}")
-            return self._change("migrate", add=[(e, target)], remove=[(e, source)])
+            try:
+                change = plan_action(self._view(), action, new_worker_ids, keep_off)
+            except PlanRefused as e:
+                raise ControllerError(str(e)) from None
+            return self._change(change)
 
     def scale(self, expert: str, replicas: int) -> list[dict[str, Any]]:
         """Bring ``expert`` to exactly ``replicas`` replicas (replicate or evict)."""
-        e = parse_expert(expert)
+        e = _parse_expert(expert)
         if replicas < 1:
             raise ControllerError(f"replicas={replicas}: an expert needs at least 1")
         results = []
@@ -485,22 +456,31 @@ class Controller:
                 results.append(self.evict(str(e), busiest))
         return results
 
-    def add_worker(self, count: int = 1) -> dict[str, Any]:
-        """Start ``count`` empty workers and add them to the map."""
+    def add_worker(self, count: int = 1, pool: str | None = None) -> dict[str, Any]:
+        """Start ``count`` empty workers (spares first) and add them to the map.
+
+        ``pool`` must be this deployment's pool (or None): placing workers in other
+        pools is the Kubernetes operator's, not yet the controller's.
+        """
+        if pool is not None and pool != self.config.pool:
+            raise ControllerError(
+                f"pool {pool!r}: this controller starts workers in pool {self.config.pool!r} only"
+            )
         with self.lock:
-            m = self._map()
-            c = self.config
-            if len(m.workers) + count > c.max_workers:
+            if count < 1:
+                raise ControllerError(f"count={count}: add at least one worker")
+            if len(self._map().workers) + count > self.config.max_workers:
                 raise ControllerError(
-                    f"adding {count} worker(s) would exceed max_workers={c.max_workers}"
+                    f"adding {count} worker(s) would exceed max_workers={self.config.max_workers}"
                 )
-            ids = [self.spares.pop(0) for _ in range(min(count, len(self.spares)))]
-            ids += [self._new_worker_id() for _ in range(count - len(ids))]
-            self._workers_starting += count
+            ids = self.registry.take_spares(count)
+            fresh = self.registry.new_ids(count - len(ids), Lifecycle.ACTIVE)
             try:
-                return self._change("add_worker", add_workers=ids)
+                return self._act(
+                    Action("add_worker", pool=pool or self.config.pool, count=count), ids + fresh
+                )
             finally:
-                self._workers_starting -= count
+                self.registry.release(fresh)
                 threading.Thread(target=self._replenish_spares, daemon=True).start()
 
     def remove_worker(self, worker: str, keep_off: Iterable[str] = ()) -> dict[str, Any]:
@@ -509,23 +489,7 @@ class Controller:
         Replicas that must move go to live workers not in ``keep_off`` (workers
         about to be drained too).
         """
-        with self.lock:
-            m = self._map()
-            if worker not in m.workers:
-                raise ControllerError(f"no worker {worker!r}; workers: {sorted(m.workers)}")
-            if len(m.workers) <= 1:
-                raise ControllerError("cannot remove the last worker")
-            adds, removes = [], []
-            planned: dict[str, int] = {}
-            exclude = {worker, *keep_off}
-            for e in m.experts_on(worker):
-                removes.append((e, worker))
-                live = [w for w in m.replicas_of(e) if w not in exclude]
-                if not live:  # no copy stays: move it
-                    target = self._pick_target(e, exclude=exclude, planned=planned)
-                    planned[target] = planned.get(target, 0) + 1
-                    adds.append((e, target))
-            return self._change("remove_worker", add=adds, remove=removes, remove_workers=[worker])
+        return self._act(Action("remove_worker", source=worker), keep_off=keep_off)
 
     def drain(self, workers: Iterable[str] = (), nodes: Iterable[str] = ()) -> dict[str, Any]:
         """Move every replica off these workers (and the workers on these nodes), then stop them.
@@ -537,13 +501,14 @@ class Controller:
             m = self._map()
             nodes = set(nodes)
             wanted = set(workers)
-            unknown = sorted(w for w in wanted if w not in m.workers and w not in self.spares)
+            spares = set(self.registry.spares())
+            unknown = sorted(w for w in wanted if w not in m.workers and w not in spares)
             if unknown:
                 raise ControllerError(f"no worker(s) {unknown}; workers: {sorted(m.workers)}")
-            for w, entry in self.workers.items():
-                if nodes & {entry.get("node_id"), entry.get("node_ip")}:
+            for w, record in self.registry.records.items():
+                if nodes & {record.node_id, record.node_ip}:
                     wanted.add(w)
-            spares = sorted(w for w in wanted if w in self.spares)
+            spares = sorted(w for w in wanted if w in spares)
             active = sorted(w for w in wanted if w in m.workers)
             if active and len(active) >= len(m.workers):
                 raise ControllerError(
@@ -553,8 +518,6 @@ class Controller:
             for w in active:
                 self.remove_worker(w, keep_off=set(active) - set(drained) - {w})
                 drained.append(w)
-            for w in spares:
-                self.spares.remove(w)
             self._stop_workers(spares)
             return {"drained": drained + spares, "epoch": self._map().epoch}
 
@@ -566,16 +529,18 @@ class Controller:
         """
         m = self.expert_map
         in_map = list(m.workers) if m else []
+        records = dict(self.registry.records)  # a snapshot: this runs without the lock
+        # every worker process: in the map, joining it, or spare
         workers = [
             {
                 "worker_id": w,
-                "pool": self.workers.get(w, {}).get("pool", self.config.pool),
-                "node": self.workers.get(w, {}).get("node_ip"),
-                "node_id": self.workers.get(w, {}).get("node_id"),
-                "spare": w in self.spares,
-                "healthy": self._unhealthy.get(w, 0) == 0,
+                "pool": records[w].pool if w in records else self.config.pool,
+                "node": records[w].node_ip if w in records else None,
+                "node_id": records[w].node_id if w in records else None,
+                "spare": w in records and records[w].lifecycle is Lifecycle.SPARE,
+                "healthy": self.registry.misses(w) == 0,
             }
-            for w in [*in_map, *self.spares]
+            for w in [*in_map, *(w for w in records if w not in set(in_map))]
         ]
         pools: dict[str, dict[str, int]] = {}
         for entry in workers:
@@ -583,7 +548,7 @@ class Controller:
             pool["workers"] += 1
         own = pools.setdefault(self.config.pool, {"workers": 0, "desired": 0})
         own["desired"] = max(
-            own["workers"] + self._spares_starting + self._workers_starting,
+            own["workers"] + self.registry.num_starting(),
             self.config.spare_workers + (self.policy_min_workers() or 1),
         )
         for name, pool in pools.items():
@@ -620,7 +585,7 @@ class Controller:
             return {"full": False, "below_min": [], "missing": [], "workers": 0}
         m = self.expert_map
         floor = self.min_replicas()
-        dead = {w for w in m.workers if not self._healthy(w)} if probe else set()
+        dead = {w for w in m.workers if not self._probe(w)} if probe else set()
         below, missing = [], []
         for e, n in sorted(floor.items()):
             live = [w for w in m.replicas_of(e) if w not in dead]
@@ -659,11 +624,7 @@ class Controller:
 
     def restore(self, expert: str) -> dict[str, Any]:
         """Bring back an expert that lost every replica (from the checkpoint)."""
-        e = parse_expert(expert)
-        with self.lock:
-            if self._map().replicas_of(e):
-                raise ControllerError(f"expert {e} still has replicas; use replicate")
-            return self._change("restore", add=[(e, self._pick_target(e))])
+        return self._act(Action("restore", expert=_parse_expert(expert)))
 
     def apply(self, actions: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """Carry out autoscaler actions in order; a failed one is reported, not raised."""
@@ -678,7 +639,7 @@ class Controller:
                 elif a.kind == "migrate":
                     results.append(self.migrate(str(a.expert), a.source, a.target))
                 elif a.kind == "add_worker":
-                    results.append(self.add_worker(a.count))
+                    results.append(self.add_worker(a.count, a.pool))
                 elif a.kind == "remove_worker":
                     results.append(self.remove_worker(a.source))
                 elif a.kind == "restore":
@@ -688,53 +649,36 @@ class Controller:
         return results
 
     # ------------------------------------------------------- the protocol
-    def _change(
-        self,
-        kind: str,
-        add: list[tuple[LogicalExpert, str]] = (),
-        remove: list[tuple[LogicalExpert, str]] = (),
-        add_workers: list[str] = (),
-        remove_workers: list[str] = (),
-    ) -> dict[str, Any]:
-        """Run one zero-downtime change; see the module docstring."""
+    def _change(self, change: Change) -> dict[str, Any]:
+        """Run one zero-downtime change (steps: :mod:`elasticmoe.core.protocol`)."""
         self._check_store()
         m = self._map()
+        kind, add, remove = change.kind, change.add, change.remove
+        add_workers, remove_workers = change.add_workers, change.remove_workers
         op_id = f"{kind}-{uuid.uuid4().hex[:8]}"
         started = time.monotonic()
-        self.store.journal_append(
-            op_id,
-            "begin",
-            {
-                "kind": kind,
-                "epoch": m.epoch,
-                "add": [[str(e), w] for e, w in add],
-                "remove": [[str(e), w] for e, w in remove],
-                "add_workers": list(add_workers),
-                "remove_workers": list(remove_workers),
-            },
-        )
+        self.store.journal_append(op_id, Step.BEGIN.value, change.to_journal())
         self._fault("begin")
         loaded: list[tuple[LogicalExpert, str]] = []
         try:
             workers = dict(m.workers)
-            warm = {w: self.workers[w]["address"] for w in add_workers if w in self.workers}
+            warm = {w: self.registry.records[w].address for w in add_workers if w in self.registry}
             workers.update(warm)
             cold = [w for w in add_workers if w not in warm]
             if cold:
-                workers.update(self._start_workers({w: [] for w in cold}))
+                workers.update(self._start_workers({w: [] for w in cold}, pool=change.pool))
             for expert, worker in add:
                 self._load(expert, worker, workers, exclude=[w for e2, w in remove if e2 == expert])
                 loaded.append((expert, worker))
-            self.store.journal_append(op_id, "loaded", {})
+            self.store.journal_append(op_id, Step.LOADED.value, {})
             self._fault("loaded")
             for w in remove_workers:
                 workers.pop(w, None)
+            try:
+                check_change(self._view(), change)  # the last word, right before publishing
+            except PlanRefused as e:
+                raise ControllerError(str(e)) from None
             new_map = m.with_changes(add=add, remove=remove, workers=workers)
-            if new_map.missing(self.all_experts):
-                raise ControllerError(
-                    f"change would leave experts without a replica: "
-                    f"{[str(e) for e in new_map.missing(self.all_experts)][:8]}"
-                )
             try:
                 published = self.store.put_map(new_map.to_dict(), expected_epoch=m.epoch)
             except StateStoreUnavailable as e:
@@ -766,16 +710,17 @@ class Controller:
             raise
         self.expert_map = new_map
         self._push(new_map)
-        self.store.journal_append(op_id, "published", {"epoch": new_map.epoch})
+        self.store.journal_append(op_id, Step.PUBLISHED.value, {"epoch": new_map.epoch})
         self._fault("published")
         self._drain(m.epoch)
         self._unload(remove)
         self._stop_workers(remove_workers)
         for w in add_workers:
-            if self.workers.get(w, {}).get("spare"):
-                self.workers[w]["spare"] = False
-                self.store.put_worker(w, self.workers[w])
-        self.store.journal_append(op_id, "done", {})
+            record = self.registry.get(w)
+            if record is not None:  # a spare that joined is stored as active from now on
+                record.lifecycle = Lifecycle.ACTIVE
+                self.store.put_worker(w, record.to_entry())
+        self.store.journal_append(op_id, Step.DONE.value, {})
         self.store.journal_finish(op_id, "done")
         result = {
             "op_id": op_id,
@@ -808,20 +753,19 @@ class Controller:
         last_error = None
         for source in sources:
             try:
-                resp = self._stub(worker, workers.get(worker)).LoadExperts(
-                    expert_pb2.LoadExpertsRequest(
-                        experts=[expert_pb2.ExpertRef(layer=expert.layer, expert=expert.expert)],
-                        source=source,
-                    ),
-                    timeout=self.config.rpc_timeout_s,
+                checksum = self.cluster.load(
+                    worker,
+                    self._address(worker, workers.get(worker)),
+                    expert,
+                    source,
+                    self.config.rpc_timeout_s,
                 )
-            except grpc.RpcError as e:
-                last_error = f"{e.code().name}: {e.details()}"
+            except ClusterError as e:
+                last_error = str(e)
                 logger.warning(
                     "loading %s on %s from %s failed: %s", expert, worker, source, last_error
                 )
                 continue
-            checksum = resp.experts[0].checksum
             known = self.checksums.setdefault(expert, checksum)
             if checksum != known:
                 self._unload([(expert, worker)])
@@ -838,97 +782,48 @@ class Controller:
             by_worker.setdefault(w, []).append(e)
         for worker, experts in by_worker.items():
             try:
-                self._stub(worker).UnloadExperts(
-                    expert_pb2.UnloadExpertsRequest(
-                        experts=[
-                            expert_pb2.ExpertRef(layer=e.layer, expert=e.expert) for e in experts
-                        ]
-                    ),
-                    timeout=self.config.rpc_timeout_s,
+                self.cluster.unload(
+                    worker, self._address(worker), experts, self.config.rpc_timeout_s
                 )
-            except (grpc.RpcError, KeyError) as e:  # a dead worker holds nothing anyway
+            except (ClusterError, KeyError) as e:  # a dead worker holds nothing anyway
                 logger.info("unload on %s skipped: %s", worker, e)
 
     def _stop_workers(self, worker_ids: Iterable[str]) -> None:
-        import ray
-
         for wid in worker_ids:
-            with contextlib.suppress(ValueError):  # already gone
-                ray.kill(
-                    ray.get_actor(worker_actor_name(self.config.name, wid), namespace=NAMESPACE)
-                )
-            self.workers.pop(wid, None)
-            self._stubs.pop(wid, None)
+            self.cluster.stop_worker(self.config.name, wid)
+            self.registry.forget(wid)
             try:
                 self.store.delete_worker(wid)
             except StateStoreUnavailable:
                 logger.warning("could not drop %s from the registry (store down)", wid)
 
     def _push(self, new_map: ExpertMap) -> None:
-        """Push the new map to every engine and announce the epoch."""
-        import ray
-
-        refs = [e.update_map.remote(new_map.to_dict()) for e in self._engines()]
-        for ref in refs:
-            try:
-                ray.get(ref, timeout=10)
-            except Exception as e:  # a dead or slow engine pulls the map later
-                logger.warning("pushing epoch %d failed: %s", new_map.epoch, e)
-        try:
-            self.store.publish_epoch(new_map.epoch)
-        except StateStoreUnavailable as e:
-            logger.warning("could not announce epoch %d: %s", new_map.epoch, e)
+        """Push the new map to every engine (the one channel; engines pull as the fallback)."""
+        self.cluster.push_map(self.config.name, new_map.to_dict())
 
     def _drain(self, old_epoch: int) -> None:
         """Wait until no engine runs a step on an epoch <= ``old_epoch``."""
-        import ray
-
         deadline = time.monotonic() + self.config.drain_timeout_s
-        engines = self._engines()
-        while engines and time.monotonic() < deadline:
-            still = []
-            for engine in engines:
-                try:
-                    active = ray.get(engine.active_epoch.remote(), timeout=5)
-                except Exception:
-                    continue  # a dead engine runs nothing
-                if active is not None and active <= old_epoch:
-                    still.append(engine)
-            engines = still
-            if engines:
-                time.sleep(0.01)
-        if engines:
-            logger.warning("drain of epoch %d timed out; freeing anyway", old_epoch)
+        while True:
+            active = self.cluster.active_epochs(self.config.name)
+            if not any(a is not None and a <= old_epoch for a in active):
+                return
+            if time.monotonic() >= deadline:
+                logger.warning("drain of epoch %d timed out; freeing anyway", old_epoch)
+                return
+            time.sleep(0.01)
 
     # --------------------------------------------------------------- helpers
-    def _engines(self) -> list[Any]:
-        import ray
-
-        handles = []
-        for name in ray.util.list_named_actors(all_namespaces=True):
-            if isinstance(name, dict):
-                if name.get("namespace") != NAMESPACE:
-                    continue
-                name = name["name"]
-            if name.startswith(ENGINE_PREFIX + self.config.name + "-"):
-                with contextlib.suppress(ValueError):  # died since listed
-                    handles.append(ray.get_actor(name, namespace=NAMESPACE))
-        return handles
-
-    def _stub(self, worker: str, address: str | None = None) -> Any:
+    def _address(self, worker: str, address: str | None = None) -> str:
+        """Where ``worker``'s gRPC service listens (KeyError: unknown worker)."""
         address = (
             address
             or (self.expert_map.workers.get(worker) if self.expert_map else None)
-            or self.workers.get(worker, {}).get("address")
+            or (self.registry.records[worker].address if worker in self.registry else None)
         )
         if address is None:
             raise KeyError(worker)
-        cached = self._stubs.get(worker)
-        if cached is None or cached[0] != address:
-            channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
-            cached = (address, expert_pb2_grpc.ExpertServiceStub(channel))
-            self._stubs[worker] = cached
-        return cached[1]
+        return address
 
     def _map(self) -> ExpertMap:
         if self.expert_map is None:
@@ -953,27 +848,6 @@ class Controller:
             self._needs_recovery = False
             self._recover()
 
-    def _pick_target(
-        self,
-        e: LogicalExpert,
-        exclude: set[str] = frozenset(),
-        planned: dict[str, int] | None = None,
-    ) -> str:
-        """The worker with the most free slots that does not hold ``e``."""
-        m = self._map()
-        planned = planned or {}
-        candidates = []
-        for w in m.workers:
-            if w in exclude or w in m.replicas_of(e) or not self._healthy(w):
-                continue
-            used = len(m.experts_on(w)) + planned.get(w, 0)
-            slots = self.workers.get(w, {}).get("num_slots", 0)
-            if used < slots:
-                candidates.append((used - slots, w))
-        if not candidates:
-            raise ControllerError(f"no worker has a free slot for expert {e}; add a worker")
-        return min(candidates)[1]
-
     def _fault(self, step: str) -> None:
         """Test/chaos hook: die right after journaling ``step`` when configured to.
 
@@ -995,8 +869,7 @@ class Controller:
         """Stop the control loop and every worker (the caller kills engines and the controller)."""
         self._stop.set()
         with self.lock:
-            self._stop_workers(list(self.workers))
-            self.spares = []
+            self._stop_workers(list(self.registry))
 
     # ------------------------------------------------------------ autoscaling
     def set_policy(self, text: str) -> dict[str, Any]:
@@ -1016,23 +889,20 @@ class Controller:
     def _replenish_spares(self) -> None:
         """Keep ``spare_workers`` started, empty workers ready for a fast add_worker."""
         with self.lock:
-            missing = self.config.spare_workers - len(self.spares) - self._spares_starting
+            have = len(self.registry.spares()) + self.registry.num_starting(Lifecycle.SPARE)
+            missing = self.config.spare_workers - have
             if missing <= 0 or self._stop.is_set():
                 return
-            ids = [self._new_worker_id() for _ in range(missing)]
-            self._spares_starting += len(ids)
+            ids = self.registry.new_ids(missing, Lifecycle.SPARE)
         # started outside the lock: a process start takes seconds and must not
         # hold up scaling operations meanwhile
         try:
-            self._start_workers({w: [] for w in ids}, spare=True)
+            self._start_workers({w: [] for w in ids}, spare=True)  # registers them as spares
         except Exception as e:
             logger.warning("starting spare workers failed: %s", e)
-            return
         finally:
             with self.lock:
-                self._spares_starting -= len(ids)
-        with self.lock:
-            self.spares.extend(ids)
+                self.registry.release(ids)
 
     def _sample_load(self, now: float) -> None:
         totals = self.expert_load()
@@ -1052,14 +922,8 @@ class Controller:
         return {e: v - base.get(e, 0.0) for e, v in latest.items()}
 
     def _latency_p99(self) -> tuple[float | None, float | None]:
-        import ray
-
         ttft, itl = [], []
-        for engine in self._engines():
-            try:
-                s = ray.get(engine.stats.remote(), timeout=5)
-            except Exception:
-                continue
+        for s in self._engine_stats:
             if s.get("ttft_p99_ms") is not None:
                 ttft.append(s["ttft_p99_ms"])
             if s.get("itl_p99_ms") is not None:
@@ -1073,6 +937,7 @@ class Controller:
         checkpoint on live workers), a replacement starts (a spare if ready),
         and every expert is replicated back to its minimum replica count.
         """
+        self.probe_health()
         removed = self._remove_dead_workers()
         if removed or not self.redundancy()["full"]:
             self.restore_redundancy(replace_workers=len(removed))
@@ -1081,16 +946,11 @@ class Controller:
     def _remove_dead_workers(self) -> list[str]:
         removed = []
         for w in list(self._map().workers):
-            if self._healthy(w):
-                self._unhealthy.pop(w, None)
-                continue
-            self._unhealthy[w] = self._unhealthy.get(w, 0) + 1
-            if self._unhealthy[w] >= 2 and len(self._map().workers) > 1:
+            if self.registry.misses(w) >= 2 and len(self._map().workers) > 1:
                 logger.warning("worker %s is dead; moving its experts", w)
                 try:
                     self.remove_worker(w)
                     removed.append(w)
-                    self._unhealthy.pop(w, None)
                 except ControllerError as e:
                     logger.error("could not replace dead worker %s: %s", w, e)
         return removed
@@ -1099,6 +959,7 @@ class Controller:
         """One control-loop tick: observe, decide (pure), carry out the actions."""
         assert self.policy is not None, "no autoscaling policy configured"
         now = time.time() if now is None else now
+        self.observe_engines()
         self._sample_load(now)
         with self.lock:
             m = self._map()
@@ -1107,12 +968,7 @@ class Controller:
                 load=self.window_load(self.policy.spec.window_s, now),
                 placement=dict(m.replicas),
                 workers=[
-                    WorkerState(
-                        w,
-                        self.workers.get(w, {}).get("pool", self.config.pool),
-                        self.workers.get(w, {}).get("num_slots", 0),
-                        self._healthy(w),
-                    )
+                    WorkerState(w, self._pool_of(w), self._slots(w), self._healthy(w))
                     for w in m.workers
                 ],
                 ttft_p99_ms=ttft,
@@ -1132,6 +988,8 @@ class Controller:
         last_reconcile = time.monotonic()
         while not self._stop.wait(self.config.health_check_s):
             try:
+                with contextlib.suppress(Exception):  # engines come and go; next tick
+                    self.observe_engines()
                 if self.expert_map is not None:
                     self.check_workers()
                     if time.monotonic() - last_reconcile > 30:

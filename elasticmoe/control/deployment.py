@@ -19,16 +19,15 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from elasticmoe.control.controller import (
+from elasticmoe.control.cluster import (
     CONTROLLER_NAME,
     ENGINE_PREFIX,
     NAMESPACE,
-    WORKER_PREFIX,
     worker_actor_name,
 )
 from elasticmoe.control.deployment_config import DeploymentConfig
+from elasticmoe.core.expert_map import ExpertMap
 from elasticmoe.engine.request import RequestOutput, SamplingParams
-from elasticmoe.router.expert_map import ExpertMap
 
 logger = logging.getLogger(__name__)
 
@@ -292,7 +291,7 @@ class Deployment:
 
         for entry in ray.util.list_named_actors(all_namespaces=True):
             if entry.get("namespace") == NAMESPACE and entry["name"].startswith(
-                f"{WORKER_PREFIX}{self.config.name}-"
+                worker_actor_name(self.config.name, "")
             ):
                 with contextlib.suppress(ValueError):
                     ray.kill(ray.get_actor(entry["name"], namespace=NAMESPACE))

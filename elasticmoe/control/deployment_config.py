@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from elasticmoe.experts.weights import LogicalExpert
+from elasticmoe.core.experts import LogicalExpert, parse_expert
 from elasticmoe.model.config import MoEModelConfig
 
 
@@ -68,7 +68,7 @@ class DeploymentConfig(BaseModel):
         if self.num_workers > self.max_workers:
             raise ValueError(f"num_workers={self.num_workers} > max_workers={self.max_workers}")
         if self.policy is not None:
-            from elasticmoe.autoscale.policy import load_policy
+            from elasticmoe.core.policy import load_policy
 
             pools = [p.name for p in load_policy(self.policy).spec.pools]
             if self.pool not in pools:
@@ -98,12 +98,10 @@ class DeploymentConfig(BaseModel):
         counts = {e: self.replicas_per_expert for e in experts}
         for key, n in self.expert_replicas.items():
             try:
-                layer, expert = (int(x) for x in key.split(":"))
-            except ValueError:
-                raise ValueError(
-                    f"expert_replicas key {key!r}: expected 'layer:expert', e.g. '0:3'"
-                ) from None
-            if LogicalExpert(layer, expert) not in counts:
+                expert = parse_expert(key)
+            except ValueError as e:
+                raise ValueError(f"expert_replicas key: {e}") from None
+            if expert not in counts:
                 raise ValueError(f"expert_replicas key {key!r}: no such expert in the model")
-            counts[LogicalExpert(layer, expert)] = n
+            counts[expert] = n
         return counts

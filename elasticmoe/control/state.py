@@ -1,4 +1,4 @@
-"""The controller's state store: expert map, worker registry, operation journal, epoch pub/sub.
+"""The controller's state store: expert map, worker registry, operation journal.
 
 Two implementations behind one interface (:class:`StateStore`), picked by
 :func:`make_state_store` from a URL:
@@ -23,7 +23,6 @@ may send a command twice when a connection drops after the command went out.
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 import json
 import logging
@@ -31,7 +30,7 @@ import threading
 import time
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Final, Literal, Self, get_args
@@ -41,13 +40,11 @@ if TYPE_CHECKING:
     import redis
 
 __all__ = [
-    "EpochCallback",
     "JournalResult",
     "MemoryStateStore",
     "RedisStateStore",
     "StateStore",
     "StateStoreUnavailable",
-    "Subscription",
     "make_state_store",
 ]
 
@@ -55,8 +52,6 @@ logger = logging.getLogger(__name__)
 
 JournalResult = Literal["done", "rolled_back", "failed"]
 JOURNAL_RESULTS: Final[tuple[str, ...]] = get_args(JournalResult)
-
-EpochCallback = Callable[[int], None]
 
 # What make_state_store accepts; also the text of its error message.
 _ACCEPTED_URLS: Final = (
@@ -73,36 +68,12 @@ class StateStoreUnavailable(RuntimeError):
     """
 
 
-class Subscription(ABC):
-    """A live subscription to published epochs; :meth:`close` stops delivery."""
-
-    @abstractmethod
-    def close(self) -> None:
-        """Stop delivering epochs. Idempotent; returns once no callback will start."""
-
-    @property
-    @abstractmethod
-    def closed(self) -> bool:
-        """Whether :meth:`close` was called."""
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.close()
-
-
 class StateStore(ABC):
     """Durable state of one deployment's control plane.
 
-    The controller is the only writer of the expert map; engines read it and
-    learn new epochs from :meth:`subscribe_epochs` (push), with :meth:`get_map`
-    as the pull fallback. Remote implementations raise
+    The controller is the only writer of the expert map. Engines learn a new
+    map from the controller itself (pushed, with a pull of the controller's
+    map as the fallback), never from the store: one channel per fact. Remote implementations raise
     :class:`StateStoreUnavailable` from every method but :meth:`ping` when the
     backend cannot be reached. Misuse (bad ids, non-JSON values, an epoch that
     does not increase, appending to a finished operation) raises ``ValueError``.
@@ -195,23 +166,6 @@ class StateStore(ABC):
     def journal_result(self, op_id: str) -> JournalResult | None:
         """How ``op_id`` finished, or None if it is open or unknown."""
 
-    # -- epoch pub/sub ----------------------------------------------------
-
-    @abstractmethod
-    def publish_epoch(self, epoch: int) -> None:
-        """Announce that the map of ``epoch`` is stored (call after :meth:`put_map`)."""
-
-    @abstractmethod
-    def subscribe_epochs(self, callback: EpochCallback) -> Subscription:
-        """Call ``callback(epoch)`` for every epoch published from now on.
-
-        Returns once the subscription is live: an epoch published after this
-        returns is delivered. Delivery is at most once: epochs published while
-        the backend is unreachable are lost, so subscribers also pull
-        :meth:`get_map` (the design's pull fallback). A callback that raises
-        is logged and does not stop the subscription.
-        """
-
     # -- health and lifecycle --------------------------------------------
 
     @abstractmethod
@@ -219,7 +173,7 @@ class StateStore(ABC):
         """Whether the backend answers. Never raises :class:`StateStoreUnavailable`."""
 
     def close(self) -> None:  # noqa: B027 (optional hook: the memory store holds nothing)
-        """Release connections and stop this store's subscriptions. Idempotent."""
+        """Release connections. Idempotent."""
 
     def __enter__(self) -> Self:
         return self
@@ -297,14 +251,6 @@ def _check_result(result: object) -> JournalResult:
     return result  # type: ignore[return-value]
 
 
-def _deliver(callback: EpochCallback, epoch: int) -> None:
-    # One subscriber's bug must not break the publisher or the other subscribers.
-    try:
-        callback(epoch)
-    except Exception:
-        logger.exception("epoch subscriber %r failed on epoch %d", callback, epoch)
-
-
 def _redact(url: str) -> str:
     """``url`` with any password replaced, for logs and error messages."""
     try:
@@ -322,32 +268,12 @@ def _redact(url: str) -> str:
 # Embedded store
 
 
-class _MemorySubscription(Subscription):
-    def __init__(self, store: MemoryStateStore, callback: EpochCallback) -> None:
-        self._store = store
-        self._callback = callback
-        self._closed = False
-
-    @property
-    def closed(self) -> bool:
-        return self._closed
-
-    def close(self) -> None:
-        self._closed = True
-        self._store._unsubscribe(self)
-
-
 class MemoryStateStore(StateStore):
-    """In-process store (the default): one lock, JSON text values, direct callbacks.
-
-    Published epochs are delivered synchronously, in the publisher's thread,
-    in subscription order, before :meth:`publish_epoch` returns.
-    """
+    """In-process store (the default): one lock, JSON text values."""
 
     is_memory = True
 
     def __init__(self) -> None:
-        # RLock: a subscriber callback may call back into the store.
         self._lock = threading.RLock()
         self._map_json: str | None = None
         self._map_epoch: int | None = None
@@ -357,7 +283,6 @@ class MemoryStateStore(StateStore):
         self._journal: dict[str, list[str]] = {}
         self._open: dict[str, int] = {}  # op id -> seq of its first entry
         self._finished: dict[str, JournalResult] = {}
-        self._subscriptions: list[_MemorySubscription] = []
 
     @property
     def url(self) -> str:
@@ -446,36 +371,8 @@ class MemoryStateStore(StateStore):
         with self._lock:
             return self._finished.get(op_id)
 
-    def publish_epoch(self, epoch: int) -> None:
-        _check_epoch(epoch)
-        with self._lock:
-            subscriptions = list(self._subscriptions)
-        # Outside the lock: a slow callback must not block other store users.
-        for sub in subscriptions:
-            if not sub.closed:
-                _deliver(sub._callback, epoch)
-
-    def subscribe_epochs(self, callback: EpochCallback) -> Subscription:
-        if not callable(callback):
-            raise ValueError(f"callback must be callable, got {callback!r}")
-        sub = _MemorySubscription(self, callback)
-        with self._lock:
-            self._subscriptions.append(sub)
-        return sub
-
-    def _unsubscribe(self, sub: _MemorySubscription) -> None:
-        with self._lock:
-            if sub in self._subscriptions:
-                self._subscriptions.remove(sub)
-
     def ping(self) -> bool:
         return True
-
-    def close(self) -> None:
-        with self._lock:
-            subscriptions = list(self._subscriptions)
-        for sub in subscriptions:
-            sub.close()
 
 
 # ---------------------------------------------------------------------------
@@ -530,82 +427,6 @@ return {1}
 """
 
 
-class _RedisSubscription(Subscription):
-    """A Redis pub/sub connection read by a daemon thread that calls the callback."""
-
-    # Poll period of the reader: bounds how long close() waits for the thread.
-    _POLL_S: Final = 0.2
-    _MAX_BACKOFF_S: Final = 1.0
-
-    def __init__(self, store: RedisStateStore, callback: EpochCallback) -> None:
-        self._store = store
-        self._callback = callback
-        self._stop = threading.Event()
-        self._pubsub = store._client.pubsub()
-        try:
-            with store._guard("subscribe_epochs"):
-                self._pubsub.subscribe(store._channel)
-                self._wait_subscribed()
-        except BaseException:
-            self._pubsub.close()
-            raise
-        self._thread = threading.Thread(
-            target=self._run, name=f"elasticmoe-epochs-{store._channel}", daemon=True
-        )
-        self._thread.start()
-
-    def _wait_subscribed(self) -> None:
-        # The server confirms SUBSCRIBE before it handles any later PUBLISH, so
-        # after the confirmation no epoch published from now on can be missed.
-        deadline = time.monotonic() + self._store._socket_timeout_s
-        while (left := deadline - time.monotonic()) > 0:
-            msg = self._pubsub.get_message(timeout=left)
-            if msg is not None and msg["type"] == "subscribe":
-                return
-        raise self._store._redis.exceptions.TimeoutError("no SUBSCRIBE confirmation")
-
-    @property
-    def closed(self) -> bool:
-        return self._stop.is_set()
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._thread is not threading.current_thread():
-            self._thread.join()
-        self._store._forget(self)
-
-    def _run(self) -> None:
-        errors = self._store._unavailable_errors
-        backoff = 0.0
-        while not self._stop.is_set():
-            try:
-                # A dropped connection is reopened (and resubscribed) by the
-                # client on the next read, so an outage only costs retries here.
-                msg = self._pubsub.get_message(timeout=self._POLL_S)
-            except errors as e:
-                if backoff == 0.0:
-                    logger.warning(
-                        "epoch subscription to %s lost (%s); reconnecting", self._store.url, e
-                    )
-                backoff = min(max(2 * backoff, 0.05), self._MAX_BACKOFF_S)
-                self._stop.wait(backoff)
-                continue
-            if backoff:
-                logger.info("epoch subscription to %s is back", self._store.url)
-                backoff = 0.0
-            if msg is None or msg["type"] != "message":
-                continue
-            try:
-                epoch = int(msg["data"])
-            except (TypeError, ValueError):
-                logger.warning("ignoring malformed epoch %r on %s", msg["data"], msg["channel"])
-                continue
-            if not self._stop.is_set():
-                _deliver(self._callback, epoch)
-        with contextlib.suppress(*errors):  # the server is gone: nothing to unsubscribe
-            self._pubsub.close()
-
-
 def _no_setinfo_kwargs() -> dict[str, Any]:
     """Client options that skip ``CLIENT SETINFO`` when a connection opens.
 
@@ -628,7 +449,7 @@ class RedisStateStore(StateStore):
     Keys: ``<prefix>:map`` (hash: epoch, map), ``<prefix>:workers`` (hash),
     ``<prefix>:journal:seq``, ``<prefix>:journal:open`` (sorted set, score =
     first seq), ``<prefix>:journal:finished`` (hash), ``<prefix>:journal:op:<id>``
-    (list); epochs are published on channel ``<prefix>:epochs``.
+    (list).
 
     Sockets time out after ``socket_timeout_s`` and each command is retried
     once on a fresh connection, so a call fails fast with
@@ -686,13 +507,10 @@ class RedisStateStore(StateStore):
         self._k_seq = f"{prefix}:journal:seq"
         self._k_open = f"{prefix}:journal:open"
         self._k_finished = f"{prefix}:journal:finished"
-        self._channel = f"{prefix}:epochs"
         # Scripts run by EVALSHA and reload themselves after a server restart.
         self._put_map_script = self._client.register_script(_PUT_MAP_LUA)
         self._append_script = self._client.register_script(_APPEND_LUA)
         self._finish_script = self._client.register_script(_FINISH_LUA)
-        self._subs_lock = threading.Lock()
-        self._subscriptions: list[_RedisSubscription] = []
 
     @property
     def url(self) -> str:
@@ -815,26 +633,6 @@ class RedisStateStore(StateStore):
         with self._guard("journal_result"):
             return self._client.hget(self._k_finished, op_id)  # type: ignore[return-value]
 
-    # -- epoch pub/sub ----------------------------------------------------
-
-    def publish_epoch(self, epoch: int) -> None:
-        _check_epoch(epoch)
-        with self._guard("publish_epoch"):
-            self._client.publish(self._channel, str(epoch))
-
-    def subscribe_epochs(self, callback: EpochCallback) -> Subscription:
-        if not callable(callback):
-            raise ValueError(f"callback must be callable, got {callback!r}")
-        sub = _RedisSubscription(self, callback)
-        with self._subs_lock:
-            self._subscriptions.append(sub)
-        return sub
-
-    def _forget(self, sub: _RedisSubscription) -> None:
-        with self._subs_lock:
-            if sub in self._subscriptions:
-                self._subscriptions.remove(sub)
-
     # -- health and lifecycle --------------------------------------------
 
     def ping(self) -> bool:
@@ -844,10 +642,6 @@ class RedisStateStore(StateStore):
             return False
 
     def close(self) -> None:
-        with self._subs_lock:
-            subscriptions = list(self._subscriptions)
-        for sub in subscriptions:
-            sub.close()
         self._client.close()
 
     def __repr__(self) -> str:

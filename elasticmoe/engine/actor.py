@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
+from elasticmoe.core.expert_map import ExpertMap
 from elasticmoe.engine.config import EngineConfig
 from elasticmoe.engine.engine import LLMEngine, Prompt
 from elasticmoe.engine.loop import EngineLoop
 from elasticmoe.engine.request import RequestOutput, SamplingParams
-from elasticmoe.router.expert_map import ExpertMap
 from elasticmoe.router.router import ExpertRouter, RouterConfig
 
 logger = logging.getLogger(__name__)

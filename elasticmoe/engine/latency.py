@@ -5,6 +5,8 @@ from __future__ import annotations
 import time
 from collections import deque
 
+from elasticmoe.core.stats import percentile
+
 
 class LatencyRecorder:
     """Bounded history of (timestamp, seconds) samples of TTFT and ITL."""
@@ -18,7 +20,5 @@ class LatencyRecorder:
     ) -> float | None:
         """The q-th percentile (0..100) of ``kind`` ("ttft"|"itl") over the last window, in ms."""
         now = time.time() if now is None else now
-        samples = sorted(v for t, v in getattr(self, kind) if t >= now - window_s)
-        if not samples:
-            return None
-        return 1e3 * samples[min(len(samples) - 1, int(q / 100 * len(samples)))]
+        value = percentile((v for t, v in getattr(self, kind) if t >= now - window_s), q)
+        return None if value is None else 1e3 * value

@@ -14,7 +14,8 @@ from typing import Protocol
 
 import torch
 
-from elasticmoe.experts.weights import ExpertWeights, LogicalExpert, load_expert_weights
+from elasticmoe.core.experts import LogicalExpert
+from elasticmoe.experts.weights import ExpertWeights, load_expert_weights
 from elasticmoe.model.checkpoint import CheckpointReader
 from elasticmoe.model.config import MoEModelConfig
 from elasticmoe.model.gate import GateOutput

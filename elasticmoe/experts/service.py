@@ -34,7 +34,9 @@ import grpc
 import torch
 
 from elasticmoe._proto.elasticmoe.v1 import expert_pb2, expert_pb2_grpc
-from elasticmoe.experts.weights import ExpertWeights, LogicalExpert, load_expert_weights
+from elasticmoe.core.experts import LogicalExpert
+from elasticmoe.experts.rpc import GRPC_OPTIONS
+from elasticmoe.experts.weights import ExpertWeights, load_expert_weights
 from elasticmoe.experts.wire import (
     WireError,
     bytes_to_tensor,
@@ -50,8 +52,6 @@ from elasticmoe.model.config import MoEModelConfig, load_config
 
 __all__ = [
     "CHUNK_BYTES",
-    "GRPC_OPTIONS",
-    "MAX_MESSAGE_BYTES",
     "ChecksumMismatchError",
     "CorruptCopyError",
     "ExpertNotFoundError",
@@ -73,13 +73,6 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-MAX_MESSAGE_BYTES = 256 * 1024 * 1024
-# Clients (the router, peers) must use the same limits or large batches fail
-# with RESOURCE_EXHAUSTED on the client side before reaching the worker.
-GRPC_OPTIONS: list[tuple[str, Any]] = [
-    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-]
 CHUNK_BYTES = 1 << 20  # FetchExpert payload per message
 WEIGHT_NAMES = ("gate_up", "down")
 SERVICE_NAME = "elasticmoe.v1.ExpertService"

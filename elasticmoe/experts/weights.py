@@ -4,23 +4,13 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 
+from elasticmoe.core.experts import LogicalExpert
 from elasticmoe.model.checkpoint import CheckpointReader, expert_tensor_names
 from elasticmoe.model.config import MoEModelConfig
-
-
-class LogicalExpert(NamedTuple):
-    """``(layer, expert)`` of the model; never changes, whatever the placement."""
-
-    layer: int
-    expert: int
-
-    def __str__(self) -> str:
-        return f"{self.layer}:{self.expert}"
 
 
 @dataclass

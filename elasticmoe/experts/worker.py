@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from elasticmoe.core.experts import LogicalExpert
 from elasticmoe.experts.faults import FaultConfig, FaultInterceptor
 from elasticmoe.experts.service import (
     NOT_SERVING,
@@ -28,7 +29,6 @@ from elasticmoe.experts.service import (
     format_address,
     serve,
 )
-from elasticmoe.experts.weights import LogicalExpert
 from elasticmoe.experts.wire import dtype_from_name
 
 __all__ = [

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
-from elasticmoe.experts.weights import LogicalExpert
-from elasticmoe.router.expert_map import ExpertMap
+from elasticmoe.core.expert_map import ExpertMap
+from elasticmoe.core.experts import LogicalExpert
 
 
 @dataclass(frozen=True)

@@ -23,19 +23,14 @@ import grpc
 import torch
 
 from elasticmoe._proto.elasticmoe.v1 import expert_pb2, expert_pb2_grpc
+from elasticmoe.core.expert_map import ExpertMap
 from elasticmoe.experts.backend import ExpertGroups, combine_expert_outputs, group_by_expert
+from elasticmoe.experts.rpc import GRPC_OPTIONS
 from elasticmoe.experts.wire import WireError, tensor_from_proto, tensor_to_proto
 from elasticmoe.model.gate import GateOutput
 from elasticmoe.router.dispatch import NoLiveReplicaError, RowSlice, plan_dispatch
-from elasticmoe.router.expert_map import ExpertMap
 
 logger = logging.getLogger(__name__)
-
-GRPC_OPTIONS = [
-    ("grpc.max_send_message_length", 256 * 2**20),
-    ("grpc.max_receive_message_length", 256 * 2**20),
-]
-
 
 class ExpertUnavailableError(RuntimeError):
     """An expert had no live replica for longer than the configured wait."""
@@ -124,13 +119,11 @@ class ExpertRouter:
         hidden_size: int,
         config: RouterConfig | None = None,
         pull_map: Callable[[], ExpertMap | None] | None = None,
-        on_worker_down: Callable[[str, str], None] | None = None,
     ) -> None:
         self.config = config or RouterConfig()
         self.dtype = dtype
         self.hidden_size = hidden_size
         self.pull_map = pull_map
-        self.on_worker_down = on_worker_down
         self.expert_map = expert_map
         self._pending_map: ExpertMap | None = None
         self._lock = threading.Lock()
@@ -206,9 +199,9 @@ class ExpertRouter:
 
     def _mark_down(self, worker: str, error: str) -> None:
         logger.warning("expert worker %s failed: %s", worker, error)
+        # The router only routes around a down worker; the controller's own health
+        # loop decides that a worker is dead and replaces it (one channel per fact).
         self.down[worker] = time.monotonic()
-        if self.on_worker_down is not None:
-            self.on_worker_down(worker, error)
 
     # -------------------------------------------------------------- forward
     def forward(self, layer: int, hidden: torch.Tensor, gate: GateOutput) -> torch.Tensor:

@@ -733,7 +733,7 @@ class OpenAIServer:
     @app.put("/admin/policy")
     async def admin_policy(self, body: PolicyRequest) -> JSONResponse:
         """Validate and apply an autoscaling policy."""
-        from elasticmoe.autoscale.policy import PolicyError, load_policy
+        from elasticmoe.core.policy import PolicyError, load_policy
 
         try:
             load_policy(body.policy)

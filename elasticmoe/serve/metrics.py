@@ -20,6 +20,8 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from elasticmoe.core.experts import parse_expert
+
 logger = logging.getLogger(__name__)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -175,8 +177,8 @@ class ClusterCollector(Collector):
             "elasticmoe_expert_replicas", "Replicas per logical expert", labels=["layer", "expert"]
         )
         for key, holders in status["replicas"].items():
-            layer, expert = key.split(":")
-            replicas.add_metric([layer, expert], len(holders))
+            expert = parse_expert(key)
+            replicas.add_metric([str(expert.layer), str(expert.expert)], len(holders))
         workers = GaugeMetricFamily(
             "elasticmoe_workers", "Expert workers", labels=["pool", "healthy"]
         )

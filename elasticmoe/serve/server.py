@@ -12,7 +12,7 @@ import yaml
 from pydantic import Field
 from rich.console import Console
 
-from elasticmoe.control.controller import CONTROLLER_NAME, ENGINE_PREFIX
+from elasticmoe.control.cluster import CONTROLLER_NAME, ENGINE_PREFIX
 from elasticmoe.control.deployment import Deployment
 from elasticmoe.control.deployment_config import DeploymentConfig
 from elasticmoe.model.registry import resolve_model

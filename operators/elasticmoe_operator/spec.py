@@ -107,7 +107,7 @@ def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
 def check_policy(policy: Any, spec: dict[str, Any], field: str) -> None:
     """The policy is a valid AutoscalingPolicy whose pools are pools of ``spec``."""
-    from elasticmoe.autoscale.policy import PolicyError, load_policy, parse_policy
+    from elasticmoe.core.policy import PolicyError, load_policy, parse_policy
 
     try:
         doc = load_policy(policy) if isinstance(policy, str) else parse_policy(policy)

@@ -1,7 +1,7 @@
 """Autoscaling policy documents: a versioned YAML schema and its loader.
 
 A policy says *when* the controller changes the expert placement and the
-worker set; :mod:`elasticmoe.autoscale.decide` says *what* it then does. A
+worker set; :mod:`elasticmoe.core.decide` says *what* it then does. A
 document looks like a Kubernetes object so that the operator can carry it in
 a custom resource unchanged::
 
@@ -385,7 +385,7 @@ def write_schema(path: Path | str = SCHEMA_PATH) -> Path:
 
     Run after changing a model here; a test fails while the committed file is stale::
 
-        python -c "from elasticmoe.autoscale.policy import write_schema; write_schema()"
+        python -c "from elasticmoe.core.policy import write_schema; write_schema()"
     """
     path = Path(path)
     path.write_text(json.dumps(policy_json_schema(), indent=2) + "\n")

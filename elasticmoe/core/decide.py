@@ -43,10 +43,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from elasticmoe.autoscale.policy import Policy, PolicySpec, PoolSpec
-from elasticmoe.control import placement as placement_mod
-from elasticmoe.control.actions import Action
-from elasticmoe.experts.weights import LogicalExpert
+from elasticmoe.core import placement as placement_mod
+from elasticmoe.core.actions import Action
+from elasticmoe.core.experts import LogicalExpert
+from elasticmoe.core.policy import Policy, PolicySpec, PoolSpec
 
 STATE_VERSION = 1
 

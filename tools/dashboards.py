@@ -1,7 +1,7 @@
 """Grafana dashboards for the metrics in :mod:`elasticmoe.serve.metrics`.
 
 The dashboards are plain dicts built here and committed as JSON under
-``dashboards/`` at the repository root; ``python -m elasticmoe.serve.dashboards``
+``dashboards/`` at the repository root; ``python tools/dashboards.py``
 rewrites them (``--check`` only reports whether they are stale). The tests check
 every query against :data:`elasticmoe.serve.metrics.METRICS`, so the
 dashboards only query metrics that the code defines.
@@ -32,7 +32,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 DASHBOARD_DIR = REPO / "dashboards"
 
 SCHEMA_VERSION = 39
@@ -1047,7 +1047,7 @@ def stale_dashboards(out_dir: Path = DASHBOARD_DIR) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m elasticmoe.serve.dashboards [--out DIR] [--check]``."""
+    """``python tools/dashboards.py [--out DIR] [--check]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=DASHBOARD_DIR, help="output folder")
     parser.add_argument(

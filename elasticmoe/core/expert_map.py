@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from elasticmoe.experts.weights import LogicalExpert
+from elasticmoe.core.experts import LogicalExpert, parse_expert
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class ExpertMap:
         return [e for e in experts if not self.replicas.get(e)]
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly form (state store, admin API, pub/sub)."""
+        """JSON-friendly form (state store, admin API, pushes to engines)."""
         return {
             "epoch": self.epoch,
             "workers": dict(self.workers),
@@ -68,8 +68,7 @@ class ExpertMap:
         try:
             replicas = {}
             for key, workers in data["replicas"].items():
-                layer, expert = (int(x) for x in key.split(":"))
-                replicas[LogicalExpert(layer, expert)] = tuple(workers)
+                replicas[parse_expert(key)] = tuple(workers)
             return cls(int(data["epoch"]), replicas, dict(data["workers"]))
         except (KeyError, ValueError, AttributeError, TypeError) as e:
             raise ValueError(f"invalid expert map: {e}") from e

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
-from elasticmoe.experts.weights import LogicalExpert
+from elasticmoe.core.experts import LogicalExpert, parse_expert
 
 ActionKind = Literal["replicate", "evict", "migrate", "add_worker", "remove_worker", "restore"]
 
@@ -45,8 +45,7 @@ class Action:
         """Inverse of :meth:`to_dict`."""
         data = dict(data)
         if data.get("expert") is not None:
-            layer, expert = (int(x) for x in str(data["expert"]).split(":"))
-            data["expert"] = LogicalExpert(layer, expert)
+            data["expert"] = parse_expert(data["expert"])
         return cls(**data)
 
     def __str__(self) -> str:

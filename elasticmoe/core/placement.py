@@ -26,8 +26,8 @@ from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from elasticmoe.control.actions import Action
-from elasticmoe.experts.weights import LogicalExpert
+from elasticmoe.core.actions import Action
+from elasticmoe.core.experts import LogicalExpert
 
 __all__ = [
     "Placement",

@@ -1,0 +1,234 @@
+"""The controller over the in-memory cluster: no Ray, no torch, no processes.
+
+The same Controller class the Ray actor runs, given a FakeCluster. These tests
+check the controller's own logic (planning, journaling, rollback, recovery,
+health); tests/test_controller.py checks the same paths on a real Ray cluster.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from elasticmoe.control.cluster import FakeCluster, fake_checksum
+from elasticmoe.control.controller import Controller, ControllerError
+from elasticmoe.core.experts import LogicalExpert as LE
+
+ROOT = Path(__file__).resolve().parent.parent
+MODEL = str(ROOT / "elasticmoe/models/default")  # only its config.json is read
+
+
+def config(**kw) -> dict:
+    # health_check_s: the health loop runs only when a test calls check_workers()
+    return {"model": MODEL, "name": "fake", "num_workers": 2, "health_check_s": 3600, **kw}
+
+
+@pytest.fixture
+def cluster() -> FakeCluster:
+    return FakeCluster(engines=2)
+
+
+@pytest.fixture
+def controller(cluster: FakeCluster) -> Iterator[Controller]:
+    c = Controller(config(slots_per_worker=40), cluster=cluster)
+    c.bootstrap()
+    yield c
+    c.shutdown()
+
+
+def held(cluster: FakeCluster) -> dict[str, set[LE]]:
+    return {w: set(spec.held) for w, spec in cluster.workers.items()}
+
+
+def assert_map_matches_workers(c: Controller, cluster: FakeCluster) -> None:
+    m = c.expert_map
+    assert m is not None
+    for w in m.workers:
+        assert set(m.experts_on(w)) == set(cluster.workers[w].held), w
+    # engines start on the map they pull; every change after that is pushed
+    assert all(e.map_dict in (None, m.to_dict()) for e in cluster.engines)
+
+
+def test_controller_module_loads_neither_ray_nor_torch() -> None:
+    code = (
+        "import sys, elasticmoe.control.controller, elasticmoe.control.cluster\n"
+        "print(sorted(m for m in ('torch', 'ray') if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_bootstrap_places_every_expert(
+    controller: Controller, cluster: FakeCluster
+) -> None:
+    m = controller.expert_map
+    assert m is not None and m.epoch == 1 and set(m.workers) == {"w0", "w1"}
+    assert m.missing(controller.all_experts) == []
+    assert_map_matches_workers(controller, cluster)
+    assert controller.bootstrap()["epoch"] == 1  # idempotent
+    assert controller.get_map() == m.to_dict()  # what a starting engine pulls
+
+
+def test_replicate_migrate_evict_follow_the_protocol(
+    controller: Controller, cluster: FakeCluster
+) -> None:
+    e = LE(0, 0)
+    holder = controller.expert_map.replicas_of(e)[0]
+    other = "w1" if holder == "w0" else "w0"
+    cluster.calls.clear()
+    result = controller.replicate("0:0")
+    assert result["result"] == "done" and result["epoch"] == 2
+    assert set(controller.expert_map.replicas_of(e)) == {holder, other}
+    # loaded peer-to-peer from the live replica, then published, nothing freed
+    assert cluster.calls == [
+        ("load", other, "0:0", cluster.workers[holder].address),
+        ("push", "2"),
+    ]
+    assert controller.evict("0:0", holder)["epoch"] == 3
+    with pytest.raises(ControllerError, match="one replica"):
+        controller.evict("0:0", other)
+    cluster.calls.clear()
+    controller.migrate("0:0", other, holder)
+    assert controller.expert_map.replicas_of(e) == (holder,)
+    # load first, publish, free the old replica last
+    assert [c[0] for c in cluster.calls] == ["load", "push", "unload"]
+    assert_map_matches_workers(controller, cluster)
+    kinds = [h["kind"] for h in controller.history]
+    assert kinds == ["replicate", "evict", "migrate"]
+
+
+def test_a_bad_checksum_rolls_the_change_back(controller: Controller, cluster: FakeCluster) -> None:
+    cluster.corrupt[LE(1, 3)] = "tampered"
+    before = controller.expert_map
+    with pytest.raises(ControllerError, match="checksum"):
+        controller.replicate("1:3")
+    assert controller.expert_map == before  # nothing published
+    assert controller.history[-1]["result"] == "rolled_back"
+    assert_map_matches_workers(controller, cluster)  # the bad copy was freed
+
+
+def test_a_failed_load_falls_back_to_the_checkpoint(
+    controller: Controller, cluster: FakeCluster
+) -> None:
+    e = LE(2, 5)
+    holder = controller.expert_map.replicas_of(e)[0]
+    other = "w1" if holder == "w0" else "w0"
+    cluster.failing_loads.add((other, cluster.workers[holder].address))
+    controller.replicate("2:5")
+    loads = [c for c in cluster.calls if c[0] == "load"]
+    assert loads[-1] == ("load", other, "2:5", "checkpoint")
+    assert cluster.workers[other].held[e] == fake_checksum(e)
+
+
+def test_add_and_remove_worker(controller: Controller, cluster: FakeCluster) -> None:
+    added = controller.add_worker(1)
+    assert added["add_workers"] == ["w2"] and "w2" in controller.expert_map.workers
+    with pytest.raises(ControllerError, match="pool 'gpu'"):
+        controller.add_worker(1, pool="gpu")
+    result = controller.remove_worker("w0")
+    assert "w0" not in controller.expert_map.workers and "w0" not in cluster.workers
+    # w0's replicas were its experts' only ones: all moved, none lost
+    assert controller.expert_map.missing(controller.all_experts) == []
+    assert {e for e, _ in result["add"]} == {e for e, _ in result["remove"]}
+    assert_map_matches_workers(controller, cluster)
+
+
+def test_status_never_calls_a_worker(controller: Controller, cluster: FakeCluster) -> None:
+    cluster.kill("w1")
+    checks = cluster.health_checks
+    status = controller.status()
+    assert [w["healthy"] for w in status["workers"]] == [True, True]  # cache not refreshed yet
+    assert cluster.health_checks == checks
+    controller.probe_health()
+    assert [w["healthy"] for w in controller.status()["workers"]] == [True, False]
+
+
+def test_a_dead_worker_is_replaced_after_two_missed_checks(cluster: FakeCluster) -> None:
+    # room for w1's experts on w0: the dead worker leaves the map before its replacement starts
+    controller = Controller(config(slots_per_worker=64), cluster=cluster)
+    controller.bootstrap()
+    cluster.kill("w1")
+    assert controller.check_workers() == []  # one miss: not yet
+    assert controller.check_workers() == ["w1"]
+    m = controller.expert_map
+    assert "w1" not in m.workers and len(m.workers) == 2  # a replacement joined
+    assert m.missing(controller.all_experts) == []
+    # the lost replicas came back from the checkpoint (no live peer had them)
+    assert any(c[0] == "load" and c[3] == "checkpoint" for c in cluster.calls)
+    controller.shutdown()
+
+
+def test_a_restarted_controller_adopts_what_runs(
+    controller: Controller, cluster: FakeCluster
+) -> None:
+    controller.replicate("0:1")
+    epoch = controller.expert_map.epoch
+    # an orphan replica: loaded by a change that never published
+    orphan_on = "w0" if "w0" not in controller.expert_map.replicas_of(LE(3, 2)) else "w1"
+    cluster.workers[orphan_on].held[LE(3, 2)] = fake_checksum(LE(3, 2))
+    controller._stop.set()  # the old actor is gone; its loops with it
+    again = Controller(config(slots_per_worker=40), cluster=cluster)  # memory store: empty
+    try:
+        assert again.expert_map is not None and again.expert_map.epoch == epoch
+        assert again.history[-1]["kind"] == "adopt"
+        assert LE(3, 2) not in cluster.workers[orphan_on].held  # freed by reconciling
+        assert_map_matches_workers(again, cluster)
+    finally:
+        again.shutdown()
+
+
+def wait_for(condition, what: str, timeout_s: float = 30.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def test_add_worker_takes_the_ready_spare_then_replaces_it(cluster: FakeCluster) -> None:
+    c = Controller(config(slots_per_worker=40, spare_workers=1), cluster=cluster)
+    try:
+        c.bootstrap()
+        assert c.status()["spare_workers"] == ["w2"]
+        lifecycles = {w["worker_id"]: w["lifecycle"] for w in c.status()["workers"]}
+        assert lifecycles == {"w0": "active", "w1": "active", "w2": "spare"}
+        demand = c.demand()
+        assert demand["pools"]["default"] == {"workers": 3, "desired": 3}
+        starts = [x for x in cluster.calls if x[0] == "start"]
+        result = c.add_worker(1)
+        assert result["add_workers"] == ["w2"]  # the spare, no process start for it
+        assert [x for x in cluster.calls if x[0] == "start"][: len(starts)] == starts
+        assert c.store.get_workers()["w2"]["lifecycle"] == "active"
+        wait_for(lambda: c.status()["spare_workers"] == ["w3"], what="a new spare")
+        assert "w3" in cluster.workers and "w3" not in c.expert_map.workers
+    finally:
+        c.shutdown()
+
+
+def test_registry_lifecycle_and_old_entries() -> None:
+    from elasticmoe.control.workers import Lifecycle, WorkerRecord, WorkerRegistry
+
+    reg = WorkerRegistry("cpu")
+    ids = reg.new_ids(2, Lifecycle.SPARE)
+    assert ids == ["w0", "w1"] and reg.num_starting(Lifecycle.SPARE) == 2
+    reg.register(WorkerRecord("w0", "a:1", 4, "cpu", lifecycle=Lifecycle.SPARE))
+    reg.release(ids)  # w1 failed to start
+    assert reg.num_starting() == 0 and reg.spares() == ["w0"]
+    assert reg.take_spares(3) == ["w0"] and reg.get("w0").lifecycle is Lifecycle.ACTIVE
+    assert reg.new_ids(1, Lifecycle.ACTIVE) == ["w2"]  # ids are never reused
+    reg.record_health({"w0": False})
+    reg.record_health({"w0": False})
+    assert reg.misses("w0") == 2 and not reg.healthy("w0")
+    reg.record_health({"w0": True})
+    assert reg.misses("w0") == 0 and reg.healthy("w0")
+    # an entry written before lifecycles existed
+    old = WorkerRecord.from_entry("w7", {"address": "b:2", "num_slots": 8, "spare": True}, "cpu")
+    assert old.lifecycle is Lifecycle.SPARE and old.pool == "cpu"
+    reg.load({"w7": old.to_entry(), "w0": reg.get("w0").to_entry()}, in_map=["w0"])
+    assert reg.spares() == ["w7"] and reg.new_ids(1, Lifecycle.ACTIVE) == ["w8"]
