@@ -324,6 +324,7 @@ class Controller:
                 device=c.device,
                 dtype=c.resolved_dtype(self.model),
                 num_threads=c.worker_threads,
+                port=c.worker_grpc_port,
                 fault_injection=c.fault_injection,
             )
         refs = {
