@@ -458,6 +458,25 @@ def test_scale_down_picks_cheapest_pods_and_drains_them():
     validate({**rc, "spec": {**rc["spec"], "workerGroupSpecs": groups}})
 
 
+def test_no_shrink_before_the_first_expert_map():
+    spec, rc = _gpu_rc(4)
+    pods = [_pod(f"p{i}", "gpu", f"10.0.0.{i}", f"2026-01-01T00:00:0{i}Z") for i in range(4)]
+    demand = {**_demand(2, []), "epoch": None}
+    assert render.plan_scale(spec, rc, demand, pods).changes == []
+    grow = render.plan_scale(spec, rc, {**_demand(6, []), "epoch": None}, pods)
+    assert [(c.current, c.desired) for c in grow.changes] == [(4, 6)]
+
+
+def test_shrink_removes_only_pods_it_names():
+    """KubeRay picks unnamed pods at random, drained or not: never leave it a choice."""
+    spec, rc = _gpu_rc(4)
+    pods = [_pod("p0", "gpu", "10.0.0.1", "2026-01-01T00:00:00Z")]  # 3 pods not listed yet
+    plan = render.plan_scale(spec, rc, _demand(1, [("w0", "10.0.0.1", True)]), pods)
+    change = plan.pools["gpu"]
+    assert change.remove_pods == ("p0",) and change.desired == 3
+    assert plan.drain_nodes == ["10.0.0.1"]
+
+
 def test_scale_down_never_below_min_and_ties_go_newest_first():
     spec, rc = _gpu_rc(4)
     pods = [_pod(f"p{i}", "gpu", f"10.0.0.{i}", f"2026-01-01T00:00:0{i}Z") for i in range(4)]

@@ -648,7 +648,10 @@ def plan_scale(spec: Obj, raycluster: Obj, demand: Obj, pods: list[Obj]) -> Scal
     ``demand`` is ``GET /admin/demand``; ``pods`` the RayCluster's worker pods.
     A pool the demand does not mention keeps its size (within bounds). On
     shrink, pods are picked cheapest first (see :func:`_pod_sort_key`, then newest); the IPs
-    of those that run workers must be drained before the group is patched.
+    of those that run workers must be drained before the group is patched. A shrink
+    only ever removes pods named in ``workersToDelete`` (KubeRay would pick the rest
+    at random, drained or not), and before the controller has published an expert
+    map (``epoch`` missing) nothing shrinks: the demand cannot say where experts are.
     """
     current = group_replicas(raycluster)
     wanted = demand.get("pools", {})
@@ -660,12 +663,15 @@ def plan_scale(spec: Obj, raycluster: Obj, demand: Obj, pods: list[Obj]) -> Scal
         for g in raycluster.get("spec", {}).get("workerGroupSpecs", [])
         for p in g.get("scaleStrategy", {}).get("workersToDelete", [])
     }
+    has_map = bool(demand.get("epoch"))
     plans = {}
     for pool in spec["pools"]:
         name = pool["name"]
         now = current.get(name, 0)
         target = wanted.get(name, {}).get("desired", now)
         desired = clamp(int(target), pool["minWorkers"], pool["maxWorkers"])
+        if not has_map:
+            desired = max(desired, now)
         if desired >= now:
             plans[name] = PoolScale(name, now, desired)
             continue
@@ -683,7 +689,8 @@ def plan_scale(spec: Obj, raycluster: Obj, demand: Obj, pods: list[Obj]) -> Scal
         drain = tuple(
             ip for p in victims if (ip := p.get("status", {}).get("podIP")) and workers_on.get(ip)
         )
-        # Fewer pods than replicas (some not created yet): the rest go without a name.
+        # Fewer pods than the shrink (some not created yet): shrink by the named ones only.
+        desired = now - len(victims)
         plans[name] = PoolScale(
             name, now, desired, tuple(p["metadata"]["name"] for p in victims), drain
         )
