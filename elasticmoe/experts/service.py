@@ -80,6 +80,10 @@ GRPC_OPTIONS: list[tuple[str, Any]] = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
 ]
+# RPCs one worker runs at once; more get RESOURCE_EXHAUSTED (the router retries them on
+# another replica) instead of queueing without bound. Engines x in-flight layers stays
+# far below this.
+MAX_CONCURRENT_RPCS = 256
 CHUNK_BYTES = 1 << 20  # FetchExpert payload per message
 WEIGHT_NAMES = ("gate_up", "down")
 SERVICE_NAME = "elasticmoe.v1.ExpertService"
@@ -854,7 +858,11 @@ async def serve(
     started server and the bound port; stop it with ``await server.stop(grace)``
     (and ``servicer.close()`` if you passed one).
     """
-    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=list(interceptors))
+    server = grpc.aio.server(
+        options=GRPC_OPTIONS,
+        interceptors=list(interceptors),
+        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+    )
     add_servicer_to_server(servicer or ExpertServicer(store), server)
     address = format_address(host, port)
     bound = server.add_insecure_port(address)
