@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from elasticmoe.experts.weights import LogicalExpert
 from elasticmoe.model.config import MoEModelConfig
@@ -69,6 +69,30 @@ class DeploymentConfig(BaseModel):
     health_check_s: float = Field(
         2.0, gt=0, description="the controller checks workers this often; 2 misses = dead"
     )
+
+    @model_validator(mode="after")
+    def _check_engine_and_router(self) -> DeploymentConfig:
+        # Typed at load, so a typo in engine.* or router.* fails here, naming the key,
+        # not later inside an engine actor.
+        from elasticmoe.engine.config import EngineConfig
+        from elasticmoe.router.router import RouterConfig
+
+        for section, model, extra in (
+            ("engine", EngineConfig, {"model": self.model}),
+            ("router", RouterConfig, {}),
+        ):
+            values = getattr(self, section)
+            if section == "engine" and "model" in values:
+                raise ValueError("engine.model: set the model at the top level, not under engine")
+            try:
+                model.model_validate({**extra, **values})
+            except ValidationError as e:
+                errors = "; ".join(
+                    f"{section}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+                    for err in e.errors()
+                )
+                raise ValueError(errors) from None
+        return self
 
     @model_validator(mode="after")
     def _check_workers(self) -> DeploymentConfig:
