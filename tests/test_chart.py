@@ -161,10 +161,10 @@ def test_default_policies_as_configmaps():
         if c["metadata"]["name"].startswith("elasticmoe-policy-")
     }
     assert {"elasticmoe-policy-default", "elasticmoe-policy-default-cpu"} <= set(maps)
-    from elasticmoe.autoscale.policy import load_policy
+    from elasticmoe.autoscale.policy import policy_from_text
 
     for cm in maps.values():
-        load_policy(cm["data"]["policy.yaml"])
+        policy_from_text(cm["data"]["policy.yaml"])
 
 
 def test_network_policies_cover_heads_and_workers_and_name_the_grpc_port():

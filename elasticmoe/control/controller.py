@@ -33,7 +33,7 @@ import grpc
 
 from elasticmoe._proto.elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 from elasticmoe.autoscale.decide import ObservedState, PolicyState, WorkerState, decide
-from elasticmoe.autoscale.policy import load_policy
+from elasticmoe.autoscale.policy import load_policy, policy_from_text
 from elasticmoe.control.actions import Action
 from elasticmoe.control.deployment_config import DeploymentConfig
 from elasticmoe.control.placement import initial_placement
@@ -1002,7 +1002,7 @@ class Controller:
     # ------------------------------------------------------------ autoscaling
     def set_policy(self, text: str) -> dict[str, Any]:
         """Validate and apply an autoscaling policy (YAML/JSON text); starts the loop."""
-        policy = load_policy(text)
+        policy = policy_from_text(text)
         pools = [p.name for p in policy.spec.pools]
         if self.config.pool not in pools:
             raise ControllerError(

@@ -733,10 +733,10 @@ class OpenAIServer:
     @app.put("/admin/policy")
     async def admin_policy(self, body: PolicyRequest) -> JSONResponse:
         """Validate and apply an autoscaling policy."""
-        from elasticmoe.autoscale.policy import PolicyError, load_policy
+        from elasticmoe.autoscale.policy import PolicyError, policy_from_text
 
         try:
-            load_policy(body.policy)
+            policy_from_text(body.policy)
         except PolicyError as e:
             raise APIError(400, str(e), param="policy") from None
         return await self._admin("set_policy", body.policy)
