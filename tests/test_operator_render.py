@@ -365,8 +365,13 @@ def test_auth_secret_holds_token_and_admin_key():
 def test_rendered_serve_config_loads(case, tmp_path):
     """``elasticmoe serve`` accepts the rendered config (policy files put where mounted)."""
     cr = CASES[case]()
-    spec, (cm, _) = rendered(cr)
+    spec, (cm, rc) = rendered(cr)
     cfg = yaml.safe_load(cm["data"]["serve.yaml"])
+    # the head pod's environment, with made-up values where Secrets would fill it
+    environ = {
+        e["name"]: e.get("value", f"secret-of-{e['name'].lower()}")
+        for e in _container(rc["spec"]["headGroupSpec"])["env"]
+    }
     if cfg["policy"]:
         if "policy.yaml" in cm["data"]:
             text = cm["data"]["policy.yaml"]
@@ -377,7 +382,11 @@ def test_rendered_serve_config_loads(case, tmp_path):
         cfg["policy"] = str(tmp_path / "policy.yaml")
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    loaded = load_serve_config(path, {})
+    loaded = load_serve_config(path, {}, environ)
+    assert loaded.admin_api_keys == ["secret-of-elasticmoe_admin_api_keys"]
+    assert loaded.worker_grpc_port == render.EXPERT_GRPC_PORT
+    if "ELASTICMOE_REDIS_PASSWORD" in environ:
+        assert loaded.state_store.startswith("redis://:secret-of-elasticmoe_redis_password@")
     assert loaded.pool == spec["pools"][0]["name"]
     assert loaded.device == render.device_of(spec["pools"][0])
     assert loaded.host == "0.0.0.0" and loaded.mode == "distributed"
