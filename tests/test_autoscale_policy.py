@@ -27,6 +27,7 @@ from elasticmoe.core.policy import (
     PolicyError,
     load_policy,
     parse_policy,
+    policy_from_text,
     policy_json_schema,
 )
 
@@ -51,7 +52,7 @@ def doc(spec: dict | None = None, **top: object) -> dict:
 def errors_of(data: dict | str) -> list[str]:
     with pytest.raises(PolicyError) as info:
         if isinstance(data, str):
-            load_policy(data)
+            policy_from_text(data)
         else:
             parse_policy(data)
     return info.value.errors
@@ -76,7 +77,7 @@ def test_npu_example_has_ascend_and_cpu_pools() -> None:
 
 
 def test_minimal_document_gets_defaults() -> None:
-    policy = load_policy(HEADER)
+    policy = policy_from_text(HEADER)
     spec = policy.spec
     assert policy.api_version == "elasticmoe.io/v1alpha1"
     assert spec.interval_s == 15 and spec.window_s == 60
@@ -158,6 +159,22 @@ def test_yaml_syntax_error_names_the_line(tmp_path: Path) -> None:
     (err,) = info.value.errors
     assert err.startswith("line 6, column") and "YAML syntax error" in err
     assert str(path) in str(info.value)
+
+
+def test_policy_text_is_never_a_file_name_and_is_bounded(tmp_path: Path) -> None:
+    """What the admin API receives is parsed as a document: a string naming a server
+    file is not read, a one-line JSON policy over 4 KB is parsed, and an oversized one
+    is refused naming its size."""
+    secret = tmp_path / "secret.yaml"
+    secret.write_text(HEADER)
+    assert "got a str" in errors_of(str(secret))[0]
+    big = json.dumps({**doc(), "metadata": {"name": "t", "labels": {"x": "y" * 5000}}})
+    assert "\n" not in big and len(big) > 4096
+    assert policy_from_text(big).metadata.name == "t"
+    assert "at most 65536" in errors_of("#" * 70_000)[0]
+    (tmp_path / "huge.yaml").write_text("#" * 70_000)
+    with pytest.raises(PolicyError, match="at most 65536"):
+        load_policy(tmp_path / "huge.yaml")
 
 
 def test_not_a_mapping_and_missing_file(tmp_path: Path) -> None:

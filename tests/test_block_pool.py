@@ -61,6 +61,22 @@ def test_hashes_chain_from_the_parent():
     assert hash_request_tokens(2, [1, 2, 3, 4, 5]) == [h1, hash_block_tokens(h1, [3, 4])]
 
 
+def test_block_keys_are_sha256_digests():
+    """Collision-resistant keys (not Python's hash()): the digest is sha256 over the
+    parent's digest and the token ids, so it is the same in every process."""
+    import hashlib
+    from array import array
+
+    h1 = hash_block_tokens(None, [1, 2])
+    assert h1 == hashlib.sha256(b"\x00" * 32 + array("q", [1, 2]).tobytes()).digest()
+    h2 = hashlib.sha256(h1 + array("q", [3, 4]).tobytes()).digest()
+    assert hash_block_tokens(h1, [3, 4]) == h2
+    assert hash_block_tokens(None, [1, 2], ("lora", 1)) != h1
+    # ids that tuple-hash the same in CPython still get different keys
+    assert hash((-1,)) == hash((-2,))
+    assert hash_block_tokens(None, [-1]) != hash_block_tokens(None, [-2])
+
+
 def test_prefix_hit_and_lazy_eviction_order():
     kv = KVCacheManager(num_blocks=6, block_size=2)
     a = Req("a", [1, 2, 3, 4, 5])

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+from pod_security import hardening_gaps, pod_specs, violations
 
 from operators.elasticmoe_operator import chart
 
@@ -46,9 +47,11 @@ def test_lint_is_clean(name):
 def test_rendered_manifests_validate(name):
     objs = docs(name)
     assert objs
+    values = chart.load_values(VALUES[name]) or {}
+    allowed = {chart.NAMESPACE, *values.get("operator", {}).get("watchNamespaces", [])}
     for obj in objs:
         validate(obj)
-        assert obj["metadata"].get("namespace", chart.NAMESPACE) == chart.NAMESPACE
+        assert obj["metadata"].get("namespace", chart.NAMESPACE) in allowed
 
 
 @pytest.mark.parametrize("name", sorted(VALUES))
@@ -90,17 +93,53 @@ def test_operator_deployment_is_locked_down():
     assert "--namespace=models" in npu[0]["spec"]["template"]["spec"]["containers"][0]["args"]
 
 
-def test_rbac_is_least_privilege():
-    (role,) = by_kind(docs("default"), "ClusterRole")
+def _verbs_of(role: dict[str, Any]) -> dict[str, set[str]]:
     verbs_of: dict[str, set[str]] = {}
     for rule in role["rules"]:
         assert "*" not in rule["verbs"] and "*" not in rule["resources"], rule
         for res in rule["resources"]:
             verbs_of.setdefault(res, set()).update(rule["verbs"])
-    assert verbs_of["secrets"] == {"get"}
+    return verbs_of
+
+
+def test_rbac_is_least_privilege():
+    (role,) = by_kind(docs("default"), "ClusterRole")
+    verbs_of = _verbs_of(role)
+    # the per-deployment auth Secret is created once; nothing is updated or listed
+    assert verbs_of["secrets"] == {"get", "create"}
     assert verbs_of["pods"] == {"get", "list"}
     assert "delete" not in verbs_of["moedeployments"]
     assert {"create", "patch", "delete"} <= verbs_of["rayclusters"]
+
+
+def test_watching_given_namespaces_grants_nothing_cluster_wide():
+    objs = docs("namespaced")
+    assert not by_kind(objs, "ClusterRole") and not by_kind(objs, "ClusterRoleBinding")
+    roles = by_kind(objs, "Role")
+    assert sorted(r["metadata"]["namespace"] for r in roles) == ["models", "research"]
+    for role in roles:
+        verbs_of = _verbs_of(role)
+        assert "customresourcedefinitions" not in verbs_of and "namespaces" not in verbs_of
+        assert verbs_of["secrets"] == {"get", "create"}
+    bindings = by_kind(objs, "RoleBinding")
+    assert sorted(b["metadata"]["namespace"] for b in bindings) == ["models", "research"]
+    for b in bindings:
+        assert b["roleRef"]["kind"] == "Role"
+        assert b["subjects"][0]["namespace"] == chart.NAMESPACE
+    (dep,) = [d for d in by_kind(objs, "Deployment") if "operator" in d["metadata"]["name"]]
+    args = dep["spec"]["template"]["spec"]["containers"][0]["args"]
+    assert "--namespace=models" in args and "--all-namespaces" not in args
+
+
+@pytest.mark.parametrize("name", sorted(VALUES))
+def test_every_pod_passes_pod_security_restricted(name):
+    """``helm template`` output, every pod template: admitted under "restricted", plus
+    read-only root filesystems, memory limits, and no API token where none is needed."""
+    pods = [(o["metadata"]["name"], p) for o in docs(name) for _, p in pod_specs(o)]
+    assert pods
+    for obj_name, pod in pods:
+        assert violations(pod) == [], obj_name
+        assert hardening_gaps(pod, needs_api_token=obj_name.endswith("-operator")) == [], obj_name
 
 
 def test_dashboards_one_configmap_each_with_grafana_label():
@@ -122,22 +161,45 @@ def test_default_policies_as_configmaps():
         if c["metadata"]["name"].startswith("elasticmoe-policy-")
     }
     assert {"elasticmoe-policy-default", "elasticmoe-policy-default-cpu"} <= set(maps)
-    from elasticmoe.core.policy import load_policy
+    from elasticmoe.core.policy import policy_from_text
 
     for cm in maps.values():
-        load_policy(cm["data"]["policy.yaml"])
+        policy_from_text(cm["data"]["policy.yaml"])
 
 
-def test_network_policy_lets_only_engines_reach_worker_grpc():
-    (np_,) = by_kind(docs("default"), "NetworkPolicy")
-    assert np_["spec"]["podSelector"]["matchLabels"] == {"elasticmoe.io/role": "worker"}
-    rules = np_["spec"]["ingress"]
-    open_rules = [r for r in rules if "ports" not in r]
-    assert open_rules == [
-        {"from": [{"podSelector": {"matchLabels": {"elasticmoe.io/role": "engine"}}}]}
-    ]
-    ray_rule = next(r for r in rules if r.get("from") and "ports" in r)
-    assert {"protocol": "TCP", "port": 10002, "endPort": 10999} in ray_rule["ports"]
+def test_network_policies_cover_heads_and_workers_and_name_the_grpc_port():
+    from operators.elasticmoe_operator import render
+
+    policies = {p["metadata"]["name"]: p for p in by_kind(docs("default"), "NetworkPolicy")}
+    workers, engines = policies["elasticmoe-workers"], policies["elasticmoe-engines"]
+    pods = {"app.kubernetes.io/managed-by": render.MANAGED_BY}
+    assert workers["spec"]["podSelector"]["matchLabels"] == {**pods, "elasticmoe.io/role": "worker"}
+    assert engines["spec"]["podSelector"]["matchLabels"] == {**pods, "elasticmoe.io/role": "engine"}
+    for policy in (workers, engines):
+        rules = policy["spec"]["ingress"]
+        # every rule names its ports: nothing is open on every port
+        assert all(r.get("ports") for r in rules), rules
+        from_pods = [r for r in rules if r.get("from")]
+        assert from_pods and all(
+            r["from"] == [{"podSelector": {"matchLabels": pods}}] for r in from_pods
+        )
+        ports = {p["port"] for r in from_pods for p in r["ports"]}
+        assert {"protocol": "TCP", "port": 10002, "endPort": 10999} in from_pods[0]["ports"]
+        assert set(render.RAY_PORTS.values()) - {10002, 10999} <= ports
+    (grpc,) = [p for r in workers["spec"]["ingress"] for p in r["ports"] if p["port"] == 50051]
+    assert render.EXPERT_GRPC_PORT == 50051 and grpc["protocol"] == "TCP"
+    # the expert gRPC port is not open to anyone but the deployment's pods
+    open_ports = {p["port"] for r in workers["spec"]["ingress"] if not r.get("from")
+                  for p in r["ports"]}  # fmt: skip
+    assert open_ports == {8080}
+    engine_open = {p["port"] for r in engines["spec"]["ingress"] if not r.get("from")
+                   for p in r["ports"]}  # fmt: skip
+    assert engine_open == {render.DEFAULT_PORT, 8080}
+    assert render.GCS_PORT in {p["port"] for r in engines["spec"]["ingress"] if r.get("from")
+                               for p in r["ports"]}  # fmt: skip
+    namespaced = by_kind(docs("namespaced"), "NetworkPolicy")
+    assert sorted({p["metadata"]["namespace"] for p in namespaced}) == ["models", "research"]
+    assert len(namespaced) == 4
     assert not by_kind(docs("external-redis"), "NetworkPolicy")
 
 

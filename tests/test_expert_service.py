@@ -257,6 +257,15 @@ def test_bad_forward_requests(start: Callable[..., Server], model_dir: Path) -> 
     expect_error(
         Code.INVALID_ARGUMENT, lambda: s.forward(0, [(1, 4)], x, shape=[-4, h]), "negative"
     )
+    # a huge shape vector is refused before any arithmetic on it
+    expect_error(
+        Code.INVALID_ARGUMENT, lambda: s.forward(0, [(1, 4)], x, shape=[1] * 60_000), "at most 8"
+    )
+    expect_error(
+        Code.INVALID_ARGUMENT,
+        lambda: s.forward(0, [(1, 4)], x, shape=[2**40, 2**40, h]),
+        "elements",
+    )
     expect_error(
         Code.INVALID_ARGUMENT, lambda: s.forward(0, [(1, 2), (2, 1)], x), "sum to 3", "4 rows"
     )
@@ -503,6 +512,8 @@ def test_wire_errors() -> None:
         tensor_from_proto(expert_pb2.Tensor(dtype="int4"))
     with pytest.raises(WireError, match="negative"):
         tensor_from_proto(expert_pb2.Tensor(dtype="float16", shape=[-1, 2]))
+    with pytest.raises(WireError, match="60000 dimensions; at most 8"):
+        tensor_from_proto(expert_pb2.Tensor(dtype="float16", shape=[3] * 60_000))
     ok = tensor_to_proto(torch.zeros(2, 4))
     with pytest.raises(WireError, match=r"must end with \[8\]"):
         tensor_from_proto(ok, expected_shape_suffix=(8,))

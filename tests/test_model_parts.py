@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 
 import pytest
@@ -13,7 +14,7 @@ from elasticmoe import LLM, SamplingParams
 from elasticmoe.core.experts import LogicalExpert
 from elasticmoe.experts.backend import LocalExperts
 from elasticmoe.experts.weights import ExpertWeights
-from elasticmoe.model.checkpoint import CheckpointError
+from elasticmoe.model.checkpoint import CheckpointError, CheckpointReader
 from elasticmoe.model.config import ConfigError, load_config, parse_config
 from elasticmoe.model.gate import topk_softmax_gate
 from elasticmoe.model.init_model import build_config
@@ -69,6 +70,35 @@ def test_missing_config_field(ckpt):
     (ckpt / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="'hidden_size' is missing"):
         LLM(str(ckpt))
+
+
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("hidden_size", 0, "hidden_size=0 must be in 1.."),
+        ("num_attention_heads", 0, "num_attention_heads=0 must be >= 1"),
+        ("num_hidden_layers", -2, "num_hidden_layers=-2"),
+        ("vocab_size", 1 << 30, "vocab_size="),
+        ("rms_norm_eps", float("nan"), "rms_norm_eps=nan must be a finite number"),
+        ("max_position_embeddings", 0, "max_position_embeddings=0"),
+        ("eos_token_id", 10**9, "eos_token_id=[1000000000] is outside the vocabulary"),
+    ],
+)
+def test_config_numbers_are_range_checked(ckpt, field, value, words):
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg[field] = value
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=re.escape(words)):
+        load_config(ckpt)
+
+
+@pytest.mark.parametrize("fname", ["../outside.safetensors", "/etc/passwd", "sub/x.safetensors"])
+def test_index_files_stay_in_the_checkpoint(ckpt, fname):
+    (ckpt / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"model.embed_tokens.weight": fname}})
+    )
+    with pytest.raises(CheckpointError, match=r"is not a \.safetensors file in"):
+        CheckpointReader(ckpt)
 
 
 def test_missing_tensor_is_named(ckpt):

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 import yaml
+from pod_security import hardening_gaps, pod_specs, violations
 
 from elasticmoe.serve.server import load_serve_config
 from operators.elasticmoe_operator import crd, render
@@ -227,7 +228,8 @@ def test_npu_pool_maps_to_custom_npu_resource():
     # KubeRay's format: a JSON object, quoted.
     assert params["resources"] == '"{\\"NPU\\": 1}"'
     assert json.loads(json.loads(params["resources"])) == {"NPU": 1}
-    assert _container(ascend)["resources"]["limits"] == {"huawei.com/Ascend910": 1}
+    limits = _container(ascend)["resources"]["limits"]
+    assert limits["huawei.com/Ascend910"] == 1 and "nvidia.com/gpu" not in limits
     cpu = _group(rc, "cpu")
     assert cpu["rayStartParams"]["num-cpus"] == "4" and cpu["replicas"] == 0
 
@@ -236,7 +238,9 @@ def test_cpu_spec_has_no_accelerators_and_memory_store():
     _spec, (cm, rc) = rendered(load_cr("cpu"))
     cpu = _group(rc, "cpu")
     assert cpu["rayStartParams"]["num-cpus"] == "1"
-    assert "limits" not in _container(cpu)["resources"]
+    resources = _container(cpu)["resources"]
+    assert set(resources["limits"]) == {"memory"}  # no accelerator, a memory limit
+    assert resources["limits"]["memory"] == resources["requests"]["memory"]
     assert "gcsFaultToleranceOptions" not in rc["spec"]
     head_volumes = {
         v["name"]: v for v in rc["spec"]["headGroupSpec"]["template"]["spec"]["volumes"]
@@ -256,14 +260,118 @@ def test_mixed_spec_one_group_per_pool():
 def test_ray_ports_match_the_chart_network_policy():
     values = yaml.safe_load((REPO / "helm" / "elasticmoe" / "values.yaml").read_text())
     assert values["networkPolicy"]["rayPorts"] == render.RAY_PORTS
+    assert values["networkPolicy"]["expertGrpcPort"] == render.EXPERT_GRPC_PORT
+
+
+# ----------------------------------------------------------------- security
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_every_pod_passes_pod_security_restricted(case):
+    _, (_, rc) = rendered(CASES[case]())
+    pods = pod_specs(rc)
+    assert len(pods) == 1 + len(rc["spec"]["workerGroupSpecs"])
+    for where, pod in pods:
+        assert violations(pod) == [], where
+        assert hardening_gaps(pod) == [], where
+
+
+def test_the_pod_security_check_catches_what_restricted_forbids():
+    """The checker is not vacuous: each field it guards, set wrong, is reported."""
+    _, (_, rc) = rendered(load_cr("cpu"))
+    base = rc["spec"]["headGroupSpec"]["template"]["spec"]
+    breaks = {
+        "Privileged": lambda p, c: c["securityContext"].update(privileged=True),
+        "Privilege Escalation": lambda p, c: c["securityContext"].pop("allowPrivilegeEscalation"),
+        "Non-root": lambda p, c: (
+            p["securityContext"].pop("runAsNonRoot"), c["securityContext"].pop("runAsNonRoot")
+        ),
+        "Seccomp": lambda p, c: p["securityContext"].pop("seccompProfile"),
+        "drop ALL": lambda p, c: c["securityContext"]["capabilities"].update(drop=[]),
+        "HostPath": lambda p, c: p["volumes"].append({"name": "h", "hostPath": {"path": "/"}}),
+        "Host Namespaces": lambda p, c: p.update(hostNetwork=True),
+    }
+    for words, mutate in breaks.items():
+        pod = copy.deepcopy(base)
+        mutate(pod, pod["containers"][0])
+        assert any(words in v for v in violations(pod)), words
+    pod = copy.deepcopy(base)
+    pod["volumes"][1]["emptyDir"].pop("sizeLimit")
+    pod.pop("automountServiceAccountToken")
+    assert len(hardening_gaps(pod)) == 2
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_no_secret_on_a_command_line(case):
+    """API keys, the Redis password and the cluster token reach pods only as env vars
+    from Secrets; Ray records a driver's argv for everyone who can see its dashboard."""
+    _, (cm, rc) = rendered(CASES[case]())
+    for where, pod in pod_specs(rc):
+        for c in pod["containers"]:
+            line = " ".join(c.get("command", []) + c.get("args", []))
+            for secret_word in ("KEY", "PASSWORD", "TOKEN", "redis://"):
+                assert secret_word not in line, (where, line)
+            secret_env = {e["name"] for e in c["env"] if "valueFrom" in e}
+            assert {"RAY_AUTH_TOKEN", "ELASTICMOE_GRPC_TOKEN"} <= secret_env, where
+            assert {"name": "RAY_AUTH_MODE", "value": "token"} in c["env"]
+    head_env = {e["name"]: e for e in _container(rc["spec"]["headGroupSpec"])["env"]}
+    assert head_env["ELASTICMOE_ADMIN_API_KEYS"]["valueFrom"]["secretKeyRef"] == {
+        "name": render.auth_secret_name(rc["metadata"]["name"]),
+        "key": render.AUTH_ADMIN_KEY,
+    }
+    assert "@" not in yaml.safe_load(cm["data"]["serve.yaml"])["state_store"]
+
+
+def test_ray_dashboard_answers_inside_the_pod_only():
+    _, (_, rc) = rendered(load_cr("gpu"))
+    head = rc["spec"]["headGroupSpec"]
+    assert head["rayStartParams"]["dashboard-host"] == "127.0.0.1"
+    ports = {p["containerPort"] for p in _container(head)["ports"]}
+    assert 8265 not in ports and 10001 not in ports
+
+
+def test_workers_serve_experts_on_the_fixed_grpc_port():
+    _, (cm, rc) = rendered(mixed_cr())
+    assert yaml.safe_load(cm["data"]["serve.yaml"])["worker_grpc_port"] == render.EXPERT_GRPC_PORT
+    for group in rc["spec"]["workerGroupSpecs"]:
+        ports = {p["name"]: p["containerPort"] for p in _container(group)["ports"]}
+        assert ports["expert-grpc"] == render.EXPERT_GRPC_PORT
+
+
+def test_shared_memory_is_sized_and_ray_object_store_fits_in_it():
+    cr = load_cr("cpu")
+    cr["spec"]["pools"][0]["sharedMemory"] = "1Gi"
+    _, (_, rc) = rendered(cr)
+    group = rc["spec"]["workerGroupSpecs"][0]
+    (shm,) = [v for v in group["template"]["spec"]["volumes"] if v["name"] == "dshm"]
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "1Gi"}
+    assert int(group["rayStartParams"]["object-store-memory"]) == 2**30 * 4 // 5
+    head = rc["spec"]["headGroupSpec"]
+    assert int(head["rayStartParams"]["object-store-memory"]) == 2 * 2**30 * 4 // 5
+    with pytest.raises(ValueError, match="memory quantity"):
+        render.quantity_bytes("lots")
+
+
+def test_auth_secret_holds_token_and_admin_key():
+    cr = load_cr("cpu")
+    secret = render.render_auth_secret("m", cr, "tok", "adm")
+    validate(secret)
+    assert set(secret["data"]) == {render.AUTH_TOKEN_KEY, render.AUTH_ADMIN_KEY}
+    spec = validate_spec(cr["spec"])
+    assert render.admin_key_ref("m", spec) == {"name": "m-auth", "key": render.AUTH_ADMIN_KEY}
+    spec["serve"]["adminKeySecret"] = {"name": "mine", "key": "k"}
+    assert render.admin_key_ref("m", spec) == {"name": "mine", "key": "k"}
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_rendered_serve_config_loads(case, tmp_path):
     """``elasticmoe serve`` accepts the rendered config (policy files put where mounted)."""
     cr = CASES[case]()
-    spec, (cm, _) = rendered(cr)
+    spec, (cm, rc) = rendered(cr)
     cfg = yaml.safe_load(cm["data"]["serve.yaml"])
+    # the head pod's environment, with made-up values where Secrets would fill it
+    environ = {
+        e["name"]: e.get("value", f"secret-of-{e['name'].lower()}")
+        for e in _container(rc["spec"]["headGroupSpec"])["env"]
+    }
     if cfg["policy"]:
         if "policy.yaml" in cm["data"]:
             text = cm["data"]["policy.yaml"]
@@ -274,7 +382,11 @@ def test_rendered_serve_config_loads(case, tmp_path):
         cfg["policy"] = str(tmp_path / "policy.yaml")
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    loaded = load_serve_config(path, {})
+    loaded = load_serve_config(path, {}, environ)
+    assert loaded.admin_api_keys == ["secret-of-elasticmoe_admin_api_keys"]
+    assert loaded.worker_grpc_port == render.EXPERT_GRPC_PORT
+    if "ELASTICMOE_REDIS_PASSWORD" in environ:
+        assert loaded.state_store.startswith("redis://:secret-of-elasticmoe_redis_password@")
     assert loaded.pool == spec["pools"][0]["name"]
     assert loaded.device == render.device_of(spec["pools"][0])
     assert loaded.host == "0.0.0.0" and loaded.mode == "distributed"
@@ -353,6 +465,25 @@ def test_scale_down_picks_cheapest_pods_and_drains_them():
     assert groups[0]["replicas"] == 2
     assert groups[0]["scaleStrategy"] == {"workersToDelete": ["p-pending", "p-sick"]}
     validate({**rc, "spec": {**rc["spec"], "workerGroupSpecs": groups}})
+
+
+def test_no_shrink_before_the_first_expert_map():
+    spec, rc = _gpu_rc(4)
+    pods = [_pod(f"p{i}", "gpu", f"10.0.0.{i}", f"2026-01-01T00:00:0{i}Z") for i in range(4)]
+    demand = {**_demand(2, []), "epoch": None}
+    assert render.plan_scale(spec, rc, demand, pods).changes == []
+    grow = render.plan_scale(spec, rc, {**_demand(6, []), "epoch": None}, pods)
+    assert [(c.current, c.desired) for c in grow.changes] == [(4, 6)]
+
+
+def test_shrink_removes_only_pods_it_names():
+    """KubeRay picks unnamed pods at random, drained or not: never leave it a choice."""
+    spec, rc = _gpu_rc(4)
+    pods = [_pod("p0", "gpu", "10.0.0.1", "2026-01-01T00:00:00Z")]  # 3 pods not listed yet
+    plan = render.plan_scale(spec, rc, _demand(1, [("w0", "10.0.0.1", True)]), pods)
+    change = plan.pools["gpu"]
+    assert change.remove_pods == ("p0",) and change.desired == 3
+    assert plan.drain_nodes == ["10.0.0.1"]
 
 
 def test_scale_down_never_below_min_and_ties_go_newest_first():

@@ -23,6 +23,7 @@ from elasticmoe import LLM, SamplingParams
 from elasticmoe.model.init_model import init_model
 
 API_KEY = "sk-test-123"
+ADMIN_KEY = "sk-admin-456"
 
 
 def free_port() -> int:
@@ -34,11 +35,14 @@ def free_port() -> int:
 class Server:
     """`elasticmoe serve` as a child process; stopped by its pid."""
 
-    def __init__(self, model: Path, tmp: Path, *args: str) -> None:
+    def __init__(
+        self, model: Path, tmp: Path, *args: str, env: dict[str, str] | None = None
+    ) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tmp / f"serve-{self.port}.log"
-        env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1"}
+        # secrets by environment, as in production (never on the command line)
+        env = {**os.environ, "RAY_ADDRESS": "", "PYTHONUNBUFFERED": "1", **(env or {})}
         env.pop("RAY_ADDRESS")
         self.proc = subprocess.Popen(
             [
@@ -93,10 +97,9 @@ def server(model, tmp_path_factory):
         tmp_path_factory.mktemp("srv"),
         "--workers",
         "2",
-        "--api-key",
-        API_KEY,
         "--name",
         "e2e",
+        env={"ELASTICMOE_API_KEYS": API_KEY, "ELASTICMOE_ADMIN_API_KEYS": ADMIN_KEY},
     )
     yield srv
     srv.stop()
@@ -265,7 +268,7 @@ def test_oversized_and_malformed_bodies(server):
 
 
 def test_admin_api_scales_an_expert(server):
-    headers = {"Authorization": f"Bearer {API_KEY}"}
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
     r = httpx.post(
         f"{server.url}/admin/scale",
         json={"expert": "1:2", "replicas": 2},
@@ -283,11 +286,15 @@ def test_admin_api_scales_an_expert(server):
     )
     assert bad.status_code == 400 and "does not exist" in bad.json()["error"]["message"]
     assert httpx.post(f"{server.url}/admin/scale", json={"expert": "1:2"}).status_code == 401
+    # a key for /v1 is not a key for /admin, nor the other way round
+    inference = {"Authorization": f"Bearer {API_KEY}"}
+    assert httpx.get(f"{server.url}/admin/status", headers=inference).status_code == 401
+    assert httpx.get(f"{server.url}/v1/models", headers=headers).status_code == 401
 
 
 def test_admin_demand_and_drain_refusals(server):
     """The Kubernetes operator's hooks (a successful drain is tested in test_faults)."""
-    headers = {"Authorization": f"Bearer {API_KEY}"}
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
     demand = httpx.get(f"{server.url}/admin/demand", headers=headers, timeout=60).json()
     assert demand["pools"]["default"]["workers"] == 2
     assert demand["pools"]["default"]["desired"] >= 2

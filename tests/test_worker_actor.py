@@ -65,7 +65,25 @@ def forward(address: str, layer: int, expert: int, x: torch.Tensor) -> torch.Ten
         return tensor_from_proto(stub.Forward(request, timeout=30).output)
 
 
-def wait_unavailable(address: str, x: torch.Tensor, timeout: float = 30) -> bool:
+def wait_dead(actor: Any, timeout: float = 300) -> bool:
+    """Whether calls to ``actor`` fail as a dead actor's do, within ``timeout`` seconds.
+
+    ``ray.kill`` only asks the raylet to kill the process: a call made right after
+    it may still run (or time out on a loaded machine), so poll for the condition.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            ray.get(actor.info.remote(), timeout=10)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            return True
+        except ray.exceptions.GetTimeoutError:
+            continue
+        time.sleep(0.1)
+    return False
+
+
+def wait_unavailable(address: str, x: torch.Tensor, timeout: float = 300) -> bool:
     """Whether Forward to ``address`` fails with UNAVAILABLE within ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -108,9 +126,7 @@ def test_two_workers_serve_and_survive_a_kill(actors: list[Any], model_dir: Path
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
     ray.kill(a)
-    # ray.kill only asks the raylet to kill the process; wait until it is gone.
-    with pytest.raises(ray.exceptions.RayActorError):
-        ray.get(a.info.remote(), timeout=30)
+    assert wait_dead(a)
     assert wait_unavailable(addr_a, x)
     want = load_expert_weights(reader, config, LogicalExpert(0, 2), torch.float32)
     torch.testing.assert_close(forward(addr_b, 0, 2, x), want.forward(x))

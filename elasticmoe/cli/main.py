@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -154,8 +155,15 @@ def serve_cmd(
     ] = None,
     host: Annotated[str | None, typer.Option()] = None,
     port: Annotated[int | None, typer.Option()] = None,
-    api_key: Annotated[
-        list[str] | None, typer.Option(help="require this Bearer key (repeatable)")
+    api_keys_file: Annotated[
+        Path | None,
+        typer.Option(help="file of Bearer keys for /v1, one a line (or ELASTICMOE_API_KEYS)"),
+    ] = None,
+    admin_keys_file: Annotated[
+        Path | None,
+        typer.Option(
+            help="file of Bearer keys for /admin, one a line (or ELASTICMOE_ADMIN_API_KEYS)"
+        ),
     ] = None,
     name: Annotated[str | None, typer.Option(help="deployment name")] = None,
 ) -> None:
@@ -173,11 +181,18 @@ def serve_cmd(
         "state_store": state_store,
         "host": host,
         "port": port,
-        "api_keys": api_key,
         "name": name,
     }
+    # Keys never on the command line (Ray shows a driver's argv on its dashboard):
+    # a file, or the environment, which load_serve_config reads.
+    environ = dict(os.environ)
+    for path, env in ((api_keys_file, "ELASTICMOE_API_KEYS"),
+                      (admin_keys_file, "ELASTICMOE_ADMIN_API_KEYS")):  # fmt: skip
+        if path is not None:
+            environ[f"{env}_FILE"] = str(path)
+            environ.pop(env, None)
     try:
-        cfg = load_serve_config(config, overrides)
+        cfg = load_serve_config(config, overrides, environ)
     except (ValidationError, ValueError) as e:
         raise _fail(str(e)) from None
     run_server(cfg)

@@ -52,6 +52,7 @@ class WorkerLaunch:
     num_gpus: float = 0.0
     resources: Mapping[str, float] = field(default_factory=dict)
     num_threads: int | None = None
+    port: int = 0  # every worker's gRPC port; 0: any free one
     fault_injection: bool = False
     start_timeout_s: float = 120.0
 
@@ -164,6 +165,7 @@ class RayCluster:
                 device=launch.device,
                 dtype=launch.dtype,
                 num_threads=launch.num_threads,
+                port=launch.port,
                 fault_injection=launch.fault_injection,
             )
         refs = {

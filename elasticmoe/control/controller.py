@@ -53,7 +53,7 @@ from elasticmoe.core.decide import ObservedState, PolicyState, WorkerState, deci
 from elasticmoe.core.expert_map import ExpertMap
 from elasticmoe.core.experts import LogicalExpert, parse_expert
 from elasticmoe.core.placement import initial_placement
-from elasticmoe.core.policy import load_policy
+from elasticmoe.core.policy import load_policy, policy_from_text
 from elasticmoe.core.protocol import (
     Change,
     ClusterView,
@@ -290,6 +290,7 @@ class Controller:
             num_gpus=c.worker_num_gpus or (1 if c.device == "cuda" else 0),
             resources=resources,
             num_threads=c.worker_threads,
+            port=c.worker_grpc_port,
             fault_injection=c.fault_injection,
             start_timeout_s=c.worker_start_timeout_s,
         )
@@ -874,7 +875,7 @@ class Controller:
     # ------------------------------------------------------------ autoscaling
     def set_policy(self, text: str) -> dict[str, Any]:
         """Validate and apply an autoscaling policy (YAML/JSON text); starts the loop."""
-        policy = load_policy(text)
+        policy = policy_from_text(text)
         pools = [p.name for p in policy.spec.pools]
         if self.config.pool not in pools:
             raise ControllerError(

@@ -41,6 +41,13 @@ class DeploymentConfig(BaseModel):
     worker_num_gpus: float = Field(0.0, ge=0)
     worker_resources: dict[str, float] = Field(default_factory=dict)
     worker_threads: int = Field(1, ge=1)
+    worker_grpc_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="port of every worker's gRPC server (0: any free one); fixed where "
+        "one worker runs per pod, so NetworkPolicies can name it",
+    )
     engine_num_cpus: float = Field(1.0, ge=0)
     engine_num_gpus: float = Field(0.0, ge=0)
     engine_threads: int | None = Field(None, ge=1)

@@ -320,20 +320,8 @@ def _describe(err: Any) -> str:
     return f"{path}: {msg}"
 
 
-def _read(path_or_text: str | Path) -> tuple[str, str]:
-    """(source name, text): a Path or an existing file name is read, else it is the text."""
-    if isinstance(path_or_text, Path):
-        path = path_or_text
-    elif "\n" not in path_or_text and (
-        path_or_text.endswith((".yaml", ".yml", ".json")) or Path(path_or_text).is_file()
-    ):
-        path = Path(path_or_text)
-    else:
-        return "<policy>", path_or_text
-    try:
-        return str(path), path.read_text()
-    except OSError as e:
-        raise PolicyError(str(path), [f"cannot read the file: {e.strerror or e}"]) from None
+# A policy document is a few KB; anything far larger is a mistake or an attack.
+MAX_POLICY_BYTES = 64 * 1024
 
 
 def parse_policy(data: Any, source: str = "<policy>") -> Policy:
@@ -350,14 +338,31 @@ def parse_policy(data: Any, source: str = "<policy>") -> Policy:
         raise PolicyError(source, [_describe(err) for err in e.errors()]) from None
 
 
-def load_policy(path_or_text: str | Path) -> Policy:
-    """Load and validate a policy from a YAML file path or from YAML text.
+def load_policy(path: str | Path) -> Policy:
+    """Load and validate a policy from a YAML (or JSON) file.
 
     Raises :class:`PolicyError` listing every problem by dotted field path
     (``spec.experts.max_replicas: must be >= min_replicas (2), got 1``); a
     YAML syntax error names its line and column.
     """
-    source, text = _read(path_or_text)
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if size > MAX_POLICY_BYTES:
+            raise PolicyError(str(path), [f"the file is {size} bytes; at most {MAX_POLICY_BYTES}"])
+        text = path.read_text()
+    except OSError as e:
+        raise PolicyError(str(path), [f"cannot read the file: {e.strerror or e}"]) from None
+    return policy_from_text(text, str(path))
+
+
+def policy_from_text(text: str, source: str = "<policy>") -> Policy:
+    """Validate a policy given as YAML or JSON text (what the admin API and the operator
+    receive). Text is only ever parsed, never taken for a file name."""
+    if len(text.encode()) > MAX_POLICY_BYTES:
+        raise PolicyError(
+            source, [f"the policy is {len(text.encode())} bytes; at most {MAX_POLICY_BYTES}"]
+        )
     try:
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as e:

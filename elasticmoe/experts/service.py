@@ -73,6 +73,10 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+# RPCs one worker runs at once; more get RESOURCE_EXHAUSTED (the router retries them on
+# another replica) instead of queueing without bound. Engines x in-flight layers stays
+# far below this.
+MAX_CONCURRENT_RPCS = 256
 CHUNK_BYTES = 1 << 20  # FetchExpert payload per message
 WEIGHT_NAMES = ("gate_up", "down")
 SERVICE_NAME = "elasticmoe.v1.ExpertService"
@@ -847,7 +851,11 @@ async def serve(
     started server and the bound port; stop it with ``await server.stop(grace)``
     (and ``servicer.close()`` if you passed one).
     """
-    server = grpc.aio.server(options=GRPC_OPTIONS, interceptors=list(interceptors))
+    server = grpc.aio.server(
+        options=GRPC_OPTIONS,
+        interceptors=list(interceptors),
+        maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
+    )
     add_servicer_to_server(servicer or ExpertServicer(store), server)
     address = format_address(host, port)
     bound = server.add_insecure_port(address)

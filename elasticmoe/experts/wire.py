@@ -53,6 +53,13 @@ warnings.filterwarnings(
 )
 
 
+# No tensor of the protocol has more dimensions than this; a shape vector is checked
+# against it before any arithmetic on it (a 60,000-entry shape must cost nothing).
+MAX_DIMS = 8
+# No single tensor is larger than a gRPC message may be.
+MAX_ELEMENTS = 1 << 31
+
+
 class WireError(ValueError):
     """A wire message does not describe a valid tensor (or not the expected one)."""
 
@@ -143,9 +150,13 @@ def tensor_from_proto(
     dtype = dtype_from_name_for(msg.dtype, what)
     if expected_dtype is not None and dtype != expected_dtype:
         raise WireError(f"{what}.dtype is {msg.dtype!r}, expected {dtype_name(expected_dtype)!r}")
+    if len(msg.shape) > MAX_DIMS:
+        raise WireError(f"{what}.shape has {len(msg.shape)} dimensions; at most {MAX_DIMS}")
     shape = tuple(msg.shape)
     if any(d < 0 for d in shape):
         raise WireError(f"{what}.shape {list(shape)} has a negative dimension")
+    if any(d > MAX_ELEMENTS for d in shape) or math.prod(shape) > MAX_ELEMENTS:
+        raise WireError(f"{what}.shape {list(shape)} has more than {MAX_ELEMENTS} elements")
     if expected_shape_suffix is not None:
         suffix = tuple(expected_shape_suffix)
         if len(shape) < len(suffix) or (suffix and shape[-len(suffix) :] != suffix):

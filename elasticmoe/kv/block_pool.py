@@ -9,11 +9,17 @@ freed block is evicted first.
 
 from __future__ import annotations
 
+import hashlib
+from array import array
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-BlockHash = int
+# sha256 digest of a block's tokens chained from its parent's: collision-resistant, so
+# no crafted prompt can share (and read) another request's cached blocks, which
+# Python's hash() of a tuple allowed (vLLM moved the same way after CVE-2025-25183).
+BlockHash = bytes
+_ROOT = b"\x00" * 32
 
 
 def hash_block_tokens(
@@ -21,7 +27,11 @@ def hash_block_tokens(
 ) -> BlockHash:
     """Hash of a full block, chained from its parent so equal blocks at different
     prefixes never collide."""
-    return hash((parent_hash, tuple(token_ids), extra_keys))
+    h = hashlib.sha256(parent_hash or _ROOT)
+    h.update(array("q", token_ids).tobytes())
+    if extra_keys:
+        h.update(repr(extra_keys).encode())
+    return h.digest()
 
 
 def hash_request_tokens(

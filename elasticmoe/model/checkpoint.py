@@ -38,7 +38,22 @@ class CheckpointReader:
                 weight_map = json.loads(index_path.read_text())["weight_map"]
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 raise CheckpointError(f"{index_path}: not a valid safetensors index ({e})") from e
-            files = {name: self.model_dir / fname for name, fname in weight_map.items()}
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(f, str) for f in weight_map.values()
+            ):
+                raise CheckpointError(f"{index_path}: weight_map must map tensor names to files")
+            root = self.model_dir.resolve()
+            files = {}
+            for name, fname in weight_map.items():
+                path = (self.model_dir / fname).resolve()
+                # A shard is a file of this directory: an index naming ../x or /etc/x
+                # must not make the engine read outside the checkpoint.
+                if path.parent != root or not fname.endswith(".safetensors"):
+                    raise CheckpointError(
+                        f"{index_path}: weight_map[{name!r}] = {fname!r} is not a "
+                        f".safetensors file in {self.model_dir}"
+                    )
+                files[name] = path
             for path in set(files.values()):
                 if not path.is_file():
                     raise CheckpointError(f"{index_path}: lists {path.name}, which does not exist")

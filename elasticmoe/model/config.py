@@ -119,6 +119,8 @@ def parse_config(cfg: dict[str, Any], path: Path | str = "config.json") -> MoEMo
     hidden = int(_require(cfg, "hidden_size", path))
     num_heads = int(_require(cfg, "num_attention_heads", path))
     num_layers = int(_require(cfg, "num_hidden_layers", path))
+    if num_heads < 1:
+        raise ConfigError(f"{path}: num_attention_heads={num_heads} must be >= 1")
     num_kv_heads = int(cfg.get("num_key_value_heads") or num_heads)
     head_dim = int(cfg.get("head_dim") or hidden // num_heads)
     num_experts = int(_first(cfg, ("num_local_experts", "num_experts"), path))
@@ -163,7 +165,7 @@ def parse_config(cfg: dict[str, Any], path: Path | str = "config.json") -> MoEMo
     if len(moe_layers) < num_layers and intermediate <= 0:
         raise ConfigError(f"{path}: intermediate_size is needed for the dense MLP layers")
 
-    return MoEModelConfig(
+    config = MoEModelConfig(
         model_type=model_type,
         vocab_size=int(_require(cfg, "vocab_size", path)),
         hidden_size=hidden,
@@ -190,6 +192,60 @@ def parse_config(cfg: dict[str, Any], path: Path | str = "config.json") -> MoEMo
         eos_token_ids=_as_tuple(cfg.get("eos_token_id")),
         raw=cfg,
     )
+    check_ranges(config, path)
+    return config
+
+
+# field -> (lowest allowed, highest allowed); None: unbounded on that side
+_INT_RANGES: dict[str, tuple[int, int | None]] = {
+    "vocab_size": (1, 1 << 24),
+    "hidden_size": (1, 1 << 17),
+    "num_layers": (1, 1024),
+    "num_heads": (1, 1024),
+    "num_kv_heads": (1, 1024),
+    "head_dim": (2, 4096),
+    "max_position_embeddings": (1, 1 << 24),
+    "num_experts": (1, 4096),
+    "expert_intermediate_size": (1, 1 << 18),
+    "intermediate_size": (0, 1 << 18),
+    "shared_expert_intermediate_size": (0, 1 << 18),
+}
+# The Hugging Face names of the fields, for the error message.
+_HF_NAME = {
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "num_experts": "num_local_experts / num_experts",
+    "top_k": "num_experts_per_tok",
+    "expert_intermediate_size": "moe_intermediate_size / intermediate_size",
+}
+
+
+def check_ranges(c: MoEModelConfig, path: Path | str = "config.json") -> None:
+    """Every number in range: positive sizes and head counts, finite positive floats,
+    token ids inside the vocabulary. A bad checkpoint fails at load, naming the field,
+    instead of allocating absurd tensors or dividing by zero later."""
+    import math
+
+    for name, (low, high) in _INT_RANGES.items():
+        value = getattr(c, name)
+        if not low <= value <= (high if high is not None else value):
+            bound = f"{low}..{high}" if high is not None else f">= {low}"
+            raise ConfigError(f"{path}: {_HF_NAME.get(name, name)}={value} must be in {bound}")
+    for name in ("rms_norm_eps", "rope_theta"):
+        value = getattr(c, name)
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{path}: {name}={value} must be a finite number > 0")
+    if c.clip_qkv is not None and not (math.isfinite(c.clip_qkv) and c.clip_qkv > 0):
+        raise ConfigError(f"{path}: clip_qkv={c.clip_qkv} must be a finite number > 0")
+    if c.sliding_window is not None and c.sliding_window < 1:
+        raise ConfigError(f"{path}: sliding_window={c.sliding_window} must be >= 1")
+    for name, ids in (("bos_token_id", (c.bos_token_id,)), ("eos_token_id", c.eos_token_ids)):
+        bad = [t for t in ids if t is not None and not 0 <= int(t) < c.vocab_size]
+        if bad:
+            raise ConfigError(
+                f"{path}: {name}={bad} is outside the vocabulary 0..{c.vocab_size - 1}"
+            )
 
 
 def load_config(model_dir: Path | str) -> MoEModelConfig:

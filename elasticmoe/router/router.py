@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 import grpc
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from elasticmoe._proto.elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 from elasticmoe.core.expert_map import ExpertMap
@@ -36,19 +37,27 @@ class ExpertUnavailableError(RuntimeError):
     """An expert had no live replica for longer than the configured wait."""
 
 
-@dataclass
-class RouterConfig:
-    """Timeouts and thresholds of the router."""
+class RouterConfig(BaseModel):
+    """Timeouts and thresholds of the router (``router.*`` of a serve config; unknown
+    keys and out-of-range values are errors naming the field)."""
 
-    rpc_timeout_s: float = 30.0
-    # how long a step waits for an expert with no live replica to come back
-    expert_wait_timeout_s: float = 30.0
-    # a down worker is probed again (Health) after this long
-    probe_down_after_s: float = 2.0
-    min_split_rows: int = 16
-    # a worker whose call latency exceeds this multiple of the median is
-    # treated as slow: its replicas get proportionally fewer rows
-    slow_worker_factor: float = 3.0
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rpc_timeout_s: float = Field(30.0, gt=0, le=3600)
+    expert_wait_timeout_s: float = Field(
+        30.0, ge=0, le=3600, description="how long a step waits for an expert with no live replica"
+    )
+    probe_down_after_s: float = Field(
+        2.0, gt=0, le=3600, description="a down worker is probed again (Health) after this long"
+    )
+    min_split_rows: int = Field(16, ge=1)
+    slow_worker_factor: float = Field(
+        3.0,
+        gt=1,
+        le=1000,
+        description="a worker whose call latency exceeds this multiple of the median is slow: "
+        "its replicas get proportionally fewer rows",
+    )
 
 
 @dataclass

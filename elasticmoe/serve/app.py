@@ -9,6 +9,7 @@ into the OpenAI error shape with the right status code.
 
 import asyncio
 import contextlib
+import hmac
 import itertools
 import json
 import logging
@@ -56,6 +57,7 @@ class ServeSettings(BaseModel):
     engine_names: list[str]
     controller_name: str | None = None
     api_keys: list[str] = Field(default_factory=list)
+    admin_api_keys: list[str] = Field(default_factory=list)
     max_in_flight: int = Field(256, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     max_model_len: int | None = None
@@ -86,18 +88,32 @@ app = FastAPI(
 )
 
 
+def key_matches(header: str, keys: list[str]) -> bool:
+    """Whether ``Authorization: Bearer <key>`` holds one of ``keys``, compared in constant
+    time (every key is compared, so the time says nothing about which one was close)."""
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not given:
+        return False
+    given_bytes = given.encode()
+    found = False
+    for key in keys:
+        found |= hmac.compare_digest(given_bytes, key.encode())
+    return found
+
+
 @app.middleware("http")
 async def _guard(request: Request, call_next):
     """Auth and body-size limits before any body is parsed (so bad input costs nothing)."""
     settings: ServeSettings | None = getattr(request.app.state, "settings", None)
     path = request.url.path
     if settings is not None and (path.startswith("/v1") or path.startswith("/admin")):
-        keys = settings.api_keys
-        header = request.headers.get("authorization", "")
-        if keys and (not header.startswith("Bearer ") or header[7:] not in keys):
+        admin = path.startswith("/admin")
+        keys = settings.admin_api_keys if admin else settings.api_keys
+        if keys and not key_matches(request.headers.get("authorization", ""), keys):
+            what = "admin API key" if admin else "API key"
             return _error(
                 401,
-                "invalid or missing API key (Authorization: Bearer <key>)",
+                f"invalid or missing {what} (Authorization: Bearer <key>)",
                 "authentication_error",
             )
         length = request.headers.get("content-length")
@@ -733,10 +749,10 @@ class OpenAIServer:
     @app.put("/admin/policy")
     async def admin_policy(self, body: PolicyRequest) -> JSONResponse:
         """Validate and apply an autoscaling policy."""
-        from elasticmoe.core.policy import PolicyError, load_policy
+        from elasticmoe.core.policy import PolicyError, policy_from_text
 
         try:
-            load_policy(body.policy)
+            policy_from_text(body.policy)
         except PolicyError as e:
             raise APIError(400, str(e), param="policy") from None
         return await self._admin("set_policy", body.policy)

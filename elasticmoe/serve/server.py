@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import signal
 import threading
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import yaml
-from pydantic import Field
+from pydantic import Field, ValidationError, field_validator, model_validator
 from rich.console import Console
 
 from elasticmoe.control.cluster import CONTROLLER_NAME, ENGINE_PREFIX
@@ -28,14 +32,138 @@ class ServeConfig(DeploymentConfig):
     served_model_name: str | None = Field(None, description="name clients use (default: model)")
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
-    api_keys: list[str] = Field(default_factory=list)
+    api_keys: list[str] = Field(
+        default_factory=list,
+        description="Bearer keys for /v1 (none: /v1 is open); better given by "
+        "ELASTICMOE_API_KEYS or ELASTICMOE_API_KEYS_FILE than in a file others read",
+    )
+    admin_api_keys: list[str] = Field(
+        default_factory=list,
+        description="Bearer keys for /admin, separate from api_keys "
+        "(ELASTICMOE_ADMIN_API_KEYS or ELASTICMOE_ADMIN_API_KEYS_FILE)",
+    )
+    allow_open_admin: bool = Field(
+        False,
+        description="serve /admin without admin_api_keys on a non-loopback host "
+        "(anyone who reaches the port can then reconfigure the deployment)",
+    )
     max_in_flight: int = Field(256, ge=1)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     shutdown_timeout_s: float = Field(30.0, ge=0)
 
+    @field_validator("api_keys", "admin_api_keys")
+    @classmethod
+    def _keys_are_plain(cls, keys: list[str]) -> list[str]:
+        for i, key in enumerate(keys):
+            if not key or key != key.strip():
+                raise ValueError(
+                    f"key {i} is empty or has leading/trailing whitespace; "
+                    "a padded key would never match what clients send"
+                )
+            if len(key) < 8:
+                raise ValueError(f"key {i} is {len(key)} characters; use at least 8")
+        return keys
 
-def load_serve_config(path: str | Path | None, overrides: dict[str, Any]) -> ServeConfig:
-    """Read a YAML config (optional) and apply CLI overrides; errors name the field."""
+    @model_validator(mode="after")
+    def _check_engine_and_router(self) -> ServeConfig:
+        # Typed at load, so a typo in engine.* or router.* fails here, naming the key,
+        # not later inside an engine actor.
+        from elasticmoe.engine.config import EngineConfig
+        from elasticmoe.router.router import RouterConfig
+
+        for section, model, extra in (
+            ("engine", EngineConfig, {"model": self.model}),
+            ("router", RouterConfig, {}),
+        ):
+            values = getattr(self, section)
+            if section == "engine" and "model" in values:
+                raise ValueError("engine.model: set the model at the top level, not under engine")
+            try:
+                model.model_validate({**extra, **values})
+            except ValidationError as e:
+                errors = "; ".join(
+                    f"{section}.{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"
+                    for err in e.errors()
+                )
+                raise ValueError(errors) from None
+        return self
+
+    @model_validator(mode="after")
+    def _admin_is_not_open_to_the_network(self) -> ServeConfig:
+        if not self.admin_api_keys and not self.allow_open_admin and not is_loopback(self.host):
+            raise ValueError(
+                f"host={self.host!r} is reachable from other machines and admin_api_keys is "
+                "empty: anyone could reconfigure the deployment through /admin. Set "
+                "ELASTICMOE_ADMIN_API_KEYS (or admin_api_keys), or allow_open_admin: true"
+            )
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` only accepts connections from this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+# setting -> environment variable; NAME_FILE names a file holding the value instead
+SECRET_ENV = {"api_keys": "ELASTICMOE_API_KEYS", "admin_api_keys": "ELASTICMOE_ADMIN_API_KEYS"}
+REDIS_PASSWORD_ENV = "ELASTICMOE_REDIS_PASSWORD"
+
+
+def _secret_from_env(name: str, environ: Mapping[str, str]) -> str | None:
+    """``$NAME``, else the contents of the file ``$NAME_FILE`` (a Kubernetes Secret
+    volume), else None. A trailing newline of the file is not part of the secret."""
+    if name in environ:
+        return environ[name]
+    path = environ.get(f"{name}_FILE")
+    if not path:
+        return None
+    try:
+        return Path(path).read_text().removesuffix("\n")
+    except OSError as e:
+        raise ValueError(f"{name}_FILE={path}: cannot read the file: {e.strerror or e}") from None
+
+
+def _with_password(url: str, password: str) -> str:
+    """``url`` with ``password`` percent-encoded into it (``@``, ``:``, ``/`` and the like
+    are safe), unless the URL already carries one."""
+    parts = urlsplit(url)
+    if parts.scheme not in ("redis", "rediss") or parts.password is not None:
+        return url
+    user = quote(parts.username or "", safe="")
+    netloc = f"{user}:{quote(password, safe='')}@{parts.hostname}"
+    if parts.port:
+        netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+
+
+def secrets_from_env(data: dict[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """Settings with the keys and the Redis password the environment holds: secrets
+    reach ``elasticmoe serve`` by environment or file, never by command line (Ray shows
+    a driver's argv on its dashboard)."""
+    data = dict(data)
+    for setting, env in SECRET_ENV.items():
+        value = _secret_from_env(env, environ)
+        if value is not None:
+            given = [k for k in value.replace("\n", ",").split(",") if k != ""]
+            data[setting] = [*data.get(setting, []), *given]
+    password = _secret_from_env(REDIS_PASSWORD_ENV, environ)
+    if password is not None and data.get("state_store"):
+        data["state_store"] = _with_password(data["state_store"], password)
+    return data
+
+
+def load_serve_config(
+    path: str | Path | None,
+    overrides: dict[str, Any],
+    environ: Mapping[str, str] | None = None,
+) -> ServeConfig:
+    """Read a YAML config (optional), apply CLI overrides and the secrets of the
+    environment (:func:`secrets_from_env`); errors name the field."""
     data: dict[str, Any] = {}
     if path is not None:
         try:
@@ -46,7 +174,7 @@ def load_serve_config(path: str | Path | None, overrides: dict[str, Any]) -> Ser
             raise ValueError(f"{path}: expected a mapping of settings")
         data.update(loaded)
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return ServeConfig(**data)
+    return ServeConfig(**secrets_from_env(data, os.environ if environ is None else environ))
 
 
 def run_server(config: ServeConfig, stop: threading.Event | None = None) -> None:
@@ -79,6 +207,7 @@ def run_server(config: ServeConfig, stop: threading.Event | None = None) -> None
                     f"{CONTROLLER_NAME}-{config.name}" if config.mode == "distributed" else None
                 ),
                 api_keys=config.api_keys,
+                admin_api_keys=config.admin_api_keys,
                 max_in_flight=config.max_in_flight,
                 max_body_bytes=config.max_body_bytes,
                 max_model_len=config.engine.get("max_model_len"),

@@ -98,6 +98,14 @@ def _resources(description: str) -> Schema:
     )
 
 
+def _shared_memory(what: str) -> Schema:
+    return _str(
+        f"Size of /dev/shm of {what} (memory-backed; Ray's object store takes 80% of it).",
+        pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$",
+        default="2Gi",
+    )
+
+
 def _secret_key_ref(description: str) -> Schema:
     return _obj(
         {
@@ -157,6 +165,7 @@ def spec_schema() -> Schema:
                 "Extra requests/limits of a worker pod (cpu, memory); the accelerator "
                 "is added from accelerator and devicesPerWorker."
             ),
+            "sharedMemory": _shared_memory("a worker pod"),
         },
         required=["name", "accelerator", "maxWorkers"],
     )
@@ -235,7 +244,11 @@ def spec_schema() -> Schema:
             "port": _int("HTTP port (OpenAI API, /admin, /metrics).", minimum=1, maximum=65535),
             "maxInFlight": _int("Concurrent requests before 429.", minimum=1),
             "apiKeySecret": _secret_key_ref(
-                "Secret key holding the Bearer API key clients (and the operator) send."
+                "Secret key holding the Bearer API key clients send to /v1 (none: /v1 is open)."
+            ),
+            "adminKeySecret": _secret_key_ref(
+                "Secret key holding the admin API key (/admin; the operator sends it). "
+                "Default: the admin-api-key of the Secret NAME-auth the operator creates."
             ),
             "replicasPerExpert": _int("Initial replicas of every expert.", minimum=1),
             "slotsPerWorker": _int("Expert slots of one worker.", minimum=1),
@@ -247,6 +260,7 @@ def spec_schema() -> Schema:
     head = _obj(
         {
             "resources": _resources("Requests/limits of the head pod (controller, engines)."),
+            "sharedMemory": _shared_memory("the head pod"),
             "nodeSelector": _NODE_SELECTOR,
             "tolerations": _TOLERATIONS,
         },

@@ -127,10 +127,9 @@ async def _check_dependencies(ctx: OperatorContext, namespace: str, spec: Obj) -
                 f"(its keys: {', '.join(sorted(cm.get('data', {}))) or 'none'})",
             )
         check_policy(cm["data"][key], spec, "spec.autoscaling.policyConfigMap")
-    if "apiKeySecret" in spec.get("serve", {}):
-        await _secret_value(
-            ctx, namespace, spec["serve"]["apiKeySecret"], "spec.serve.apiKeySecret"
-        )
+    for field_ in ("apiKeySecret", "adminKeySecret"):
+        if field_ in spec.get("serve", {}):
+            await _secret_value(ctx, namespace, spec["serve"][field_], f"spec.serve.{field_}")
     store = spec.get("stateStore", {})
     if store.get("type") == "redis" and "passwordSecret" in store["redis"]:
         await _secret_value(
@@ -156,6 +155,20 @@ async def _validated(ctx: OperatorContext, body: Obj) -> Obj:
     return spec
 
 
+async def _ensure_auth_secret(ctx: OperatorContext, name: str, namespace: str, owner: Obj) -> None:
+    """Create the deployment's auth Secret once; an existing one is never rewritten
+    (running pods hold its token)."""
+    import secrets
+
+    if await ctx.kube.get(SECRETS, namespace, render.auth_secret_name(name)) is None:
+        await ctx.kube.create(
+            SECRETS,
+            render.render_auth_secret(
+                name, owner, secrets.token_urlsafe(32), secrets.token_urlsafe(32)
+            ),
+        )
+
+
 async def _apply(ctx: OperatorContext, res: tuple[str, str], desired: Obj) -> Obj:
     """Create ``desired`` or merge-patch the existing object's labels and content."""
     meta = desired["metadata"]
@@ -176,6 +189,7 @@ async def reconcile(body: Obj, ctx: OperatorContext, logger: logging.Logger = lo
     spec = await _validated(ctx, body)
     rc = await ctx.kube.get(RAY_CLUSTERS, namespace, render.raycluster_name(name))
     replicas = render.group_replicas(rc) if rc else None
+    await _ensure_auth_secret(ctx, name, namespace, body)
     config_map, desired_rc = render.render_children(name, spec, body, replicas)
     if rc is not None:
         # Keep a shrink KubeRay has not finished yet (pods named for deletion).
@@ -229,17 +243,14 @@ async def scale(body: Obj, ctx: OperatorContext, logger: logging.Logger = log) -
     rc = await ctx.kube.get(RAY_CLUSTERS, namespace, render.raycluster_name(name))
     if rc is None:
         raise kopf.TemporaryError("RayCluster not created yet", delay=ctx.config.retry_delay_s)
-    api_key = None
-    if "apiKeySecret" in spec.get("serve", {}):
-        api_key = await _secret_value(
-            ctx, namespace, spec["serve"]["apiKeySecret"], "spec.serve.apiKeySecret"
-        )
+    ref = render.admin_key_ref(name, spec)
+    admin_key = await _secret_value(ctx, namespace, ref, "the admin API key")
     pods = await ctx.kube.list(PODS, namespace, {render.RAY_LABEL_CLUSTER: rc["metadata"]["name"]})
     pods = [p for p in pods if render.RAY_LABEL_GROUP in p["metadata"].get("labels", {})]
     now = ctx.now()
     rc_ready = rc.get("status", {}).get("state") == "ready"
 
-    admin = ctx.admin_factory(ctx.admin_url(name, namespace, spec), api_key, ctx.config)
+    admin = ctx.admin_factory(ctx.admin_url(name, namespace, spec), admin_key, ctx.config)
     try:
         try:
             demand = await admin.demand()

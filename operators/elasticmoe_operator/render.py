@@ -54,6 +54,19 @@ RAY_PORTS: dict[str, int] = {
     "max-worker-port": 10999,
 }
 GCS_PORT = 6379
+# Every expert worker's gRPC server listens on this port (one worker per pod), so the
+# NetworkPolicies can name it: engines and peer workers (weight copies) reach it.
+# Keep in sync with helm values networkPolicy.expertGrpcPort (a test checks).
+EXPERT_GRPC_PORT = 50051
+# Pods run as this non-root user (Pod Security "restricted").
+RUN_AS_USER = 1000
+# /dev/shm (Ray's object store) when the pool or head does not say.
+DEFAULT_SHARED_MEMORY = "2Gi"
+# The Secret the operator creates per deployment (never overwritten): the token that
+# authenticates Ray and elasticmoe's gRPC between the pods, and the admin API key
+# (unless spec.serve.adminKeySecret names another).
+AUTH_TOKEN_KEY = "cluster-token"
+AUTH_ADMIN_KEY = "admin-api-key"
 
 ACCELERATOR_TO_DEVICE = {"nvidia.com/gpu": "cuda", "huawei.com/Ascend910": "npu", "cpu": "cpu"}
 # The Ray resource a pool's accelerator becomes. KubeRay maps nvidia.com/gpu limits
@@ -72,6 +85,19 @@ def raycluster_name(name: str) -> str:
 def config_map_name(name: str) -> str:
     """The ConfigMap holding the rendered ``serve.yaml`` (and an inline policy)."""
     return f"{name}-serve-config"
+
+
+def auth_secret_name(name: str) -> str:
+    """The operator-created Secret with the cluster token and the admin API key."""
+    return f"{name}-auth"
+
+
+def admin_key_ref(name: str, spec: Obj) -> Obj:
+    """Where the admin API key is: ``spec.serve.adminKeySecret``, else the auth Secret."""
+    return spec.get("serve", {}).get("adminKeySecret") or {
+        "name": auth_secret_name(name),
+        "key": AUTH_ADMIN_KEY,
+    }
 
 
 def head_service_name(name: str) -> str:
@@ -137,6 +163,9 @@ def ray_start_params(pool: Obj) -> dict[str, str]:
     """``rayStartParams`` of a pool's worker group (all values are strings in KubeRay)."""
     n = int(pool["devicesPerWorker"])
     params = {k: str(v) for k, v in RAY_PORTS.items()}
+    params["object-store-memory"] = str(
+        object_store_bytes(pool.get("sharedMemory", DEFAULT_SHARED_MEMORY))
+    )
     if pool["accelerator"] == "nvidia.com/gpu":
         params["num-gpus"] = str(n)
     elif pool["accelerator"] == "huawei.com/Ascend910":
@@ -161,10 +190,35 @@ def container_resources(pool: Obj) -> Obj:
         limits[pool["accelerator"]] = n
         requests.setdefault("cpu", "2")
     requests.setdefault("memory", "8Gi")
-    out: Obj = {"requests": requests}
-    if limits:
-        out["limits"] = limits
-    return out
+    return _with_limits({"requests": requests, "limits": limits})
+
+
+def _with_limits(resources: Obj) -> Obj:
+    """A memory limit (the request, unless given): a runaway pod is killed, not its node."""
+    limits = resources.setdefault("limits", {})
+    limits.setdefault("memory", resources["requests"]["memory"])
+    return resources
+
+
+_QUANTITY_UNITS = {
+    "": 1, "k": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+    "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40,
+}  # fmt: skip
+
+
+def quantity_bytes(quantity: str) -> int:
+    """Bytes of a Kubernetes memory quantity such as ``2Gi`` or ``500M``."""
+    import re
+
+    m = re.fullmatch(r"([0-9]+(?:\.[0-9]+)?)(|k|M|G|T|Ki|Mi|Gi|Ti)", str(quantity))
+    if m is None:
+        raise ValueError(f"{quantity!r} is not a memory quantity such as 2Gi or 512Mi")
+    return int(float(m.group(1)) * _QUANTITY_UNITS[m.group(2)])
+
+
+def object_store_bytes(shared_memory: str) -> int:
+    """Ray's object store in a pod: 80% of its /dev/shm, leaving room for the rest."""
+    return quantity_bytes(shared_memory) * 4 // 5
 
 
 # ------------------------------------------------------------ serve config
@@ -245,6 +299,7 @@ def render_serve_config(name: str, spec: Obj) -> Obj:
         "policy": policy_path(spec),
         "host": "0.0.0.0",
         "port": serve_port(spec),
+        "worker_grpc_port": EXPERT_GRPC_PORT,
     }
     if spec["model"].get("name"):
         cfg["served_model_name"] = spec["model"]["name"]
@@ -282,10 +337,10 @@ def _secret_env(env_name: str, ref: Obj) -> Obj:
     }
 
 
-def _common_volumes(spec: Obj) -> tuple[list[Obj], list[Obj]]:
+def _common_volumes(spec: Obj, shared_memory: str) -> tuple[list[Obj], list[Obj]]:
     volumes: list[Obj] = [
         {"name": "tmp", "emptyDir": {}},
-        {"name": "dshm", "emptyDir": {"medium": "Memory"}},
+        {"name": "dshm", "emptyDir": {"medium": "Memory", "sizeLimit": shared_memory}},
     ]
     mounts: list[Obj] = [
         {"name": "tmp", "mountPath": "/tmp"},
@@ -304,11 +359,48 @@ def _common_volumes(spec: Obj) -> tuple[list[Obj], list[Obj]]:
 
 
 def _container_security() -> Obj:
-    return {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}}
+    # The root filesystem stays read-only: Ray and elasticmoe write under /tmp (an
+    # emptyDir) only; HOME points there.
+    return {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "runAsNonRoot": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+
+
+def _pod_security() -> Obj:
+    """Pod Security "restricted": non-root, the runtime's default seccomp profile."""
+    return {
+        "runAsNonRoot": True,
+        "runAsUser": RUN_AS_USER,
+        "runAsGroup": RUN_AS_USER,
+        "fsGroup": RUN_AS_USER,
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+
+
+def _common_env(name: str) -> list[Obj]:
+    """Every pod: its home on the writable /tmp, and the deployment's cluster token,
+    which Ray's token authentication and elasticmoe's gRPC between pods both check."""
+    token = {"name": auth_secret_name(name), "key": AUTH_TOKEN_KEY}
+    return [
+        {"name": "HOME", "value": HOME_DIR},
+        {"name": "ELASTICMOE_HOME", "value": HOME_DIR},
+        {"name": "RAY_AUTH_MODE", "value": "token"},
+        _secret_env("RAY_AUTH_TOKEN", token),
+        _secret_env("ELASTICMOE_GRPC_TOKEN", token),
+    ]
 
 
 def _pod_spec(spec: Obj, container: Obj, volumes: list[Obj], placement: Obj) -> Obj:
-    pod: Obj = {"containers": [container], "volumes": volumes}
+    pod: Obj = {
+        "containers": [container],
+        "volumes": volumes,
+        "securityContext": _pod_security(),
+        # Nothing in a Ray pod talks to the Kubernetes API.
+        "automountServiceAccountToken": False,
+    }
     if placement.get("nodeSelector"):
         pod["nodeSelector"] = dict(placement["nodeSelector"])
     if placement.get("tolerations"):
@@ -322,42 +414,43 @@ def head_command(spec: Obj) -> str:
     The RayCluster sets ``ray.io/overwrite-container-cmd``, so KubeRay leaves the
     command alone and hands its generated ``ray start`` in
     ``$KUBERAY_GEN_RAY_START_CMD``; ``--block`` is dropped so ``serve`` runs next.
+    No secret is on it: ``elasticmoe serve`` reads the API keys and the Redis
+    password from the environment (Ray records a driver's argv for its dashboard).
     """
     cmd = f"elasticmoe serve --config {CONFIG_DIR}/{SERVE_CONFIG_FILE}"
-    if "apiKeySecret" in spec.get("serve", {}):
-        cmd += ' --api-key "$ELASTICMOE_API_KEY"'
-    store = spec.get("stateStore", {})
-    if store.get("type") == "redis" and "passwordSecret" in store["redis"]:
-        redis = store["redis"]
-        cmd += (
-            f' --state-store "redis://:${{ELASTICMOE_REDIS_PASSWORD}}@{redis["address"]}'
-            f'/{redis.get("db", 0)}"'
-        )
     return f"ulimit -n 65536; ${{KUBERAY_GEN_RAY_START_CMD/--block/}} && exec {cmd}"
 
 
 def render_head_group(name: str, spec: Obj) -> Obj:
     """``headGroupSpec``: Ray head + controller + engines + HTTP front."""
-    volumes, mounts = _common_volumes(spec)
+    head = spec.get("head", {})
+    shared_memory = head.get("sharedMemory", DEFAULT_SHARED_MEMORY)
+    volumes, mounts = _common_volumes(spec, shared_memory)
     volumes.append({"name": "config", "configMap": {"name": config_map_name(name)}})
     mounts.append({"name": "config", "mountPath": CONFIG_DIR, "readOnly": True})
     auto = spec.get("autoscaling", {})
     if "policyConfigMap" in auto:
         volumes.append({"name": "policy", "configMap": {"name": auto["policyConfigMap"]["name"]}})
         mounts.append({"name": "policy", "mountPath": POLICY_DIR, "readOnly": True})
-    env: list[Obj] = [{"name": "ELASTICMOE_HOME", "value": HOME_DIR}]
+    env = _common_env(name)
+    env.append(_secret_env("ELASTICMOE_ADMIN_API_KEYS", admin_key_ref(name, spec)))
     if "apiKeySecret" in spec.get("serve", {}):
-        env.append(_secret_env("ELASTICMOE_API_KEY", spec["serve"]["apiKeySecret"]))
+        env.append(_secret_env("ELASTICMOE_API_KEYS", spec["serve"]["apiKeySecret"]))
     store = spec.get("stateStore", {})
     if store.get("type") == "redis" and "passwordSecret" in store["redis"]:
         env.append(_secret_env("ELASTICMOE_REDIS_PASSWORD", store["redis"]["passwordSecret"]))
 
-    head = spec.get("head", {})
     resources = {k: dict(v) for k, v in head.get("resources", {}).items()}
     resources.setdefault("requests", {}).setdefault("cpu", "4")
     resources["requests"].setdefault("memory", "16Gi")
+    resources = _with_limits(resources)
     engines = spec.get("engines", {})
-    params = {"dashboard-host": "0.0.0.0", **{k: str(v) for k, v in RAY_PORTS.items()}}
+    # Ray's dashboard (job submission included) answers inside the pod only.
+    params = {
+        "dashboard-host": "127.0.0.1",
+        "object-store-memory": str(object_store_bytes(shared_memory)),
+        **{k: str(v) for k, v in RAY_PORTS.items()},
+    }
     engine_gpus = engines.get("replicas", 1) * engines.get("gpus", 0)
     if engine_gpus:
         gpus = int(-(-engine_gpus // 1))  # ceil: fractional engines share a GPU
@@ -373,8 +466,6 @@ def render_head_group(name: str, spec: Obj) -> Obj:
         "env": env,
         "ports": [
             {"name": "gcs-server", "containerPort": GCS_PORT},
-            {"name": "dashboard", "containerPort": 8265},
-            {"name": "client", "containerPort": 10001},
             {"name": "serve", "containerPort": port},
             {"name": "metrics", "containerPort": METRICS_PORT},
         ],
@@ -396,14 +487,17 @@ def render_head_group(name: str, spec: Obj) -> Obj:
 
 def render_worker_group(name: str, spec: Obj, pool: Obj, replicas: int) -> Obj:
     """One ``workerGroupSpecs`` entry for ``pool``."""
-    volumes, mounts = _common_volumes(spec)
+    volumes, mounts = _common_volumes(spec, pool.get("sharedMemory", DEFAULT_SHARED_MEMORY))
     container = {
         "name": "ray-worker",
         "image": spec["image"],
         "command": ["/bin/bash", "-lc", "--"],
         "args": ["ulimit -n 65536; exec $KUBERAY_GEN_RAY_START_CMD"],
-        "env": [{"name": "ELASTICMOE_HOME", "value": HOME_DIR}],
-        "ports": [{"name": "metrics", "containerPort": METRICS_PORT}],
+        "env": _common_env(name),
+        "ports": [
+            {"name": "metrics", "containerPort": METRICS_PORT},
+            {"name": "expert-grpc", "containerPort": EXPERT_GRPC_PORT},
+        ],
         "resources": container_resources(pool),
         "volumeMounts": mounts,
         "securityContext": _container_security(),
@@ -466,6 +560,22 @@ def render_raycluster(
             }
         out["spec"]["gcsFaultToleranceOptions"] = gcs
     return out
+
+
+def render_auth_secret(name: str, owner: Obj, token: str, admin_key: str) -> Obj:
+    """The deployment's auth Secret (the handler makes the random values once)."""
+    import base64
+
+    def b64(v: str) -> str:
+        return base64.b64encode(v.encode()).decode()
+
+    return {
+        "apiVersion": "v1",
+        "kind": "Secret",
+        "metadata": _meta(name, owner, auth_secret_name(name)),
+        "type": "Opaque",
+        "data": {AUTH_TOKEN_KEY: b64(token), AUTH_ADMIN_KEY: b64(admin_key)},
+    }
 
 
 def render_children(name: str, spec: Obj, owner: Obj, replicas: dict[str, int] | None = None):
@@ -538,7 +648,10 @@ def plan_scale(spec: Obj, raycluster: Obj, demand: Obj, pods: list[Obj]) -> Scal
     ``demand`` is ``GET /admin/demand``; ``pods`` the RayCluster's worker pods.
     A pool the demand does not mention keeps its size (within bounds). On
     shrink, pods are picked cheapest first (see :func:`_pod_sort_key`, then newest); the IPs
-    of those that run workers must be drained before the group is patched.
+    of those that run workers must be drained before the group is patched. A shrink
+    only ever removes pods named in ``workersToDelete`` (KubeRay would pick the rest
+    at random, drained or not), and before the controller has published an expert
+    map (``epoch`` missing) nothing shrinks: the demand cannot say where experts are.
     """
     current = group_replicas(raycluster)
     wanted = demand.get("pools", {})
@@ -550,12 +663,15 @@ def plan_scale(spec: Obj, raycluster: Obj, demand: Obj, pods: list[Obj]) -> Scal
         for g in raycluster.get("spec", {}).get("workerGroupSpecs", [])
         for p in g.get("scaleStrategy", {}).get("workersToDelete", [])
     }
+    has_map = bool(demand.get("epoch"))
     plans = {}
     for pool in spec["pools"]:
         name = pool["name"]
         now = current.get(name, 0)
         target = wanted.get(name, {}).get("desired", now)
         desired = clamp(int(target), pool["minWorkers"], pool["maxWorkers"])
+        if not has_map:
+            desired = max(desired, now)
         if desired >= now:
             plans[name] = PoolScale(name, now, desired)
             continue
@@ -573,7 +689,8 @@ def plan_scale(spec: Obj, raycluster: Obj, demand: Obj, pods: list[Obj]) -> Scal
         drain = tuple(
             ip for p in victims if (ip := p.get("status", {}).get("podIP")) and workers_on.get(ip)
         )
-        # Fewer pods than replicas (some not created yet): the rest go without a name.
+        # Fewer pods than the shrink (some not created yet): shrink by the named ones only.
+        desired = now - len(victims)
         plans[name] = PoolScale(
             name, now, desired, tuple(p["metadata"]["name"] for p in victims), drain
         )

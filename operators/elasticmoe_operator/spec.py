@@ -107,10 +107,10 @@ def validate_spec(spec: dict[str, Any]) -> dict[str, Any]:
 
 def check_policy(policy: Any, spec: dict[str, Any], field: str) -> None:
     """The policy is a valid AutoscalingPolicy whose pools are pools of ``spec``."""
-    from elasticmoe.core.policy import PolicyError, load_policy, parse_policy
+    from elasticmoe.core.policy import PolicyError, parse_policy, policy_from_text
 
     try:
-        doc = load_policy(policy) if isinstance(policy, str) else parse_policy(policy)
+        doc = policy_from_text(policy) if isinstance(policy, str) else parse_policy(policy)
     except PolicyError as e:
         # "spec.pools[0].hot: unknown field ..." -> spec.autoscaling.policy.spec.pools[0].hot
         where, _, what = e.errors[0].partition(": ")

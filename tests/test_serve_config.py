@@ -1,0 +1,68 @@
+"""Who may do what: keys for /v1 and /admin, secrets from the environment or files."""
+
+from __future__ import annotations
+
+import pytest
+import redis
+
+from elasticmoe.serve.app import key_matches
+from elasticmoe.serve.server import is_loopback, load_serve_config
+
+
+def load(environ=None, **settings):
+    return load_serve_config(None, {"model": "default", **settings}, environ or {})
+
+
+def test_keys_come_from_the_environment_or_a_file(tmp_path):
+    cfg = load({"ELASTICMOE_API_KEYS": "sk-aaaaaaaa,sk-bbbbbbbb"})
+    assert cfg.api_keys == ["sk-aaaaaaaa", "sk-bbbbbbbb"] and cfg.admin_api_keys == []
+    keys = tmp_path / "admin-keys"
+    keys.write_text("sk-admin-1\nsk-admin-2\n")  # a Secret volume's file, trailing newline
+    cfg = load({"ELASTICMOE_ADMIN_API_KEYS_FILE": str(keys)})
+    assert cfg.admin_api_keys == ["sk-admin-1", "sk-admin-2"] and cfg.api_keys == []
+    with pytest.raises(ValueError, match=r"ELASTICMOE_API_KEYS_FILE=.*cannot read"):
+        load({"ELASTICMOE_API_KEYS_FILE": str(tmp_path / "missing")})
+
+
+@pytest.mark.parametrize("key", [" sk-padded-key", "sk-padded-key ", "sk-tab\t", "short"])
+def test_padded_empty_or_short_keys_are_refused_at_start(key):
+    with pytest.raises(ValueError, match=r"api_keys") as err:
+        load(api_keys=[key])
+    assert "whitespace" in str(err.value) or "at least 8" in str(err.value)
+    with pytest.raises(ValueError, match="admin_api_keys"):
+        load(admin_api_keys=[key])
+
+
+def test_admin_never_starts_open_on_the_network():
+    assert load(host="127.0.0.1").admin_api_keys == []  # loopback: open is fine
+    for host in ("0.0.0.0", "10.1.2.3", "::", "my-host"):
+        with pytest.raises(ValueError, match="ELASTICMOE_ADMIN_API_KEYS") as err:
+            load(host=host)
+        assert f"host={host!r}" in str(err.value)
+    assert load(host="0.0.0.0", admin_api_keys=["sk-admin-key"]).host == "0.0.0.0"
+    assert load(host="0.0.0.0", allow_open_admin=True).allow_open_admin
+    assert is_loopback("localhost") and is_loopback("::1") and not is_loopback("0.0.0.0")
+
+
+def test_key_comparison():
+    keys = ["sk-aaaaaaaa", "sk-bbbbbbbb"]
+    assert key_matches("Bearer sk-bbbbbbbb", keys)
+    assert key_matches("bearer sk-aaaaaaaa", keys)
+    for header in ("", "Bearer", "Bearer ", "Basic sk-aaaaaaaa", "Bearer sk-aaaaaaa",
+                   "Bearer sk-aaaaaaaab", "sk-aaaaaaaa"):  # fmt: skip
+        assert not key_matches(header, keys), header
+
+
+def test_redis_password_from_the_environment_is_percent_encoded():
+    password = "p@ss:w/rd%?#"
+    cfg = load({"ELASTICMOE_REDIS_PASSWORD": password}, state_store="rediss://cache:6380/2")
+    assert password not in cfg.state_store
+    # redis-py decodes it back to the password, host and db intact
+    kwargs = redis.connection.parse_url(cfg.state_store)
+    assert kwargs["password"] == password and kwargs["host"] == "cache"
+    assert kwargs["port"] == 6380 and kwargs["db"] == 2
+    assert cfg.state_store.startswith("rediss://")
+    # a URL that carries its own password keeps it; memory:// ignores it
+    given = load({"ELASTICMOE_REDIS_PASSWORD": "x"}, state_store="redis://:mine@h:1/0")
+    assert given.state_store == "redis://:mine@h:1/0"
+    assert load({"ELASTICMOE_REDIS_PASSWORD": "x"}).state_store is None
