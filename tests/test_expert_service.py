@@ -77,10 +77,20 @@ class Server:
         self.loop.run(self.server.stop(grace=1))
         self.servicer.close()
 
-    def load(self, *experts: tuple[int, int], source: str = "") -> expert_pb2.LoadExpertsResponse:
+    def load(
+        self, *experts: tuple[int, int], source: str = "", peer: Server | None = None
+    ) -> expert_pb2.LoadExpertsResponse:
+        """Load from the checkpoint, ``source``, or ``peer`` with the checksums of its
+        replicas as the controller would have recorded them ("unrecorded" where it has none)."""
         refs = [expert_pb2.ExpertRef(layer=layer, expert=e) for layer, e in experts]
+        checksums = []
+        if peer is not None:
+            source = peer.address
+            held = [peer.store.get(LogicalExpert(layer, e)) for layer, e in experts]
+            checksums = [r.checksum if r is not None else "unrecorded" for r in held]
         return self.stub.LoadExperts(
-            expert_pb2.LoadExpertsRequest(experts=refs, source=source), timeout=30
+            expert_pb2.LoadExpertsRequest(experts=refs, source=source, checksums=checksums),
+            timeout=30,
         )
 
     def forward(
@@ -406,7 +416,7 @@ def test_peer_fetch_copies_identical_replicas(
     a = start(worker_id="a")
     b = start(worker_id="b")
     src = {(i.layer, i.expert): i.checksum for i in a.load((0, 3), (1, 4)).experts}
-    got = b.load((0, 3), (1, 4), source=a.address).experts
+    got = b.load((0, 3), (1, 4), peer=a).experts
     assert {(i.layer, i.expert): i.checksum for i in got} == src
     assert {(i.layer, i.expert): i.checksum for i in b.stats().experts} == src
 
@@ -416,13 +426,37 @@ def test_peer_fetch_copies_identical_replicas(
 
     # Peer errors are reported as such, and nothing is installed.
     c = start(worker_id="c")
-    expect_error(Code.FAILED_PRECONDITION, lambda: c.load((0, 6), source=a.address), "0:6")
+    expect_error(Code.FAILED_PRECONDITION, lambda: c.load((0, 6), peer=a), "0:6")
     closed = start(worker_id="closed")
     closed_address = closed.address
     closed.stop()
-    expect_error(Code.UNAVAILABLE, lambda: c.load((0, 3), source=closed_address), closed_address)
+    expect_error(Code.UNAVAILABLE, lambda: c.load((0, 3), peer=closed), closed_address)
     assert c.health().num_experts == 0
     closed.stop = lambda: None  # type: ignore[method-assign]
+
+
+def test_peer_copy_is_checked_against_the_controllers_checksum(
+    start: Callable[..., Server],
+) -> None:
+    """Not against what the sender announces: a peer serving other bytes under its own
+    (matching) checksum is refused, and a peer copy without a checksum is refused."""
+    a = start(worker_id="a")
+    b = start(worker_id="b")
+    a.load((0, 1))
+    refs = [expert_pb2.ExpertRef(layer=0, expert=1)]
+    expect_error(
+        Code.INVALID_ARGUMENT,
+        lambda: b.stub.LoadExperts(
+            expert_pb2.LoadExpertsRequest(experts=refs, source=a.address), timeout=30
+        ),
+        "checksums",
+    )
+    wrong = expert_pb2.LoadExpertsRequest(experts=refs, source=a.address, checksums=["0" * 64])
+    expect_error(
+        Code.DATA_LOSS, lambda: b.stub.LoadExperts(wrong, timeout=30), "controller recorded"
+    )
+    assert b.health().num_experts == 0
+    assert b.load((0, 1), peer=a).experts[0].checksum == a.store.get(LogicalExpert(0, 1)).checksum
 
 
 def test_peer_copy_casts_to_the_receivers_dtype(
@@ -431,7 +465,7 @@ def test_peer_copy_casts_to_the_receivers_dtype(
     a = start(worker_id="a", dtype=torch.bfloat16)
     b = start(worker_id="b", dtype=torch.float32)
     a.load((0, 5))
-    info = b.load((0, 5), source=a.address).experts[0]
+    info = b.load((0, 5), peer=a).experts[0]
     bf16 = reference(model_dir, LogicalExpert(0, 5), torch.bfloat16)
     # Verified in the sender's dtype, then held (and reported) in the receiver's.
     assert info.checksum == bf16.to("cpu", torch.float32).checksum()
@@ -473,7 +507,7 @@ def test_corrupted_peer_is_rejected(
             yield chunk
 
     monkeypatch.setattr(service, "iter_expert_chunks", corrupt)
-    expect_error(Code.DATA_LOSS, lambda: b.load((0, 2), (0, 4), source=a.address), "0:2", "nothing")
+    expect_error(Code.DATA_LOSS, lambda: b.load((0, 2), (0, 4), peer=a), "0:2", "nothing")
     assert b.health().num_experts == 0
     assert b.store.num_free_slots == 4
 
@@ -484,7 +518,7 @@ def test_corrupted_peer_is_rejected(
             yield chunk
 
     monkeypatch.setattr(service, "iter_expert_chunks", truncate)
-    expect_error(Code.DATA_LOSS, lambda: b.load((0, 4), source=a.address), "incomplete")
+    expect_error(Code.DATA_LOSS, lambda: b.load((0, 4), peer=a), "incomplete")
     assert b.health().num_experts == 0
 
 

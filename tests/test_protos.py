@@ -71,7 +71,7 @@ def test_wire_contract_field_numbers() -> None:
     assert fields(expert_pb2.ForwardResponse) == {"output": 1}
     assert fields(expert_pb2.ExpertRef) == {"layer": 1, "expert": 2}
     assert fields(expert_pb2.ExpertInfo) == {"layer": 1, "expert": 2, "checksum": 3, "nbytes": 4}
-    assert fields(expert_pb2.LoadExpertsRequest) == {"experts": 1, "source": 2}
+    assert fields(expert_pb2.LoadExpertsRequest) == {"experts": 1, "source": 2, "checksums": 3}
     assert fields(expert_pb2.ExpertChunk) == {
         "name": 1,
         "dtype": 2,

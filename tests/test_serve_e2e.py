@@ -438,3 +438,36 @@ def test_graceful_shutdown_finishes_in_flight_requests(local_server, model):
     # accepted requests finished before the server went away
     assert results == ["length"] * 3, results
     assert "stopped" in local_server.log.read_text()
+
+
+def test_worker_grpc_needs_the_deployment_token(server):
+    """`elasticmoe serve` makes a token for the Ray instance it starts; a caller without
+    it (any other process that can reach a worker's port) is refused."""
+    import grpc
+
+    from elasticmoe._proto.elasticmoe.v1 import expert_pb2, expert_pb2_grpc
+    from elasticmoe.experts.rpc import RpcSecurity, open_channel
+
+    headers = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    status = httpx.get(f"{server.url}/admin/status", headers=headers, timeout=60).json()
+    addresses = [w["address"] for w in status["workers"]]
+    assert addresses
+    unload = expert_pb2.UnloadExpertsRequest(experts=[expert_pb2.ExpertRef(layer=0, expert=0)])
+    for address in addresses:
+        with open_channel(address, RpcSecurity()) as channel:
+            stub = expert_pb2_grpc.ExpertServiceStub(channel)
+            for method, request in (
+                (stub.Health, expert_pb2.HealthRequest()),
+                (stub.UnloadExperts, unload),
+            ):
+                with pytest.raises(grpc.RpcError) as err:
+                    method(request, timeout=30)
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    # and the deployment still serves (nothing was unloaded)
+    r = httpx.post(
+        f"{server.url}/v1/completions",
+        json={"model": server_model(server), "prompt": [1, 2, 3], "max_tokens": 2},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=120,
+    )
+    assert r.status_code == 200, r.text

@@ -89,9 +89,18 @@ class Cluster(Protocol):
         ...
 
     def load(
-        self, worker_id: str, address: str, expert: LogicalExpert, source: str, timeout_s: float
+        self,
+        worker_id: str,
+        address: str,
+        expert: LogicalExpert,
+        source: str,
+        timeout_s: float,
+        checksum: str | None = None,
     ) -> str:
-        """Load ``expert`` from ``source`` (a peer's address or "checkpoint"); its checksum."""
+        """Load ``expert`` from ``source`` (a peer's address or "checkpoint"); its checksum.
+
+        A peer copy is verified by the worker against ``checksum``, the one the
+        controller recorded when the expert was first loaded."""
         ...
 
     def unload(
@@ -230,7 +239,13 @@ class RayCluster:
         return {LogicalExpert(i.layer, i.expert): i.checksum for i in stats.experts}
 
     def load(
-        self, worker_id: str, address: str, expert: LogicalExpert, source: str, timeout_s: float
+        self,
+        worker_id: str,
+        address: str,
+        expert: LogicalExpert,
+        source: str,
+        timeout_s: float,
+        checksum: str | None = None,
     ) -> str:
         import grpc
 
@@ -241,6 +256,7 @@ class RayCluster:
                 expert_pb2.LoadExpertsRequest(
                     experts=[expert_pb2.ExpertRef(layer=expert.layer, expert=expert.expert)],
                     source=source,
+                    checksums=[checksum] if checksum and source != "checkpoint" else [],
                 ),
                 timeout=timeout_s,
             )
@@ -427,9 +443,17 @@ class FakeCluster:
         return dict(self._worker(worker_id).held)
 
     def load(
-        self, worker_id: str, address: str, expert: LogicalExpert, source: str, timeout_s: float
+        self,
+        worker_id: str,
+        address: str,
+        expert: LogicalExpert,
+        source: str,
+        timeout_s: float,
+        checksum: str | None = None,
     ) -> str:
         w = self._worker(worker_id)
+        if source != "checkpoint" and not checksum:
+            raise ClusterError("INVALID_ARGUMENT: a copy from a peer needs the recorded checksum")
         if (worker_id, source) in self.failing_loads:
             raise ClusterError(f"UNAVAILABLE: load from {source} failed")
         if source != "checkpoint" and not any(

@@ -748,7 +748,11 @@ class Controller:
     ) -> None:
         """Load a replica peer-to-peer from a live replica (else the checkpoint); verify it."""
         m = self._map()
+        # Copies come only from live replicas in the current map, and only of experts
+        # whose checksum was recorded (the worker verifies the copy against it).
         peers = [w for w in m.replicas_of(expert) if w != worker and self._healthy(w)]
+        if expert not in self.checksums:
+            peers = []
         peers.sort(key=lambda w: w in set(exclude))  # a replica that stays is the best source
         sources = [workers[p] for p in peers] + ["checkpoint"]
         last_error = None
@@ -760,6 +764,7 @@ class Controller:
                     expert,
                     source,
                     self.config.rpc_timeout_s,
+                    checksum=self.checksums.get(expert),
                 )
             except ClusterError as e:
                 last_error = str(e)

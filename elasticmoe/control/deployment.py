@@ -63,17 +63,23 @@ class Deployment:
         if address:
             ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
         else:
+            from elasticmoe.experts.rpc import fresh_token_in_environment
+
             c = self.config
             # logical CPUs: room for the initial actors plus a few added workers
             needed = c.num_workers * c.worker_num_cpus + c.num_engines * c.engine_num_cpus
-            ray.init(
-                # a new instance even if another Ray cluster on this machine was started last
-                address="local",
-                num_cpus=max(os.cpu_count() or 1, math.ceil(needed) + 4),
-                namespace=NAMESPACE,
-                include_dashboard=False,
-                log_to_driver=False,
-            )
+            # This Ray instance is ours: every actor inherits the raylet's environment,
+            # so a token made for it authenticates the deployment's gRPC.
+            with fresh_token_in_environment():
+                ray.init(
+                    # a new instance even if another Ray cluster on this machine was
+                    # started last
+                    address="local",
+                    num_cpus=max(os.cpu_count() or 1, math.ceil(needed) + 4),
+                    namespace=NAMESPACE,
+                    include_dashboard=False,
+                    log_to_driver=False,
+                )
             self._started_ray = True
 
     def start(self) -> Deployment:

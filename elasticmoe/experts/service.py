@@ -35,7 +35,13 @@ import torch
 
 from elasticmoe._proto.elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 from elasticmoe.core.experts import LogicalExpert
-from elasticmoe.experts.rpc import GRPC_OPTIONS
+from elasticmoe.experts.rpc import (
+    GRPC_OPTIONS,
+    RpcSecurity,
+    TokenServerInterceptor,
+    open_aio_channel,
+    server_credentials,
+)
 from elasticmoe.experts.weights import ExpertWeights, load_expert_weights
 from elasticmoe.experts.wire import (
     WireError,
@@ -291,8 +297,9 @@ class ExpertStore:
     ) -> tuple[Replica, bool]:
         """Fill a free slot with copied ``weights`` after checking them; a no-op if held.
 
-        ``expected_checksum`` is the sender's checksum of exactly these weights
-        (in the sender's dtype); nothing is installed when they differ. The
+        ``expected_checksum`` is the checksum the controller recorded for this
+        expert (never the one the sender announces); nothing is installed when
+        the copied bytes hash to anything else. The
         weights are then cast to this store's dtype and device. Returns the
         replica and whether this call filled a slot for it.
         """
@@ -306,7 +313,7 @@ class ExpertStore:
         actual = weights.checksum()
         if actual != expected_checksum:
             raise ChecksumMismatchError(
-                f"expert {expert}: copied weights hash to {actual}, sender announced "
+                f"expert {expert}: copied weights hash to {actual}, the controller recorded "
                 f"{expected_checksum}; nothing was installed"
             )
         existing = self.get(expert)
@@ -666,17 +673,29 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
     # -- control plane ----------------------------------------------------
 
     async def load_experts(
-        self, experts: Sequence[LogicalExpert], source: str = "", timeout: float | None = None
+        self,
+        experts: Sequence[LogicalExpert],
+        source: str = "",
+        timeout: float | None = None,
+        checksums: Sequence[str] = (),
     ) -> list[Replica]:
         """Fill free slots with ``experts`` from the checkpoint or a peer; all or nothing.
 
-        ``source`` is "" / "checkpoint" or a peer's "host:port". Experts already
+        ``source`` is "" / "checkpoint" or a peer's "host:port". A peer copy needs
+        ``checksums``, one per expert, as the controller recorded them: the copy is
+        verified against those, not against what the peer claims. Experts already
         held are no-ops. Raises :class:`StoreFullError` before loading anything
         when the new ones do not fit, and unloads what this call loaded when a
         later expert fails, so a retry starts from the same slots.
         """
         store = self.store
         peer = _parse_source(source)
+        if peer is not None and len(checksums) != len(experts):
+            raise InvalidRequestError(
+                f"checksums: a copy from peer {peer} needs the controller's checksum of each "
+                f"of the {len(experts)} expert(s); got {len(checksums)}"
+            )
+        expected = dict(zip(experts, checksums, strict=False))
         wanted = list(dict.fromkeys(experts))
         for expert in wanted:
             store.check_exists(expert)
@@ -695,13 +714,15 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
                     if new:
                         filled.append(expert)
             else:
-                async with grpc.aio.insecure_channel(peer, options=GRPC_OPTIONS) as channel:
+                async with open_aio_channel(peer) as channel:
                     stub = expert_pb2_grpc.ExpertServiceStub(channel)
                     for expert in missing:
-                        weights, checksum = await fetch_expert(
+                        weights, _claimed = await fetch_expert(
                             stub, expert, peer, timeout, store.weight_shapes()
                         )
-                        _, new = await self._run(self._io, store.install, expert, weights, checksum)
+                        _, new = await self._run(
+                            self._io, store.install, expert, weights, expected[expert]
+                        )
                         if new:
                             filled.append(expert)
         except BaseException:
@@ -727,6 +748,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             request.source,
             # grpc does not propagate deadlines: pass the caller's on to the peer.
             timeout=context.time_remaining(),
+            checksums=list(request.checksums),
         )
         return expert_pb2.LoadExpertsResponse(experts=[_info(r) for r in replicas])
 
@@ -844,21 +866,31 @@ async def serve(
     *,
     servicer: ExpertServicer | None = None,
     interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    security: RpcSecurity | None = None,
 ) -> tuple[grpc.aio.Server, int]:
     """Start a grpc.aio server for ``store`` on ``host:port`` (0: any free port).
 
+    ``security`` (default: this process's environment, see :mod:`elasticmoe.experts.rpc`)
+    makes every call present the deployment's token and, with a certificate, serves TLS.
     Must be awaited on the event loop the server will live on. Returns the
     started server and the bound port; stop it with ``await server.stop(grace)``
     (and ``servicer.close()`` if you passed one).
     """
+    sec = security or RpcSecurity.from_env()
+    guards = [TokenServerInterceptor(sec)] if sec.token else []
     server = grpc.aio.server(
         options=GRPC_OPTIONS,
-        interceptors=list(interceptors),
+        interceptors=[*guards, *interceptors],
         maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
     )
     add_servicer_to_server(servicer or ExpertServicer(store), server)
     address = format_address(host, port)
-    bound = server.add_insecure_port(address)
+    credentials = server_credentials(sec)
+    bound = (
+        server.add_secure_port(address, credentials)
+        if credentials is not None
+        else server.add_insecure_port(address)
+    )
     if bound == 0:
         raise OSError(f"worker {store.worker_id!r}: cannot bind gRPC server to {address}")
     await server.start()

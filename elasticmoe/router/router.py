@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from elasticmoe._proto.elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 from elasticmoe.core.expert_map import ExpertMap
 from elasticmoe.experts.backend import ExpertGroups, combine_expert_outputs, group_by_expert
-from elasticmoe.experts.rpc import GRPC_OPTIONS
+from elasticmoe.experts.rpc import open_channel
 from elasticmoe.experts.wire import WireError, tensor_from_proto, tensor_to_proto
 from elasticmoe.model.gate import GateOutput
 from elasticmoe.router.dispatch import NoLiveReplicaError, RowSlice, plan_dispatch
@@ -201,7 +201,7 @@ class ExpertRouter:
         if cached is None or cached[0] != address:
             if cached is not None:
                 cached[1].close()
-            channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+            channel = open_channel(address)
             cached = (address, channel, expert_pb2_grpc.ExpertServiceStub(channel))
             self._stubs[worker] = cached
         return cached[2]

@@ -63,12 +63,14 @@ class ExpertInfo(_message.Message):
     def __init__(self, layer: _Optional[int] = ..., expert: _Optional[int] = ..., checksum: _Optional[str] = ..., nbytes: _Optional[int] = ...) -> None: ...
 
 class LoadExpertsRequest(_message.Message):
-    __slots__ = ("experts", "source")
+    __slots__ = ("experts", "source", "checksums")
     EXPERTS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUMS_FIELD_NUMBER: _ClassVar[int]
     experts: _containers.RepeatedCompositeFieldContainer[ExpertRef]
     source: str
-    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., source: _Optional[str] = ...) -> None: ...
+    checksums: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, experts: _Optional[_Iterable[_Union[ExpertRef, _Mapping]]] = ..., source: _Optional[str] = ..., checksums: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class LoadExpertsResponse(_message.Message):
     __slots__ = ("experts",)
