@@ -93,6 +93,8 @@ def server(model, tmp_path_factory):
         tmp_path_factory.mktemp("srv"),
         "--workers",
         "2",
+        "--engines",
+        "2",
         "--api-key",
         API_KEY,
         "--name",
@@ -342,6 +344,63 @@ def test_metrics_during_load(server, client):
     computed = 4 * (3 + 5)  # each request: 3 prompt tokens + 5 decode steps
     assert routed == computed * 2 * 2  # top_k=2, 2 MoE layers
     assert after["elasticmoe_worker_load_balance"] > 0
+
+
+def test_engine_killed_mid_stream_resumes_without_repeats(server, client, model):
+    """An engine dies while its streams are open: they finish on the other engine
+    (the shared per-step stream breaks, each request reruns and skips what was sent),
+    every token arriving exactly once."""
+    name = server_model(server)
+    prompts = [[i + 1, i + 9, i + 4] for i in range(8)]
+    want = reference(model, prompts, 40)
+    tok = LLM(str(model)).tokenizer
+    got: dict[int, list[str]] = {i: [] for i in range(len(prompts))}
+    errors: list[BaseException] = []
+
+    def call(i: int) -> None:
+        try:
+            stream = client.completions.create(
+                model=name,
+                prompt=prompts[i],
+                max_tokens=40,
+                temperature=0,
+                stream=True,
+                logprobs=0,
+                extra_body={"ignore_eos": True},
+            )
+            for c in stream:
+                if c.choices and c.choices[0].logprobs is not None:
+                    got[i].extend(c.choices[0].logprobs.tokens)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 120
+    while sum(bool(v) for v in got.values()) < len(prompts) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    engines = [
+        int(line.split()[0])
+        for line in subprocess.run(
+            ["ps", "-eo", "pid,sid,args"], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+        if line.split()[1:2] == [str(server.proc.pid)] and "ray::EngineActor" in line
+    ]
+    assert len(engines) == 2
+    os.kill(engines[0], signal.SIGKILL)
+    for t in threads:
+        t.join(240)
+    assert not errors, errors
+    for i, w in enumerate(want):
+        assert got[i] == [tok.decode([t], skip_special_tokens=False) for t in w]
+    # the restarted engine serves again
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{server.url}/health", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    r = client.completions.create(model=name, prompt=prompts[0], max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason in ("length", "stop")
 
 
 def scrape(server) -> dict[str, float]:

@@ -10,6 +10,7 @@ OpenAI error shape with the right status code.
 """
 
 import asyncio
+import hmac
 import itertools
 import json
 import logging
@@ -97,28 +98,61 @@ app = FastAPI(
 )
 
 
-@app.middleware("http")
-async def _guard(request: Request, call_next):
-    """Auth and body-size limits before any body is parsed (so bad input costs nothing)."""
-    settings: ServeSettings | None = getattr(request.app.state, "settings", None)
-    path = request.url.path
-    if settings is not None and (path.startswith("/v1") or path.startswith("/admin")):
-        keys = settings.api_keys
-        header = request.headers.get("authorization", "")
-        if keys and (not header.startswith("Bearer ") or header[7:] not in keys):
-            return _error(
-                401,
-                "invalid or missing API key (Authorization: Bearer <key>)",
-                "authentication_error",
-            )
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_body_bytes:
-            return _error(
-                413,
-                f"request body of {length} bytes exceeds the limit of {settings.max_body_bytes}",
-                "invalid_request_error",
-            )
-    return await call_next(request)
+class _Guard:
+    """Auth and body-size limits before any body is parsed (so bad input costs nothing).
+
+    A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` would pass every
+    streamed chunk through an extra in-memory stream, a cost paid per token.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        # the app serving this request (Serve may run a copy of the module's ``app``)
+        served = scope.get("app")
+        settings: ServeSettings | None = getattr(getattr(served, "state", None), "settings", None)
+        path = scope.get("path", "")
+        if (
+            scope["type"] == "http"
+            and settings is not None
+            and (path.startswith("/v1") or path.startswith("/admin"))
+        ):
+            headers = {
+                k: v for k, v in scope["headers"] if k in (b"authorization", b"content-length")
+            }
+            response = _refusal(settings, headers)
+            if response is not None:
+                await response(scope, receive, send)
+                return
+        await self.inner(scope, receive, send)
+
+
+def _refusal(settings: ServeSettings, headers: dict[bytes, bytes]) -> JSONResponse | None:
+    keys = settings.api_keys
+    header = headers.get(b"authorization", b"").decode("latin-1")
+    if (
+        keys
+        and not (
+            header.startswith("Bearer ")
+            # every key compared, in constant time
+            and sum(hmac.compare_digest(header[7:].encode(), k.encode()) for k in keys)
+        )
+    ):
+        return _error(
+            401, "invalid or missing API key (Authorization: Bearer <key>)", "authentication_error"
+        )
+    length = headers.get(b"content-length", b"").decode("latin-1")
+    if length and length.isdigit() and int(length) > settings.max_body_bytes:
+        return _error(
+            413,
+            f"request body of {length} bytes exceeds the limit of {settings.max_body_bytes}",
+            "invalid_request_error",
+        )
+    return None
+
+
+app.add_middleware(_Guard)
 
 
 @app.exception_handler(APIError)
@@ -150,6 +184,34 @@ async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
 
 def _logprob_token(tokenizer: Tokenizer | None, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False) if tokenizer else str(token_id)
+
+
+def _coalesce(items: list[Any]) -> list[Any]:
+    """Merge consecutive deltas of the same completion into one (order kept; errors and
+    other completions' deltas stay where they are)."""
+    if len(items) == 1:
+        return items
+    out: list[Any] = []
+    last: dict[int, CompletionDelta] = {}
+    for item in items:
+        if not isinstance(item, CompletionDelta):
+            out.append(item)
+            last.clear()
+            continue
+        prev = last.get(item.index)
+        if prev is None or prev.finish_reason is not None:
+            out.append(item)
+            last[item.index] = item
+            continue
+        prev.token_ids = prev.token_ids + item.token_ids
+        prev.text += item.text
+        if prev.logprobs is not None and item.logprobs is not None:
+            prev.logprobs = prev.logprobs + item.logprobs
+        prev.finish_reason, prev.stop_reason = item.finish_reason, item.stop_reason
+        prev.finished = item.finished
+        if item.prompt_logprobs is not None:
+            prev.prompt_logprobs = item.prompt_logprobs
+    return out
 
 
 def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
@@ -298,9 +360,6 @@ class OpenAIServer:
             min_tokens=req.min_tokens,
         )
 
-    def _engine(self) -> EngineClient:
-        return self.clients[next(self._rr) % len(self.clients)]
-
     async def _stream(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str
     ) -> AsyncIterator[CompletionDelta]:
@@ -316,26 +375,34 @@ class OpenAIServer:
         from ray.exceptions import ActorUnavailableError, RayActorError
 
         replay = Replay(params)
-        for attempt in range(len(self.engines) + 1):
-            client = self._engine()
+        first = next(self._rr)
+        for attempt in range(len(self.clients) + 1):
+            # a rerun goes to the next engine, not back to the one that just failed
+            client = self.clients[(first + attempt) % len(self.clients)]
             finished = False
             seen: dict[int, tuple[list[int], list[str]]] = {}
             try:
                 q = await client.submit(prompt_ids, params, request_id)
-                while True:
-                    item = await q.get()
-                    if isinstance(item, BaseException):
-                        raise item
-                    if isinstance(item, StreamError):
-                        raise APIError(503, f"engine failed: {item.message}", "service_unavailable")
-                    finished = item.finished
-                    state = seen.get(item.index)
-                    if state is None:
-                        state = seen[item.index] = ([], [""])
-                    if replay.trim(item, *state):
-                        yield item
-                    if finished:
-                        return
+                while not finished:
+                    items = [await q.get()]
+                    while not q.empty():  # steps that arrived while we were busy: one answer
+                        items.append(q.get_nowait())
+                    for item in _coalesce(items):
+                        if isinstance(item, BaseException):
+                            raise item
+                        if isinstance(item, StreamError):
+                            raise APIError(
+                                503, f"engine failed: {item.message}", "service_unavailable"
+                            )
+                        finished = item.finished
+                        state = seen.get(item.index)
+                        if state is None:
+                            state = seen[item.index] = ([], [""])
+                        if replay.trim(item, *state):
+                            yield item
+                        if finished:
+                            break
+                return
             except (RayActorError, ActorUnavailableError) as e:
                 if not replay.can_resume() or attempt == len(self.engines):
                     raise APIError(
