@@ -166,3 +166,34 @@ def test_loop_batches_one_message_per_step_for_all_of_a_sinks_requests(llm):
     for i, w in zip(ids, want, strict=True):
         assert accs[i].output.outputs[0].token_ids == w.outputs[0].token_ids
         assert accs[i].output.outputs[0].text == w.outputs[0].text
+
+
+def test_replay_trim_cuts_what_a_rerun_repeats_and_coalesce_merges_deltas():
+    from elasticmoe.engine.request import CompletionDelta, Replay, ReplayDivergedError
+    from elasticmoe.serve.app import _coalesce
+
+    def d(ids, text, finish=None):
+        return CompletionDelta("r", 0, list(ids), text, finish_reason=finish, finished=bool(finish))
+
+    replay = Replay(SamplingParams(max_tokens=4, temperature=0))
+    seen, text = [], [""]
+    assert replay.trim(d([5], "a"), seen, text) and replay.trim(d([6], "bc"), seen, text)
+    # the engine died; the rerun repeats 5, 6 (cut off, tokens and text), then goes on
+    seen, text = [], [""]
+    assert not replay.trim(d([5], "a"), seen, text)
+    again = d([6, 7], "bcd")
+    assert replay.trim(again, seen, text)
+    assert again.token_ids == [7] and again.text == "d"
+    with pytest.raises(ReplayDivergedError, match="different tokens"):
+        replay.trim(d([9], "x"), [5], ["a"])
+
+    merged = _coalesce([d([1], "x"), d([2], "y"), d([3], "z", "length")])
+    assert len(merged) == 1
+    assert merged[0].token_ids == [1, 2, 3] and merged[0].text == "xyz"
+    assert merged[0].finish_reason == "length" and merged[0].finished
+    err = RuntimeError("engine died")
+    assert [type(x) for x in _coalesce([d([1], "x"), err, d([2], "y")])] == [
+        CompletionDelta,
+        RuntimeError,
+        CompletionDelta,
+    ]
