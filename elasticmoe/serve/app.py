@@ -415,6 +415,8 @@ class OpenAIServer:
                 raise APIError(503, f"engine failover failed: {e}", "service_unavailable") from e
             except APIError:
                 raise
+            except ValueError as e:  # the engine refused the request (e.g. KV cache too small)
+                raise APIError(400, f"the engine refused the request: {e}") from e
             except Exception as e:
                 raise APIError(
                     503, f"engine failed: {type(e).__name__}: {e}", "service_unavailable"
