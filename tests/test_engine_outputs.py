@@ -176,16 +176,17 @@ def test_replay_trim_cuts_what_a_rerun_repeats_and_coalesce_merges_deltas():
         return CompletionDelta("r", 0, list(ids), text, finish_reason=finish, finished=bool(finish))
 
     replay = Replay(SamplingParams(max_tokens=4, temperature=0))
-    seen, text = [], [""]
-    assert replay.trim(d([5], "a"), seen, text) and replay.trim(d([6], "bc"), seen, text)
+    pos = [0, 0]
+    assert replay.trim(d([5], "a"), pos) and replay.trim(d([6], "bc"), pos)
+    assert pos == [2, 3]
     # the engine died; the rerun repeats 5, 6 (cut off, tokens and text), then goes on
-    seen, text = [], [""]
-    assert not replay.trim(d([5], "a"), seen, text)
+    pos = [0, 0]
+    assert not replay.trim(d([5], "a"), pos)
     again = d([6, 7], "bcd")
-    assert replay.trim(again, seen, text)
+    assert replay.trim(again, pos)
     assert again.token_ids == [7] and again.text == "d"
     with pytest.raises(ReplayDivergedError, match="different tokens"):
-        replay.trim(d([9], "x"), [5], ["a"])
+        replay.trim(d([9], "x"), [1, 1])
 
     merged = _coalesce([d([1], "x"), d([2], "y"), d([3], "z", "length")])
     assert len(merged) == 1

@@ -244,25 +244,28 @@ class Replay:
             self.delivered[c.index] = list(c.token_ids)
         return True
 
-    def trim(self, delta: CompletionDelta, seen: list[int], text_seen: list[str]) -> bool:
+    def trim(self, delta: CompletionDelta, pos: list[int]) -> bool:
         """Cut what a rerun repeats off ``delta`` (in place); False if nothing new is left.
 
-        ``seen`` / ``text_seen`` are this attempt's tokens and text of the completion so far
+        ``pos`` is ``[tokens, chars]`` this attempt produced for the completion so far
         (updated here). Works on deltas as :meth:`accept` does on whole outputs; the text
         delivered is tracked alongside the tokens so a rerun's repeated text is cut too.
         """
         done = self.delivered.setdefault(delta.index, [])
         done_text = self.delivered_text.setdefault(delta.index, [0])
-        start = len(seen)
-        seen.extend(delta.token_ids)
-        overlap = min(len(seen), len(done))
-        if seen[start:overlap] != done[start:overlap]:
+        start, text_start = pos
+        pos[0] += len(delta.token_ids)
+        pos[1] += len(delta.text)
+        if start == len(done) and text_start == done_text[0]:  # caught up: all of it is new
+            done.extend(delta.token_ids)
+            done_text[0] += len(delta.text)
+            return bool(delta.token_ids or delta.text or delta.finish_reason)
+        overlap = min(pos[0], len(done))
+        if delta.token_ids[: max(0, overlap - start)] != done[start:overlap]:
             raise ReplayDivergedError(
                 f"completion {delta.index}: the rerun produced different tokens after "
                 f"{len(done)} delivered ones"
             )
-        text_start = len(text_seen[0])
-        text_seen[0] += delta.text
         skip = max(0, len(done) - start)
         if skip:
             delta.token_ids = delta.token_ids[skip:]

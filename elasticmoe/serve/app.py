@@ -380,7 +380,7 @@ class OpenAIServer:
             # a rerun goes to the next engine, not back to the one that just failed
             client = self.clients[(first + attempt) % len(self.clients)]
             finished = False
-            seen: dict[int, tuple[list[int], list[str]]] = {}
+            seen: dict[int, list[int]] = {}  # completion -> [tokens, chars] of this attempt
             try:
                 q = await client.submit(prompt_ids, params, request_id)
                 while not finished:
@@ -395,10 +395,10 @@ class OpenAIServer:
                                 503, f"engine failed: {item.message}", "service_unavailable"
                             )
                         finished = item.finished
-                        state = seen.get(item.index)
-                        if state is None:
-                            state = seen[item.index] = ([], [""])
-                        if replay.trim(item, *state):
+                        pos = seen.get(item.index)
+                        if pos is None:
+                            pos = seen[item.index] = [0, 0]
+                        if replay.trim(item, pos):
                             yield item
                         if finished:
                             break
