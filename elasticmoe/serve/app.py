@@ -735,6 +735,9 @@ class OpenAIServer:
         completion_tokens, status = 0, "200"
 
         offsets: dict[int, int] = {}  # choice -> chars streamed (for text_offset)
+        # every chunk's fixed fields, encoded once
+        head = json.dumps({"id": rid, "object": obj, "created": created, "model": model})
+        head = f'data: {head[:-1]}, "choices": ['
 
         def chunk(
             index: int, text: str, finish: str | None, first: bool, d: CompletionDelta
@@ -755,16 +758,11 @@ class OpenAIServer:
                 choice = {"index": index, "delta": delta, "logprobs": lps, "finish_reason": finish}
             else:
                 choice = {"index": index, "text": text, "logprobs": lps, "finish_reason": finish}
-            body: dict[str, Any] = {
-                "id": rid,
-                "object": obj,
-                "created": created,
-                "model": model,
-                "choices": [choice],
-            }
+            usage = ""
             if continuous:
-                body["usage"] = _usage(prompt_tokens, completion_tokens, sum(cached.values()))
-            return f"data: {json.dumps(body)}\n\n"
+                u = _usage(prompt_tokens, completion_tokens, sum(cached.values()))
+                usage = f', "usage": {json.dumps(u)}'
+            return f"{head}{json.dumps(choice)}]{usage}}}\n\n"
 
         try:
             async for pi, d in self._deltas(prompts, params, rid):
