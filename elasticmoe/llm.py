@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from elasticmoe.control.deployment import Deployment, DeploymentConfig
 from elasticmoe.engine.config import EngineConfig
 from elasticmoe.engine.engine import LLMEngine, Prompt
-from elasticmoe.engine.request import RequestOutput, SamplingParams
+from elasticmoe.engine.request import OutputAccumulator, RequestOutput, SamplingParams
 from elasticmoe.model.registry import resolve_model
 from elasticmoe.model.tokenizer import Tokenizer
 
@@ -103,9 +103,15 @@ class LLM:
         if self.deployment is not None:
             return self.deployment.generate(prompts, params_list)
         ids: list[str] = []
+        accs: dict[str, OutputAccumulator] = {}
         try:
             for prompt, params in zip(prompts, params_list, strict=True):
-                ids.append(self.engine.add_request(prompt, params))
+                request_id, children = self.engine.prepare_request(prompt, params)
+                self.engine.add_prepared(request_id, children)
+                ids.append(request_id)
+                acc = OutputAccumulator(request_id, children[0].prompt_token_ids, params.n)
+                acc.output.prompt = children[0].prompt
+                accs[request_id] = acc
         except Exception:
             for request_id in ids:  # all or nothing: a bad prompt queues none
                 self.engine.abort_request(request_id)
@@ -121,8 +127,10 @@ class LLM:
             transient=True,
         ) as progress:
             task = progress.add_task("generate", total=len(ids))
+            # per step only what changed (deltas), gathered here: no whole lists copied
             while self.engine.has_unfinished_requests():
-                for out in self.engine.step():
+                for delta in self.engine.step_deltas():
+                    out = accs[delta.request_id].add(delta)
                     if out.finished:
                         results[out.request_id] = out
                         progress.advance(task)

@@ -51,7 +51,10 @@ def test_stream_yields_growing_outputs_and_abort(ckpt):
 
 def test_stop_fails_in_flight_requests_explicitly(ckpt):
     loop = EngineLoop(LLM(str(ckpt)).engine).start()
-    _, q = loop.submit({"prompt_token_ids": [5]}, SamplingParams(max_tokens=1000, ignore_eos=True))
+    _, sink = loop.submit(
+        {"prompt_token_ids": [5]}, SamplingParams(max_tokens=1000, ignore_eos=True)
+    )
+    q = sink.queue
     loop.stop(drain=False)
     items = []
     while not q.empty():

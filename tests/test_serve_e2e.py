@@ -97,6 +97,8 @@ def server(model, tmp_path_factory):
         tmp_path_factory.mktemp("srv"),
         "--workers",
         "2",
+        "--engines",
+        "2",
         "--name",
         "e2e",
         env={"ELASTICMOE_API_KEYS": API_KEY, "ELASTICMOE_ADMIN_API_KEYS": ADMIN_KEY},
@@ -351,6 +353,63 @@ def test_metrics_during_load(server, client):
     assert after["elasticmoe_worker_load_balance"] > 0
 
 
+def test_engine_killed_mid_stream_resumes_without_repeats(server, client, model):
+    """An engine dies while its streams are open: they finish on the other engine
+    (the shared per-step stream breaks, each request reruns and skips what was sent),
+    every token arriving exactly once."""
+    name = server_model(server)
+    prompts = [[i + 1, i + 9, i + 4] for i in range(8)]
+    want = reference(model, prompts, 40)
+    tok = LLM(str(model)).tokenizer
+    got: dict[int, list[str]] = {i: [] for i in range(len(prompts))}
+    errors: list[BaseException] = []
+
+    def call(i: int) -> None:
+        try:
+            stream = client.completions.create(
+                model=name,
+                prompt=prompts[i],
+                max_tokens=40,
+                temperature=0,
+                stream=True,
+                logprobs=0,
+                extra_body={"ignore_eos": True},
+            )
+            for c in stream:
+                if c.choices and c.choices[0].logprobs is not None:
+                    got[i].extend(c.choices[0].logprobs.tokens)
+        except BaseException as e:
+            errors.append(e)
+
+    threads = [threading.Thread(target=call, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 120
+    while sum(bool(v) for v in got.values()) < len(prompts) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    engines = [
+        int(line.split()[0])
+        for line in subprocess.run(
+            ["ps", "-eo", "pid,sid,args"], capture_output=True, text=True, check=True
+        ).stdout.splitlines()
+        if line.split()[1:2] == [str(server.proc.pid)] and "ray::EngineActor" in line
+    ]
+    assert len(engines) == 2
+    os.kill(engines[0], signal.SIGKILL)
+    for t in threads:
+        t.join(240)
+    assert not errors, errors
+    for i, w in enumerate(want):
+        assert got[i] == [tok.decode([t], skip_special_tokens=False) for t in w]
+    # the restarted engine serves again
+    deadline = time.monotonic() + 120
+    while httpx.get(f"{server.url}/health", timeout=10).status_code != 200:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+    r = client.completions.create(model=name, prompt=prompts[0], max_tokens=4, temperature=0)
+    assert r.choices[0].finish_reason in ("length", "stop")
+
+
 def scrape(server) -> dict[str, float]:
     text = httpx.get(f"{server.url}/metrics", timeout=30).text
     out: dict[str, float] = {}
@@ -370,6 +429,188 @@ def local_server(model, tmp_path_factory):
     srv = Server(model, tmp_path_factory.mktemp("local"), "--mode", "local", "--name", "fuzz")
     yield srv
     srv.stop()
+
+
+def test_64_concurrent_streams_get_every_token_once_in_order(local_server, model):
+    """64 streams at once through the shared per-step engine stream: each stream's
+    tokens (from its chunks' logprobs) are exactly the offline greedy tokens, once each,
+    in order, and its text is their decoding."""
+    import asyncio
+
+    prompts = [[(7 * i) % 200 + 1, i + 2, (3 * i) % 50 + 4] for i in range(64)]
+    want = reference(model, prompts, 16)
+    tok = LLM(str(model)).tokenizer
+    client = openai.AsyncOpenAI(base_url=f"{local_server.url}/v1", api_key="x", max_retries=0)
+
+    async def one(p: list[int]) -> tuple[list[str], str, list[str | None]]:
+        stream = await client.completions.create(
+            model=str(model),
+            prompt=p,
+            max_tokens=16,
+            temperature=0,
+            stream=True,
+            logprobs=0,
+            extra_body={"ignore_eos": True},
+        )
+        tokens, text, finishes = [], "", []
+        async for c in stream:
+            ch = c.choices[0]
+            text += ch.text
+            finishes.append(ch.finish_reason)
+            if ch.logprobs is not None:
+                tokens.extend(ch.logprobs.tokens)
+        return tokens, text, finishes
+
+    async def main():
+        try:
+            return await asyncio.gather(*[one(p) for p in prompts])
+        finally:
+            await client.close()
+
+    results = asyncio.run(main())
+    for (tokens, text, finishes), w in zip(results, want, strict=True):
+        assert tokens == [tok.decode([t], skip_special_tokens=False) for t in w]
+        assert text == tok.decode(w)
+        assert finishes[-1] == "length" and all(f is None for f in finishes[:-1])
+
+
+def engine_prompt_logprobs(model: Path, ids: list[int]) -> list[dict[int, float] | None]:
+    out = LLM(str(model)).generate(
+        [{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1)
+    )
+    return out[0].prompt_logprobs
+
+
+def test_echo_scores_the_prompt_with_the_engines_logprobs(local_server, model):
+    """What lm-eval's loglikelihood sends: echo, logprobs, max_tokens 1 (or 0)."""
+    import math
+
+    c = openai.OpenAI(base_url=f"{local_server.url}/v1", api_key="x", max_retries=0)
+    tok = LLM(str(model)).tokenizer
+    ids = [[5, 9, 14, 30, 2, 77], [40, 41, 42]]
+    r = c.completions.create(
+        model=str(model), prompt=ids, max_tokens=1, temperature=0, logprobs=1, echo=True
+    )
+    r0 = c.completions.create(
+        model=str(model), prompt=ids, max_tokens=0, temperature=0, logprobs=1, echo=True
+    )
+    for p, choice, only in zip(
+        ids, sorted(r.choices, key=lambda x: x.index), r0.choices, strict=True
+    ):
+        lp = choice.logprobs
+        assert len(lp.tokens) == len(p) + 1 and lp.token_logprobs[0] is None
+        assert lp.top_logprobs[0] is None
+        assert choice.text.startswith(tok.decode(p))
+        assert lp.text_offset[0] == 0 and lp.text_offset[1] == len(lp.tokens[0])
+        want = engine_prompt_logprobs(model, p)
+        for pos in range(1, len(p)):
+            assert math.isclose(lp.token_logprobs[pos], want[pos][p[pos]], abs_tol=1e-4)
+            assert max(lp.top_logprobs[pos].values()) >= lp.token_logprobs[pos]
+        # max_tokens=0: the prompt alone, nothing generated
+        assert only.text == tok.decode(p) and only.finish_reason == "length"
+        assert only.logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1 : len(p)])
+        assert len(only.logprobs.tokens) == len(p)
+    assert r0.usage.completion_tokens == 0
+    text = c.completions.create(model=str(model), prompt="def f(x):", max_tokens=3, echo=True)
+    assert text.choices[0].text.startswith("def f(x):")
+    bad = httpx.post(
+        f"{local_server.url}/v1/completions",
+        json={"model": str(model), "prompt": "x", "max_tokens": 0},
+        timeout=30,
+    )
+    assert bad.status_code == 422 and "only allowed with echo" in bad.text
+
+
+def test_lm_eval_loglikelihood_task_against_the_server(local_server, model, tmp_path, monkeypatch):
+    """lm-evaluation-harness (local-completions) runs a local loglikelihood task; each
+    answer equals the engine's own prompt logprobs."""
+    import math
+
+    lm_eval = pytest.importorskip("lm_eval")
+    from lm_eval.tasks import TaskManager
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    docs = [
+        {"context": "def add(a, b):", "continuation": "\n    return a + b"},
+        {"context": "import os\nimport", "continuation": " sys"},
+        {"context": "for i in", "continuation": " range(10):"},
+    ]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "tiny_ll.yaml").write_text(
+        "task: tiny_ll\n"
+        "dataset_path: json\n"
+        f"dataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\n"
+        "output_type: loglikelihood\n"
+        "doc_to_text: '{{context}}'\n"
+        "doc_to_target: '{{continuation}}'\n"
+        "metric_list:\n"
+        "  - metric: perplexity\n    aggregation: perplexity\n    higher_is_better: false\n"
+        "  - metric: acc\n    aggregation: mean\n    higher_is_better: true\n"
+    )
+    results = lm_eval.simple_evaluate(
+        model="local-completions",
+        model_args={
+            "model": str(model),
+            "base_url": f"{local_server.url}/v1/completions",
+            "tokenizer": str(model),
+            "tokenized_requests": True,
+            "num_concurrent": 2,
+            "max_retries": 1,
+        },
+        tasks=["tiny_ll"],
+        task_manager=TaskManager(include_path=str(tmp_path)),
+        log_samples=True,
+        batch_size=1,
+    )
+    samples = results["samples"]["tiny_ll"]
+    assert len(samples) == len(docs)
+    tok = LLM(str(model)).tokenizer
+    for s in samples:
+        context, continuation = s["arguments"][0]
+        ctx = tok.encode(context, add_special_tokens=False)
+        whole = tok.encode(context + continuation, add_special_tokens=False)
+        cont = whole[len(ctx) :]
+        want = engine_prompt_logprobs(model, whole)
+        expected = sum(want[len(ctx) + j][t] for j, t in enumerate(cont))
+        greedy = all(
+            want[len(ctx) + j][t] == max(want[len(ctx) + j].values()) for j, t in enumerate(cont)
+        )
+        got_lp, got_greedy = s["resps"][0][0]
+        assert math.isclose(got_lp, expected, abs_tol=1e-3), (got_lp, expected)
+        assert got_greedy == greedy
+    assert "perplexity,none" in results["results"]["tiny_ll"]
+
+
+def test_usage_reports_cached_tokens_continuous_usage_and_min_tokens(local_server, model):
+    c = openai.OpenAI(base_url=f"{local_server.url}/v1", api_key="x", max_retries=0)
+    prompt = list(range(100, 140))  # 40 tokens: two full 16-token blocks are reusable
+    first = c.completions.create(model=str(model), prompt=prompt, max_tokens=2, temperature=0)
+    again = c.completions.create(model=str(model), prompt=prompt, max_tokens=2, temperature=0)
+    assert again.usage.prompt_tokens_details.cached_tokens == 32
+    assert first.usage.prompt_tokens_details.cached_tokens in (0, 32)  # an earlier test may warm it
+    stream = c.chat.completions.create(
+        model=str(model),
+        messages=[{"role": "user", "content": "count"}],
+        max_tokens=5,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+        extra_body={"ignore_eos": True, "min_tokens": 3},
+    )
+    usages = [ch.usage for ch in stream]
+    assert all(u is not None for u in usages)
+    counts = [u.completion_tokens for u in usages]
+    assert counts == sorted(counts) and counts[-1] == 5
+    assert all(u.total_tokens == u.prompt_tokens + u.completion_tokens for u in usages)
+    r = httpx.post(
+        f"{local_server.url}/v1/completions",
+        json={"model": str(model), "prompt": "x", "max_tokens": 2, "min_tokens": 3},
+        timeout=30,
+    )
+    assert r.status_code == 400 and "min_tokens" in r.json()["error"]["message"]
 
 
 def test_fuzz_http_api_never_5xx(local_server):
@@ -470,4 +711,26 @@ def test_worker_grpc_needs_the_deployment_token(server):
         headers={"Authorization": f"Bearer {API_KEY}"},
         timeout=120,
     )
+    assert r.status_code == 200, r.text
+
+
+def test_a_chunked_body_is_held_to_the_size_limit(server):
+    """No Content-Length (Transfer-Encoding: chunked): the limit still holds."""
+    headers = {"Authorization": f"Bearer {API_KEY}", "content-type": "application/json"}
+
+    def chunks(total: int):
+        yield b'{"model": "x", "prompt": "'
+        for _ in range(total // 65536):
+            yield b"a" * 65536
+        yield b'"}'
+
+    r = httpx.post(
+        f"{server.url}/v1/completions", content=chunks(5 * 2**20), headers=headers, timeout=60
+    )
+    assert r.status_code == 413 and "exceeds the limit" in r.json()["error"]["message"]
+    small = b'{"model": "%s", "prompt": [1, 2], "max_tokens": 2}' % server_model(server).encode()
+    r = httpx.post(
+        f"{server.url}/v1/completions", content=iter([small[:10], small[10:]]), headers=headers,
+        timeout=120,
+    )  # fmt: skip
     assert r.status_code == 200, r.text

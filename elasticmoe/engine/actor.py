@@ -17,11 +17,59 @@ import torch
 from elasticmoe.core.expert_map import ExpertMap
 from elasticmoe.engine.config import EngineConfig
 from elasticmoe.engine.engine import LLMEngine, Prompt
-from elasticmoe.engine.loop import EngineLoop
-from elasticmoe.engine.request import RequestOutput, SamplingParams
+from elasticmoe.engine.loop import EngineLoop, QueueSink
+from elasticmoe.engine.request import (
+    CompletionDelta,
+    OutputAccumulator,
+    RequestOutput,
+    SamplingParams,
+    StreamError,
+)
 from elasticmoe.router.router import ExpertRouter, RouterConfig
 
 logger = logging.getLogger(__name__)
+
+
+class _Subscriber:
+    """One caller's share of the loop's output: batches queue here until taken."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._items: list[CompletionDelta | StreamError] = []
+        self._live: set[str] = set()
+
+    def put(self, deltas: list[CompletionDelta]) -> None:
+        with self._cv:
+            self._items.extend(deltas)
+            for d in deltas:
+                if d.finished:
+                    self._live.discard(d.request_id)
+            self._cv.notify()
+
+    def fail(self, request_id: str, error: BaseException) -> None:
+        with self._cv:
+            self._items.append(StreamError(request_id, f"{type(error).__name__}: {error}"))
+            self._live.discard(request_id)
+            self._cv.notify()
+
+    def take(self, timeout: float = 1.0) -> list[CompletionDelta | StreamError]:
+        """Everything queued (waits up to ``timeout`` for something)."""
+        with self._cv:
+            self._cv.wait_for(lambda: self._items, timeout)
+            items, self._items = self._items, []
+            return items
+
+    def track(self, request_id: str) -> None:
+        with self._cv:
+            self._live.add(request_id)
+
+    def untrack(self, request_id: str) -> None:
+        with self._cv:
+            self._live.discard(request_id)
+
+    def live(self) -> list[str]:
+        with self._cv:
+            return list(self._live)
 
 
 class EngineActor:
@@ -44,6 +92,8 @@ class EngineActor:
         self.router: ExpertRouter | None = None
         self.controller_name = controller_name
         self._stop = threading.Event()
+        self._subscribers: dict[str, _Subscriber] = {}
+        self._subscribers_lock = threading.Lock()
         if expert_map is None:  # local mode: every expert in this actor
             self.engine = LLMEngine(EngineConfig(**engine_config))
             self.loop = EngineLoop(self.engine).start()
@@ -114,17 +164,69 @@ class EngineActor:
         self, prompts: list[Prompt], params: list[SamplingParams]
     ) -> list[RequestOutput]:
         """Submit all, then wait for all (one Ray call for a whole batch)."""
-        queues = [self.loop.submit(p, sp)[1] for p, sp in zip(prompts, params, strict=True)]
-        results = []
-        for q in queues:
+        sink = QueueSink()
+        accs: dict[str, OutputAccumulator] = {}
+        order = []
+        for p, sp in zip(prompts, params, strict=True):
+            request_id, children = self.engine.prepare_request(p, sp)
+            order.append(request_id)
+            accs[request_id] = OutputAccumulator(request_id, children[0].prompt_token_ids, sp.n)
+            accs[request_id].output.prompt = children[0].prompt
+        # queued only once all are valid: a bad prompt queues none
+        for p, sp, request_id in zip(prompts, params, order, strict=True):
+            self.loop.submit(p, sp, request_id, sink)
+        left = len(order)
+        while left:
+            item = sink.queue.get()
+            if isinstance(item, BaseException):
+                raise item
+            for delta in item:
+                if accs[delta.request_id].add(delta).finished:
+                    left -= 1
+        return [accs[r].output for r in order]
+
+    # ------------------------------------------------------------ subscriptions
+    def submit(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        request_id: str,
+        subscriber: str,
+    ) -> None:
+        """Queue a request whose outputs go to ``subscriber``'s :meth:`subscribe` stream.
+        Raises ``ValueError`` for bad input."""
+        sink = self._subscriber(subscriber)
+        sink.track(request_id)
+        try:
+            self.loop.submit(prompt, params, request_id, sink)
+        except BaseException:
+            sink.untrack(request_id)
+            raise
+
+    def subscribe(self, subscriber: str) -> Iterator[list[CompletionDelta | StreamError]]:
+        """A Ray streaming generator: per engine step, one list with the new tokens and
+        text of every request this subscriber submitted (batches that pile up while the
+        caller reads are sent as one). Ends, aborting its requests, when the caller
+        goes away."""
+        sink = self._subscriber(subscriber)
+        try:
             while True:
-                item = q.get()
-                if isinstance(item, BaseException):
-                    raise item
-                if item.finished:
-                    results.append(item)
-                    break
-        return results
+                batch = sink.take()
+                if batch:
+                    yield batch
+        finally:
+            with self._subscribers_lock:
+                self._subscribers.pop(subscriber, None)
+            for request_id in sink.live():
+                self.loop.abort(request_id)
+
+    def _subscriber(self, subscriber: str) -> _Subscriber:
+        # made by whichever of submit/subscribe arrives first: nothing is lost in between
+        with self._subscribers_lock:
+            sink = self._subscribers.get(subscriber)
+            if sink is None:
+                sink = self._subscribers[subscriber] = _Subscriber()
+            return sink
 
     def generate_stream(
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None

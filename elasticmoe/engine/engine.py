@@ -13,8 +13,10 @@ import torch
 
 from elasticmoe.engine.config import EngineConfig
 from elasticmoe.engine.latency import LatencyRecorder
+from elasticmoe.engine.logits import apply_min_tokens, needs_min_tokens, prompt_logprobs
 from elasticmoe.engine.model_runner import ModelRunner
 from elasticmoe.engine.request import (
+    CompletionDelta,
     CompletionOutput,
     Request,
     RequestOutput,
@@ -122,6 +124,7 @@ class LLMEngine:
         self._ids = itertools.count()
         # parent request id -> its n sequences
         self._groups: dict[str, list[Request]] = {}
+        self._num_prompt_logprobs = 0  # live requests that want prompt logprobs
 
     # ----------------------------------------------------------------- requests
     def tokenize(self, prompt: Prompt) -> tuple[str | None, list[int]]:
@@ -150,10 +153,18 @@ class LLMEngine:
         self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
     ) -> str:
         """Queue a prompt; returns its request id. Raises ``ValueError`` for bad input."""
+        request_id, children = self.prepare_request(prompt, params, request_id)
+        self.add_prepared(request_id, children)
+        return request_id
+
+    def prepare_request(
+        self, prompt: Prompt, params: SamplingParams | None = None, request_id: str | None = None
+    ) -> tuple[str, list[Request]]:
+        """Validate and tokenize a prompt into its ``n`` sequences without queueing them
+        (safe on any thread: it reads no engine state that a step changes).
+        Raises ``ValueError`` for bad input."""
         params = params or SamplingParams()
         request_id = request_id or f"req-{next(self._ids)}"
-        if request_id in self._groups:
-            raise ValueError(f"request id {request_id!r} is already in use")
         text, ids = self.tokenize(prompt)
         if not ids:
             raise ValueError("prompt is empty: give at least one token")
@@ -175,26 +186,48 @@ class LLMEngine:
             child_params = params
             if params.n > 1 and params.seed is not None:
                 child_params = params.model_copy(update={"seed": params.seed + i})
-            child = Request(
-                request_id=request_id if params.n == 1 else f"{request_id}#{i}",
-                prompt_token_ids=list(ids),
-                params=child_params,
-                arrival_time=now,
-                prompt=text,
-                eos_token_ids=self.eos_token_ids,
+            children.append(
+                Request(
+                    request_id=request_id if params.n == 1 else f"{request_id}#{i}",
+                    prompt_token_ids=list(ids),
+                    params=child_params,
+                    arrival_time=now,
+                    prompt=text,
+                    eos_token_ids=self.eos_token_ids,
+                    index=i,
+                    parent_id=request_id,
+                    detokenizer=self.tokenizer.detokenizer()
+                    if self.tokenizer is not None
+                    else None,
+                )
             )
-            children.append(child)
+        return request_id, children
+
+    def add_prepared(self, request_id: str, children: list[Request]) -> None:
+        """Queue what :meth:`prepare_request` made (on the stepping thread)."""
+        if request_id in self._groups:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        for child in children:
             self.scheduler.add_request(child)
         self._groups[request_id] = children
-        return request_id
+        if children[0].params.prompt_logprobs is not None:
+            self._num_prompt_logprobs += len(children)
 
     def abort_request(self, request_id: str) -> list[RequestOutput]:
         """Stop a request; returns its final output (finish_reason 'abort'), if it was live."""
+        children = self._abort(request_id)
+        return self._outputs({c.request_id for c in children}) if children else []
+
+    def abort_request_deltas(self, request_id: str) -> list[CompletionDelta]:
+        """Like :meth:`abort_request`, as deltas (what the caller has not seen yet)."""
+        return self._deltas(self._abort(request_id))
+
+    def _abort(self, request_id: str) -> list[Request]:
         children = self._groups.get(request_id, [])
         for child in children:
             if not child.status.finished:
                 self._finish(child, RequestStatus.FINISHED_ABORTED)
-        return self._outputs({c.request_id for c in children}) if children else []
+        return list(children)
 
     def forget_request(self, request_id: str) -> None:
         """Drop a finished request's bookkeeping without reporting it."""
@@ -207,7 +240,36 @@ class LLMEngine:
     # --------------------------------------------------------------------- step
     def step(self) -> list[RequestOutput]:
         """Run one batch; return outputs of requests that advanced or finished."""
-        sched = self.scheduler.schedule()
+        return self._outputs({r.request_id for r in self._step()})
+
+    def step_deltas(self) -> list[CompletionDelta]:
+        """Run one batch; return what it added to each request it advanced or finished
+        (new tokens and text only, never whole lists: what a server streams)."""
+        return self._deltas(self._step())
+
+    def _schedule(self):
+        # a request that wants prompt logprobs needs logits for every prompt position,
+        # so it must not skip its prefix via cache hits: look-ups are off for such steps
+        kv = self.kv_manager
+        no_hits = (
+            self._num_prompt_logprobs > 0
+            and kv.enable_prefix_caching
+            and any(r.params.prompt_logprobs is not None for r in self.scheduler.waiting)
+        )
+        if no_hits:
+            kv.enable_prefix_caching = False
+        try:
+            sched = self.scheduler.schedule()
+        finally:
+            if no_hits:
+                kv.enable_prefix_caching = True
+        for s in sched.scheduled:
+            if s.request.num_cached_tokens is None:  # first scheduled: what the cache gave
+                s.request.num_cached_tokens = s.request.num_computed_tokens
+        return sched
+
+    def _step(self) -> list[Request]:
+        sched = self._schedule()
         if not sched.scheduled:
             return []
         experts = self.model.experts
@@ -215,14 +277,19 @@ class LLMEngine:
             experts.begin_step()
             logits = self.runner.execute(sched, self.load_recorder.record)
             completing = [s.request for s in sched.scheduled if s.completes_sequence]
+            prompt_rows = getattr(self.runner, "prompt_logit_rows", None)
+            if prompt_rows:
+                self._record_prompt_logprobs(logits[len(completing) :], prompt_rows)
+                logits = logits[: len(completing)]
+            if needs_min_tokens(completing):
+                apply_min_tokens(logits, completing)
             tokens, logprobs = self.sampler.sample(logits, completing)
         except Exception as e:  # a failed step fails its requests, not the engine
             logger.exception("engine step failed")
-            touched = {s.request.request_id for s in sched.scheduled}
             for s in sched.scheduled:
                 s.request.error = f"{type(e).__name__}: {e}"
                 self._finish(s.request, RequestStatus.FINISHED_ERROR)
-            return self._outputs(touched)
+            return [s.request for s in sched.scheduled]
         finally:
             experts.end_step()
             self.load_recorder.end_step()
@@ -230,7 +297,7 @@ class LLMEngine:
         now = time.time()
         for s in sched.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
-        touched = set()
+        touched = []
         for request, token, lp in zip(completing, tokens, logprobs, strict=True):
             request.output_token_ids.append(token)
             if lp is not None:
@@ -241,39 +308,80 @@ class LLMEngine:
             else:
                 self.latency.itl.append((now, now - request.last_token_time))
             request.last_token_time = now
-            touched.add(request.request_id)
+            touched.append(request)
             status = self._check_stop(request, token)
             if status is not None:
                 self._finish(request, status)
-        return self._outputs(touched)
+        return touched
+
+    def _record_prompt_logprobs(
+        self, logits: torch.Tensor, rows: list[tuple[Request, int, int]]
+    ) -> None:
+        """logits: [sum of rows' counts, V]; row j of a request's slice predicts the
+        prompt token at position start + j + 1."""
+        next_ids: list[int] = []
+        num_top: list[int] = []
+        for request, start, num in rows:
+            next_ids.extend(request.prompt_token_ids[start + 1 : start + 1 + num])
+            num_top.extend([request.params.prompt_logprobs or 0] * num)
+        entries = prompt_logprobs(
+            logits, torch.tensor(next_ids, device=logits.device, dtype=torch.long), num_top
+        )
+        at = 0
+        for request, start, num in rows:
+            if request.prompt_logprobs is None:
+                request.prompt_logprobs = [None] * len(request.prompt_token_ids)
+            request.prompt_logprobs[start + 1 : start + 1 + num] = entries[at : at + num]
+            at += num
 
     def _check_stop(self, request: Request, token: int) -> RequestStatus | None:
         params = request.params
-        if not params.ignore_eos and token in request.eos_token_ids:
-            return RequestStatus.FINISHED_STOPPED
-        if token in params.stop_token_ids:
-            request.stop_reason = token
-            return RequestStatus.FINISHED_STOPPED
-        if params.stop and self.tokenizer is not None:
-            text = self.tokenizer.decode(request.output_token_ids)
-            for stop in params.stop:
-                at = text.find(stop)
-                if at >= 0:
-                    request.stop_reason = stop
-                    request.output_text = (
-                        text[: at + len(stop)] if params.include_stop_str_in_output else text[:at]
-                    )
-                    return RequestStatus.FINISHED_STOPPED
-        if len(request.output_token_ids) >= params.max_tokens:
+        old_len = len(request.output_text)
+        if request.detokenizer is not None:
+            request.output_text += request.detokenizer.update(request.output_token_ids)
+        num_out = len(request.output_token_ids)
+        if num_out >= params.min_tokens:
+            if not params.ignore_eos and token in request.eos_token_ids:
+                return RequestStatus.FINISHED_STOPPED
+            if token in params.stop_token_ids:
+                request.stop_reason = token
+                return RequestStatus.FINISHED_STOPPED
+            grew = len(request.output_text) > old_len
+            if params.stop and grew and self._match_stop(request, old_len):
+                return RequestStatus.FINISHED_STOPPED
+        if num_out >= params.max_tokens:
             return RequestStatus.FINISHED_LENGTH
         if request.num_tokens >= self.max_model_len:
             return RequestStatus.FINISHED_LENGTH
         return None
 
+    @staticmethod
+    def _match_stop(request: Request, old_len: int) -> bool:
+        """Look for stop strings in the new text (plus the tail one could have begun in);
+        on a match cut the text there and record the stop string."""
+        params = request.params
+        text = request.output_text
+        begin = max(0, old_len - (max(len(s) for s in params.stop) - 1))
+        best: tuple[int, str] | None = None
+        for stop in params.stop:
+            at = text.find(stop, begin)
+            if at >= 0 and (best is None or at < best[0]):
+                best = (at, stop)
+        if best is None:
+            return False
+        at, stop = best
+        request.stop_reason = stop
+        keep = at + len(stop) if params.include_stop_str_in_output else at
+        request.output_text = text[:keep]
+        return True
+
     def _finish(self, request: Request, status: RequestStatus) -> None:
-        # a stop string already cut the text; otherwise decode it once, at the end
-        if self.tokenizer is not None and not isinstance(request.stop_reason, str):
-            request.output_text = self.tokenizer.decode(request.output_token_ids)
+        # a stop string already cut the text; otherwise emit what the detokenizer held back
+        if request.detokenizer is not None and not isinstance(request.stop_reason, str):
+            request.output_text += request.detokenizer.flush()
+        request.detokenizer = None
+        if request.params.prompt_logprobs is not None:
+            self._num_prompt_logprobs -= 1
         self.scheduler.finish(request, status)
         self.sampler.forget(request.request_id)
 
@@ -304,11 +412,56 @@ class LLMEngine:
                         for i, c in enumerate(children)
                     ],
                     finished=finished,
+                    num_cached_tokens=children[0].num_cached_tokens or 0,
+                    prompt_logprobs=children[0].prompt_logprobs,
                 )
             )
             if finished:
                 del self._groups[parent]
         return outputs
+
+    def _deltas(self, touched: list[Request]) -> list[CompletionDelta]:
+        deltas = []
+        done_parents = []
+        for c in touched:
+            finished = c.status.finished
+            num_tokens = len(c.output_token_ids)
+            new_ids = c.output_token_ids[c.num_tokens_sent :]
+            logprobs = None
+            if c.params.logprobs is not None:
+                logprobs = c.output_logprobs[c.num_tokens_sent :]
+            c.num_tokens_sent = num_tokens
+            # while running, hold back the text a stop string could still cut
+            ready = len(c.output_text)
+            if not finished and c.params.stop:
+                ready -= max(len(s) for s in c.params.stop) - 1
+            text = ""
+            if ready > c.num_text_sent:
+                text = c.output_text[c.num_text_sent : ready]
+                c.num_text_sent = ready
+            group_done = finished and all(x.status.finished for x in self._groups[c.parent_id])
+            deltas.append(
+                CompletionDelta(
+                    request_id=c.parent_id,
+                    index=c.index,
+                    token_ids=new_ids,
+                    text=text,
+                    logprobs=logprobs,
+                    finish_reason=c.status.value if finished else None,
+                    stop_reason=(c.stop_reason if c.error is None else c.error)
+                    if finished
+                    else None,
+                    num_prompt_tokens=len(c.prompt_token_ids),
+                    num_cached_tokens=c.num_cached_tokens or 0,
+                    prompt_logprobs=c.prompt_logprobs if finished and c.index == 0 else None,
+                    finished=group_done,
+                )
+            )
+            if group_done:
+                done_parents.append(c.parent_id)
+        for parent in done_parents:
+            self._groups.pop(parent, None)
+        return deltas
 
     def stats(self) -> EngineStats:
         """Current queue lengths, KV usage and cache hit rate."""

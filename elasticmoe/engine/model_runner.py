@@ -46,16 +46,23 @@ class ModelRunner:
         self.kv_cache = kv_cache
         self.kv_manager = kv_manager
         self.device = device
+        # (request, first position, number of rows) of the prompt-logprob rows that follow
+        # the sampling rows in the last ``execute``'s logits
+        self.prompt_logit_rows: list[tuple[object, int, int]] = []
 
     def execute(self, step: SchedulerOutput, load_hook: LoadHook | None = None) -> torch.Tensor:
         """Run the step; return logits [num_completing, V] for the requests that
-        reach the end of their known tokens, in ``step.scheduled`` order."""
+        reach the end of their known tokens, in ``step.scheduled`` order; requests
+        that ask for prompt logprobs add rows for their prompt positions after
+        those (see ``prompt_logit_rows``)."""
         bs = self.kv_cache.block_size
         input_ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         logits_indices: list[int] = []
         decode_rows, prefill_rows = [], []
+        prompt_indices: list[int] = []
+        self.prompt_logit_rows = []
         for sched in step.scheduled:
             request = sched.request
             start = request.num_computed_tokens
@@ -68,6 +75,11 @@ class ModelRunner:
             slots.extend(table[p // bs] * bs + p % bs for p in pos)
             if sched.completes_sequence:
                 logits_indices.append(flat[-1])
+            last_prompt_pos = len(request.prompt_token_ids) - 1
+            if request.params.prompt_logprobs is not None and start < last_prompt_pos:
+                num = min(end, last_prompt_pos) - start
+                prompt_indices.extend(flat[:num])
+                self.prompt_logit_rows.append((request, start, num))
             (decode_rows if len(flat) == 1 else prefill_rows).append((flat, pos, table))
         dev = self.device
         groups = [_group(rows, dev) for rows in (decode_rows, prefill_rows) if rows]
@@ -77,6 +89,6 @@ class ModelRunner:
             torch.tensor(positions, device=dev),
             meta,
             self.kv_cache,
-            torch.tensor(logits_indices, device=dev, dtype=torch.long),
+            torch.tensor(logits_indices + prompt_indices, device=dev, dtype=torch.long),
             load_hook,
         )

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class SamplingParams(BaseModel):
@@ -28,6 +29,10 @@ class SamplingParams(BaseModel):
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     logprobs: int | None = Field(None, ge=0, le=20)
+    prompt_logprobs: int | None = Field(
+        None, ge=0, le=20, description="logprobs of each prompt token (and the top N)"
+    )
+    min_tokens: int = Field(0, ge=0, description="EOS and stop tokens are blocked until then")
 
     def __init__(self, **data):  # accept stop="x" like vLLM
         if isinstance(data.get("stop"), str):
@@ -40,6 +45,14 @@ class SamplingParams(BaseModel):
         if any(s == "" for s in v):
             raise ValueError("stop strings must be non-empty")
         return v
+
+    @model_validator(mode="after")
+    def _min_le_max(self) -> SamplingParams:
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(
+                f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})"
+            )
+        return self
 
     @property
     def greedy(self) -> bool:
@@ -84,6 +97,13 @@ class Request:
     first_token_time: float | None = None
     last_token_time: float = 0.0
     eos_token_ids: frozenset[int] = frozenset()
+    index: int = 0  # which of its parent's n completions
+    parent_id: str = ""
+    num_cached_tokens: int | None = None  # prefix-cache hits when first scheduled
+    detokenizer: Any = None  # a DetokenizeState while text is produced incrementally
+    num_text_sent: int = 0  # chars of output_text already reported in a delta
+    num_tokens_sent: int = 0  # output tokens already reported in a delta
+    prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
     def all_token_ids(self) -> list[int]:
@@ -118,6 +138,67 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+
+
+@dataclass(slots=True)
+class CompletionDelta:
+    """What one step added to one completion: only the new tokens and text."""
+
+    request_id: str  # the parent request id (what the caller submitted)
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[dict[int, float]] | None = None
+    finish_reason: str | None = None
+    stop_reason: str | int | None = None
+    # set on a request's first delta
+    num_prompt_tokens: int | None = None
+    num_cached_tokens: int | None = None
+    # set on the last delta of a request that asked for prompt logprobs
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    finished: bool = False  # every completion of the request is done
+
+
+@dataclass(slots=True)
+class StreamError:
+    """A request on a shared stream ended without a final delta (engine shut down or
+    crashed); the caller may run it again elsewhere."""
+
+    request_id: str
+    message: str
+
+
+class OutputAccumulator:
+    """Builds the cumulative :class:`RequestOutput` of a request from its deltas."""
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], n: int = 1) -> None:
+        self.output = RequestOutput(
+            request_id,
+            None,
+            prompt_token_ids,
+            [CompletionOutput(i, "", []) for i in range(n)],
+            False,
+        )
+
+    def add(self, delta: CompletionDelta) -> RequestOutput:
+        """Apply one delta; returns the (shared, updated) output."""
+        out = self.output
+        while delta.index >= len(out.outputs):
+            out.outputs.append(CompletionOutput(len(out.outputs), "", []))
+        c = out.outputs[delta.index]
+        c.token_ids.extend(delta.token_ids)
+        c.text += delta.text
+        if delta.logprobs is not None:
+            c.logprobs = (c.logprobs or []) + delta.logprobs
+        if delta.finish_reason is not None:
+            c.finish_reason, c.stop_reason = delta.finish_reason, delta.stop_reason
+        if delta.num_cached_tokens is not None:
+            out.num_cached_tokens = delta.num_cached_tokens
+        if delta.prompt_logprobs is not None:
+            out.prompt_logprobs = delta.prompt_logprobs
+        out.finished = delta.finished
+        return out
 
 
 class ReplayDivergedError(RuntimeError):
@@ -137,6 +218,7 @@ class Replay:
     def __init__(self, params: SamplingParams) -> None:
         self.params = params
         self.delivered: dict[int, list[int]] = {}  # completion index -> tokens passed on
+        self.delivered_text: dict[int, list[int]] = {}  # completion index -> [chars passed on]
 
     @property
     def started(self) -> bool:
@@ -161,3 +243,37 @@ class Replay:
         for c in out.outputs:
             self.delivered[c.index] = list(c.token_ids)
         return True
+
+    def trim(self, delta: CompletionDelta, pos: list[int]) -> bool:
+        """Cut what a rerun repeats off ``delta`` (in place); False if nothing new is left.
+
+        ``pos`` is ``[tokens, chars]`` this attempt produced for the completion so far
+        (updated here). Works on deltas as :meth:`accept` does on whole outputs; the text
+        delivered is tracked alongside the tokens so a rerun's repeated text is cut too.
+        """
+        done = self.delivered.setdefault(delta.index, [])
+        done_text = self.delivered_text.setdefault(delta.index, [0])
+        start, text_start = pos
+        pos[0] += len(delta.token_ids)
+        pos[1] += len(delta.text)
+        if start == len(done) and text_start == done_text[0]:  # caught up: all of it is new
+            done.extend(delta.token_ids)
+            done_text[0] += len(delta.text)
+            return bool(delta.token_ids or delta.text or delta.finish_reason)
+        overlap = min(pos[0], len(done))
+        if delta.token_ids[: max(0, overlap - start)] != done[start:overlap]:
+            raise ReplayDivergedError(
+                f"completion {delta.index}: the rerun produced different tokens after "
+                f"{len(done)} delivered ones"
+            )
+        skip = max(0, len(done) - start)
+        if skip:
+            delta.token_ids = delta.token_ids[skip:]
+            if delta.logprobs is not None:
+                delta.logprobs = delta.logprobs[skip:]
+        text_skip = max(0, done_text[0] - text_start)
+        if text_skip:
+            delta.text = delta.text[text_skip:]
+        done.extend(delta.token_ids)
+        done_text[0] += len(delta.text)
+        return bool(delta.token_ids or delta.text or delta.finish_reason)

@@ -2,13 +2,14 @@
 
 A Ray Serve deployment with a FastAPI ingress. It tokenizes, validates and
 limits requests itself, so a malformed or oversized request never reaches an
-engine; it streams tokens from the engine actors (Ray streaming generators)
-as server-sent events, detokenizing incrementally; and it turns every failure
-into the OpenAI error shape with the right status code.
+engine; it streams from the engine actors as server-sent events (one
+subscription per engine carries each step's new tokens and text of all of
+this replica's requests, see :mod:`elasticmoe.serve.engine_client`; the
+engine detokenizes incrementally); and it turns every failure into the
+OpenAI error shape with the right status code.
 """
 
 import asyncio
-import contextlib
 import hmac
 import itertools
 import json
@@ -16,6 +17,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -26,9 +28,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from elasticmoe.engine.request import Replay, ReplayDivergedError, RequestOutput, SamplingParams
+from elasticmoe.engine.request import (
+    CompletionDelta,
+    OutputAccumulator,
+    Replay,
+    ReplayDivergedError,
+    RequestOutput,
+    SamplingParams,
+    StreamError,
+)
 from elasticmoe.model.config import load_config
 from elasticmoe.model.tokenizer import Tokenizer
+from elasticmoe.serve.engine_client import EngineClient
 from elasticmoe.serve.metrics import ClusterCollector, RequestMetrics
 from elasticmoe.serve.protocol import (
     AddWorkersRequest,
@@ -101,29 +112,89 @@ def key_matches(header: str, keys: list[str]) -> bool:
     return found
 
 
-@app.middleware("http")
-async def _guard(request: Request, call_next):
-    """Auth and body-size limits before any body is parsed (so bad input costs nothing)."""
-    settings: ServeSettings | None = getattr(request.app.state, "settings", None)
-    path = request.url.path
-    if settings is not None and (path.startswith("/v1") or path.startswith("/admin")):
-        admin = path.startswith("/admin")
-        keys = settings.admin_api_keys if admin else settings.api_keys
-        if keys and not key_matches(request.headers.get("authorization", ""), keys):
-            what = "admin API key" if admin else "API key"
-            return _error(
-                401,
-                f"invalid or missing {what} (Authorization: Bearer <key>)",
-                "authentication_error",
-            )
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > settings.max_body_bytes:
-            return _error(
-                413,
-                f"request body of {length} bytes exceeds the limit of {settings.max_body_bytes}",
-                "invalid_request_error",
-            )
-    return await call_next(request)
+class _Guard:
+    """Auth and body-size limits before any body is parsed (so bad input costs nothing).
+
+    A plain ASGI middleware: Starlette's ``BaseHTTPMiddleware`` would pass every
+    streamed chunk through an extra in-memory stream, a cost paid per token.
+    """
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        # the app serving this request (Serve may run a copy of the module's ``app``)
+        served = scope.get("app")
+        settings: ServeSettings | None = getattr(getattr(served, "state", None), "settings", None)
+        path = scope.get("path", "")
+        if (
+            scope["type"] == "http"
+            and settings is not None
+            and (path.startswith("/v1") or path.startswith("/admin"))
+        ):
+            headers = {
+                k: v for k, v in scope["headers"] if k in (b"authorization", b"content-length")
+            }
+            response = _refusal(settings, path.startswith("/admin"), headers)
+            if response is None and b"content-length" not in headers:
+                # A chunked body has no length to check up front: read it here, at most
+                # max_body_bytes of it, and hand the app what was read.
+                receive, response = await _bounded_body(receive, settings.max_body_bytes)
+            if response is not None:
+                await response(scope, receive, send)
+                return
+        await self.inner(scope, receive, send)
+
+
+def _too_large(size: str, limit: int) -> JSONResponse:
+    return _error(
+        413, f"request body of {size} bytes exceeds the limit of {limit}", "invalid_request_error"
+    )
+
+
+async def _bounded_body(receive: Any, limit: int) -> tuple[Any, JSONResponse | None]:
+    """(a receive that replays the body, None), or a 413 once more than ``limit`` bytes came."""
+    chunks: list[bytes] = []
+    total = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":  # the client went away
+            return receive, None
+        chunk = message.get("body", b"")
+        total += len(chunk)
+        if total > limit:
+            return receive, _too_large(f"more than {limit}", limit)
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            break
+    replayed = False
+
+    async def replay() -> dict:
+        nonlocal replayed
+        if not replayed:
+            replayed = True
+            return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+        return await receive()
+
+    return replay, None
+
+
+def _refusal(
+    settings: ServeSettings, admin: bool, headers: dict[bytes, bytes]
+) -> JSONResponse | None:
+    keys = settings.admin_api_keys if admin else settings.api_keys
+    if keys and not key_matches(headers.get(b"authorization", b"").decode("latin-1"), keys):
+        what = "admin API key" if admin else "API key"
+        return _error(
+            401, f"invalid or missing {what} (Authorization: Bearer <key>)", "authentication_error"
+        )
+    length = headers.get(b"content-length", b"").decode("latin-1")
+    if length and length.isdigit() and int(length) > settings.max_body_bytes:
+        return _too_large(length, settings.max_body_bytes)
+    return None
+
+
+app.add_middleware(_Guard)
 
 
 @app.exception_handler(APIError)
@@ -157,6 +228,51 @@ def _logprob_token(tokenizer: Tokenizer | None, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False) if tokenizer else str(token_id)
 
 
+def _coalesce(items: list[Any]) -> list[Any]:
+    """Merge consecutive deltas of the same completion into one (order kept; errors and
+    other completions' deltas stay where they are)."""
+    if len(items) == 1:
+        return items
+    out: list[Any] = []
+    last: dict[int, CompletionDelta] = {}
+    for item in items:
+        if not isinstance(item, CompletionDelta):
+            out.append(item)
+            last.clear()
+            continue
+        prev = last.get(item.index)
+        if prev is None or prev.finish_reason is not None:
+            out.append(item)
+            last[item.index] = item
+            continue
+        prev.token_ids = prev.token_ids + item.token_ids
+        prev.text += item.text
+        if prev.logprobs is not None and item.logprobs is not None:
+            prev.logprobs = prev.logprobs + item.logprobs
+        prev.finish_reason, prev.stop_reason = item.finish_reason, item.stop_reason
+        prev.finished = item.finished
+        if item.prompt_logprobs is not None:
+            prev.prompt_logprobs = item.prompt_logprobs
+    return out
+
+
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+@dataclass
+class _Timing:
+    """When a request started and when its last token arrived (for TTFT / ITL)."""
+
+    start: float
+    last: float | None = None
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2048)
 @serve.ingress(app)
 class OpenAIServer:
@@ -167,6 +283,7 @@ class OpenAIServer:
 
         self.settings = ServeSettings(**settings)
         self.engines = [ray.get_actor(n, namespace=NAMESPACE) for n in self.settings.engine_names]
+        self.clients = [EngineClient(e) for e in self.engines]
         self._rr = itertools.count()
         model_dir = self.settings.model_dir
         self.tokenizer = Tokenizer.from_dir(model_dir)
@@ -243,7 +360,12 @@ class OpenAIServer:
         return ids
 
     def _params(
-        self, req: Any, prompt_len: int, max_tokens: int | None, logprobs: int | None
+        self,
+        req: Any,
+        prompt_len: int,
+        max_tokens: int | None,
+        logprobs: int | None,
+        prompt_logprobs: int | None = None,
     ) -> SamplingParams:
         room = self.max_model_len - prompt_len
         if room < 1:
@@ -259,9 +381,16 @@ class OpenAIServer:
                 f"exceeds the context length {self.max_model_len}",
                 param="max_tokens",
             )
+        max_tokens = max_tokens or room
+        if req.min_tokens > max_tokens:
+            raise APIError(
+                400,
+                f"min_tokens ({req.min_tokens}) exceeds max_tokens ({max_tokens})",
+                param="min_tokens",
+            )
         return SamplingParams(
             n=req.n,
-            max_tokens=max_tokens or room,
+            max_tokens=max_tokens,
             temperature=req.temperature,
             top_p=req.top_p,
             top_k=req.top_k,
@@ -269,38 +398,52 @@ class OpenAIServer:
             stop=req.stop_list,
             ignore_eos=req.ignore_eos,
             logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            min_tokens=req.min_tokens,
         )
-
-    def _engine(self) -> Any:
-        return self.engines[next(self._rr) % len(self.engines)]
 
     async def _stream(
         self, prompt_ids: list[int], params: SamplingParams, request_id: str
-    ) -> AsyncIterator[RequestOutput]:
-        """Outputs of one engine request; aborts it if the consumer goes away.
+    ) -> AsyncIterator[CompletionDelta]:
+        """The deltas of one engine request; aborts it if the consumer goes away.
 
         If the engine dies, the request runs again on the next engine (Ray
-        restarts the dead one). Tokens already streamed are not sent twice:
-        greedy and seeded requests replay to the same tokens, which are
-        skipped (:class:`Replay`). An unseeded sampled request that already
+        restarts the dead one). Tokens and text already streamed are not sent
+        twice: greedy and seeded requests replay to the same tokens, which are
+        cut off (:meth:`Replay.trim`). An unseeded sampled request that already
         streamed tokens fails with a retryable 503 instead: a rerun would not
         repeat what the client has seen.
         """
         from ray.exceptions import ActorUnavailableError, RayActorError
 
         replay = Replay(params)
-        for attempt in range(len(self.engines) + 1):
-            engine = self._engine()
-            gen = engine.generate_stream.options(num_returns="streaming").remote(
-                {"prompt_token_ids": prompt_ids}, params, request_id
-            )
+        first = next(self._rr)
+        for attempt in range(len(self.clients) + 1):
+            # a rerun goes to the next engine, not back to the one that just failed
+            client = self.clients[(first + attempt) % len(self.clients)]
             finished = False
+            seen: dict[int, list[int]] = {}  # completion -> [tokens, chars] of this attempt
             try:
-                async for ref in gen:
-                    out = await ref
-                    finished = out.finished
-                    if replay.accept(out):
-                        yield out
+                q = await client.submit(prompt_ids, params, request_id)
+                while not finished:
+                    items = [await q.get()]
+                    while not q.empty():  # steps that arrived while we were busy: one answer
+                        items.append(q.get_nowait())
+                    for item in _coalesce(items):
+                        if isinstance(item, BaseException):
+                            raise item
+                        if isinstance(item, StreamError):
+                            raise APIError(
+                                503, f"engine failed: {item.message}", "service_unavailable"
+                            )
+                        finished = item.finished
+                        pos = seen.get(item.index)
+                        if pos is None:
+                            pos = seen[item.index] = [0, 0]
+                        if replay.trim(item, pos):
+                            yield item
+                        if finished:
+                            break
                 return
             except (RayActorError, ActorUnavailableError) as e:
                 if not replay.can_resume() or attempt == len(self.engines):
@@ -314,14 +457,14 @@ class OpenAIServer:
                 raise APIError(503, f"engine failover failed: {e}", "service_unavailable") from e
             except APIError:
                 raise
+            except ValueError as e:  # the engine refused the request (e.g. KV cache too small)
+                raise APIError(400, f"the engine refused the request: {e}") from e
             except Exception as e:
                 raise APIError(
                     503, f"engine failed: {type(e).__name__}: {e}", "service_unavailable"
                 ) from e
             finally:
-                if not finished:
-                    with contextlib.suppress(Exception):
-                        engine.abort.remote(request_id)
+                client.release(request_id, abort=not finished)
 
     # ------------------------------------------------------------ endpoints
     @app.get("/health")
@@ -376,12 +519,23 @@ class OpenAIServer:
 
     @app.post("/v1/completions")
     async def completions(self, req: CompletionRequest) -> Response:
-        """OpenAI completions, streaming (SSE) or not."""
+        """OpenAI completions, streaming (SSE) or not; ``echo`` with prompt logprobs."""
         self._check_model(req.model)
         self._admit()
-        prompts = [self._tokens(p, "prompt") for p in req.prompts()]
-        params = [self._params(req, len(p), req.max_tokens, req.logprobs) for p in prompts]
-        return await self._respond("completions", req, prompts, params, chat=False)
+        raw = req.prompts()
+        prompts = [self._tokens(p, "prompt") for p in raw]
+        # max_tokens=0 (with echo) scores the prompt only: the engine still samples one
+        # token, which the answer leaves out
+        limit = None if req.max_tokens is None else max(req.max_tokens, 1)
+        prompt_lps = req.logprobs if req.echo else None
+        params = [self._params(req, len(p), limit, req.logprobs, prompt_lps) for p in prompts]
+        echo = None
+        if req.echo:
+            echo = [
+                r if isinstance(r, str) else self.tokenizer.decode(p)
+                for r, p in zip(raw, prompts, strict=True)
+            ]
+        return await self._respond("completions", req, prompts, params, chat=False, echo=echo)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(self, req: ChatCompletionRequest) -> Response:
@@ -408,13 +562,15 @@ class OpenAIServer:
         prompts: list[list[int]],
         params: list[SamplingParams],
         chat: bool,
+        echo: list[str] | None = None,
     ) -> Response:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
         self.in_flight += 1
         self.metrics.in_flight.inc()
         if req.stream:
             return StreamingResponse(
-                self._sse(endpoint, rid, req, prompts, params, chat), media_type="text/event-stream"
+                self._sse(endpoint, rid, req, prompts, params, chat, echo),
+                media_type="text/event-stream",
             )
         try:
             finals = await asyncio.gather(
@@ -429,6 +585,7 @@ class OpenAIServer:
         finally:
             self.in_flight -= 1
             self.metrics.in_flight.dec()
+        prompt_only = not chat and req.max_tokens == 0
         choices, completion_tokens = [], 0
         for pi, out in enumerate(finals):
             for c in out.outputs:
@@ -437,9 +594,9 @@ class OpenAIServer:
                     raise APIError(
                         503, f"generation failed: {c.stop_reason}", "service_unavailable"
                     )
-                completion_tokens += len(c.token_ids)
                 index = pi * req.n + c.index
                 if chat:
+                    completion_tokens += len(c.token_ids)
                     choices.append(
                         {
                             "index": index,
@@ -450,17 +607,28 @@ class OpenAIServer:
                             "finish_reason": c.finish_reason,
                         }
                     )
-                else:
-                    choices.append(
-                        {
-                            "index": index,
-                            "text": c.text,
-                            "logprobs": self._completion_logprobs(c.token_ids, c.logprobs)
-                            if c.logprobs is not None
-                            else None,
-                            "finish_reason": c.finish_reason,
-                        }
-                    )
+                    continue
+                ids, lps, text = c.token_ids, c.logprobs, c.text
+                finish = c.finish_reason
+                if prompt_only:
+                    ids, lps, text, finish = [], [] if lps is not None else None, "", "length"
+                completion_tokens += len(ids)
+                if echo is not None:
+                    text = echo[pi] + text
+                    if lps is not None:
+                        plps = out.prompt_logprobs or [None] * len(prompts[pi])
+                        lps = plps + lps
+                    ids = prompts[pi] + ids
+                choices.append(
+                    {
+                        "index": index,
+                        "text": text,
+                        "logprobs": self._completion_logprobs(ids, lps)
+                        if lps is not None
+                        else None,
+                        "finish_reason": finish,
+                    }
+                )
         prompt_tokens = sum(len(p) for p in prompts)
         self.metrics.requests.labels(endpoint, "200").inc()
         self.metrics.prompt_tokens.inc(prompt_tokens)
@@ -472,41 +640,39 @@ class OpenAIServer:
                 "created": int(time.time()),
                 "model": self.settings.model_name,
                 "choices": choices,
-                "usage": {
-                    "prompt_tokens": prompt_tokens,
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": prompt_tokens + completion_tokens,
-                },
+                "usage": _usage(
+                    prompt_tokens, completion_tokens, sum(o.num_cached_tokens for o in finals)
+                ),
             }
         )
 
     async def _collect(self, prompt: list[int], params: SamplingParams, rid: str) -> RequestOutput:
         start = time.monotonic()
-        last = None
-        counts: dict[int, int] = {}
-        async for out in self._stream(prompt, params, rid):
-            self._observe_tokens(out, counts, start, last)
-            last = time.monotonic()
+        timing = _Timing(start)
+        acc = OutputAccumulator(rid, prompt, params.n)
+        async for delta in self._stream(prompt, params, rid):
+            self._observe(delta, timing)
+            acc.add(delta)
         self.metrics.e2e.observe(time.monotonic() - start)
-        assert out.finished
-        return out
+        assert acc.output.finished
+        return acc.output
 
-    def _observe_tokens(
-        self, out: RequestOutput, counts: dict[int, int], start: float, last: float | None
-    ) -> None:
+    def _observe(self, delta: CompletionDelta, timing: _Timing) -> None:
+        """TTFT on the first token, ITL between later arrivals."""
+        if not delta.token_ids:
+            return
         now = time.monotonic()
-        grew = False
-        for c in out.outputs:
-            n = len(c.token_ids)
-            if n > counts.get(c.index, 0):
-                grew = True
-                if counts.get(c.index, 0) == 0 and c.index == 0:
-                    self.metrics.ttft.observe(now - start)
-                counts[c.index] = n
-        if grew and last is not None and any(v > 1 for v in counts.values()):
-            self.metrics.itl.observe(now - last)
+        if timing.last is None:
+            self.metrics.ttft.observe(now - timing.start)
+        elif now > timing.last:  # several completions' deltas of one step count once
+            self.metrics.itl.observe(now - timing.last)
+        timing.last = now
 
-    def _completion_logprobs(self, ids: list[int], lps: list[dict[int, float]]) -> dict[str, Any]:
+    def _completion_logprobs(
+        self, ids: list[int], lps: list[dict[int, float] | None]
+    ) -> dict[str, Any]:
+        """The legacy completions shape; an entry of None (the first prompt token under
+        ``echo``) has no logprob."""
         tokens = [_logprob_token(self.tokenizer, t) for t in ids]
         offsets, pos = [], 0
         for t in tokens:
@@ -514,9 +680,14 @@ class OpenAIServer:
             pos += len(t)
         return {
             "tokens": tokens,
-            "token_logprobs": [lp.get(t) for t, lp in zip(ids, lps, strict=False)],
+            "token_logprobs": [
+                lp.get(t) if lp is not None else None for t, lp in zip(ids, lps, strict=False)
+            ],
             "top_logprobs": [
-                {_logprob_token(self.tokenizer, k): v for k, v in lp.items()} for lp in lps
+                {_logprob_token(self.tokenizer, k): v for k, v in lp.items()}
+                if lp is not None
+                else None
+                for lp in lps
             ],
             "text_offset": offsets,
         }
@@ -543,6 +714,42 @@ class OpenAIServer:
             )
         return {"content": content}
 
+    async def _deltas(
+        self, prompts: list[list[int]], params: list[SamplingParams], rid: str
+    ) -> AsyncIterator[tuple[int, CompletionDelta | BaseException]]:
+        """(prompt index, delta) of every prompt's request as they come; a failed
+        request yields its exception (reported in-band: headers are already sent)."""
+        if len(prompts) == 1:  # the common case: no merging task
+            try:
+                async for delta in self._stream(prompts[0], params[0], f"{rid}-0"):
+                    yield 0, delta
+            except Exception as e:
+                yield 0, e
+            return
+        queue: asyncio.Queue[tuple[int, CompletionDelta | BaseException] | None] = asyncio.Queue()
+
+        async def pump(pi: int) -> None:
+            try:
+                async for delta in self._stream(prompts[pi], params[pi], f"{rid}-{pi}"):
+                    queue.put_nowait((pi, delta))
+            except Exception as e:
+                queue.put_nowait((pi, e))
+            finally:
+                queue.put_nowait(None)
+
+        tasks = [asyncio.create_task(pump(i)) for i in range(len(prompts))]
+        try:
+            done = 0
+            while done < len(tasks):
+                item = await queue.get()
+                if item is None:
+                    done += 1
+                else:
+                    yield item
+        finally:
+            for t in tasks:
+                t.cancel()
+
     async def _sse(
         self,
         endpoint: str,
@@ -551,134 +758,102 @@ class OpenAIServer:
         prompts: list[list[int]],
         params: list[SamplingParams],
         chat: bool,
+        echo: list[str] | None = None,
     ) -> AsyncIterator[str]:
-        """Server-sent events: one chunk per new text, then usage (if asked) and [DONE]."""
+        """Server-sent events: one chunk per delta with new text, then usage (if asked)
+        and [DONE]. The engine already detokenized and held back what a stop string
+        could still cut, so a chunk is the delta's text as it is."""
         created = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
-        queue: asyncio.Queue[tuple[int, RequestOutput] | BaseException | None] = asyncio.Queue()
+        model = self.settings.model_name
+        opts = req.stream_options
+        include_usage = bool(opts and opts.include_usage)
+        continuous = include_usage and bool(opts.continuous_usage_stats)
+        prompt_only = not chat and req.max_tokens == 0
+        prompt_tokens = sum(len(p) for p in prompts)
+        cached: dict[int, int] = {}
+        started: set[int] = set()
+        timing = _Timing(time.monotonic())
+        completion_tokens, status = 0, "200"
 
-        async def pump(pi: int) -> None:
-            try:
-                async for out in self._stream(prompts[pi], params[pi], f"{rid}-{pi}"):
-                    await queue.put((pi, out))
-            except BaseException as e:  # reported in-band: headers are already sent
-                await queue.put(e)
-            finally:
-                await queue.put(None)
+        offsets: dict[int, int] = {}  # choice -> chars streamed (for text_offset)
+        # every chunk's fixed fields, encoded once
+        head = json.dumps({"id": rid, "object": obj, "created": created, "model": model})
+        head = f'data: {head[:-1]}, "choices": ['
 
-        def chunk(index: int, text: str | None, finish: str | None, first: bool) -> str:
+        def chunk(
+            index: int, text: str, finish: str | None, first: bool, d: CompletionDelta
+        ) -> str:
+            lps = None
+            if d.logprobs is not None and d.token_ids and not prompt_only:
+                if chat:
+                    lps = self._chat_logprobs(d.token_ids, d.logprobs)
+                else:
+                    lps = self._completion_logprobs(d.token_ids, d.logprobs)
+                    base = offsets.get(index, 0) + (len(text) - len(d.text))
+                    lps["text_offset"] = [base + o for o in lps["text_offset"]]
+            offsets[index] = offsets.get(index, 0) + len(text)
             if chat:
-                delta: dict[str, Any] = {}
-                if first:
-                    delta["role"] = "assistant"
+                delta: dict[str, Any] = {"role": "assistant"} if first else {}
                 if text:
                     delta["content"] = text
-                choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+                choice = {"index": index, "delta": delta, "logprobs": lps, "finish_reason": finish}
             else:
-                choice = {
-                    "index": index,
-                    "text": text or "",
-                    "logprobs": None,
-                    "finish_reason": finish,
-                }
-            return (
-                "data: "
-                + json.dumps(
-                    {
-                        "id": rid,
-                        "object": obj,
-                        "created": created,
-                        "model": self.settings.model_name,
-                        "choices": [choice],
-                    }
-                )
-                + "\n\n"
-            )
+                choice = {"index": index, "text": text, "logprobs": lps, "finish_reason": finish}
+            usage = ""
+            if continuous:
+                u = _usage(prompt_tokens, completion_tokens, sum(cached.values()))
+                usage = f', "usage": {json.dumps(u)}'
+            return f"{head}{json.dumps(choice)}]{usage}}}\n\n"
 
-        tasks = [asyncio.create_task(pump(i)) for i in range(len(prompts))]
-        hold = max((len(s) for s in req.stop_list), default=1) - 1  # text a stop may still cut
-        states: dict[int, tuple[int, str]] = {}  # choice -> (tokens seen, text sent)
-        start, last = time.monotonic(), None
-        counts: dict[int, int] = {}
-        done, completion_tokens, status = 0, 0, "200"
         try:
-            while done < len(tasks):
-                item = await queue.get()
-                if item is None:
-                    done += 1
-                    continue
-                if isinstance(item, BaseException):
+            async for pi, d in self._deltas(prompts, params, rid):
+                if isinstance(d, BaseException):
                     status = "503"
-                    msg = item.message if isinstance(item, APIError) else str(item)
-                    yield (
-                        "data: " + json.dumps(error_body(msg, "service_unavailable", 503)) + "\n\n"
-                    )
+                    msg = d.message if isinstance(d, APIError) else str(d)
+                    yield f"data: {json.dumps(error_body(msg, 'service_unavailable', 503))}\n\n"
                     continue
-                pi, out = item
-                self._observe_tokens(out, counts, start, last)
-                last = time.monotonic()
-                for c in out.outputs:
-                    index = pi * req.n + c.index
-                    seen, sent = states.get(index, (0, ""))
-                    if len(c.token_ids) == seen and not c.finish_reason:
-                        continue
-                    if c.finish_reason == "error":
-                        status = "503"
-                        yield (
-                            "data: "
-                            + json.dumps(
-                                error_body(
-                                    f"generation failed: {c.stop_reason}",
-                                    "service_unavailable",
-                                    503,
-                                )
-                            )
-                            + "\n\n"
-                        )
-                        states[index] = (len(c.token_ids), sent)
-                        continue
-                    if c.finish_reason:
-                        text = c.text  # final, stop strings already cut by the engine
-                    else:
-                        full = self.tokenizer.decode(c.token_ids)
-                        text = full[: len(full) - hold] if hold else full
-                        if text.endswith("\ufffd"):  # half a UTF-8 character: wait for the rest
-                            text = text.rstrip("\ufffd")
-                    delta = text[len(sent) :] if text.startswith(sent) else ""
-                    if delta or c.finish_reason or seen == 0:
-                        yield chunk(index, delta, c.finish_reason, seen == 0)
-                    states[index] = (len(c.token_ids), sent + delta)
-                    if c.finish_reason:
-                        completion_tokens += len(c.token_ids)
-            if req.stream_options and req.stream_options.include_usage:
-                prompt_tokens = sum(len(p) for p in prompts)
-                yield (
-                    "data: "
-                    + json.dumps(
-                        {
-                            "id": rid,
-                            "object": obj,
-                            "created": created,
-                            "model": self.settings.model_name,
-                            "choices": [],
-                            "usage": {
-                                "prompt_tokens": prompt_tokens,
-                                "completion_tokens": completion_tokens,
-                                "total_tokens": prompt_tokens + completion_tokens,
-                            },
-                        }
+                self._observe(d, timing)
+                if d.num_cached_tokens is not None and d.index == 0:
+                    cached[pi] = d.num_cached_tokens
+                index = pi * req.n + d.index
+                if d.finish_reason == "error":
+                    status = "503"
+                    err = error_body(
+                        f"generation failed: {d.stop_reason}", "service_unavailable", 503
                     )
-                    + "\n\n"
-                )
+                    yield f"data: {json.dumps(err)}\n\n"
+                    continue
+                first = index not in started
+                text, finish = d.text, d.finish_reason
+                if prompt_only:
+                    text, finish = "", "length" if finish else None
+                else:
+                    completion_tokens += len(d.token_ids)
+                if first:
+                    started.add(index)
+                    if echo is not None:
+                        text = echo[pi] + text
+                # a delta whose text is held back still carries its tokens' logprobs
+                if text or finish or first or (d.logprobs is not None and d.token_ids):
+                    yield chunk(index, text, finish, first, d)
+            if include_usage:
+                body = {
+                    "id": rid,
+                    "object": obj,
+                    "created": created,
+                    "model": model,
+                    "choices": [],
+                    "usage": _usage(prompt_tokens, completion_tokens, sum(cached.values())),
+                }
+                yield f"data: {json.dumps(body)}\n\n"
             yield "data: [DONE]\n\n"
         finally:
-            for t in tasks:
-                t.cancel()
             self.in_flight -= 1
             self.metrics.in_flight.dec()
             self.metrics.requests.labels(endpoint, status).inc()
-            self.metrics.e2e.observe(time.monotonic() - start)
-            self.metrics.prompt_tokens.inc(sum(len(p) for p in prompts))
+            self.metrics.e2e.observe(time.monotonic() - timing.start)
+            self.metrics.prompt_tokens.inc(prompt_tokens)
             self.metrics.generation_tokens.inc(completion_tokens)
 
     # ---------------------------------------------------------------- admin

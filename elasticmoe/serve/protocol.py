@@ -8,10 +8,12 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class StreamOptions(BaseModel):
-    """``stream_options``: whether the last chunk carries ``usage``."""
+    """``stream_options``: whether the last chunk (and, with ``continuous_usage_stats``,
+    every chunk) carries ``usage``."""
 
     model_config = ConfigDict(extra="forbid")
     include_usage: bool = False
+    continuous_usage_stats: bool = False
 
 
 class _Sampling(BaseModel):
@@ -33,6 +35,9 @@ class _Sampling(BaseModel):
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     user: str | None = None
     ignore_eos: bool = Field(False, description="elasticmoe extension: generate max_tokens")
+    min_tokens: int = Field(
+        0, ge=0, description="vLLM extension: EOS and stop tokens are blocked until then"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> _Sampling:
@@ -55,9 +60,9 @@ class CompletionRequest(_Sampling):
     prompt: str | list[str] | list[int] | list[list[int]] = Field(
         ..., description="text, texts, token ids, or lists of token ids"
     )
-    max_tokens: int | None = Field(16, ge=1)
+    max_tokens: int | None = Field(16, ge=0, description="0 only with echo: score the prompt")
     logprobs: int | None = Field(None, ge=0, le=5)
-    echo: Literal[False] = False
+    echo: bool = Field(False, description="prepend the prompt (and its logprobs) to the answer")
     best_of: int | None = Field(None, ge=1, le=16)
     suffix: None = None
 
@@ -65,6 +70,8 @@ class CompletionRequest(_Sampling):
     def _check_prompt(self) -> CompletionRequest:
         if self.best_of is not None and self.best_of != self.n:
             raise ValueError("best_of other than n is not supported")
+        if self.max_tokens == 0 and not self.echo:
+            raise ValueError("max_tokens: 0 is only allowed with echo (scoring the prompt)")
         p = self.prompt
         if isinstance(p, list) and not p:
             raise ValueError("prompt: must not be empty")
