@@ -51,8 +51,9 @@ def local_experts(
     return LocalExperts.from_checkpoint(reader, model.config, dtype, device)
 
 
-class EngineGenerateError(RuntimeError):
-    """A request could not be accepted (the engine itself is fine)."""
+class EngineGenerateError(ValueError):
+    """A request could not be accepted (the engine itself is fine): bad input, or a
+    request that cannot fit. A ``ValueError``, so callers that validate input catch it."""
 
 
 @dataclass
@@ -132,13 +133,13 @@ class LLMEngine:
         if isinstance(prompt, dict):
             extra = set(prompt) - {"prompt_token_ids", "prompt"}
             if extra or "prompt_token_ids" not in prompt:
-                raise ValueError(
+                raise EngineGenerateError(
                     f"prompt dict must have the key 'prompt_token_ids'; got keys {sorted(prompt)}"
                 )
             prompt = list(prompt["prompt_token_ids"])
         if isinstance(prompt, str):
             if self.tokenizer is None:
-                raise ValueError(
+                raise EngineGenerateError(
                     f"{self.config.model} has no tokenizer.json: pass prompt_token_ids instead"
                 )
             return prompt, self.tokenizer.encode(prompt)
@@ -146,7 +147,9 @@ class LLMEngine:
         vocab = self.model_config.vocab_size
         bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
         if bad:
-            raise ValueError(f"prompt_token_ids contains ids outside 0..{vocab - 1}: {bad[:5]}")
+            raise EngineGenerateError(
+                f"prompt_token_ids contains ids outside 0..{vocab - 1}: {bad[:5]}"
+            )
         return None, ids
 
     def add_request(
@@ -167,16 +170,16 @@ class LLMEngine:
         request_id = request_id or f"req-{next(self._ids)}"
         text, ids = self.tokenize(prompt)
         if not ids:
-            raise ValueError("prompt is empty: give at least one token")
+            raise EngineGenerateError("prompt is empty: give at least one token")
         total = len(ids) + params.max_tokens
         if total > self.max_model_len:
-            raise ValueError(
+            raise EngineGenerateError(
                 f"prompt ({len(ids)} tokens) + max_tokens ({params.max_tokens}) = {total} "
                 f"exceeds max_model_len={self.max_model_len}"
             )
         capacity = self.kv_manager.pool.num_blocks * self.config.block_size
         if total > capacity:
-            raise ValueError(
+            raise EngineGenerateError(
                 f"prompt + max_tokens = {total} tokens does not fit in the KV cache "
                 f"({capacity} tokens); raise kv_cache_memory_gb or lower max_tokens"
             )
@@ -206,7 +209,7 @@ class LLMEngine:
     def add_prepared(self, request_id: str, children: list[Request]) -> None:
         """Queue what :meth:`prepare_request` made (on the stepping thread)."""
         if request_id in self._groups:
-            raise ValueError(f"request id {request_id!r} is already in use")
+            raise EngineGenerateError(f"request id {request_id!r} is already in use")
         for child in children:
             self.scheduler.add_request(child)
         self._groups[request_id] = children

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from elasticmoe._proto.elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 from elasticmoe.core.expert_map import ExpertMap
 from elasticmoe.experts.backend import ExpertGroups, combine_expert_outputs, group_by_expert
-from elasticmoe.experts.rpc import open_channel
+from elasticmoe.experts.rpc import StubCache
 from elasticmoe.experts.wire import WireError, tensor_from_proto, tensor_to_proto
 from elasticmoe.model.gate import GateOutput
 from elasticmoe.router.dispatch import NoLiveReplicaError, RowSlice, plan_dispatch
@@ -136,7 +136,7 @@ class ExpertRouter:
         self.expert_map = expert_map
         self._pending_map: ExpertMap | None = None
         self._lock = threading.Lock()
-        self._stubs: dict[str, tuple[str, grpc.Channel, expert_pb2_grpc.ExpertServiceStub]] = {}
+        self._stubs = StubCache()
         self.down: dict[str, float] = {}  # worker id -> when it was marked down
         self._in_step = False
         self.latency = WorkerLatency(self.config.slow_worker_factor)
@@ -196,15 +196,7 @@ class ExpertRouter:
             self.down.pop(worker, None)
 
     def _stub(self, worker: str) -> expert_pb2_grpc.ExpertServiceStub:
-        address = self.expert_map.workers[worker]
-        cached = self._stubs.get(worker)
-        if cached is None or cached[0] != address:
-            if cached is not None:
-                cached[1].close()
-            channel = open_channel(address)
-            cached = (address, channel, expert_pb2_grpc.ExpertServiceStub(channel))
-            self._stubs[worker] = cached
-        return cached[2]
+        return self._stubs.get(worker, self.expert_map.workers[worker])
 
     def _mark_down(self, worker: str, error: str) -> None:
         logger.warning("expert worker %s failed: %s", worker, error)
@@ -328,6 +320,4 @@ class ExpertRouter:
 
     def close(self) -> None:
         """Close all gRPC channels."""
-        for _, channel, _ in self._stubs.values():
-            channel.close()
-        self._stubs.clear()
+        self._stubs.close()
