@@ -11,6 +11,7 @@ import pydantic
 import pytest
 
 from elasticmoe import LLM, SamplingParams
+from elasticmoe.engine.engine import EngineGenerateError
 from elasticmoe.model.init_model import init_model
 
 
@@ -120,6 +121,8 @@ def test_bad_sampling_params_name_the_field(kwargs, field):
 def test_bad_prompts_are_rejected_and_nothing_is_queued(llm):
     with pytest.raises(ValueError, match=r"outside 0\.\.511"):
         llm.generate([PROMPT, {"prompt_token_ids": [1, 99999]}])
+    with pytest.raises(EngineGenerateError, match=r"outside 0\.\.511: \[True, False\]"):
+        llm.generate({"prompt_token_ids": [True, False]})  # bools are not token ids
     assert not llm.engine.has_unfinished_requests()
     with pytest.raises(ValueError, match="prompt_token_ids"):
         llm.generate({"tokens": [1]})

@@ -145,7 +145,8 @@ class LLMEngine:
             return prompt, self.tokenizer.encode(prompt)
         ids = list(prompt)
         vocab = self.model_config.vocab_size
-        bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+        # bool is an int to Python, never a token id
+        bad = [t for t in ids if type(t) is not int or not 0 <= t < vocab]
         if bad:
             raise EngineGenerateError(
                 f"prompt_token_ids contains ids outside 0..{vocab - 1}: {bad[:5]}"
