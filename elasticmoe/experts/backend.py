@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from elasticmoe.experts.weights import ExpertWeights, LogicalExpert, load_expert_weights
 from elasticmoe.model.checkpoint import CheckpointReader
@@ -68,7 +69,14 @@ def combine_expert_outputs(
     Local and remote backends both combine here, in the same order, so their
     results are bit-identical.
     """
-    return out.index_add_(0, groups.token_idx, outputs * groups.weights[:, None])
+    return _combine(groups.token_idx, groups.weights, outputs, out)
+
+
+def _combine(
+    token_idx: torch.Tensor, weights: torch.Tensor, outputs: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    # The one place pairs are summed into tokens (ascending expert order within a token).
+    return out.index_add_(0, token_idx, outputs * weights[:, None])
 
 
 def group_by_expert(gate: GateOutput) -> ExpertGroups:
@@ -82,11 +90,95 @@ def group_by_expert(gate: GateOutput) -> ExpertGroups:
     )
 
 
+def _grouped_mm_ok(x: torch.Tensor) -> bool:
+    """Whether ``torch._grouped_mm`` can run the experts of ``x``'s device and dtype."""
+    return (
+        x.is_cuda
+        and x.dtype == torch.bfloat16
+        and hasattr(torch, "_grouped_mm")
+        and torch.cuda.get_device_capability(x.device)[0] >= 9
+    )
+
+
+def fused_experts(
+    hidden: torch.Tensor, gate: GateOutput, w13: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """All routed experts of one layer in one batched call, no Python loop over experts.
+
+    hidden: [T, H]; w13: [E, 2I, H] (gate and up stacked); w2: [E, H, I]. Pairs are sorted
+    by expert (as :func:`group_by_expert` does) and combined by the same
+    :func:`combine_expert_outputs` arithmetic, so the result matches the per-expert path and
+    the remote backend.
+
+    On CUDA (bf16, sm90+) the pairs run through ``torch._grouped_mm`` with per-expert offsets,
+    which never synchronises with the host. Elsewhere each expert's rows are padded to the
+    busiest expert's count and run as one ``torch.bmm`` over the stacked weights (one host
+    read of that count per layer, free on CPU); when there are fewer pairs than experts only
+    the selected experts' weights take part.
+    """
+    num_experts = w13.shape[0]
+    top_k = gate.indices.shape[1]
+    flat = gate.indices.flatten()
+    order = torch.argsort(flat, stable=True)
+    sorted_experts = flat[order]
+    token_idx = order // top_k
+    weights = gate.weights.flatten()[order]
+    x = hidden[token_idx]  # [N, H] rows in expert order
+    counts = gate.tokens_per_expert
+    if _grouped_mm_ok(hidden):
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        h = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)
+        g, u = h.chunk(2, dim=-1)
+        y = torch._grouped_mm(F.silu(g) * u, w2.transpose(1, 2), offs=offs)
+        return _combine(token_idx, weights, y, torch.zeros_like(hidden))
+
+    num_pairs = flat.numel()
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(num_pairs, device=hidden.device) - starts[sorted_experts]
+    if num_pairs < num_experts:
+        # Few rows (small decode batches): read only the experts that were picked.
+        active = torch.nonzero(counts).flatten()
+        remap = torch.empty(num_experts, dtype=torch.long, device=hidden.device)
+        remap[active] = torch.arange(active.numel(), device=hidden.device)
+        slot = remap[sorted_experts]
+        w13, w2 = w13[active], w2[active]
+        counts = counts[active]
+    else:
+        slot = sorted_experts
+    max_rows = int(counts.max())
+    num_groups = w13.shape[0]
+    row = slot * max_rows + rank
+    # Padding rows are never read back, and a matmul row depends only on its own input row.
+    xp = hidden.new_empty(num_groups * max_rows, hidden.shape[1])
+    xp.index_copy_(0, row, x)
+    h = torch.bmm(xp.view(num_groups, max_rows, -1), w13.transpose(1, 2))
+    g, u = h.chunk(2, dim=-1)
+    y = torch.bmm(F.silu(g) * u, w2.transpose(1, 2)).view(num_groups * max_rows, -1)
+    return _combine(token_idx, weights, y.index_select(0, row), torch.zeros_like(hidden))
+
+
 class LocalExperts:
-    """All experts in the engine's own process: no Ray, no gRPC."""
+    """All experts in the engine's own process: no Ray, no gRPC.
+
+    A layer whose experts 0..E-1 are all present keeps them stacked (``w13`` [E, 2I, H],
+    ``w2`` [E, H, I]; each :class:`ExpertWeights` is a view into the stack) and runs them with
+    :func:`fused_experts`; any other layer falls back to one call per expert.
+    """
 
     def __init__(self, experts: dict[LogicalExpert, ExpertWeights]) -> None:
-        self.experts = experts
+        by_layer: dict[int, list[int]] = {}
+        for key in experts:
+            by_layer.setdefault(key.layer, []).append(key.expert)
+        self.experts = dict(experts)
+        self.stacked: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer, ids in by_layer.items():
+            if sorted(ids) != list(range(len(ids))):
+                continue
+            w13 = torch.stack([experts[LogicalExpert(layer, e)].gate_up for e in range(len(ids))])
+            w2 = torch.stack([experts[LogicalExpert(layer, e)].down for e in range(len(ids))])
+            self.stacked[layer] = (w13, w2)
+            for e in range(len(ids)):
+                self.experts[LogicalExpert(layer, e)] = ExpertWeights(w13[e], w2[e])
 
     @classmethod
     def from_checkpoint(
@@ -107,7 +199,16 @@ class LocalExperts:
         return cls(experts)
 
     def forward(self, layer: int, hidden: torch.Tensor, gate: GateOutput) -> torch.Tensor:
-        """Run each selected expert once on its rows and combine with the gate weights."""
+        """The layer's routed experts, combined with the gate weights."""
+        stacked = self.stacked.get(layer)
+        if stacked is not None:
+            return fused_experts(hidden, gate, *stacked)
+        return self.forward_per_expert(layer, hidden, gate)
+
+    def forward_per_expert(
+        self, layer: int, hidden: torch.Tensor, gate: GateOutput
+    ) -> torch.Tensor:
+        """Run each selected expert once on its rows (one call per expert, the reference)."""
         groups = group_by_expert(gate)
         outputs = torch.empty(
             (groups.token_idx.numel(), hidden.shape[1]), dtype=hidden.dtype, device=hidden.device
