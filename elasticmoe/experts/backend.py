@@ -75,8 +75,25 @@ def combine_expert_outputs(
 def _combine(
     token_idx: torch.Tensor, weights: torch.Tensor, outputs: torch.Tensor, out: torch.Tensor
 ) -> torch.Tensor:
-    # The one place pairs are summed into tokens (ascending expert order within a token).
-    return out.index_add_(0, token_idx, outputs * weights[:, None])
+    """The one place pairs are summed into tokens, in ascending expert order per token.
+
+    When every token has the same number k of pairs (the gate's top-k), the pairs are
+    regrouped by token and added slot by slot: the same additions, in the same order, as
+    ``out.index_add_(0, token_idx, weighted)`` (bit for bit), but in k wide vector adds
+    instead of one serial loop over pairs, which is slow on CPU for large batches.
+    """
+    weighted = outputs * weights[:, None]
+    num_tokens = out.shape[0]
+    num_pairs = token_idx.numel()
+    if num_tokens == 0 or num_pairs % num_tokens:
+        return out.index_add_(0, token_idx, weighted)
+    top_k = num_pairs // num_tokens
+    # stable: a token's pairs keep their (ascending expert) order
+    by_token = weighted.index_select(0, torch.argsort(token_idx, stable=True))
+    by_token = by_token.view(num_tokens, top_k, -1)
+    for j in range(top_k):
+        out += by_token[:, j]
+    return out
 
 
 def group_by_expert(gate: GateOutput) -> ExpertGroups:

@@ -131,8 +131,10 @@ def paged_attention(
     for group in meta.groups:
         b, max_q = group.token_idx.shape
         # Gather each sequence's blocks: [B, nb, bs, Hkv, D] -> [B, Hkv, S, D]
-        keys = k_cache[group.block_tables].flatten(1, 2).transpose(1, 2)
-        values = v_cache[group.block_tables].flatten(1, 2).transpose(1, 2)
+        blocks = group.block_tables.flatten()
+        keys = k_cache.index_select(0, blocks).view(b, -1, num_kv_heads, head_dim).transpose(1, 2)
+        values = v_cache.index_select(0, blocks).view(b, -1, num_kv_heads, head_dim)
+        values = values.transpose(1, 2)
         mask = group_mask(group, keys.shape[2], g, sliding_window, q.dtype)
         queries = (
             q[group.token_idx]  # [B, max_q, Hq, D]
