@@ -49,7 +49,7 @@ def test_one_expert_moe_equals_dense_ffn():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("num_tokens", [1, 3, 8, 33, 200])
+@pytest.mark.parametrize("num_tokens", [1, 3, 8, 33, 200, 1100])
 @pytest.mark.parametrize("top_k", [1, 2, 4])
 def test_fused_experts_match_one_call_per_expert(dtype, num_tokens, top_k):
     """The stacked one-call-per-layer path equals the per-expert loop (bf16: bit for bit)."""

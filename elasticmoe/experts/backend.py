@@ -107,14 +107,20 @@ def group_by_expert(gate: GateOutput) -> ExpertGroups:
     )
 
 
-def _grouped_mm_ok(x: torch.Tensor) -> bool:
-    """Whether ``torch._grouped_mm`` can run the experts of ``x``'s device and dtype."""
-    return (
-        x.is_cuda
-        and x.dtype == torch.bfloat16
-        and hasattr(torch, "_grouped_mm")
-        and torch.cuda.get_device_capability(x.device)[0] >= 9
-    )
+def _use_grouped_mm(x: torch.Tensor, num_pairs: int, num_experts: int) -> bool:
+    """Whether ``torch._grouped_mm`` should run the experts (else one padded ``bmm``).
+
+    On CUDA (bf16, sm90+) always: it needs no host synchronisation. On CPU torch runs it as
+    one matmul per expert in C++, which measured faster than the padded bmm when there are
+    fewer pairs than experts (decode at batch 1-4: the bmm would read every expert) or many
+    pairs (large prefills, where padding to the busiest expert wastes the most), and slower
+    in between (decode at batch 8-512: one bmm beats 16 small matmuls).
+    """
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    if x.is_cuda:
+        return x.dtype == torch.bfloat16 and torch.cuda.get_device_capability(x.device)[0] >= 9
+    return x.device.type == "cpu" and (num_pairs < num_experts or num_pairs >= 2048)
 
 
 def fused_experts(
@@ -127,50 +133,38 @@ def fused_experts(
     :func:`combine_expert_outputs` arithmetic, so the result matches the per-expert path and
     the remote backend.
 
-    On CUDA (bf16, sm90+) the pairs run through ``torch._grouped_mm`` with per-expert offsets,
-    which never synchronises with the host. Elsewhere each expert's rows are padded to the
-    busiest expert's count and run as one ``torch.bmm`` over the stacked weights (one host
-    read of that count per layer, free on CPU); when there are fewer pairs than experts only
-    the selected experts' weights take part.
+    Either ``torch._grouped_mm`` over the sorted pairs with per-expert offsets (no host
+    synchronisation; see :func:`_use_grouped_mm` for when), or each expert's rows padded to
+    the busiest expert's count and run as one ``torch.bmm`` over the stacked weights (one
+    host read of that count per layer, free on CPU).
     """
     num_experts = w13.shape[0]
     top_k = gate.indices.shape[1]
     flat = gate.indices.flatten()
+    num_pairs = flat.numel()
     order = torch.argsort(flat, stable=True)
-    sorted_experts = flat[order]
     token_idx = order // top_k
     weights = gate.weights.flatten()[order]
-    x = hidden[token_idx]  # [N, H] rows in expert order
+    x = hidden.index_select(0, token_idx)  # [N, H] rows in expert order
     counts = gate.tokens_per_expert
-    if _grouped_mm_ok(hidden):
+    if _use_grouped_mm(hidden, num_pairs, num_experts):
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         h = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)
         g, u = h.chunk(2, dim=-1)
         y = torch._grouped_mm(F.silu(g) * u, w2.transpose(1, 2), offs=offs)
         return _combine(token_idx, weights, y, torch.zeros_like(hidden))
 
-    num_pairs = flat.numel()
+    sorted_experts = flat[order]
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(num_pairs, device=hidden.device) - starts[sorted_experts]
-    if num_pairs < num_experts:
-        # Few rows (small decode batches): read only the experts that were picked.
-        active = torch.nonzero(counts).flatten()
-        remap = torch.empty(num_experts, dtype=torch.long, device=hidden.device)
-        remap[active] = torch.arange(active.numel(), device=hidden.device)
-        slot = remap[sorted_experts]
-        w13, w2 = w13[active], w2[active]
-        counts = counts[active]
-    else:
-        slot = sorted_experts
     max_rows = int(counts.max())
-    num_groups = w13.shape[0]
-    row = slot * max_rows + rank
+    row = sorted_experts * max_rows + rank
     # Padding rows are never read back, and a matmul row depends only on its own input row.
-    xp = hidden.new_empty(num_groups * max_rows, hidden.shape[1])
+    xp = hidden.new_empty(num_experts * max_rows, hidden.shape[1])
     xp.index_copy_(0, row, x)
-    h = torch.bmm(xp.view(num_groups, max_rows, -1), w13.transpose(1, 2))
+    h = torch.bmm(xp.view(num_experts, max_rows, -1), w13.transpose(1, 2))
     g, u = h.chunk(2, dim=-1)
-    y = torch.bmm(F.silu(g) * u, w2.transpose(1, 2)).view(num_groups * max_rows, -1)
+    y = torch.bmm(F.silu(g) * u, w2.transpose(1, 2)).view(num_experts * max_rows, -1)
     return _combine(token_idx, weights, y.index_select(0, row), torch.zeros_like(hidden))
 
 
