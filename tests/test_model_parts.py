@@ -165,3 +165,19 @@ def test_expert_load_statistics_add_up(ckpt):
     assert (rec.total.sum(axis=1) == num_tokens * cfg.top_k).all()
     assert sum(s.counts.sum() for s in rec.samples) == num_tokens * cfg.top_k * len(cfg.moe_layers)
     assert rec.window(3600).sum() == rec.total.sum()
+
+
+def test_decode_buckets_pad_without_changing_tokens_or_load(ckpt):
+    """Decode steps padded to bucket sizes (for CUDA graphs) give the same tokens and the
+    same expert load counts as unpadded ones; the dummy rows write only the scratch block."""
+    prompts = [{"prompt_token_ids": [i + 3, i + 9, i + 11]} for i in range(5)]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    plain = LLM(str(ckpt), dtype="float32", num_kv_blocks=64, block_size=4)
+    padded = LLM(
+        str(ckpt), dtype="float32", num_kv_blocks=64, block_size=4, decode_buckets=[2, 8]
+    )
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
+    got = [o.outputs[0].token_ids for o in padded.generate(prompts, params)]
+    assert got == want
+    assert (plain.engine.load_recorder.total == padded.engine.load_recorder.total).all()
+    assert padded.engine.runner._bucket(5) == 8 and padded.engine.runner._bucket(9) is None

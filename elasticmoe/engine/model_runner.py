@@ -63,11 +63,19 @@ class ModelRunner:
         kv_cache: PagedKVCache,
         kv_manager: KVCacheManager,
         device: torch.device,
+        decode_buckets: list[int] | None = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
         self.kv_manager = kv_manager
         self.device = device
+        self.decode_buckets = sorted(decode_buckets) if decode_buckets else None
+
+    def _bucket(self, num_seqs: int) -> int | None:
+        """The padded batch size of a decode-only step of ``num_seqs`` (None: no padding)."""
+        if self.decode_buckets is None:
+            return None
+        return next((b for b in self.decode_buckets if b >= num_seqs), None)
 
     def execute(self, step: SchedulerOutput, load_hook: LoadHook | None = None) -> torch.Tensor:
         """Run the step; return logits [num_completing, V] for the requests that
@@ -87,8 +95,23 @@ class ModelRunner:
             completes[i] = start + sched.num_new_tokens == request.num_tokens
             input_ids.extend(_token_ids(request, start, start + sched.num_new_tokens))
             block_lists.append(self.kv_manager.block_ids(request.request_id))
+        num_padding = 0
+        bucket = self._bucket(num_seqs) if bool((num_new == 1).all()) else None
+        if bucket is not None and bucket > num_seqs:
+            # Dummy decode rows: token 0 at position 0, K/V into the scratch block.
+            num_padding = bucket - num_seqs
+            starts = np.concatenate([starts, np.zeros(num_padding, np.int64)])
+            num_new = np.concatenate([num_new, np.ones(num_padding, np.int64)])
+            completes = np.concatenate([completes, np.zeros(num_padding, bool)])
+            input_ids.extend([0] * num_padding)
+            block_lists.extend([[self.kv_cache.scratch_block]] * num_padding)
+            num_seqs = bucket
         num_blocks = np.fromiter((len(b) for b in block_lists), np.int64, num_seqs)
-        tables = np.zeros((num_seqs, int(num_blocks.max())), dtype=np.int64)
+        width = int(num_blocks.max())
+        if bucket is not None:
+            width = 1 << (width - 1).bit_length()  # a few static table widths
+            num_blocks = np.full(num_seqs, width, np.int64)
+        tables = np.zeros((num_seqs, width), dtype=np.int64)
         for i, blocks in enumerate(block_lists):
             tables[i, : len(blocks)] = blocks
 
@@ -108,7 +131,7 @@ class ModelRunner:
             for rows in (decode, prefill)
             if rows.size
         ]
-        meta = AttentionMetadata(torch.from_numpy(slots).to(dev), groups)
+        meta = AttentionMetadata(torch.from_numpy(slots).to(dev), groups, num_padding)
         return self.model(
             torch.tensor(input_ids, device=dev),
             torch.from_numpy(positions).to(dev),

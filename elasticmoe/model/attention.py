@@ -46,10 +46,17 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] block_id * block_size + offset
     groups: list[AttentionGroup]
+    # Trailing rows of the flat batch that only pad it to a bucket size (their K/V go to the
+    # cache's scratch block; the MoE layers leave them out of the load counts).
+    num_padding_tokens: int = 0
 
 
 class PagedKVCache:
-    """The physical K/V block tensors of all layers."""
+    """The physical K/V block tensors of all layers.
+
+    One block past ``num_blocks`` (``scratch_block``) belongs to no request: rows that only
+    pad a batch to a bucket size write their K/V there.
+    """
 
     def __init__(
         self,
@@ -61,9 +68,10 @@ class PagedKVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.scratch_block = num_blocks
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
