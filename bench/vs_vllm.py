@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # run as `python bench/vs_vllm.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import REPO_ROOT, console, emit_json
-from bench.vllm_setup import ensure_aiperf, ensure_vllm, vllm_env
+from bench.vllm_setup import ensure_aiperf, vllm_env
 
 # The checkpoint of issue 13's offline table.
 ISSUE_MIXTRAL = {
@@ -125,6 +125,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--concurrency", type=int, default=32, help="served: AIPerf concurrency")
     p.add_argument("--warmup-requests", type=int, default=8, help="served: AIPerf warm-up")
     p.add_argument("--vllm-threads", default="0-1", help="VLLM_CPU_OMP_THREADS_BIND")
+    p.add_argument(
+        "--vllm-build", choices=("cpu", "cuda"), default="cpu", help="cuda: see bench/gpu.sh"
+    )
+    p.add_argument(
+        "--engine-args",
+        type=json.loads,
+        default={},
+        help="extra elasticmoe engine settings as JSON, e.g. '{\"decode_buckets\": [8, 16]}'",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-timeout", type=float, default=600.0)
     p.add_argument(
@@ -351,9 +360,9 @@ def offline_part(args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
         "num_prompts": args.num_prompts, "output_len": args.output_len,
         "repeats": args.repeats, "warmup": min(8, args.num_prompts),
         "max_num_seqs": args.max_num_seqs, "max_num_batched_tokens": args.max_num_batched_tokens,
-        "workers": args.workers,
+        "workers": args.workers, "extra": args.engine_args,
     }  # fmt: skip
-    venv = vllm_env(args.vllm_threads)
+    venv = vllm_env(args.vllm_threads, build=args.vllm_build)
     result: dict[str, Any] = {
         "model": str(model),
         "model_overrides": ISSUE_MIXTRAL if args.offline_model is None else None,
@@ -380,7 +389,7 @@ def offline_part(args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
 
 def served_part(args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
     model = _resolve_model(args.served_model)
-    venv = vllm_env(args.vllm_threads)
+    venv = vllm_env(args.vllm_threads, build=args.vllm_build)
     result: dict[str, Any] = {
         "model": args.served_model,
         "aiperf_flags": _aiperf_flags(args, "<served name>", model),
@@ -429,9 +438,8 @@ def served_part(args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = _parse_args(argv)
     if args.setup_only:
-        ensure_vllm()
         ensure_aiperf()
-        env = vllm_env(args.vllm_threads)
+        env = vllm_env(args.vllm_threads, build=args.vllm_build)
         emit_json(
             {
                 "vllm_python": str(env.python),
@@ -445,7 +453,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     bad = set(parts) - {"offline", "served"} or set(modes) - {"local", "distributed"}
     if bad:
         raise SystemExit(f"unknown --parts/--modes value(s): {sorted(bad)}")
-    env = vllm_env(args.vllm_threads)
+    env = vllm_env(args.vllm_threads, build=args.vllm_build)
     result: dict[str, Any] = {
         "benchmark": "vs_vllm",
         "vllm_version": env.version,
