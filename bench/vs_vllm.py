@@ -134,6 +134,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default={},
         help="extra elasticmoe engine settings as JSON, e.g. '{\"decode_buckets\": [8, 16]}'",
     )
+    p.add_argument(
+        "--elasticmoe-env",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="environment for elasticmoe's processes (repeatable), e.g. OMP_WAIT_POLICY=PASSIVE",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-timeout", type=float, default=600.0)
     p.add_argument(
@@ -346,6 +353,16 @@ def _run_served(
         log.close()
 
 
+def _elasticmoe_env(args: argparse.Namespace) -> dict[str, str]:
+    env = dict(os.environ)
+    for item in args.elasticmoe_env:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--elasticmoe-env {item!r}: use KEY=VALUE")
+        env[key] = value
+    return env
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if not a or not b else round(a / b, 3)
 
@@ -368,7 +385,7 @@ def offline_part(args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
         "model_overrides": ISSUE_MIXTRAL if args.offline_model is None else None,
     }
     result["vllm"] = _run_offline(venv.python, venv.env, {**spec, "engine": "vllm"})
-    ours_env = dict(os.environ)
+    ours_env = _elasticmoe_env(args)
     for mode in modes:
         r = _run_offline(
             Path(sys.executable), ours_env, {**spec, "engine": "elasticmoe", "mode": mode}
@@ -400,15 +417,8 @@ def served_part(args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
         "--model", str(model), "--served-model-name", model.name,
         "--host", "127.0.0.1", "--port", str(port), "--dtype", args.dtype,
         "--max-num-seqs", str(args.max_num_seqs), "--seed", str(args.seed),
-        "--disable-log-requests",
     ]  # fmt: skip
-    try:
-        result["vllm"] = _run_served("vllm", vllm_cmd, venv.env, port, args, model)
-    except RuntimeError as e:
-        if "disable-log-requests" not in str(e):
-            raise
-        vllm_cmd.remove("--disable-log-requests")  # dropped in newer releases
-        result["vllm"] = _run_served("vllm", vllm_cmd, venv.env, port, args, model)
+    result["vllm"] = _run_served("vllm", vllm_cmd, venv.env, port, args, model)
     elasticmoe = Path(sys.executable).parent / "elasticmoe"
     for mode in modes:
         port = _free_port()
@@ -426,7 +436,7 @@ def served_part(args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
         ]
         if mode == "distributed":
             cmd += ["--workers", str(args.workers)]
-        r = _run_served(f"elasticmoe {mode}", cmd, dict(os.environ), port, args, model)
+        r = _run_served(f"elasticmoe {mode}", cmd, _elasticmoe_env(args), port, args, model)
         r["ratio_output_tokens_per_s_vs_vllm"] = _ratio(
             r["output_tokens_per_s"], result["vllm"]["output_tokens_per_s"]
         )
