@@ -45,12 +45,18 @@ def _group(
     valid = j[None, :] < lens[:, None]  # [B, max_q]
     token_idx = np.where(valid, cu_start[rows, None] + j[None, :], 0)
     positions = np.where(valid, starts[rows, None] + j[None, :], 0)
-    q_valid = torch.from_numpy(valid).to(device) if max_q > 1 else None
+    q_valid = valid_rows = valid_token_idx = None
+    if max_q > 1:
+        q_valid = torch.from_numpy(valid).to(device)
+        valid_rows = torch.from_numpy(np.flatnonzero(valid)).to(device)
+        valid_token_idx = torch.from_numpy(token_idx[valid]).to(device)
     return AttentionGroup(
         token_idx=torch.from_numpy(token_idx).to(device),
         positions=torch.from_numpy(positions).to(device),
         block_tables=torch.from_numpy(np.ascontiguousarray(tables[rows, :max_blocks])).to(device),
         q_valid=q_valid,
+        valid_rows=valid_rows,
+        valid_token_idx=valid_token_idx,
     )
 
 

@@ -37,6 +37,10 @@ class AttentionGroup:
     positions: torch.Tensor
     block_tables: torch.Tensor
     q_valid: torch.Tensor | None
+    # With q_valid: the flat [B * max_q] rows that are real, and their token rows (built on
+    # the host with the rest of the step, so writing the output back never syncs).
+    valid_rows: torch.Tensor | None = None
+    valid_token_idx: torch.Tensor | None = None
     _masks: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
@@ -158,6 +162,10 @@ def paged_attention(
         )
         if group.q_valid is None:
             out[group.token_idx.flatten()] = attn.flatten(0, 1)
+        elif group.valid_rows is not None and group.valid_token_idx is not None:
+            out.index_copy_(
+                0, group.valid_token_idx, attn.flatten(0, 1).index_select(0, group.valid_rows)
+            )
         else:
             out[group.token_idx[group.q_valid]] = attn[group.q_valid]
     return out
