@@ -173,9 +173,7 @@ def test_decode_buckets_pad_without_changing_tokens_or_load(ckpt):
     prompts = [{"prompt_token_ids": [i + 3, i + 9, i + 11]} for i in range(5)]
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     plain = LLM(str(ckpt), dtype="float32", num_kv_blocks=64, block_size=4)
-    padded = LLM(
-        str(ckpt), dtype="float32", num_kv_blocks=64, block_size=4, decode_buckets=[2, 8]
-    )
+    padded = LLM(str(ckpt), dtype="float32", num_kv_blocks=64, block_size=4, decode_buckets=[2, 8])
     want = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
     got = [o.outputs[0].token_ids for o in padded.generate(prompts, params)]
     assert got == want
