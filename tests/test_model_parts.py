@@ -50,6 +50,41 @@ def test_one_expert_moe_equals_dense_ffn():
         assert torch.allclose(out, dense(x), atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("num_tokens", [1, 3, 8, 33, 200, 1100])
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+def test_fused_experts_match_one_call_per_expert(dtype, num_tokens, top_k):
+    """The stacked one-call-per-layer path equals the per-expert loop (bf16: bit for bit)."""
+    torch.manual_seed(num_tokens * 10 + top_k)
+    num_experts, hidden, inter = 16, 64, 48
+    experts = {
+        LogicalExpert(0, e): ExpertWeights(
+            (torch.randn(2 * inter, hidden) * 0.1).to(dtype),
+            (torch.randn(hidden, inter) * 0.1).to(dtype),
+        )
+        for e in range(num_experts)
+    }
+    local = LocalExperts(experts)
+    assert set(local.stacked) == {0}
+    x = torch.randn(num_tokens, hidden).to(dtype)
+    gate = topk_softmax_gate(torch.randn(num_tokens, num_experts), top_k, True, dtype)
+    fused = local.forward(0, x, gate)
+    loop = local.forward_per_expert(0, x, gate)
+    if dtype == torch.bfloat16:
+        assert torch.equal(fused, loop)
+    else:  # BLAS may block an fp32 batched matmul differently from a single one
+        torch.testing.assert_close(fused, loop, rtol=1e-5, atol=1e-5)
+
+
+def test_local_experts_with_a_gap_fall_back_to_the_loop():
+    weights = ExpertWeights(torch.randn(8, 4), torch.randn(4, 4))
+    local = LocalExperts({LogicalExpert(0, 0): weights, LogicalExpert(0, 2): weights})
+    assert not local.stacked
+    gate = topk_softmax_gate(torch.tensor([[1.0, -9.0, 2.0]]), 2, True, torch.float32)
+    x = torch.randn(1, 4)
+    torch.testing.assert_close(local.forward(0, x, gate), local.forward_per_expert(0, x, gate))
+
+
 @pytest.fixture
 def ckpt(tmp_path):
     make_hf_model("mixtral", tmp_path / "m")
@@ -161,3 +196,17 @@ def test_expert_load_statistics_add_up(ckpt):
     assert (rec.total.sum(axis=1) == num_tokens * cfg.top_k).all()
     assert sum(s.counts.sum() for s in rec.samples) == num_tokens * cfg.top_k * len(cfg.moe_layers)
     assert rec.window(3600).sum() == rec.total.sum()
+
+
+def test_decode_buckets_pad_without_changing_tokens_or_load(ckpt):
+    """Decode steps padded to bucket sizes (for CUDA graphs) give the same tokens and the
+    same expert load counts as unpadded ones; the dummy rows write only the scratch block."""
+    prompts = [{"prompt_token_ids": [i + 3, i + 9, i + 11]} for i in range(5)]
+    params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    plain = LLM(str(ckpt), dtype="float32", num_kv_blocks=64, block_size=4)
+    padded = LLM(str(ckpt), dtype="float32", num_kv_blocks=64, block_size=4, decode_buckets=[2, 8])
+    want = [o.outputs[0].token_ids for o in plain.generate(prompts, params)]
+    got = [o.outputs[0].token_ids for o in padded.generate(prompts, params)]
+    assert got == want
+    assert (plain.engine.load_recorder.total == padded.engine.load_recorder.total).all()
+    assert padded.engine.runner._bucket(5) == 8 and padded.engine.runner._bucket(9) is None

@@ -26,6 +26,22 @@ class EngineConfig(BaseModel):
     max_model_len: int | None = Field(None, ge=1)
     enable_prefix_caching: bool = True
     seed: int = 0
+    decode_buckets: list[int] | None = Field(
+        None,
+        description="pad decode-only steps to the smallest of these batch sizes that fits "
+        "(and block tables to a power of two), so CUDA graphs can capture a few static "
+        "shapes; None: no padding (the CPU default: padding is only extra work there)",
+    )
+
+    @model_validator(mode="after")
+    def _check_buckets(self) -> EngineConfig:
+        b = self.decode_buckets
+        if b is not None and (not b or any(x < 1 for x in b) or sorted(set(b)) != b):
+            raise ValueError(
+                f"decode_buckets={b!r}: give distinct positive batch sizes in ascending order, "
+                "e.g. [1, 2, 4, 8, 16, 32, 64]"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_device(self) -> EngineConfig:

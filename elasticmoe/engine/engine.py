@@ -118,7 +118,9 @@ class LLMEngine:
         self.scheduler = Scheduler(
             self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens
         )
-        self.runner = ModelRunner(self.model, self.kv_cache, self.kv_manager, self.device)
+        self.runner = ModelRunner(
+            self.model, self.kv_cache, self.kv_manager, self.device, config.decode_buckets
+        )
         self.sampler = Sampler(self.device, config.seed)
         self.load_recorder = ExpertLoadRecorder(mc.moe_layers, mc.num_experts, self.device)
         self.latency = LatencyRecorder()

@@ -1,34 +1,62 @@
-"""Turn a scheduler decision into model inputs and run one forward pass."""
+"""Turn a scheduler decision into model inputs and run one forward pass.
+
+Step metadata (positions, slot mapping, block tables, query padding) is built in bulk with
+numpy from a handful of per-request numbers, then moved to the device once per step; nothing
+loops over tokens in Python.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
+from elasticmoe.engine.request import Request
 from elasticmoe.engine.scheduler import SchedulerOutput
 from elasticmoe.kv.manager import KVCacheManager
 from elasticmoe.model.attention import AttentionGroup, AttentionMetadata, PagedKVCache
 from elasticmoe.model.model import LoadHook, MoEForCausalLM
 
 
+def _token_ids(request: Request, start: int, end: int) -> list[int]:
+    """``request.all_token_ids[start:end]`` without building the whole list."""
+    prompt, output = request.prompt_token_ids, request.output_token_ids
+    n = len(prompt)
+    if start >= n:
+        return output[start - n : end - n]
+    if end <= n:
+        return prompt[start:end]
+    return prompt[start:] + output[: end - n]
+
+
 def _group(
-    rows: list[tuple[list[int], list[int], list[int]]], device: torch.device
+    rows: np.ndarray,
+    cu_start: np.ndarray,
+    starts: np.ndarray,
+    num_new: np.ndarray,
+    tables: np.ndarray,
+    num_blocks: np.ndarray,
+    device: torch.device,
 ) -> AttentionGroup:
-    """Pad (token rows, positions, block table) of several sequences into one group."""
-    max_q = max(len(t) for t, _, _ in rows)
-    max_blocks = max(len(b) for _, _, b in rows)
-    token_idx = [t + [0] * (max_q - len(t)) for t, _, _ in rows]
-    positions = [p + [0] * (max_q - len(p)) for _, p, _ in rows]
-    tables = [b + [0] * (max_blocks - len(b)) for _, _, b in rows]
-    q_valid = None
+    """Pad the sequences ``rows`` (indices into the step's requests) into one group."""
+    lens = num_new[rows]
+    max_q = int(lens.max())
+    max_blocks = int(num_blocks[rows].max())
+    j = np.arange(max_q)
+    valid = j[None, :] < lens[:, None]  # [B, max_q]
+    token_idx = np.where(valid, cu_start[rows, None] + j[None, :], 0)
+    positions = np.where(valid, starts[rows, None] + j[None, :], 0)
+    q_valid = valid_rows = valid_token_idx = None
     if max_q > 1:
-        q_valid = torch.tensor(
-            [[j < len(t) for j in range(max_q)] for t, _, _ in rows], device=device
-        )
+        q_valid = torch.from_numpy(valid).to(device)
+        valid_rows = torch.from_numpy(np.flatnonzero(valid)).to(device)
+        valid_token_idx = torch.from_numpy(token_idx[valid]).to(device)
     return AttentionGroup(
-        token_idx=torch.tensor(token_idx, device=device),
-        positions=torch.tensor(positions, device=device),
-        block_tables=torch.tensor(tables, device=device),
+        token_idx=torch.from_numpy(token_idx).to(device),
+        positions=torch.from_numpy(positions).to(device),
+        block_tables=torch.from_numpy(np.ascontiguousarray(tables[rows, :max_blocks])).to(device),
         q_valid=q_valid,
+        valid_rows=valid_rows,
+        valid_token_idx=valid_token_idx,
     )
 
 
@@ -41,6 +69,7 @@ class ModelRunner:
         kv_cache: PagedKVCache,
         kv_manager: KVCacheManager,
         device: torch.device,
+        decode_buckets: list[int] | None = None,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -49,6 +78,13 @@ class ModelRunner:
         # (request, first position, number of rows) of the prompt-logprob rows that follow
         # the sampling rows in the last ``execute``'s logits
         self.prompt_logit_rows: list[tuple[object, int, int]] = []
+        self.decode_buckets = sorted(decode_buckets) if decode_buckets else None
+
+    def _bucket(self, num_seqs: int) -> int | None:
+        """The padded batch size of a decode-only step of ``num_seqs`` (None: no padding)."""
+        if self.decode_buckets is None:
+            return None
+        return next((b for b in self.decode_buckets if b >= num_seqs), None)
 
     def execute(self, step: SchedulerOutput, load_hook: LoadHook | None = None) -> torch.Tensor:
         """Run the step; return logits [num_completing, V] for the requests that
@@ -56,39 +92,73 @@ class ModelRunner:
         that ask for prompt logprobs add rows for their prompt positions after
         those (see ``prompt_logit_rows``)."""
         bs = self.kv_cache.block_size
+        num_seqs = len(step.scheduled)
+        starts = np.empty(num_seqs, dtype=np.int64)
+        num_new = np.empty(num_seqs, dtype=np.int64)
+        completes = np.empty(num_seqs, dtype=bool)
         input_ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        logits_indices: list[int] = []
-        decode_rows, prefill_rows = [], []
+        block_lists: list[list[int]] = []
         prompt_indices: list[int] = []
         self.prompt_logit_rows = []
-        for sched in step.scheduled:
+        offset = 0  # flat index of this request's first new token
+        for i, sched in enumerate(step.scheduled):
             request = sched.request
             start = request.num_computed_tokens
-            end = start + sched.num_new_tokens
-            table = self.kv_manager.block_ids(request.request_id)
-            flat = list(range(len(input_ids), len(input_ids) + sched.num_new_tokens))
-            pos = list(range(start, end))
-            input_ids.extend(request.all_token_ids[start:end])
-            positions.extend(pos)
-            slots.extend(table[p // bs] * bs + p % bs for p in pos)
-            if sched.completes_sequence:
-                logits_indices.append(flat[-1])
+            starts[i] = start
+            num_new[i] = sched.num_new_tokens
+            completes[i] = start + sched.num_new_tokens == request.num_tokens
+            input_ids.extend(_token_ids(request, start, start + sched.num_new_tokens))
+            block_lists.append(self.kv_manager.block_ids(request.request_id))
             last_prompt_pos = len(request.prompt_token_ids) - 1
             if request.params.prompt_logprobs is not None and start < last_prompt_pos:
-                num = min(end, last_prompt_pos) - start
-                prompt_indices.extend(flat[:num])
+                num = min(start + sched.num_new_tokens, last_prompt_pos) - start
+                prompt_indices.extend(range(offset, offset + num))
                 self.prompt_logit_rows.append((request, start, num))
-            (decode_rows if len(flat) == 1 else prefill_rows).append((flat, pos, table))
+            offset += sched.num_new_tokens
+        num_padding = 0
+        bucket = self._bucket(num_seqs) if bool((num_new == 1).all()) else None
+        if bucket is not None and bucket > num_seqs:
+            # Dummy decode rows: token 0 at position 0, K/V into the scratch block.
+            num_padding = bucket - num_seqs
+            starts = np.concatenate([starts, np.zeros(num_padding, np.int64)])
+            num_new = np.concatenate([num_new, np.ones(num_padding, np.int64)])
+            completes = np.concatenate([completes, np.zeros(num_padding, bool)])
+            input_ids.extend([0] * num_padding)
+            block_lists.extend([[self.kv_cache.scratch_block]] * num_padding)
+            num_seqs = bucket
+        num_blocks = np.fromiter((len(b) for b in block_lists), np.int64, num_seqs)
+        width = int(num_blocks.max())
+        if bucket is not None:
+            width = 1 << (width - 1).bit_length()  # a few static table widths
+            num_blocks = np.full(num_seqs, width, np.int64)
+        tables = np.zeros((num_seqs, width), dtype=np.int64)
+        for i, blocks in enumerate(block_lists):
+            tables[i, : len(blocks)] = blocks
+
+        cu_end = np.cumsum(num_new)
+        cu_start = cu_end - num_new
+        num_tokens = int(cu_end[-1])
+        seq_of_token = np.repeat(np.arange(num_seqs), num_new)  # [T]
+        positions = np.arange(num_tokens) + np.repeat(starts - cu_start, num_new)
+        slots = tables[seq_of_token, positions // bs] * bs + positions % bs
+        logits_indices = (cu_end - 1)[completes]
+
+        decode = np.flatnonzero(num_new == 1)
+        prefill = np.flatnonzero(num_new > 1)
         dev = self.device
-        groups = [_group(rows, dev) for rows in (decode_rows, prefill_rows) if rows]
-        meta = AttentionMetadata(torch.tensor(slots, device=dev), groups)
+        groups = [
+            _group(rows, cu_start, starts, num_new, tables, num_blocks, dev)
+            for rows in (decode, prefill)
+            if rows.size
+        ]
+        meta = AttentionMetadata(torch.from_numpy(slots).to(dev), groups, num_padding)
         return self.model(
             torch.tensor(input_ids, device=dev),
-            torch.tensor(positions, device=dev),
+            torch.from_numpy(positions).to(dev),
             meta,
             self.kv_cache,
-            torch.tensor(logits_indices + prompt_indices, device=dev, dtype=torch.long),
+            torch.from_numpy(
+                np.concatenate([logits_indices, np.asarray(prompt_indices, np.int64)])
+            ).to(dev),
             load_hook,
         )

@@ -54,26 +54,42 @@ class Sampler:
         return token_list, logprobs
 
     def _sample_random(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
-        greedy_rows = torch.tensor([r.params.greedy for r in requests], device=logits.device)
-        temps = torch.tensor([r.params.temperature or 1.0 for r in requests], device=logits.device)
+        dev = logits.device
+        greedy_rows = torch.tensor([r.params.greedy for r in requests], device=dev)
+        temps = torch.tensor([r.params.temperature or 1.0 for r in requests], device=dev)
         scaled = logits / temps[:, None]
         vocab = logits.shape[-1]
-        for i, r in enumerate(requests):
-            if 0 < r.params.top_k < vocab:
-                kth = torch.topk(scaled[i], r.params.top_k).values[-1]
-                scaled[i] = scaled[i].masked_fill(scaled[i] < kth, float("-inf"))
+        top_ks = [r.params.top_k if 0 < r.params.top_k < vocab else 0 for r in requests]
+        max_k = max(top_ks)
+        if max_k:
+            # one topk over the batch: row i keeps its top_ks[i] largest (ties included)
+            ks = torch.tensor(top_ks, device=dev)
+            values = torch.topk(scaled, max_k, dim=-1).values  # [B, max_k] descending
+            kth = values.gather(1, (ks.clamp(min=1) - 1)[:, None])
+            drop = (scaled < kth) & (ks > 0)[:, None]
+            scaled = scaled.masked_fill(drop, float("-inf"))
         probs = torch.softmax(scaled, dim=-1)
         if any(r.params.top_p < 1.0 for r in requests):
-            top_p = torch.tensor([r.params.top_p for r in requests], device=logits.device)
+            top_p = torch.tensor([r.params.top_p for r in requests], device=dev)
             sorted_probs, sorted_idx = probs.sort(dim=-1, descending=True)
             # drop a token when the mass before it already reaches top_p
             drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_probs)
         # Gumbel-style race: argmax(p / E) with E ~ Exp(1) samples from p; one
-        # draw per row so a seeded request never depends on its batch-mates.
+        # draw per seeded row so a seeded request never depends on its batch-mates,
+        # one draw for all the unseeded rows together.
         noise = torch.empty_like(probs)
-        for i, r in enumerate(requests):
-            noise[i].exponential_(generator=self._generator(r))
+        unseeded = [i for i, r in enumerate(requests) if r.params.seed is None]
+        if len(unseeded) == len(requests):
+            noise.exponential_(generator=self.generator)
+        else:
+            if unseeded:
+                rows = torch.tensor(unseeded, device=dev)
+                drawn = torch.empty((len(unseeded), vocab), dtype=probs.dtype, device=dev)
+                noise[rows] = drawn.exponential_(generator=self.generator)
+            for i, r in enumerate(requests):
+                if r.params.seed is not None:
+                    noise[i].exponential_(generator=self._generator(r))
         sampled = (probs / noise).argmax(dim=-1)
         return torch.where(greedy_rows, logits.argmax(dim=-1), sampled)

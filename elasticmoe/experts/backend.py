@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import torch
+import torch.nn.functional as F
 
 from elasticmoe.core.experts import LogicalExpert
 from elasticmoe.experts.weights import ExpertWeights, load_expert_weights
@@ -69,7 +70,31 @@ def combine_expert_outputs(
     Local and remote backends both combine here, in the same order, so their
     results are bit-identical.
     """
-    return out.index_add_(0, groups.token_idx, outputs * groups.weights[:, None])
+    return _combine(groups.token_idx, groups.weights, outputs, out)
+
+
+def _combine(
+    token_idx: torch.Tensor, weights: torch.Tensor, outputs: torch.Tensor, out: torch.Tensor
+) -> torch.Tensor:
+    """The one place pairs are summed into tokens, in ascending expert order per token.
+
+    When every token has the same number k of pairs (the gate's top-k), the pairs are
+    regrouped by token and added slot by slot: the same additions, in the same order, as
+    ``out.index_add_(0, token_idx, weighted)`` (bit for bit), but in k wide vector adds
+    instead of one serial loop over pairs, which is slow on CPU for large batches.
+    """
+    weighted = outputs * weights[:, None]
+    num_tokens = out.shape[0]
+    num_pairs = token_idx.numel()
+    if num_tokens == 0 or num_pairs % num_tokens:
+        return out.index_add_(0, token_idx, weighted)
+    top_k = num_pairs // num_tokens
+    # stable: a token's pairs keep their (ascending expert) order
+    by_token = weighted.index_select(0, torch.argsort(token_idx, stable=True))
+    by_token = by_token.view(num_tokens, top_k, -1)
+    for j in range(top_k):
+        out += by_token[:, j]
+    return out
 
 
 def group_by_expert(gate: GateOutput) -> ExpertGroups:
@@ -83,11 +108,107 @@ def group_by_expert(gate: GateOutput) -> ExpertGroups:
     )
 
 
+# Padding every expert's rows to the busiest expert's count costs up to E * max_rows rows of
+# matmul for num_pairs useful ones; past this ratio one matmul per expert (grouped_mm) wins on
+# CPU (measured with bf16 on the issue-13 Mixtral, where random-weight gates route unevenly).
+PAD_WASTE_LIMIT = 2.0
+
+
+def _use_grouped_mm(x: torch.Tensor, counts: torch.Tensor, num_pairs: int) -> tuple[bool, int]:
+    """``(use torch._grouped_mm, max rows per expert)`` for one layer's pairs.
+
+    On CUDA (bf16, sm90+) always grouped_mm: it needs no host synchronisation (the row count
+    is then not read, 0). On CPU torch runs grouped_mm as one matmul per expert in C++;
+    that beats one padded bmm when there are fewer pairs than experts (decode at batch 1-4:
+    the bmm would read every expert), when padding would more than double the rows (uneven
+    routing), and for large prefills; one bmm wins for evenly routed decode batches.
+    """
+    has_gmm = hasattr(torch, "_grouped_mm")
+    cuda_gmm = x.is_cuda and has_gmm and x.dtype == torch.bfloat16
+    if cuda_gmm and torch.cuda.get_device_capability(x.device)[0] >= 9:
+        return True, 0
+    max_rows = int(counts.max())  # the one host read per layer, free on CPU
+    if not has_gmm or x.device.type != "cpu":
+        return False, max_rows
+    num_experts = counts.numel()
+    padded = num_experts * max_rows
+    wasteful = padded > PAD_WASTE_LIMIT * num_pairs
+    return num_pairs < num_experts or num_pairs >= 2048 or wasteful, max_rows
+
+
+def fused_experts(
+    hidden: torch.Tensor, gate: GateOutput, w13: torch.Tensor, w2: torch.Tensor
+) -> torch.Tensor:
+    """All routed experts of one layer in one batched call, no Python loop over experts.
+
+    hidden: [T, H]; w13: [E, 2I, H] (gate and up stacked); w2: [E, H, I]. Pairs are sorted
+    by expert (as :func:`group_by_expert` does) and combined by the same
+    :func:`combine_expert_outputs` arithmetic, so the result matches the per-expert path and
+    the remote backend.
+
+    Either ``torch._grouped_mm`` over the sorted pairs with per-expert offsets (no host
+    synchronisation; see :func:`_use_grouped_mm` for when), or each expert's rows padded to
+    the busiest expert's count and run as one ``torch.bmm`` over the stacked weights (one
+    host read of that count per layer, free on CPU).
+    """
+    num_experts = w13.shape[0]
+    top_k = gate.indices.shape[1]
+    flat = gate.indices.flatten()
+    num_pairs = flat.numel()
+    order = torch.argsort(flat, stable=True)
+    token_idx = order // top_k
+    weights = gate.weights.flatten()[order]
+    x = hidden.index_select(0, token_idx)  # [N, H] rows in expert order
+    counts = gate.tokens_per_expert
+    grouped, max_rows = _use_grouped_mm(hidden, counts, num_pairs)
+    if grouped:
+        offs = torch.cumsum(counts, 0, dtype=torch.int32)
+        h = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)
+        g, u = h.chunk(2, dim=-1)
+        y = torch._grouped_mm(F.silu(g) * u, w2.transpose(1, 2), offs=offs)
+        return _combine(token_idx, weights, y, torch.zeros_like(hidden))
+
+    sorted_experts = flat[order]
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(num_pairs, device=hidden.device) - starts[sorted_experts]
+    row = sorted_experts * max_rows + rank
+    # Padding rows are never read back, and a matmul row depends only on its own input row.
+    xp = hidden.new_empty(num_experts * max_rows, hidden.shape[1])
+    xp.index_copy_(0, row, x)
+    h = torch.bmm(xp.view(num_experts, max_rows, -1), w13.transpose(1, 2))
+    g, u = h.chunk(2, dim=-1)
+    y = torch.bmm(F.silu(g) * u, w2.transpose(1, 2)).view(num_experts * max_rows, -1)
+    return _combine(token_idx, weights, y.index_select(0, row), torch.zeros_like(hidden))
+
+
 class LocalExperts:
-    """All experts in the engine's own process: no Ray, no gRPC."""
+    """All experts in the engine's own process: no Ray, no gRPC.
+
+    A layer whose experts 0..E-1 are all present keeps them stacked (``w13`` [E, 2I, H],
+    ``w2`` [E, H, I], on CPU as transposed views of [E, H, 2I] / [E, I, H] buffers; each
+    :class:`ExpertWeights` is a view into the stack) and runs them with
+    :func:`fused_experts`; any other layer falls back to one call per expert.
+    """
 
     def __init__(self, experts: dict[LogicalExpert, ExpertWeights]) -> None:
-        self.experts = experts
+        by_layer: dict[int, list[int]] = {}
+        for key in experts:
+            by_layer.setdefault(key.layer, []).append(key.expert)
+        self.experts = dict(experts)
+        self.stacked: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for layer, ids in by_layer.items():
+            if sorted(ids) != list(range(len(ids))):
+                continue
+            w13 = torch.stack([experts[LogicalExpert(layer, e)].gate_up for e in range(len(ids))])
+            w2 = torch.stack([experts[LogicalExpert(layer, e)].down for e in range(len(ids))])
+            if w13.device.type == "cpu":
+                # CPU matmuls read a row-major [K, N] right operand ~1.3-1.5x faster than a
+                # transposed view (bf16, measured): keep that layout in memory, same shapes.
+                w13 = w13.transpose(1, 2).contiguous().transpose(1, 2)
+                w2 = w2.transpose(1, 2).contiguous().transpose(1, 2)
+            self.stacked[layer] = (w13, w2)
+            for e in range(len(ids)):
+                self.experts[LogicalExpert(layer, e)] = ExpertWeights(w13[e], w2[e])
 
     @classmethod
     def from_checkpoint(
@@ -108,7 +229,16 @@ class LocalExperts:
         return cls(experts)
 
     def forward(self, layer: int, hidden: torch.Tensor, gate: GateOutput) -> torch.Tensor:
-        """Run each selected expert once on its rows and combine with the gate weights."""
+        """The layer's routed experts, combined with the gate weights."""
+        stacked = self.stacked.get(layer)
+        if stacked is not None:
+            return fused_experts(hidden, gate, *stacked)
+        return self.forward_per_expert(layer, hidden, gate)
+
+    def forward_per_expert(
+        self, layer: int, hidden: torch.Tensor, gate: GateOutput
+    ) -> torch.Tensor:
+        """Run each selected expert once on its rows (one call per expert, the reference)."""
         groups = group_by_expert(gate)
         outputs = torch.empty(
             (groups.token_idx.numel(), hidden.shape[1]), dtype=hidden.dtype, device=hidden.device

@@ -13,7 +13,7 @@ call, so decode rows never pay for a prefill's query length.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -28,12 +28,20 @@ class AttentionGroup:
       padded row still sees key 0 and softmax stays finite).
     block_tables: [B, max_blocks] block ids of each sequence (padding -> 0).
     q_valid: [B, max_q] which query slots are real (None when max_q == 1).
+
+    The additive attention mask is the same for every layer of a step: the first layer
+    builds it (:func:`group_mask`) and the others reuse it.
     """
 
     token_idx: torch.Tensor
     positions: torch.Tensor
     block_tables: torch.Tensor
     q_valid: torch.Tensor | None
+    # With q_valid: the flat [B * max_q] rows that are real, and their token rows (built on
+    # the host with the rest of the step, so writing the output back never syncs).
+    valid_rows: torch.Tensor | None = None
+    valid_token_idx: torch.Tensor | None = None
+    _masks: dict[tuple, torch.Tensor] = field(default_factory=dict, repr=False)
 
 
 @dataclass
@@ -42,10 +50,17 @@ class AttentionMetadata:
 
     slot_mapping: torch.Tensor  # [T] block_id * block_size + offset
     groups: list[AttentionGroup]
+    # Trailing rows of the flat batch that only pad it to a bucket size (their K/V go to the
+    # cache's scratch block; the MoE layers leave them out of the load counts).
+    num_padding_tokens: int = 0
 
 
 class PagedKVCache:
-    """The physical K/V block tensors of all layers."""
+    """The physical K/V block tensors of all layers.
+
+    One block past ``num_blocks`` (``scratch_block``) belongs to no request: rows that only
+    pad a batch to a bucket size write their K/V there.
+    """
 
     def __init__(
         self,
@@ -57,9 +72,10 @@ class PagedKVCache:
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        shape = (num_blocks, block_size, num_kv_heads, head_dim)
+        shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
         self.block_size = block_size
         self.num_blocks = num_blocks
+        self.scratch_block = num_blocks
         self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
@@ -70,6 +86,34 @@ class PagedKVCache:
         """Memory one block takes across all layers (K and V)."""
         itemsize = torch.empty((), dtype=dtype).element_size()
         return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
+
+
+def group_mask(
+    group: AttentionGroup,
+    num_keys: int,
+    num_q_per_kv: int,
+    sliding_window: int | None,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """The group's additive mask [B, 1, G * max_q, S] (0 or -inf), built once per step.
+
+    Rows are ``(g, q)``: the G query heads that share a KV head are stacked along the query
+    axis (see :func:`paged_attention`), and each sees the same keys as its query position.
+    """
+    key = (num_keys, num_q_per_kv, sliding_window, dtype)
+    mask = group._masks.get(key)
+    if mask is None:
+        key_pos = torch.arange(num_keys, device=group.positions.device)
+        # causal over absolute positions; keys past a sequence's length sit at
+        # positions > any of its queries, so this also masks the block padding
+        allowed = key_pos[None, None, :] <= group.positions[:, :, None]  # [B, max_q, S]
+        if sliding_window is not None:
+            allowed &= key_pos[None, None, :] > group.positions[:, :, None] - sliding_window
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+        mask.masked_fill_(~allowed, float("-inf"))
+        mask = mask.repeat(1, num_q_per_kv, 1)[:, None]
+        group._masks[key] = mask
+    return mask
 
 
 def paged_attention(
@@ -85,28 +129,43 @@ def paged_attention(
     """Write k/v into the cache, then attend each query to its sequence's context.
 
     q: [T, Hq, D]; k, v: [T, Hkv, D]; caches: [N, bs, Hkv, D]. Returns [T, Hq, D].
+
+    GQA without repeating K/V: the G = Hq / Hkv query heads of one KV head become G times
+    as many queries of that head ([B, Hkv, G * max_q, D]), so one SDPA call over Hkv heads
+    reads each gathered key once (``enable_gqa`` takes a slow path on CPU).
     """
     num_kv_heads, head_dim = k_cache.shape[2:]
+    num_heads = q.shape[1]
+    g = num_heads // num_kv_heads
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
     out = torch.empty_like(q)
     for group in meta.groups:
+        b, max_q = group.token_idx.shape
         # Gather each sequence's blocks: [B, nb, bs, Hkv, D] -> [B, Hkv, S, D]
-        keys = k_cache[group.block_tables].flatten(1, 2).transpose(1, 2)
-        values = v_cache[group.block_tables].flatten(1, 2).transpose(1, 2)
-        key_pos = torch.arange(keys.shape[2], device=q.device)
-        # causal over absolute positions; keys past a sequence's length sit at
-        # positions > any of its queries, so this also masks the block padding
-        mask = key_pos[None, None, :] <= group.positions[:, :, None]
-        if sliding_window is not None:
-            mask &= key_pos[None, None, :] > group.positions[:, :, None] - sliding_window
-        queries = q[group.token_idx].transpose(1, 2)  # [B, Hq, max_q, D]
-        attn = F.scaled_dot_product_attention(
-            queries, keys, values, attn_mask=mask[:, None], scale=scale, enable_gqa=True
+        blocks = group.block_tables.flatten()
+        keys = k_cache.index_select(0, blocks).view(b, -1, num_kv_heads, head_dim).transpose(1, 2)
+        values = v_cache.index_select(0, blocks).view(b, -1, num_kv_heads, head_dim)
+        values = values.transpose(1, 2)
+        mask = group_mask(group, keys.shape[2], g, sliding_window, q.dtype)
+        queries = (
+            q[group.token_idx]  # [B, max_q, Hq, D]
+            .view(b, max_q, num_kv_heads, g, head_dim)
+            .permute(0, 2, 3, 1, 4)
+            .reshape(b, num_kv_heads, g * max_q, head_dim)
         )
-        attn = attn.transpose(1, 2)  # [B, max_q, Hq, D]
+        attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
+        attn = (
+            attn.view(b, num_kv_heads, g, max_q, head_dim)
+            .permute(0, 3, 1, 2, 4)
+            .reshape(b, max_q, num_heads, head_dim)
+        )
         if group.q_valid is None:
             out[group.token_idx.flatten()] = attn.flatten(0, 1)
+        elif group.valid_rows is not None and group.valid_token_idx is not None:
+            out.index_copy_(
+                0, group.valid_token_idx, attn.flatten(0, 1).index_select(0, group.valid_rows)
+            )
         else:
             out[group.token_idx[group.q_valid]] = attn[group.q_valid]
     return out

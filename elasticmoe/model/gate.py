@@ -34,5 +34,8 @@ def topk_softmax_gate(
     weights, indices = torch.topk(probs, top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    tokens_per_expert = torch.bincount(indices.flatten(), minlength=num_experts)
+    flat = indices.flatten()
+    # not bincount: on CUDA it reads the max id back to the host to size its output
+    tokens_per_expert = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+    tokens_per_expert.scatter_add_(0, flat, torch.ones_like(flat))
     return GateOutput(weights.to(out_dtype), indices, tokens_per_expert)

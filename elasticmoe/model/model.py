@@ -137,11 +137,20 @@ class SparseMoE(nn.Module):
         )
 
     def forward(
-        self, x: torch.Tensor, experts: ExpertBackend, load_hook: LoadHook | None
+        self,
+        x: torch.Tensor,
+        experts: ExpertBackend,
+        load_hook: LoadHook | None,
+        num_padding: int = 0,
     ) -> torch.Tensor:
+        """x: [T, H]; the last ``num_padding`` rows only pad the batch (not counted as load)."""
         gate = self.route(x)
         if load_hook is not None:
-            load_hook(self.layer, gate.tokens_per_expert)
+            counts = gate.tokens_per_expert
+            if num_padding:
+                flat = gate.indices[: x.shape[0] - num_padding].flatten()
+                counts = torch.zeros_like(counts).scatter_add_(0, flat, torch.ones_like(flat))
+            load_hook(self.layer, counts)
         out = experts.forward(self.layer, x, gate)
         if self.config.has_shared_expert:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
@@ -205,7 +214,10 @@ class MoEForCausalLM(nn.Module):
             h = residual + layer.self_attn(h, cos, sin, kv_cache.k[i], kv_cache.v[i], meta)
             residual = h
             h = layer.post_attention_layernorm(h)
-            h = layer.mlp(h, self.experts, load_hook) if layer.is_moe else layer.mlp(h)
+            if layer.is_moe:
+                h = layer.mlp(h, self.experts, load_hook, meta.num_padding_tokens)
+            else:
+                h = layer.mlp(h)
             h = residual + h
         h = self.model.norm(h[logits_indices])
         return self.lm_head(h).float()
