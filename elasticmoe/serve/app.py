@@ -215,6 +215,9 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
     problems = []
     param = None
     for err in exc.errors():
+        if err.get("type") == "json_invalid":  # loc is a byte offset, not a field
+            problems.append(f"the body is not valid JSON: {err.get('msg')}")
+            continue
         parts = [str(x) for x in err.get("loc", ()) if x != "body"]
         loc = ".".join(parts)
         msg = str(err.get("msg")).removeprefix("Value error, ")
@@ -246,11 +249,16 @@ def _controller_message(e: Exception) -> str:
 
 
 def _param_of(message: str, fields: dict[str, Any] | None) -> str | None:
-    """Which sent field a controller refusal is about: the one whose value it names,
-    else ``expert`` when it talks about an expert."""
+    """Which sent field a controller refusal is about: the one whose value it names
+    first, else ``expert`` when it talks about an expert."""
+    found = []
     for name, value in (fields or {}).items():
-        if value is not None and re.search(rf"(?<![\w-]){re.escape(str(value))}(?![\w-])", message):
-            return name
+        if value is not None:
+            m = re.search(rf"(?<![\w-]){re.escape(str(value))}(?![\w-])", message)
+            if m:
+                found.append((m.start(), name))
+    if found:  # the value it names first ("no worker 'x'; workers: [...]")
+        return min(found)[1]
     if "expert" in message:
         return "expert"
     return next(iter(fields), None) if fields else None

@@ -156,7 +156,7 @@ class ScaleRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
     expert: str = Field(..., pattern=r"^\d+:\d+$", description="layer:expert")
-    replicas: int = Field(..., ge=1)
+    replicas: StrictInt = Field(..., ge=1, le=1024)
 
 
 class ReplicaRequest(BaseModel):
@@ -172,7 +172,7 @@ class AddWorkersRequest(BaseModel):
     """``POST /admin/workers``."""
 
     model_config = ConfigDict(extra="forbid")
-    count: int = Field(1, ge=1, le=64)
+    count: StrictInt = Field(1, ge=1, le=64)
 
 
 class DrainRequest(BaseModel):
