@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 
 import httpx
 import pytest
@@ -214,7 +215,28 @@ def test_a_request_past_the_deadline_is_aborted_with_504(tight, model):
     errors = [json.loads(e)["error"] for e in events if e.startswith('{"error"')]
     assert errors and "request_timeout_s" in errors[-1]["message"], events[-3:]
     assert errors[-1]["code"] == 504
+    # both were aborted in the engine: nothing left running there (a 2046-token
+    # generation each, had they not been)
+    wait_for(lambda: engine_requests(tight) == 0, "the engine to drop the timed-out requests")
     assert_still_serves(tight, model)
+
+
+def engine_requests(srv: Server) -> float:
+    text = httpx.get(f"{srv.url}/metrics", timeout=30).text
+    values = [
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(("elasticmoe_running_requests", "elasticmoe_waiting_requests"))
+    ]
+    assert len(values) >= 2, "the engine gauges are missing from /metrics"
+    return sum(values)
+
+
+def wait_for(condition, what: str, timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
 
 
 def test_engine_queue_is_bounded_with_429_and_400(tight, model):
