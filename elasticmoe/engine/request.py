@@ -8,21 +8,26 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+# Below this a temperature is greedy: dividing logits by 1e-45 overflows to inf/NaN
+# (an empty or garbage completion), and the distribution is argmax long before that.
+TEMPERATURE_FLOOR = 1e-5
+
 
 class SamplingParams(BaseModel):
-    """How to sample a completion. ``temperature=0`` means greedy.
+    """How to sample a completion. ``temperature=0`` (or below ``TEMPERATURE_FLOOR``,
+    which becomes 0) means greedy; ``top_k=-1`` is vLLM's "off", the same as 0.
 
     Validated on construction; a bad value raises ``pydantic.ValidationError``
-    (a ``ValueError``) naming the field.
+    (a ``ValueError``) naming the field. NaN and infinities are refused.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     n: int = Field(1, ge=1, le=64)
     max_tokens: int = Field(16, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=100.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    top_k: int = Field(0, ge=0, description="0 disables top-k")
+    top_k: int = Field(0, ge=-1, description="0 (or -1) disables top-k")
     seed: int | None = None
     stop: list[str] = Field(default_factory=list)
     stop_token_ids: list[int] = Field(default_factory=list)
@@ -38,6 +43,16 @@ class SamplingParams(BaseModel):
         if isinstance(data.get("stop"), str):
             data["stop"] = [data["stop"]]
         super().__init__(**data)
+
+    @field_validator("temperature")
+    @classmethod
+    def _floor_is_greedy(cls, v: float) -> float:
+        return 0.0 if v < TEMPERATURE_FLOOR else v
+
+    @field_validator("top_k")
+    @classmethod
+    def _minus_one_is_off(cls, v: int) -> int:
+        return 0 if v == -1 else v
 
     @field_validator("stop")
     @classmethod
@@ -238,6 +253,11 @@ class Replay:
                     f"completion {c.index}: the rerun produced different tokens after "
                     f"{len(seen)} delivered ones"
                 )
+            if c.finish_reason is not None and len(c.token_ids) < len(seen):
+                raise ReplayDivergedError(
+                    f"completion {c.index}: the rerun finished after {len(c.token_ids)} "
+                    f"tokens, short of the {len(seen)} already delivered"
+                )
             if len(c.token_ids) < len(seen) or (len(c.token_ids) == len(seen) and not out.finished):
                 return False
         for c in out.outputs:
@@ -265,6 +285,12 @@ class Replay:
             raise ReplayDivergedError(
                 f"completion {delta.index}: the rerun produced different tokens after "
                 f"{len(done)} delivered ones"
+            )
+        if delta.finish_reason is not None and pos[0] < len(done):
+            # the rerun ended short of what the client already has: it cannot catch up
+            raise ReplayDivergedError(
+                f"completion {delta.index}: the rerun finished after {pos[0]} tokens, "
+                f"short of the {len(done)} already delivered"
             )
         skip = max(0, len(done) - start)
         if skip:

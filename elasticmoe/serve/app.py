@@ -14,6 +14,7 @@ import hmac
 import itertools
 import json
 import logging
+import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -70,6 +71,8 @@ class ServeSettings(BaseModel):
     api_keys: list[str] = Field(default_factory=list)
     admin_api_keys: list[str] = Field(default_factory=list)
     max_in_flight: int = Field(256, ge=1)
+    max_queued_per_engine: int = Field(1024, ge=1)
+    request_timeout_s: float = Field(600.0, gt=0)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     max_model_len: int | None = None
 
@@ -202,14 +205,25 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
     return _error(exc.status, exc.message, exc.type, exc.param)
 
 
+_NAMED = re.compile(r"^([a-z_]+): ")
+
+
 @app.exception_handler(RequestValidationError)
 async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """422 naming the field: ``param`` is the top-level field (a whole-request check
+    names it at the start of its message, ``"stop: ..."``)."""
     problems = []
     param = None
     for err in exc.errors():
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-        param = param or loc or None
-        problems.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
+        if err.get("type") == "json_invalid":  # loc is a byte offset, not a field
+            problems.append(f"the body is not valid JSON: {err.get('msg')}")
+            continue
+        parts = [str(x) for x in err.get("loc", ()) if x != "body"]
+        loc = ".".join(parts)
+        msg = str(err.get("msg")).removeprefix("Value error, ")
+        named = _NAMED.match(msg)
+        param = param or (parts[0] if parts else named.group(1) if named else None)
+        problems.append(f"{loc}: {msg}" if loc else msg)
     return _error(422, "; ".join(problems) or "invalid request", "invalid_request_error", param)
 
 
@@ -222,6 +236,32 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error")
     return _error(500, f"internal error: {type(exc).__name__}", "server_error")
+
+
+def _controller_message(e: Exception) -> str:
+    """The controller's own message (Ray wraps a remote error in its traceback)."""
+    cause = getattr(e, "cause", None)
+    if isinstance(cause, Exception) and str(cause):
+        return str(cause)
+    lines = [x for x in str(e).strip().splitlines() if x.strip()]
+    last = lines[-1] if lines else str(e)
+    return last.split(": ", 1)[1] if last.startswith(("ControllerError", "ChangesPaused")) else last
+
+
+def _param_of(message: str, fields: dict[str, Any] | None) -> str | None:
+    """Which sent field a controller refusal is about: the one whose value it names
+    first, else ``expert`` when it talks about an expert."""
+    found = []
+    for name, value in (fields or {}).items():
+        if value is not None:
+            m = re.search(rf"(?<![\w-]){re.escape(str(value))}(?![\w-])", message)
+            if m:
+                found.append((m.start(), name))
+    if found:  # the value it names first ("no worker 'x'; workers: [...]")
+        return min(found)[1]
+    if "expert" in message:
+        return "expert"
+    return next(iter(fields), None) if fields else None
 
 
 def _logprob_token(tokenizer: Tokenizer | None, token_id: int) -> str:
@@ -293,6 +333,7 @@ class OpenAIServer:
         self.num_experts = len(mc.moe_layers) * mc.num_experts
         self.created = int(time.time())
         self.in_flight = 0
+        self.queued = 0  # engine requests (prompts x n) admitted and not finished
         self.draining = False
         self.registry = CollectorRegistry()
         self.metrics = RequestMetrics(self.registry)
@@ -335,13 +376,31 @@ class OpenAIServer:
                 "model",
             )
 
-    def _admit(self) -> None:
+    def _admit(self, num_seqs: int = 1) -> None:
+        """Refuse (503 draining, 429 full, 400 never fits) before anything is accepted:
+        an accepted request is never dropped for lack of room."""
         if self.draining:
             raise APIError(503, "the server is shutting down", "service_unavailable")
         if self.in_flight >= self.settings.max_in_flight:
             raise APIError(
                 429,
                 f"too many requests in flight ({self.in_flight}); retry later",
+                "rate_limit_error",
+            )
+        capacity = self.settings.max_queued_per_engine * len(self.clients)
+        if num_seqs > capacity:
+            raise APIError(
+                400,
+                f"n: prompts x n = {num_seqs} sequences exceeds the {capacity} this server "
+                f"queues (max_queued_per_engine={self.settings.max_queued_per_engine} "
+                f"x {len(self.clients)} engine(s))",
+                param="n",
+            )
+        if self.queued + num_seqs > capacity:
+            raise APIError(
+                429,
+                f"the engines' queues are full ({self.queued} sequences queued, "
+                f"max_queued_per_engine={self.settings.max_queued_per_engine}); retry later",
                 "rate_limit_error",
             )
 
@@ -418,6 +477,8 @@ class OpenAIServer:
 
         replay = Replay(params)
         first = next(self._rr)
+        timeout = self.settings.request_timeout_s
+        deadline = time.monotonic() + timeout
         for attempt in range(len(self.clients) + 1):
             # a rerun goes to the next engine, not back to the one that just failed
             client = self.clients[(first + attempt) % len(self.clients)]
@@ -426,7 +487,17 @@ class OpenAIServer:
             try:
                 q = await client.submit(prompt_ids, params, request_id)
                 while not finished:
-                    items = [await q.get()]
+                    left = deadline - time.monotonic()
+                    try:
+                        items = [await asyncio.wait_for(q.get(), max(left, 0.0))]
+                    except TimeoutError:
+                        # the finally below aborts it in the engine
+                        raise APIError(
+                            504,
+                            f"the request ran past request_timeout_s={timeout:g} and was "
+                            "aborted; ask for fewer tokens or raise request_timeout_s",
+                            "timeout_error",
+                        ) from None
                     while not q.empty():  # steps that arrived while we were busy: one answer
                         items.append(q.get_nowait())
                     for item in _coalesce(items):
@@ -521,8 +592,8 @@ class OpenAIServer:
     async def completions(self, req: CompletionRequest) -> Response:
         """OpenAI completions, streaming (SSE) or not; ``echo`` with prompt logprobs."""
         self._check_model(req.model)
-        self._admit()
         raw = req.prompts()
+        self._admit(len(raw) * req.n)
         prompts = [self._tokens(p, "prompt") for p in raw]
         # max_tokens=0 (with echo) scores the prompt only: the engine still samples one
         # token, which the answer leaves out
@@ -541,7 +612,7 @@ class OpenAIServer:
     async def chat_completions(self, req: ChatCompletionRequest) -> Response:
         """OpenAI chat completions, streaming (SSE) or not."""
         self._check_model(req.model)
-        self._admit()
+        self._admit(req.n)
         try:
             text = self.tokenizer.apply_chat_template(
                 [m.model_dump(exclude_none=True) for m in req.messages], add_generation_prompt=True
@@ -565,7 +636,9 @@ class OpenAIServer:
         echo: list[str] | None = None,
     ) -> Response:
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        num_seqs = sum(p.n for p in params)
         self.in_flight += 1
+        self.queued += num_seqs
         self.metrics.in_flight.inc()
         if req.stream:
             return StreamingResponse(
@@ -584,6 +657,7 @@ class OpenAIServer:
             raise
         finally:
             self.in_flight -= 1
+            self.queued -= num_seqs
             self.metrics.in_flight.dec()
         prompt_only = not chat and req.max_tokens == 0
         choices, completion_tokens = [], 0
@@ -809,9 +883,13 @@ class OpenAIServer:
         try:
             async for pi, d in self._deltas(prompts, params, rid):
                 if isinstance(d, BaseException):
-                    status = "503"
-                    msg = d.message if isinstance(d, APIError) else str(d)
-                    yield f"data: {json.dumps(error_body(msg, 'service_unavailable', 503))}\n\n"
+                    # in-band (the 200 is sent): an error event, never a silent [DONE]
+                    if isinstance(d, APIError):
+                        code, msg, kind = d.status, d.message, d.type
+                    else:
+                        code, msg, kind = 503, str(d), "service_unavailable"
+                    status = str(code)
+                    yield f"data: {json.dumps(error_body(msg, kind, code))}\n\n"
                     continue
                 self._observe(d, timing)
                 if d.num_cached_tokens is not None and d.index == 0:
@@ -850,6 +928,7 @@ class OpenAIServer:
             yield "data: [DONE]\n\n"
         finally:
             self.in_flight -= 1
+            self.queued -= sum(p.n for p in params)
             self.metrics.in_flight.dec()
             self.metrics.requests.labels(endpoint, status).inc()
             self.metrics.e2e.observe(time.monotonic() - timing.start)
@@ -857,14 +936,24 @@ class OpenAIServer:
             self.metrics.generation_tokens.inc(completion_tokens)
 
     # ---------------------------------------------------------------- admin
-    async def _admin(self, method: str, *args: Any, conflict: bool = False) -> JSONResponse:
-        """Call the controller; its refusals become 400 (409 when paused or ``conflict``)."""
+    async def _admin(
+        self,
+        method: str,
+        *args: Any,
+        conflict: bool = False,
+        fields: dict[str, Any] | None = None,
+    ) -> JSONResponse:
+        """Call the controller; its refusals become 400 (409 when paused or ``conflict``),
+        ``param`` naming the field of ``fields`` (name -> value sent) the refusal is about."""
         from elasticmoe.control.controller import ControllerError
 
         try:
             result = await getattr(self._controller(), method).remote(*args)
         except ControllerError as e:
-            raise APIError(409 if conflict or "paused" in str(e) else 400, str(e)) from None
+            msg = _controller_message(e)
+            raise APIError(
+                409 if conflict or "paused" in msg else 400, msg, param=_param_of(msg, fields)
+            ) from None
         return JSONResponse(result)
 
     @app.get("/admin/status")
@@ -880,36 +969,46 @@ class OpenAIServer:
     @app.post("/admin/scale")
     async def admin_scale(self, body: ScaleRequest) -> JSONResponse:
         """Set one expert's replica count."""
-        return await self._admin("scale", body.expert, body.replicas)
+        return await self._admin(
+            "scale", body.expert, body.replicas, fields={"replicas": body.replicas}
+        )
 
     @app.post("/admin/replicate")
     async def admin_replicate(self, body: ReplicaRequest) -> JSONResponse:
         """Add a replica of an expert (target optional)."""
-        return await self._admin("replicate", body.expert, body.target)
+        return await self._admin(
+            "replicate", body.expert, body.target, fields={"target": body.target}
+        )
 
     @app.post("/admin/evict")
     async def admin_evict(self, body: ReplicaRequest) -> JSONResponse:
         """Drop an expert's replica on ``source``."""
         if body.source is None:
             raise APIError(400, "source: the worker to evict from is required", param="source")
-        return await self._admin("evict", body.expert, body.source)
+        return await self._admin("evict", body.expert, body.source, fields={"source": body.source})
 
     @app.post("/admin/migrate")
     async def admin_migrate(self, body: ReplicaRequest) -> JSONResponse:
         """Move an expert's replica from ``source`` to ``target``."""
         if body.source is None:
             raise APIError(400, "source: the worker to move from is required", param="source")
-        return await self._admin("migrate", body.expert, body.source, body.target)
+        return await self._admin(
+            "migrate",
+            body.expert,
+            body.source,
+            body.target,
+            fields={"source": body.source, "target": body.target},
+        )
 
     @app.post("/admin/workers")
     async def admin_add_workers(self, body: AddWorkersRequest) -> JSONResponse:
         """Start workers."""
-        return await self._admin("add_worker", body.count)
+        return await self._admin("add_worker", body.count, fields={"count": body.count})
 
     @app.delete("/admin/workers/{worker_id}")
     async def admin_remove_worker(self, worker_id: str) -> JSONResponse:
         """Drain a worker's experts elsewhere, then stop it."""
-        return await self._admin("remove_worker", worker_id)
+        return await self._admin("remove_worker", worker_id, fields={"worker_id": worker_id})
 
     @app.get("/admin/demand")
     async def admin_demand(self) -> JSONResponse:
@@ -919,7 +1018,9 @@ class OpenAIServer:
     @app.post("/admin/drain")
     async def admin_drain(self, body: DrainRequest) -> JSONResponse:
         """Move every replica off these workers / nodes, then stop those workers."""
-        return await self._admin("drain", body.workers, body.nodes, conflict=True)
+        return await self._admin(
+            "drain", body.workers, body.nodes, conflict=True, fields={"workers": None}
+        )
 
     @app.put("/admin/policy")
     async def admin_policy(self, body: PolicyRequest) -> JSONResponse:

@@ -47,7 +47,20 @@ class ServeConfig(DeploymentConfig):
         description="serve /admin without admin_api_keys on a non-loopback host "
         "(anyone who reaches the port can then reconfigure the deployment)",
     )
-    max_in_flight: int = Field(256, ge=1)
+    max_in_flight: int = Field(256, ge=1, description="HTTP requests at once; over it: 429")
+    max_queued_per_engine: int = Field(
+        1024,
+        ge=1,
+        description="engine requests (prompts x n) admitted per engine; over it: 429, and a "
+        "single request needing more than all engines hold: 400",
+    )
+    request_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        le=86400,
+        description="a request still running after this is aborted in the engine and "
+        "answered 504 (a stream ends with an error event)",
+    )
     max_body_bytes: int = Field(1 << 20, ge=1024)
     shutdown_timeout_s: float = Field(30.0, ge=0)
 
@@ -209,6 +222,8 @@ def run_server(config: ServeConfig, stop: threading.Event | None = None) -> None
                 api_keys=config.api_keys,
                 admin_api_keys=config.admin_api_keys,
                 max_in_flight=config.max_in_flight,
+                max_queued_per_engine=config.max_queued_per_engine,
+                request_timeout_s=config.request_timeout_s,
                 max_body_bytes=config.max_body_bytes,
                 max_model_len=config.engine.get("max_model_len"),
             )
@@ -228,14 +243,29 @@ def run_server(config: ServeConfig, stop: threading.Event | None = None) -> None
         stop.wait()
         console.print("shutting down: finishing in-flight requests ...")
     finally:
+        # Order: the front stops admitting and waits for its requests; the engines
+        # drain (the front still up, so what they finish reaches its clients); only
+        # then does the front go away, and last the actors.
         left = 0
         if handle is not None:
             try:
                 left = handle.drain.remote(config.shutdown_timeout_s).result()
             except Exception as e:  # the front may already be gone
                 console.print(f"[yellow]drain failed: {e}[/yellow]")
+            _drain_engines(deployment, config.shutdown_timeout_s)
             serve.shutdown()
         deployment.shutdown(timeout=config.shutdown_timeout_s)
         if left:
             console.print(f"[yellow]{left} request(s) were still running and were failed[/yellow]")
         console.print("[green]stopped[/green]: no actors left")
+
+
+def _drain_engines(deployment: Deployment, timeout: float) -> None:
+    """Let every engine finish what it holds (bounded by ``timeout``) and stop stepping."""
+    import ray
+
+    refs = [e.shutdown.remote(timeout) for e in deployment.engines]
+    try:
+        ray.get(refs, timeout=timeout + 5)
+    except Exception as e:  # a dead engine cannot drain; deployment.shutdown kills it
+        console.print(f"[yellow]engine drain failed: {e}[/yellow]")
