@@ -323,3 +323,47 @@ def test_the_autoscaler_loop_survives_a_failing_iteration(redis: RedisServer) ->
         assert c.status()["loops"]["health"]["errors"] == 0
     finally:
         c.shutdown()
+
+
+def test_resuming_an_old_change_never_frees_what_the_map_lists(redis: RedisServer) -> None:
+    cluster = FakeCluster(engines=1)
+    first = Controller(config(redis), cluster=cluster)
+    first.bootstrap()
+    e, keep = LE(1, 3), LE(2, 0)
+    holder = first.expert_map.replicas_of(e)[0]
+    other = next(w for w in first.expert_map.workers if w != holder)
+    first.replicate(str(e), other)  # epoch 2: e on both workers
+    first._stop.set()  # the actor dies
+    store = make_state_store(redis.url, "store")
+    # two changes a store outage left open, which later changes overtook: one to roll
+    # back (its replica is in the map now), one to finish (what it drops is mapped again)
+    rollback = Change("replicate", epoch=2, add=((e, other),))
+    finish = Change("evict", epoch=1, remove=((keep, first.expert_map.replicas_of(keep)[0]),))
+    store.journal_append("replicate-old", "begin", rollback.to_journal())
+    store.journal_append("evict-old", "begin", finish.to_journal())
+    store.journal_append("evict-old", "loaded", {})
+    for x in cluster.engines:
+        x.map_dict = first.get_map()
+    again = Controller(config(redis), cluster=cluster)
+    try:
+        assert store.journal_result("replicate-old") == "rolled_back"
+        assert store.journal_result("evict-old") == "done"
+        assert again.expert_map == first.expert_map
+        assert_consistent(again, cluster)  # every mapped replica is still held
+    finally:
+        again.shutdown()
+
+
+def test_a_dead_spare_is_forgotten_and_replaced(redis: RedisServer) -> None:
+    cluster = FakeCluster(engines=1)
+    c = Controller(config(redis, spare_workers=1), cluster=cluster)
+    try:
+        c.bootstrap()
+        assert c.registry.spares() == ["w2"]
+        cluster.kill("w2")
+        c.check_workers()
+        c.check_workers()  # two missed checks
+        assert "w2" not in c.registry and "w2" not in c.store.get_workers()
+        wait_for(lambda: c.registry.spares() == ["w3"], "a new spare")
+    finally:
+        c.shutdown()

@@ -122,7 +122,7 @@ class Controller:
         # per background loop: iterations, errors caught, the last one (status() shows them)
         self._loops: dict[str, dict[str, Any]] = {
             name: {"iterations": 0, "errors": 0, "last_error": None, "last_error_at": None}
-            for name in ("health", "autoscaler")
+            for name in ("health", "autoscaler", "spares")
         }
         # workers stopped while the store was down: their registry entries go once it is back
         self._unsynced_deletes: set[str] = set()
@@ -182,8 +182,9 @@ class Controller:
                 )
             for op_id in open_ops:
                 self._resume(op_id)
-            for wid in sorted(self._unsynced_deletes):
+            for wid in sorted(self._unsynced_deletes):  # stopped while the store was down
                 self.store.delete_worker(wid)
+                self.registry.forget(wid)
                 self._unsynced_deletes.discard(wid)
         except StateStoreUnavailable as e:
             logger.warning("state store unreachable while recovering; retried once back: %s", e)
@@ -1048,8 +1049,8 @@ class Controller:
         # hold up scaling operations meanwhile
         try:
             self._start_workers({w: [] for w in ids}, spare=True)  # registers them as spares
-        except Exception as e:
-            logger.warning("starting spare workers failed: %s", e)
+        except Exception as e:  # best effort, in its own thread: counted, retried next time
+            self._loop_failed("spares", e)
         finally:
             with self.lock:
                 self.registry.release(ids)
@@ -1094,6 +1095,14 @@ class Controller:
         return removed
 
     def _remove_dead_workers(self) -> list[str]:
+        # A spare that stopped answering (or a registry entry of a worker stopped while the
+        # store was down) is forgotten; _replenish_spares starts a new one.
+        dead_spares = [w for w in self.registry.spares() if self.registry.misses(w) >= 2]
+        if dead_spares:
+            logger.warning("spare worker(s) %s are dead; forgetting them", dead_spares)
+            with self.lock:
+                self._stop_workers(dead_spares)
+            threading.Thread(target=self._replenish_spares, daemon=True).start()
         removed = []
         for w in list(self._map().workers):
             if self.registry.misses(w) >= 2 and len(self._map().workers) > 1:
