@@ -1049,6 +1049,9 @@ class Controller:
         # hold up scaling operations meanwhile
         try:
             self._start_workers({w: [] for w in ids}, spare=True)  # registers them as spares
+            if self._stop.is_set():  # a clean stop came meanwhile: leave nothing behind
+                with self.lock:
+                    self._stop_workers([w for w in ids if w in self.registry])
         except Exception as e:  # best effort, in its own thread: counted, retried next time
             self._loop_failed("spares", e)
         finally:
@@ -1163,8 +1166,11 @@ class Controller:
         except Exception as e:  # counted and logged; worker health must be checked anyway
             self._loop_failed("health", e)
         if self._needs_recovery:
-            with self.lock:  # a change left open by a store outage is finished here
-                self._check_store()
+            try:
+                with self.lock:  # a change left open by a store outage is finished here
+                    self._check_store()
+            except ChangesPausedError as e:  # still down: health is checked all the same
+                self._loop_failed("health", e, paused=True)
         if self.expert_map is not None:
             self.check_workers()
             if time.monotonic() - last_reconcile > 30:
