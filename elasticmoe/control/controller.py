@@ -1012,7 +1012,7 @@ class Controller:
             self.store.put_value(_POLICY_KEY, {"text": text})
         except StateStoreUnavailable as e:
             raise ChangesPausedError(
-                f"state store unreachable; the policy was not applied: {e}"
+                f"state store unreachable, changes are paused; the policy was not applied: {e}"
             ) from e
         started = self.policy is not None
         self.policy = policy
