@@ -367,3 +367,22 @@ def test_a_dead_spare_is_forgotten_and_replaced(redis: RedisServer) -> None:
         wait_for(lambda: c.registry.spares() == ["w3"], "a new spare")
     finally:
         c.shutdown()
+
+
+def test_a_start_after_a_crash_whose_workers_are_gone_begins_fresh(redis: RedisServer) -> None:
+    old_cluster = FakeCluster(engines=1)
+    first = Controller(config(redis), cluster=old_cluster)
+    first.bootstrap()
+    first.replicate("0:1")
+    first._stop.set()  # the whole run died, Ray cluster and workers with it
+    cluster = FakeCluster(engines=1)  # a new Ray cluster: nothing of the old run runs
+    again = Controller(config(redis), cluster=cluster)
+    try:
+        m = again.bootstrap()
+        assert m["epoch"] == 1 and sorted(m["workers"]) == ["w2", "w3"]  # ids never reused
+        assert sorted(again.store.get_workers()) == ["w2", "w3"]
+        for e in cluster.engines:
+            e.map_dict = again.get_map()
+        assert_consistent(again, cluster)
+    finally:
+        again.shutdown()

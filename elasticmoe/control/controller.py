@@ -312,8 +312,12 @@ class Controller:
     def bootstrap(self) -> dict[str, Any]:
         """Start the initial workers and publish epoch 1 (no-op once a map exists)."""
         with self.lock:
+            if self._needs_recovery:  # the store was down at start: recover first
+                self._check_store()
             if self.expert_map is not None:
-                return self.expert_map.to_dict()
+                if any(self._probe(w) for w in self.expert_map.workers):
+                    return self.expert_map.to_dict()
+                self._discard_stale_state()
             self._check_store()
             c = self.config
             counts = c.replica_counts(self.all_experts)
@@ -333,6 +337,27 @@ class Controller:
             self.expert_map = new_map
             self._replenish_spares()
             return new_map.to_dict()
+
+    def _discard_stale_state(self) -> None:
+        """Forget a stored map none of whose workers runs (the last run ended without a clean
+        stop, and its workers went with its Ray cluster): a start begins fresh instead of
+        serving from workers that are gone. Worker ids keep counting past the old ones."""
+        assert self.expert_map is not None
+        logger.warning(
+            "the stored expert map (epoch %d) names workers %s, none of which runs: the last "
+            "run did not stop cleanly; starting fresh",
+            self.expert_map.epoch,
+            sorted(self.expert_map.workers),
+        )
+        self._check_store()
+        self.store.clear()
+        self.history.append(
+            {"kind": "discard_stale_state", "result": "done", "epoch": self.expert_map.epoch}
+        )
+        self.expert_map = None
+        self.checksums.clear()
+        for wid in list(self.registry):
+            self.registry.forget(wid)
 
     def _start_workers(
         self,
