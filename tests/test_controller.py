@@ -226,6 +226,24 @@ def test_redis_outage_pauses_changes_but_not_serving(ckpt, expected):
         assert load.mismatches == 0
 
 
+def test_a_clean_stop_with_redis_lets_the_next_start_begin_fresh(ckpt, expected):
+    from elasticmoe.control.state import make_state_store
+
+    with RedisServer(persist=True) as redis:
+        kw = dict(mode="distributed", num_workers=2, name="again", state_store=redis.url)
+        for start in range(2):
+            with LLM(str(ckpt), progress=False, **kw) as llm:
+                m = llm.deployment.expert_map
+                # a fresh map of fresh workers each time, never the last run's
+                assert m.epoch == 1 and sorted(m.workers) == ["w0", "w1"], (start, m.to_dict())
+                outs = llm.generate(PROMPTS, PARAMS)
+                assert [o.outputs[0].token_ids for o in outs] == expected
+                ray.get(llm.deployment.controller.replicate.remote("0:1"))
+            store = make_state_store(redis.url, "again")
+            assert store.get_map() is None and store.get_workers() == {}
+            assert store.open_operations() == []
+
+
 def test_status_and_scale_cli_against_running_deployment(ckpt):
     import json
     import os

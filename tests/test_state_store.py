@@ -366,3 +366,30 @@ def test_values_survive_a_new_client(open_store: OpenStore) -> None:
     assert open_store().get_value("policy_state") == {"expert_last": {"0:1": 12.5}, "version": 1}
     with pytest.raises(ValueError):
         first.put_value("bad", {"x": object()})
+
+
+def test_clear_forgets_everything_of_this_deployment_only(
+    store: StateStore, request: pytest.FixtureRequest
+) -> None:
+    store.put_map({"epoch": 3, "workers": {}, "replicas": {}}, expected_epoch=None)
+    store.put_worker("w0", {"address": "a"})
+    store.put_value("policy", {"text": "x"})
+    store.journal_append("op-1", "begin", {})
+    store.journal_append("op-2", "begin", {})
+    store.journal_finish("op-2", "done")
+    neighbour = None
+    if not store.is_memory:  # "test-x" must not lose the keys of "test-x" + anything
+        server: RedisServer = request.getfixturevalue("redis_server")
+        neighbour = make_state_store(server.url, deployment=store.prefix.split(":", 1)[1] + "b")
+        neighbour.put_worker("w9", {"address": "b"})
+    store.clear()
+    assert store.get_map() is None and store.get_workers() == {}
+    assert store.get_value("policy") is None and store.open_operations() == []
+    assert store.journal_entries("op-1") == [] and store.journal_result("op-2") is None
+    # the store is as good as new: a first map, new operations
+    assert store.put_map({"epoch": 1, "workers": {}, "replicas": {}}, expected_epoch=None)
+    store.journal_append("op-2", "begin", {})
+    assert store.open_operations() == ["op-2"]
+    if neighbour is not None:
+        assert neighbour.get_workers() == {"w9": {"address": "b"}}
+        neighbour.close()

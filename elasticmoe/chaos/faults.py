@@ -274,6 +274,8 @@ class FaultInjector:
         the controller and every engine answer, as new instances where
         ``restarted`` names their old instance ids.
         """
+        import ray
+
         try:
             r = self.call("redundancy", True, timeout=10)
             if not r["full"] or r["workers"] < baseline_workers:
@@ -281,7 +283,9 @@ class FaultInjector:
             if gone and gone & {w["worker_id"] for w in self.workers()}:
                 return False
             now = self.instances()
-        except Exception:
+        except (ray.exceptions.RayError, ValueError) as e:  # down, restarting, or an actor
+            # gone since it was listed: not whole yet; anything else is a bug and raises
+            logger.debug("deployment not whole yet: %s", e)
             return False
         return not any(now.get(k) == v for k, v in (restarted or {}).items())
 

@@ -211,7 +211,7 @@ class RayCluster:
                 infos[wid] = ray.get(
                     ray.get_actor(entry["name"], namespace=NAMESPACE).info.remote(), timeout=30
                 )
-            except Exception as e:
+            except (ray.exceptions.RayError, ValueError) as e:  # died, hung, or gone since listed
                 logger.warning("worker %s did not answer: %s", wid, e)
         return infos
 
@@ -308,7 +308,7 @@ class RayCluster:
         for ref in refs:
             try:
                 out.append(ray.get(ref, timeout=timeout))
-            except Exception as e:  # a dead engine has nothing to say
+            except ray.exceptions.RayError as e:  # a dead or hung engine has nothing to say
                 logger.info("engine %s failed: %s", method, e)
         return out
 
@@ -325,7 +325,7 @@ class RayCluster:
         for ref in refs:
             try:
                 ray.get(ref, timeout=10)
-            except Exception as e:  # a dead or slow engine pulls the map later
+            except ray.exceptions.RayError as e:  # a dead or slow engine pulls the map later
                 logger.warning("pushing epoch %s failed: %s", map_dict.get("epoch"), e)
 
     def active_epochs(self, deployment: str) -> list[int | None]:

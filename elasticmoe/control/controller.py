@@ -53,7 +53,7 @@ from elasticmoe.core.decide import ObservedState, PolicyState, WorkerState, deci
 from elasticmoe.core.expert_map import ExpertMap
 from elasticmoe.core.experts import LogicalExpert, parse_expert
 from elasticmoe.core.placement import initial_placement
-from elasticmoe.core.policy import load_policy, policy_from_text
+from elasticmoe.core.policy import Policy, load_policy, policy_from_text
 from elasticmoe.core.protocol import (
     Change,
     ClusterView,
@@ -67,6 +67,9 @@ from elasticmoe.core.protocol import (
 from elasticmoe.model.config import load_config
 
 logger = logging.getLogger(__name__)
+
+_POLICY_KEY = "policy"  # state-store value: {"text": the policy set through the API}
+
 
 class ControllerError(RuntimeError):
     """A scaling request cannot be carried out (the message says why)."""
@@ -116,9 +119,18 @@ class Controller:
         self._engine_stats: list[dict[str, Any]] = []
         self._num_engines = 0
         self._stop = threading.Event()
+        # per background loop: iterations, errors caught, the last one (status() shows them)
+        self._loops: dict[str, dict[str, Any]] = {
+            name: {"iterations": 0, "errors": 0, "last_error": None, "last_error_at": None}
+            for name in ("health", "autoscaler", "spares")
+        }
+        # workers stopped while the store was down: their registry entries go once it is back
+        self._unsynced_deletes: set[str] = set()
         self.instance = uuid.uuid4().hex  # changes when Ray restarts the actor
         self._recover()
-        self.policy = load_policy(self.config.policy) if self.config.policy else None
+        self.policy = self._stored_policy()
+        if self.policy is None and self.config.policy:
+            self.policy = load_policy(self.config.policy)
         self.policy_state = PolicyState()
         with contextlib.suppress(StateStoreUnavailable):
             stored_state = self.store.get_value("policy_state")
@@ -139,24 +151,66 @@ class Controller:
         ]
 
     def _recover(self) -> None:
-        """Load the map and registry; finish or roll back half-done operations."""
+        """Load the map and registry; finish or roll back half-done operations.
+
+        Sets ``_needs_recovery`` until it got through: a store that goes away
+        midway leaves the rest for the next :meth:`_check_store` (every change
+        and every health-loop tick calls it), and no change runs before that.
+        """
+        self._needs_recovery = True
         try:
             stored = self.store.get_map()
             entries = self.store.get_workers()
-        except StateStoreUnavailable:
-            logger.warning("state store unreachable; recovering once it is back")
-            self._needs_recovery = True
+            if stored is not None:
+                self.expert_map = ExpertMap.from_dict(stored)
+            elif self.store.is_memory:
+                self._adopt()
+            if entries or not self.registry.records:  # _adopt registered what runs
+                self.registry.load(entries, self.expert_map.workers if self.expert_map else ())
+            self._register_mapped_workers()
+            open_ops = self.store.open_operations()
+            # a new worker id must not name a worker the map, the registry or an open
+            # change still refers to (its actor may still run under that name)
+            self.registry.note_ids(self.expert_map.workers if self.expert_map else ())
+            for op_id in open_ops:
+                begin = next(
+                    (x["data"] for x in self.store.journal_entries(op_id) if x["step"] == "begin"),
+                    {},
+                )
+                self.registry.note_ids(
+                    [*begin.get("add_workers", ()), *begin.get("remove_workers", ())]
+                )
+            for op_id in open_ops:
+                self._resume(op_id)
+            for wid in sorted(self._unsynced_deletes):  # stopped while the store was down
+                self.store.delete_worker(wid)
+                self.registry.forget(wid)
+                self._unsynced_deletes.discard(wid)
+        except StateStoreUnavailable as e:
+            logger.warning("state store unreachable while recovering; retried once back: %s", e)
             return
-        if stored is not None:
-            self.expert_map = ExpertMap.from_dict(stored)
-        elif self.store.is_memory:
-            self._adopt()
-        if entries or not self.registry.records:  # _adopt registered what runs
-            self.registry.load(entries, self.expert_map.workers if self.expert_map else ())
-        for op_id in self.store.open_operations():
-            self._resume(op_id)
+        self._needs_recovery = False
         if self.expert_map is not None:
             self._reconcile_slots()
+
+    def _register_mapped_workers(self) -> None:
+        """Give a worker the map lists but the registry lost (its entry was written while
+        the store was down) a record from the map and the config, and store it again."""
+        m = self.expert_map
+        for wid, address in sorted(m.workers.items()) if m else ():
+            if wid in self.registry:
+                continue
+            logger.warning("worker %s is in the map but not the registry; re-registering", wid)
+            record = self.registry.register(
+                WorkerRecord(
+                    worker_id=wid,
+                    address=address,
+                    num_slots=self.config.num_slots(len(self.all_experts)),
+                    pool=self.config.pool,
+                    actor=worker_actor_name(self.config.name, wid),
+                )
+            )
+            self.store.put_worker(wid, record.to_entry())
 
     def _register(
         self, worker_id: str, info: dict[str, Any], spare: bool, pool: str | None = None
@@ -214,10 +268,21 @@ class Controller:
             self.store.journal_entries(op_id), self.expert_map.epoch if self.expert_map else None
         )
         logger.info("resuming operation %s (%s): %s", op_id, plan.change.kind, plan.outcome)
+        current = self.expert_map
         if plan.drain_epoch is not None:
+            if current is not None:
+                # the publish may have landed without reaching the engines (the store
+                # went away first, or the old controller died right after it)
+                self._push(current)
             self._drain(plan.drain_epoch)
-        self._unload(plan.unload)
-        self._stop_workers(plan.stop_workers)
+        # What the map lists stays, whatever the journal says: a later change may have
+        # put the same replica or worker back.
+        self._unload(
+            [(e, w) for e, w in plan.unload if current is None or w not in current.replicas_of(e)]
+        )
+        self._stop_workers(
+            [w for w in plan.stop_workers if current is None or w not in current.workers]
+        )
         result = "done" if plan.outcome == "finish" else "rolled_back"
         for step in plan.journal:
             if step is not Step.ROLLED_BACK:
@@ -247,8 +312,12 @@ class Controller:
     def bootstrap(self) -> dict[str, Any]:
         """Start the initial workers and publish epoch 1 (no-op once a map exists)."""
         with self.lock:
+            if self._needs_recovery:  # the store was down at start: recover first
+                self._check_store()
             if self.expert_map is not None:
-                return self.expert_map.to_dict()
+                if any(self._probe(w) for w in self.expert_map.workers):
+                    return self.expert_map.to_dict()
+                self._discard_stale_state()
             self._check_store()
             c = self.config
             counts = c.replica_counts(self.all_experts)
@@ -268,6 +337,27 @@ class Controller:
             self.expert_map = new_map
             self._replenish_spares()
             return new_map.to_dict()
+
+    def _discard_stale_state(self) -> None:
+        """Forget a stored map none of whose workers runs (the last run ended without a clean
+        stop, and its workers went with its Ray cluster): a start begins fresh instead of
+        serving from workers that are gone. Worker ids keep counting past the old ones."""
+        assert self.expert_map is not None
+        logger.warning(
+            "the stored expert map (epoch %d) names workers %s, none of which runs: the last "
+            "run did not stop cleanly; starting fresh",
+            self.expert_map.epoch,
+            sorted(self.expert_map.workers),
+        )
+        self._check_store()
+        self.store.clear()
+        self.history.append(
+            {"kind": "discard_stale_state", "result": "done", "epoch": self.expert_map.epoch}
+        )
+        self.expert_map = None
+        self.checksums.clear()
+        for wid in list(self.registry):
+            self.registry.forget(wid)
 
     def _start_workers(
         self,
@@ -357,6 +447,8 @@ class Controller:
             ],
             "redundancy": self.redundancy(),
             "autoscaler": self.policy.metadata.name if self.policy else None,
+            # background loops: iterations, errors caught (each logged with its traceback)
+            "loops": {name: dict(entry) for name, entry in self._loops.items()},
             "history": self.history[-20:],
         }
 
@@ -430,6 +522,8 @@ class Controller:
     ) -> dict[str, Any]:
         """Plan ``action`` (pure, the same planner ``policy simulate`` uses), then run it."""
         with self.lock:
+            if self._needs_recovery:  # plan on the map recovery leaves, not on the one before
+                self._check_store()
             try:
                 change = plan_action(self._view(), action, new_worker_ids, keep_off)
             except PlanRefused as e:
@@ -698,9 +792,12 @@ class Controller:
         except BaseException as e:
             self._unload(loaded)
             self._stop_workers(add_workers)
-            # if the store is down, a restarted controller rolls it back from the journal
-            with contextlib.suppress(StateStoreUnavailable):
+            try:
                 self.store.journal_finish(op_id, "rolled_back")
+            except StateStoreUnavailable:
+                # still open in the journal: resolved (rolled back) from it before any
+                # other change, by this controller once the store is back or the next one
+                self._needs_recovery = True
             self.history.append(
                 {"op_id": op_id, "kind": kind, "result": "rolled_back", "error": str(e)}
             )
@@ -709,9 +806,13 @@ class Controller:
             if isinstance(e, StateStoreUnavailable):
                 raise ChangesPausedError(f"state store unreachable, change rolled back: {e}") from e
             raise
+        # Epoch N+1 is the stored map: from here the change can only be finished.
+        # Nothing below needs the store to go on; a journal write that fails leaves
+        # the operation open, and recovery finishes it from the journal (the stored
+        # epoch says it was published), before any other change runs.
         self.expert_map = new_map
         self._push(new_map)
-        self.store.journal_append(op_id, Step.PUBLISHED.value, {"epoch": new_map.epoch})
+        journaled = self._journal_quietly(op_id, Step.PUBLISHED.value, {"epoch": new_map.epoch})
         self._fault("published")
         self._drain(m.epoch)
         self._unload(remove)
@@ -720,9 +821,18 @@ class Controller:
             record = self.registry.get(w)
             if record is not None:  # a spare that joined is stored as active from now on
                 record.lifecycle = Lifecycle.ACTIVE
-                self.store.put_worker(w, record.to_entry())
-        self.store.journal_append(op_id, Step.DONE.value, {})
-        self.store.journal_finish(op_id, "done")
+                # best effort: a stored entry of a worker in the map reads as active anyway
+                with contextlib.suppress(StateStoreUnavailable):
+                    self.store.put_worker(w, record.to_entry())
+        journaled = journaled and self._journal_quietly(op_id, Step.DONE.value, {})
+        if journaled:
+            try:
+                self.store.journal_finish(op_id, "done")
+            except StateStoreUnavailable as e:
+                logger.warning("could not mark %s done (store down): %s", op_id, e)
+                journaled = False
+        if not journaled:
+            self._needs_recovery = True
         result = {
             "op_id": op_id,
             "kind": kind,
@@ -734,10 +844,21 @@ class Controller:
             "remove_workers": list(remove_workers),
             "seconds": round(time.monotonic() - started, 3),
         }
+        if not journaled:
+            result["journal"] = "pending"  # finished in the journal once the store is back
         self.history.append(result)
         self._op_counts[kind, "done"] += 1
         self._op_seconds[kind, "done"] += result["seconds"]
         return result
+
+    def _journal_quietly(self, op_id: str, step: str, data: dict[str, Any]) -> bool:
+        """Journal a step after the publish; False (logged) if the store is down."""
+        try:
+            self.store.journal_append(op_id, step, data)
+        except StateStoreUnavailable as e:
+            logger.warning("could not journal %s of %s (store down): %s", step, op_id, e)
+            return False
+        return True
 
     def _load(
         self,
@@ -800,8 +921,11 @@ class Controller:
             self.registry.forget(wid)
             try:
                 self.store.delete_worker(wid)
+                self._unsynced_deletes.discard(wid)
             except StateStoreUnavailable:
                 logger.warning("could not drop %s from the registry (store down)", wid)
+                self._unsynced_deletes.add(wid)
+                self._needs_recovery = True  # recovery drops it once the store is back
 
     def _push(self, new_map: ExpertMap) -> None:
         """Push the new map to every engine (the one channel; engines pull as the fallback)."""
@@ -851,8 +975,11 @@ class Controller:
         if not ok:
             raise ChangesPausedError("state store unreachable; changes are paused")
         if self._needs_recovery:
-            self._needs_recovery = False
-            self._recover()
+            self._recover()  # finishes or rolls back what the journal left open
+            if self._needs_recovery:
+                raise ChangesPausedError(
+                    "state store went away while recovering; changes are paused"
+                )
 
     def _fault(self, step: str) -> None:
         """Test/chaos hook: die right after journaling ``step`` when configured to.
@@ -872,10 +999,29 @@ class Controller:
         os._exit(1)
 
     def shutdown(self) -> None:
-        """Stop the control loop and every worker (the caller kills engines and the controller)."""
+        """A clean stop: the loops, every worker, then this deployment's stored state.
+
+        The caller kills engines and the controller. The workers are gone, so a
+        stored map (and registry, journal, API-set policy) would only mislead the
+        next start: it is cleared, and the next start with the same name begins
+        fresh from its config. A crash leaves the state for recovery.
+        """
         self._stop.set()
         with self.lock:
             self._stop_workers(list(self.registry))
+            try:
+                self.store.clear()
+            except StateStoreUnavailable as e:
+                logger.error(
+                    "clean stop could not clear the state of deployment %r at %s: %s. "
+                    "The next start would find a map of stopped workers: delete the keys "
+                    "'elasticmoe:%s:*' in Redis before starting it again",
+                    self.config.name,
+                    self.store.url,
+                    e,
+                    self.config.name,
+                )
+            self.expert_map = None
 
     # ------------------------------------------------------------ autoscaling
     def set_policy(self, text: str) -> dict[str, Any]:
@@ -886,11 +1032,35 @@ class Controller:
             raise ControllerError(
                 f"policy pools {pools} do not include this deployment's pool {self.config.pool!r}"
             )
+        try:
+            # stored first: a policy set here must outlive a controller restart
+            self.store.put_value(_POLICY_KEY, {"text": text})
+        except StateStoreUnavailable as e:
+            raise ChangesPausedError(
+                f"state store unreachable, changes are paused; the policy was not applied: {e}"
+            ) from e
         started = self.policy is not None
         self.policy = policy
         if not started:
             threading.Thread(target=self._control_loop, name="autoscaler", daemon=True).start()
         return {"policy": policy.metadata.name, "interval_s": policy.spec.interval_s}
+
+    def _stored_policy(self) -> Policy | None:
+        """The policy last set through :meth:`set_policy`, if the store has one."""
+        try:
+            stored = self.store.get_value(_POLICY_KEY)
+        except StateStoreUnavailable as e:
+            logger.warning("state store unreachable; using the configured policy: %s", e)
+            return None
+        if not stored:
+            return None
+        try:
+            policy = policy_from_text(stored["text"])
+        except (KeyError, TypeError, ValueError) as e:
+            logger.error("stored policy is invalid, using the configured one: %s", e)
+            return None
+        logger.info("using the policy %r set through the API", policy.metadata.name)
+        return policy
 
     def _replenish_spares(self) -> None:
         """Keep ``spare_workers`` started, empty workers ready for a fast add_worker."""
@@ -904,8 +1074,11 @@ class Controller:
         # hold up scaling operations meanwhile
         try:
             self._start_workers({w: [] for w in ids}, spare=True)  # registers them as spares
-        except Exception as e:
-            logger.warning("starting spare workers failed: %s", e)
+            if self._stop.is_set():  # a clean stop came meanwhile: leave nothing behind
+                with self.lock:
+                    self._stop_workers([w for w in ids if w in self.registry])
+        except Exception as e:  # best effort, in its own thread: counted, retried next time
+            self._loop_failed("spares", e)
         finally:
             with self.lock:
                 self.registry.release(ids)
@@ -950,6 +1123,14 @@ class Controller:
         return removed
 
     def _remove_dead_workers(self) -> list[str]:
+        # A spare that stopped answering (or a registry entry of a worker stopped while the
+        # store was down) is forgotten; _replenish_spares starts a new one.
+        dead_spares = [w for w in self.registry.spares() if self.registry.misses(w) >= 2]
+        if dead_spares:
+            logger.warning("spare worker(s) %s are dead; forgetting them", dead_spares)
+            with self.lock:
+                self._stop_workers(dead_spares)
+            threading.Thread(target=self._replenish_spares, daemon=True).start()
         removed = []
         for w in list(self._map().workers):
             if self.registry.misses(w) >= 2 and len(self._map().workers) > 1:
@@ -988,33 +1169,64 @@ class Controller:
             logger.info("autoscaler: %s -> %s", a, r.get("result"))
         return results
 
+    def _loop_failed(self, loop: str, error: BaseException, paused: bool = False) -> None:
+        """Count an iteration of ``loop`` that raised; the loop goes on with the next.
+
+        A paused change (the store is down) is expected and logged as a warning;
+        anything else is a bug or an outage worth a traceback.
+        """
+        entry = self._loops[loop]
+        entry["errors"] += 1
+        entry["last_error"] = f"{type(error).__name__}: {error}"
+        entry["last_error_at"] = time.time()
+        if paused:
+            logger.warning("%s loop: changes paused: %s", loop, error)
+        else:
+            logger.exception("%s loop iteration failed; the loop goes on", loop)
+
+    def _health_tick(self, last_reconcile: float) -> float:
+        """One health-loop iteration; returns when slots were last reconciled."""
+        try:
+            self.observe_engines()
+        except Exception as e:  # counted and logged; worker health must be checked anyway
+            self._loop_failed("health", e)
+        if self._needs_recovery:
+            try:
+                with self.lock:  # a change left open by a store outage is finished here
+                    self._check_store()
+            except ChangesPausedError as e:  # still down: health is checked all the same
+                self._loop_failed("health", e, paused=True)
+        if self.expert_map is not None:
+            self.check_workers()
+            if time.monotonic() - last_reconcile > 30:
+                last_reconcile = time.monotonic()
+                with self.lock:  # no operation is half-done while it is held
+                    self._reconcile_slots()
+        return last_reconcile
+
     def _health_loop(self) -> None:
-        """Always on: replace dead workers, whether or not a policy is set; every 30 s,
-        free slots no map lists (a load that finished after its operation was rolled back)."""
+        """Always on: replace dead workers, whether or not a policy is set; finish a change a
+        store outage left open; every 30 s, free slots no map lists (a load that finished
+        after its operation was rolled back). An iteration that raises is counted in
+        ``status()["loops"]`` and logged; the loop never dies of it."""
         last_reconcile = time.monotonic()
         while not self._stop.wait(self.config.health_check_s):
+            self._loops["health"]["iterations"] += 1
             try:
-                with contextlib.suppress(Exception):  # engines come and go; next tick
-                    self.observe_engines()
-                if self.expert_map is not None:
-                    self.check_workers()
-                    if time.monotonic() - last_reconcile > 30:
-                        last_reconcile = time.monotonic()
-                        with self.lock:  # no operation is half-done while it is held
-                            self._reconcile_slots()
+                last_reconcile = self._health_tick(last_reconcile)
             except ChangesPausedError as e:
-                logger.warning("worker replacement paused: %s", e)
-            except Exception:
-                logger.exception("health check failed")
+                self._loop_failed("health", e, paused=True)
+            except Exception as e:  # the loop must survive any one iteration
+                self._loop_failed("health", e)
 
     def _control_loop(self) -> None:
-        assert self.policy is not None
-        while not self._stop.wait(self.policy.spec.interval_s):
+        """The autoscaler: one :meth:`autoscale_once` per policy interval, for good."""
+        while self.policy is not None and not self._stop.wait(self.policy.spec.interval_s):
+            self._loops["autoscaler"]["iterations"] += 1
             try:
-                if self.expert_map is None:
-                    continue
-                self.autoscale_once()
+                if self.expert_map is not None:
+                    self.autoscale_once()
             except ChangesPausedError as e:
-                logger.warning("autoscaler paused: %s", e)
-            except Exception:
-                logger.exception("autoscaler tick failed")
+                self._loop_failed("autoscaler", e, paused=True)
+            except Exception as e:  # the loop must survive any one iteration
+                self._loop_failed("autoscaler", e)

@@ -275,14 +275,14 @@ class Deployment:
                 ray.get(
                     engine.shutdown.remote(timeout), timeout=max(1.0, deadline - time.monotonic())
                 )
-            except Exception as e:  # a dead engine cannot drain; kill it anyway
+            except ray.exceptions.RayError as e:  # a dead engine cannot drain; kill it anyway
                 logger.warning("engine shutdown failed: %s", e)
             ray.kill(engine)
         self.engines = []
         if self.controller is not None:
             try:
                 ray.get(self.controller.shutdown.remote(), timeout=60)
-            except Exception as e:
+            except ray.exceptions.RayError as e:  # dead or hung: kill its workers by name
                 logger.warning("controller shutdown failed: %s", e)
                 self._kill_workers_by_name()
             ray.kill(self.controller, no_restart=True)

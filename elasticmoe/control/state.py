@@ -169,6 +169,15 @@ class StateStore(ABC):
     # -- health and lifecycle --------------------------------------------
 
     @abstractmethod
+    def clear(self) -> None:
+        """Forget this deployment's whole state: map, workers, values, journal.
+
+        A clean stop calls it: its workers are stopped, so a stored map that
+        points at them would be a lie to the next start. Other deployments
+        sharing the Redis are untouched.
+        """
+
+    @abstractmethod
     def ping(self) -> bool:
         """Whether the backend answers. Never raises :class:`StateStoreUnavailable`."""
 
@@ -370,6 +379,16 @@ class MemoryStateStore(StateStore):
     def journal_result(self, op_id: str) -> JournalResult | None:
         with self._lock:
             return self._finished.get(op_id)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._map_json = self._map_epoch = None
+            self._workers.clear()
+            self._values.clear()
+            self._journal.clear()
+            self._open.clear()
+            self._finished.clear()
+            # _seq keeps counting: sequence numbers never repeat within a store
 
     def ping(self) -> bool:
         return True
@@ -634,6 +653,15 @@ class RedisStateStore(StateStore):
             return self._client.hget(self._k_finished, op_id)  # type: ignore[return-value]
 
     # -- health and lifecycle --------------------------------------------
+
+    def clear(self) -> None:
+        # Keys are "<prefix>:<name>"; the ":" keeps deployment "a" off "ab"'s keys.
+        # The sequence counter goes too: the journal it numbered is gone.
+        pattern = self._prefix.replace("[", "\\[").replace("*", "\\*").replace("?", "\\?")
+        with self._guard("clear"):
+            keys = list(self._client.scan_iter(match=f"{pattern}:*", count=500))
+            for i in range(0, len(keys), 500):
+                self._client.delete(*keys[i : i + 500])
 
     def ping(self) -> bool:
         try:

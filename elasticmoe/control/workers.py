@@ -94,6 +94,11 @@ class WorkerRegistry:
             self._starting[ids[-1]] = becomes
         return ids
 
+    def note_ids(self, worker_ids: Iterable[str]) -> None:
+        """Never hand out these ids (a stored map or an open change still names them)."""
+        ids = [int(w[1:]) for w in worker_ids if w[:1] == "w" and w[1:].isdigit()]
+        self._next = max(self._next, max(ids, default=-1) + 1)
+
     def release(self, worker_ids: Iterable[str]) -> None:
         """The reserved workers did not start (or started and were registered)."""
         for w in worker_ids:
@@ -108,8 +113,7 @@ class WorkerRegistry:
         self._starting.pop(record.worker_id, None)
         self.records[record.worker_id] = record
         self._health.setdefault(record.worker_id, True)
-        ids = [int(w[1:]) for w in self.records if w[1:].isdigit()]
-        self._next = max(self._next, max(ids, default=-1) + 1)
+        self.note_ids([record.worker_id])
         return record
 
     def load(self, entries: Mapping[str, Mapping[str, Any]], in_map: Iterable[str]) -> None:
@@ -121,6 +125,7 @@ class WorkerRegistry:
             if w not in in_map:
                 record.lifecycle = Lifecycle.SPARE
             self.register(record)
+        self.note_ids(in_map)
 
     def forget(self, worker_id: str) -> None:
         """The worker was stopped."""
