@@ -132,7 +132,8 @@ class EngineActor:
         try:
             controller = ray.get_actor(self.controller_name, namespace="elasticmoe")
             data = ray.get(controller.get_map.remote(), timeout=5)
-        except Exception as e:  # restarting controller: try again later
+        # a restarting controller: its actor is missing (ValueError) or not answering
+        except (ray.exceptions.RayError, ValueError) as e:
             logger.info("map pull failed: %s", e)
             return None
         return ExpertMap.from_dict(data) if data else None
