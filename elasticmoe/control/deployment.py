@@ -67,7 +67,8 @@ class Deployment:
 
             c = self.config
             # logical CPUs: room for the initial actors plus a few added workers
-            needed = c.num_workers * c.worker_num_cpus + c.num_engines * c.engine_num_cpus
+            needed = sum(p.num_workers * p.worker_num_cpus for p in c.worker_pools())
+            needed += c.num_engines * c.engine_num_cpus
             # This Ray instance is ours: every actor inherits the raylet's environment,
             # so a token made for it authenticates the deployment's gRPC.
             with fresh_token_in_environment():
