@@ -282,7 +282,8 @@ def test_the_pod_security_check_catches_what_restricted_forbids():
         "Privileged": lambda p, c: c["securityContext"].update(privileged=True),
         "Privilege Escalation": lambda p, c: c["securityContext"].pop("allowPrivilegeEscalation"),
         "Non-root": lambda p, c: (
-            p["securityContext"].pop("runAsNonRoot"), c["securityContext"].pop("runAsNonRoot")
+            p["securityContext"].pop("runAsNonRoot"),
+            c["securityContext"].pop("runAsNonRoot"),
         ),
         "Seccomp": lambda p, c: p["securityContext"].pop("seccompProfile"),
         "drop ALL": lambda p, c: c["securityContext"]["capabilities"].update(drop=[]),
@@ -395,13 +396,51 @@ def test_rendered_serve_config_loads(case, tmp_path):
 def test_serve_config_values():
     spec = validate_spec(load_cr("npu")["spec"])
     cfg = render.render_serve_config("qwen-npu", spec)
-    assert cfg["device"] == "npu" and cfg["worker_resources"] == {"NPU": 1.0}
-    assert cfg["worker_num_gpus"] == 0.0 and cfg["pool"] == "ascend"
+    pool, cpu_pool = cfg["pools"]
+    assert cpu_pool["worker_num_cpus"] == 4.0 and cpu_pool["num_workers"] == 0
+    assert cfg["device"] == "npu" and pool["worker_resources"] == {"NPU": 1.0}
+    assert pool["worker_num_gpus"] == 0.0 and pool["name"] == "ascend"
     assert cfg["model"] == "/models/Qwen3-30B-A3B"
     assert cfg["state_store"] == "redis://redis.example.internal:6379/0"
     assert cfg["policy"] == "/etc/elasticmoe/policy.yaml"
     cpu = validate_spec(load_cr("cpu")["spec"])
     assert render.render_serve_config("x", cpu)["model"] == "default"
+
+
+def test_every_pool_gets_its_own_workers_and_resources(tmp_path):
+    """A GPU + NPU + CPU spec: the controller starts workers in every pool with
+    minWorkers, each asking for what its pods advertise, and each worker group
+    starts with room for them."""
+    cr = mixed_cr()
+    cr["spec"]["pools"][1].update(minWorkers=1, slotsPerWorker=6)
+    spec = validate_spec(cr["spec"])
+    cfg = render.render_serve_config("mixed", spec)
+    pools = {p["name"]: p for p in cfg["pools"]}
+    assert list(pools) == ["gpu", "ascend", "cpu"]
+    gpu_min = spec["pools"][0]["minWorkers"]
+    assert pools["gpu"]["worker_num_gpus"] == float(spec["pools"][0].get("devicesPerWorker", 1))
+    assert pools["gpu"]["num_workers"] == max(1, gpu_min)
+    assert pools["ascend"] == {
+        "name": "ascend",
+        "device": "npu",
+        "num_workers": 1,
+        "max_workers": 4,
+        "worker_num_cpus": 1.0,
+        "worker_num_gpus": 0.0,
+        "worker_resources": {"NPU": 2.0},
+        "slots_per_worker": 6,
+    }
+    assert pools["cpu"]["worker_num_cpus"] == 8.0 and pools["cpu"]["num_workers"] == 1
+    start = render.initial_replicas(spec)
+    assert start["ascend"] == 1 and start["cpu"] == 1
+    # and elasticmoe serve reads it as three pools
+    cfg["policy"] = None
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    loaded = load_serve_config(path, {}, {"ELASTICMOE_ADMIN_API_KEYS": "admin-key-0123"})
+    assert [p.name for p in loaded.worker_pools()] == ["gpu", "ascend", "cpu"]
+    assert loaded.get_pool("ascend").device == "npu"
+    assert loaded.num_workers == sum(p["num_workers"] for p in cfg["pools"])
 
 
 def test_replicas_are_kept_within_bounds():
