@@ -71,6 +71,7 @@ AUTH_ADMIN_KEY = "admin-api-key"
 ACCELERATOR_TO_DEVICE = {"nvidia.com/gpu": "cuda", "huawei.com/Ascend910": "npu", "cpu": "cpu"}
 # The Ray resource a pool's accelerator becomes. KubeRay maps nvidia.com/gpu limits
 # to GPU itself but knows nothing about Ascend, so NPU is declared in rayStartParams.
+POOL_RESOURCE_PREFIX = "elasticmoe.io/pool-"
 ACCELERATOR_TO_RAY = {"nvidia.com/gpu": "GPU", "huawei.com/Ascend910": "NPU", "cpu": "CPU"}
 
 Obj = dict[str, Any]
@@ -156,7 +157,22 @@ def device_of(pool: Obj) -> str:
 
 def ray_resources(pool: Obj) -> dict[str, int]:
     """Ray resources one worker pod of ``pool`` advertises for its expert worker."""
-    return {ACCELERATOR_TO_RAY[pool["accelerator"]]: int(pool["devicesPerWorker"])}
+    return {
+        ACCELERATOR_TO_RAY[pool["accelerator"]]: int(pool["devicesPerWorker"]),
+        pool_resource(pool["name"]): 1,
+    }
+
+
+def pool_resource(name: str) -> str:
+    """The custom Ray resource a worker pod of pool ``name`` advertises (one: one worker
+    per pod) and its worker asks for: two pools of the same device (two CPU pools, two
+    GPU models) keep their workers on their own pods."""
+    return f"{POOL_RESOURCE_PREFIX}{name}"
+
+
+def _quoted_json(obj: Obj) -> str:
+    """KubeRay's format for custom resources: a JSON object inside double quotes."""
+    return '"' + json.dumps(obj).replace('"', '\\"') + '"'
 
 
 def ray_start_params(pool: Obj) -> dict[str, str]:
@@ -166,13 +182,14 @@ def ray_start_params(pool: Obj) -> dict[str, str]:
     params["object-store-memory"] = str(
         object_store_bytes(pool.get("sharedMemory", DEFAULT_SHARED_MEMORY))
     )
+    custom = {pool_resource(pool["name"]): 1}
     if pool["accelerator"] == "nvidia.com/gpu":
         params["num-gpus"] = str(n)
     elif pool["accelerator"] == "huawei.com/Ascend910":
-        # KubeRay's format for custom resources: a JSON object inside double quotes.
-        params["resources"] = '"' + json.dumps({"NPU": n}).replace('"', '\\"') + '"'
+        custom = {"NPU": n, **custom}
     else:
         params["num-cpus"] = str(n)
+    params["resources"] = _quoted_json(custom)
     return params
 
 
@@ -291,7 +308,10 @@ def render_pool_config(spec: Obj, index: int) -> Obj:
         "max_workers": pool["maxWorkers"],
         "worker_num_cpus": float(n) if device == "cpu" else 1.0,
         "worker_num_gpus": float(n) if device == "cuda" else 0.0,
-        "worker_resources": {"NPU": float(n)} if device == "npu" else {},
+        "worker_resources": {
+            **({"NPU": float(n)} if device == "npu" else {}),
+            pool_resource(pool["name"]): 1.0,
+        },
     }
     if "slotsPerWorker" in pool:
         out["slots_per_worker"] = pool["slotsPerWorker"]
