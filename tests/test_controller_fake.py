@@ -361,3 +361,35 @@ def test_pool_config_is_validated(tmp_path) -> None:
     # the single-pool fields still describe one pool named `pool`
     (only,) = DeploymentConfig(model=MODEL, pool="gpu", num_workers=3).worker_pools()
     assert (only.name, only.num_workers) == ("gpu", 3)
+
+
+def test_a_dead_worker_is_replaced_in_its_own_pool(cluster: FakeCluster) -> None:
+    c = Controller(two_pools(), cluster=cluster)
+    try:
+        c.bootstrap()
+        c.add_worker(pool="gpu")
+        dead = next(w for w in c.expert_map.workers if pool_of(c, w) == "gpu")
+        cluster.kill(dead)
+        c.check_workers()
+        assert c.check_workers() == [dead]  # two missed checks
+        m = c.expert_map
+        assert dead not in m.workers
+        assert sorted(pool_of(c, w) for w in m.workers) == ["gpu", "gpu", "npu", "npu"]
+        assert all(m.replicas_of(e) for e in c.all_experts)
+        assert_map_matches_workers(c, cluster)
+    finally:
+        c.shutdown()
+
+
+def test_local_ray_gets_the_pools_label_resources() -> None:
+    from elasticmoe.control.deployment import local_pool_resources
+    from elasticmoe.control.deployment_config import DeploymentConfig
+
+    cfg = DeploymentConfig(
+        model=MODEL,
+        pools=[
+            {"name": "a", "max_workers": 3, "worker_resources": {"cpu_a": 1}},
+            {"name": "n", "device": "npu", "worker_resources": {"NPU": 1}},
+        ],
+    )
+    assert local_pool_resources(cfg) == {"cpu_a": 3.0}  # never a made-up NPU

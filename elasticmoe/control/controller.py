@@ -736,15 +736,25 @@ class Controller:
             "workers": len(m.workers) - len(dead),
         }
 
-    def restore_redundancy(self, replace_workers: int = 0) -> list[dict[str, Any]]:
-        """Start ``replace_workers`` workers (within max_workers), then replicate every expert
-        below its minimum replica count (after a worker died)."""
+    def restore_redundancy(
+        self, replace_workers: int = 0, pools: Iterable[str] = ()
+    ) -> list[dict[str, Any]]:
+        """Start ``replace_workers`` workers (within max_workers; each in the pool ``pools``
+        names for it, the one the dead worker was in, else the first with room), then
+        replicate every expert below its minimum replica count (after a worker died)."""
         results = []
         with self.lock:
             room = self.config.max_workers - len(self._map().workers)
             count = min(replace_workers, room)
-            if count > 0:
-                results.append(self.add_worker(count))
+            wanted = list(pools)[:count]
+            for pool in sorted(set(wanted), key=wanted.index):
+                try:
+                    results.append(self.add_worker(wanted.count(pool), pool))
+                except ControllerError as err:  # that pool is full: the first with room
+                    logger.warning("cannot replace workers in pool %s: %s", pool, err)
+                    results.append(self.add_worker(wanted.count(pool)))
+            if count - len(wanted) > 0:
+                results.append(self.add_worker(count - len(wanted)))
             for e, n in sorted(self.min_replicas().items()):
                 missing = n - len(self._map().replicas_of(e))
                 for _ in range(missing):
@@ -1157,9 +1167,10 @@ class Controller:
         and every expert is replicated back to its minimum replica count.
         """
         self.probe_health()
+        pools = {w: self._pool_of(w) for w in self._map().workers}
         removed = self._remove_dead_workers()
         if removed or not self.redundancy()["full"]:
-            self.restore_redundancy(replace_workers=len(removed))
+            self.restore_redundancy(replace_workers=len(removed), pools=[pools[w] for w in removed])
         return removed
 
     def _remove_dead_workers(self) -> list[str]:
