@@ -63,9 +63,7 @@ def test_controller_module_loads_neither_ray_nor_torch() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def test_bootstrap_places_every_expert(
-    controller: Controller, cluster: FakeCluster
-) -> None:
+def test_bootstrap_places_every_expert(controller: Controller, cluster: FakeCluster) -> None:
     m = controller.expert_map
     assert m is not None and m.epoch == 1 and set(m.workers) == {"w0", "w1"}
     assert m.missing(controller.all_experts) == []
@@ -232,3 +230,166 @@ def test_registry_lifecycle_and_old_entries() -> None:
     assert old.lifecycle is Lifecycle.SPARE and old.pool == "cpu"
     reg.load({"w7": old.to_entry(), "w0": reg.get("w0").to_entry()}, in_map=["w0"])
     assert reg.spares() == ["w7"] and reg.new_ids(1, Lifecycle.ACTIVE) == ["w8"]
+
+
+# ------------------------------------------------------------------ pools
+def two_pools(**kw) -> dict:
+    """A deployment with an 'npu' pool (4 slots a worker) and a 'gpu' pool (8 slots)."""
+    pools = [
+        {
+            "name": "npu",
+            "device": "cpu",
+            "num_workers": 2,
+            "max_workers": 3,
+            "slots_per_worker": 40,
+            "worker_resources": {"NPU": 1},
+        },
+        {
+            "name": "gpu",
+            "num_workers": 1,
+            "max_workers": 2,
+            "slots_per_worker": 80,
+            "worker_num_gpus": 1,
+        },
+    ]
+    return config(pools=pools, **kw)
+
+
+def pool_of(c: Controller, w: str) -> str:
+    return c.registry.get(w).pool
+
+
+def test_pools_start_with_their_own_resources_and_slots(cluster: FakeCluster) -> None:
+    c = Controller(two_pools(), cluster=cluster)
+    try:
+        c.bootstrap()
+        m = c.expert_map
+        pools = {w: pool_of(c, w) for w in m.workers}
+        assert sorted(pools.values()) == ["gpu", "npu", "npu"]
+        for w, pool in pools.items():
+            launch = cluster.workers[w].launch
+            if pool == "npu":
+                assert (launch.resources, launch.num_gpus, launch.num_slots) == ({"NPU": 1}, 0, 40)
+            else:
+                assert (launch.resources, launch.num_gpus, launch.num_slots) == ({}, 1, 80)
+            assert m.experts_on(w), f"{pool} worker {w} holds no expert"
+            assert len(m.experts_on(w)) <= launch.num_slots
+        # placement fills by share of slots: the 80-slot worker holds about twice as many
+        per_pool = {
+            p: [len(m.experts_on(w)) for w in m.workers if pools[w] == p] for p in pools.values()
+        }
+        assert per_pool["gpu"][0] > max(per_pool["npu"])
+        assert {w["pool"] for w in c.status()["workers"]} == {"npu", "gpu"}
+        assert_map_matches_workers(c, cluster)
+    finally:
+        c.shutdown()
+
+
+def test_add_worker_in_a_named_pool_and_per_pool_limits(cluster: FakeCluster) -> None:
+    c = Controller(two_pools(), cluster=cluster)
+    try:
+        c.bootstrap()
+        r = c.add_worker(pool="gpu")
+        (new,) = r["add_workers"]
+        assert pool_of(c, new) == "gpu"
+        assert cluster.workers[new].launch.num_gpus == 1
+        with pytest.raises(ControllerError, match="max_workers of pool"):
+            c.add_worker(pool="gpu")  # gpu is at its max of 2
+        with pytest.raises(ControllerError, match=r"no pool 'tpu'.*npu, gpu"):
+            c.add_worker(pool="tpu")
+        r = c.add_worker()  # no pool named: the first pool with room
+        assert pool_of(c, r["add_workers"][0]) == "npu"
+        demand = c.demand()["pools"]
+        assert demand == {"npu": {"workers": 3, "desired": 3}, "gpu": {"workers": 2, "desired": 2}}
+    finally:
+        c.shutdown()
+
+
+def test_removing_one_pools_workers_moves_experts_to_the_other(cluster: FakeCluster) -> None:
+    c = Controller(two_pools(), cluster=cluster)
+    try:
+        c.bootstrap()
+        c.add_worker(pool="gpu")
+        npu = [w for w in c.expert_map.workers if pool_of(c, w) == "npu"]
+        c.drain(workers=npu)
+        m = c.expert_map
+        assert {pool_of(c, w) for w in m.workers} == {"gpu"}
+        assert all(m.replicas_of(e) for e in c.all_experts)
+        assert c.demand()["pools"]["npu"]["workers"] == 0
+        assert_map_matches_workers(c, cluster)
+    finally:
+        c.shutdown()
+
+
+def test_autoscaler_grows_the_pool_the_policy_names(cluster: FakeCluster, tmp_path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(
+        "apiVersion: elasticmoe.io/v1alpha1\nkind: AutoscalingPolicy\nmetadata: {name: pools}\n"
+        "spec:\n  interval_s: 3600\n  window_s: 3600\n  pools:\n"
+        "    - {name: npu, min_workers: 2, max_workers: 3}\n"
+        "    - {name: gpu, min_workers: 2, max_workers: 2, slots_per_worker: 80}\n"
+    )
+    c = Controller(two_pools(policy=str(policy)), cluster=cluster)
+    try:
+        c.bootstrap()
+        assert c.demand()["pools"]["gpu"] == {"workers": 1, "desired": 2}
+        results = c.autoscale_once()
+        grown = [r for r in results if r.get("kind") == "add_worker"]
+        assert grown and grown[0]["result"] == "done", results
+        assert pool_of(c, grown[0]["add_workers"][0]) == "gpu"
+        assert c.demand()["pools"]["gpu"] == {"workers": 2, "desired": 2}
+    finally:
+        c.shutdown()
+
+
+def test_pool_config_is_validated(tmp_path) -> None:
+    from elasticmoe.control.deployment_config import DeploymentConfig
+
+    with pytest.raises(ValueError, match="repeated: a"):
+        DeploymentConfig(model=MODEL, pools=[{"name": "a"}, {"name": "a"}])
+    with pytest.raises(ValueError, match="pool 'a': num_workers=3 > max_workers=2"):
+        DeploymentConfig(model=MODEL, pools=[{"name": "a", "num_workers": 3, "max_workers": 2}])
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "apiVersion: elasticmoe.io/v1alpha1\nkind: AutoscalingPolicy\nmetadata: {name: p}\n"
+        "spec:\n  pools:\n    - {name: a}\n"
+    )
+    with pytest.raises(ValueError, match="pools: 'b' not among the pools of policy"):
+        DeploymentConfig(model=MODEL, policy=str(policy), pools=[{"name": "a"}, {"name": "b"}])
+    c = DeploymentConfig(model=MODEL, pools=[{"name": "a", "num_workers": 2}, {"name": "b"}])
+    assert (c.pool, c.num_workers, c.max_workers) == ("a", 3, 128)
+    # the single-pool fields still describe one pool named `pool`
+    (only,) = DeploymentConfig(model=MODEL, pool="gpu", num_workers=3).worker_pools()
+    assert (only.name, only.num_workers) == ("gpu", 3)
+
+
+def test_a_dead_worker_is_replaced_in_its_own_pool(cluster: FakeCluster) -> None:
+    c = Controller(two_pools(), cluster=cluster)
+    try:
+        c.bootstrap()
+        c.add_worker(pool="gpu")
+        dead = next(w for w in c.expert_map.workers if pool_of(c, w) == "gpu")
+        cluster.kill(dead)
+        c.check_workers()
+        assert c.check_workers() == [dead]  # two missed checks
+        m = c.expert_map
+        assert dead not in m.workers
+        assert sorted(pool_of(c, w) for w in m.workers) == ["gpu", "gpu", "npu", "npu"]
+        assert all(m.replicas_of(e) for e in c.all_experts)
+        assert_map_matches_workers(c, cluster)
+    finally:
+        c.shutdown()
+
+
+def test_local_ray_gets_the_pools_label_resources() -> None:
+    from elasticmoe.control.deployment import local_pool_resources
+    from elasticmoe.control.deployment_config import DeploymentConfig
+
+    cfg = DeploymentConfig(
+        model=MODEL,
+        pools=[
+            {"name": "a", "max_workers": 3, "worker_resources": {"cpu_a": 1}},
+            {"name": "n", "device": "npu", "worker_resources": {"NPU": 1}},
+        ],
+    )
+    assert local_pool_resources(cfg) == {"cpu_a": 3.0}  # never a made-up NPU

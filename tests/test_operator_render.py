@@ -70,6 +70,7 @@ CASES = {
     "gpu": lambda: load_cr("gpu"),
     "npu": lambda: load_cr("npu"),
     "mixed": mixed_cr,
+    "gpu-npu": lambda: load_cr("gpu-npu"),
 }
 
 
@@ -109,7 +110,7 @@ def test_crd_is_a_valid_structural_crd():
     walk(version["schema"]["openAPIV3Schema"], "")
 
 
-@pytest.mark.parametrize("kind", ["cpu", "gpu", "npu"])
+@pytest.mark.parametrize("kind", ["cpu", "gpu", "npu", "gpu-npu"])
 def test_example_resources_validate_against_the_crd(kind):
     validate(load_cr(kind))
     validate_spec(load_cr(kind)["spec"])
@@ -200,7 +201,11 @@ def test_gpu_pool_maps_to_ray_gpu():
     assert rc["spec"]["enableInTreeAutoscaling"] is False
     gpu = _group(rc, "gpu")
     assert (gpu["replicas"], gpu["minReplicas"], gpu["maxReplicas"]) == (2, 2, 8)
-    assert gpu["rayStartParams"]["num-gpus"] == "1" and "resources" not in gpu["rayStartParams"]
+    assert gpu["rayStartParams"]["num-gpus"] == "1"
+    # the only custom resource of a GPU pod: its pool's, which its worker asks for
+    assert json.loads(json.loads(gpu["rayStartParams"]["resources"])) == {
+        render.pool_resource("gpu"): 1
+    }
     res = _container(gpu)["resources"]
     assert res["limits"]["nvidia.com/gpu"] == 1 == res["requests"]["nvidia.com/gpu"]
     assert gpu["template"]["spec"]["nodeSelector"] == {"nvidia.com/gpu.present": "true"}
@@ -226,8 +231,11 @@ def test_npu_pool_maps_to_custom_npu_resource():
     params = ascend["rayStartParams"]
     assert "num-gpus" not in params
     # KubeRay's format: a JSON object, quoted.
-    assert params["resources"] == '"{\\"NPU\\": 1}"'
-    assert json.loads(json.loads(params["resources"])) == {"NPU": 1}
+    assert params["resources"].startswith('"{\\"NPU\\": 1, ')
+    assert json.loads(json.loads(params["resources"])) == {
+        "NPU": 1,
+        render.pool_resource("ascend"): 1,
+    }
     limits = _container(ascend)["resources"]["limits"]
     assert limits["huawei.com/Ascend910"] == 1 and "nvidia.com/gpu" not in limits
     cpu = _group(rc, "cpu")
@@ -252,7 +260,10 @@ def test_cpu_spec_has_no_accelerators_and_memory_store():
 def test_mixed_spec_one_group_per_pool():
     _, (cm, rc) = rendered(mixed_cr())
     assert [g["groupName"] for g in rc["spec"]["workerGroupSpecs"]] == ["gpu", "ascend", "cpu"]
-    assert _group(rc, "ascend")["rayStartParams"]["resources"] == '"{\\"NPU\\": 2}"'
+    assert json.loads(json.loads(_group(rc, "ascend")["rayStartParams"]["resources"])) == {
+        "NPU": 2,
+        render.pool_resource("ascend"): 1,
+    }
     assert _group(rc, "cpu")["rayStartParams"]["num-cpus"] == "8"
     assert "policy.yaml" in cm["data"]
 
@@ -282,7 +293,8 @@ def test_the_pod_security_check_catches_what_restricted_forbids():
         "Privileged": lambda p, c: c["securityContext"].update(privileged=True),
         "Privilege Escalation": lambda p, c: c["securityContext"].pop("allowPrivilegeEscalation"),
         "Non-root": lambda p, c: (
-            p["securityContext"].pop("runAsNonRoot"), c["securityContext"].pop("runAsNonRoot")
+            p["securityContext"].pop("runAsNonRoot"),
+            c["securityContext"].pop("runAsNonRoot"),
         ),
         "Seccomp": lambda p, c: p["securityContext"].pop("seccompProfile"),
         "drop ALL": lambda p, c: c["securityContext"]["capabilities"].update(drop=[]),
@@ -395,13 +407,67 @@ def test_rendered_serve_config_loads(case, tmp_path):
 def test_serve_config_values():
     spec = validate_spec(load_cr("npu")["spec"])
     cfg = render.render_serve_config("qwen-npu", spec)
-    assert cfg["device"] == "npu" and cfg["worker_resources"] == {"NPU": 1.0}
-    assert cfg["worker_num_gpus"] == 0.0 and cfg["pool"] == "ascend"
+    pool, cpu_pool = cfg["pools"]
+    assert cpu_pool["worker_num_cpus"] == 4.0 and cpu_pool["num_workers"] == 0
+    assert cfg["device"] == "npu"
+    assert pool["worker_resources"] == {"NPU": 1.0, render.pool_resource("ascend"): 1.0}
+    assert pool["worker_num_gpus"] == 0.0 and pool["name"] == "ascend"
     assert cfg["model"] == "/models/Qwen3-30B-A3B"
     assert cfg["state_store"] == "redis://redis.example.internal:6379/0"
     assert cfg["policy"] == "/etc/elasticmoe/policy.yaml"
     cpu = validate_spec(load_cr("cpu")["spec"])
     assert render.render_serve_config("x", cpu)["model"] == "default"
+
+
+def test_every_pool_gets_its_own_workers_and_resources(tmp_path):
+    """A GPU + NPU + CPU spec: the controller starts workers in every pool with
+    minWorkers, each asking for what its pods advertise, and each worker group
+    starts with room for them."""
+    cr = mixed_cr()
+    cr["spec"]["pools"][1].update(minWorkers=1, slotsPerWorker=6)
+    spec = validate_spec(cr["spec"])
+    cfg = render.render_serve_config("mixed", spec)
+    pools = {p["name"]: p for p in cfg["pools"]}
+    assert list(pools) == ["gpu", "ascend", "cpu"]
+    gpu_min = spec["pools"][0]["minWorkers"]
+    assert pools["gpu"]["worker_num_gpus"] == float(spec["pools"][0].get("devicesPerWorker", 1))
+    assert pools["gpu"]["num_workers"] == max(1, gpu_min)
+    assert pools["ascend"] == {
+        "name": "ascend",
+        "device": "npu",
+        "num_workers": 1,
+        "max_workers": 4,
+        "worker_num_cpus": 1.0,
+        "worker_num_gpus": 0.0,
+        "worker_resources": {"NPU": 2.0, render.pool_resource("ascend"): 1.0},
+        "slots_per_worker": 6,
+    }
+    assert pools["cpu"]["worker_num_cpus"] == 8.0 and pools["cpu"]["num_workers"] == 1
+    start = render.initial_replicas(spec)
+    assert start["ascend"] == 1 and start["cpu"] == 1
+    # and elasticmoe serve reads it as three pools
+    cfg["policy"] = None
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    loaded = load_serve_config(path, {}, {"ELASTICMOE_ADMIN_API_KEYS": "admin-key-0123"})
+    assert [p.name for p in loaded.worker_pools()] == ["gpu", "ascend", "cpu"]
+    assert loaded.get_pool("ascend").device == "npu"
+    assert loaded.num_workers == sum(p["num_workers"] for p in cfg["pools"])
+
+
+def test_gpu_npu_example_starts_workers_on_both_pools():
+    spec = validate_spec(load_cr("gpu-npu")["spec"])
+    cfg = render.render_serve_config("qwen-gpu-npu", spec)
+    h100, ascend = cfg["pools"]
+    assert (h100["worker_num_gpus"], h100["num_workers"], h100["slots_per_worker"]) == (1.0, 2, 24)
+    assert ascend["worker_resources"] == {"NPU": 1.0, render.pool_resource("ascend"): 1.0}
+    assert ascend["num_workers"] == 2
+    assert ascend["slots_per_worker"] == 16
+    rc = render.render_raycluster("qwen-gpu-npu", spec, load_cr("gpu-npu"))
+    assert {g["groupName"]: g["replicas"] for g in rc["spec"]["workerGroupSpecs"]} == {
+        "h100": 2,
+        "ascend": 2,
+    }
 
 
 def test_replicas_are_kept_within_bounds():

@@ -348,6 +348,7 @@ class FakeWorker:
     held: dict[LogicalExpert, str] = field(default_factory=dict)
     alive: bool = True
     node_id: str = "node-0"
+    launch: WorkerLaunch | None = None  # how it was started (its pool's resources)
 
 
 @dataclass
@@ -408,6 +409,7 @@ class FakeCluster:
                 f"127.0.0.1:{self._port}",
                 launch.num_slots,
                 {e: fake_checksum(e) for e in experts},
+                launch=launch,
             )
             self.calls.append(("start", wid))
             infos[wid] = self._info(wid)

@@ -45,7 +45,7 @@ from elasticmoe.control.cluster import (
     WorkerLaunch,
     worker_actor_name,
 )
-from elasticmoe.control.deployment_config import DeploymentConfig
+from elasticmoe.control.deployment_config import DeploymentConfig, check_policy_pools
 from elasticmoe.control.state import StateStore, StateStoreUnavailable, make_state_store
 from elasticmoe.control.workers import Lifecycle, WorkerRecord, WorkerRegistry
 from elasticmoe.core.actions import Action
@@ -321,14 +321,35 @@ class Controller:
             self._check_store()
             c = self.config
             counts = c.replica_counts(self.all_experts)
-            worker_ids = self.registry.new_ids(c.num_workers, Lifecycle.ACTIVE)
+            # each pool's initial workers, with that pool's slots (an NPU and a GPU
+            # worker hold different numbers of experts)
+            pool_ids = {
+                p.name: self.registry.new_ids(p.num_workers, Lifecycle.ACTIVE, p.name)
+                for p in c.worker_pools()
+            }
+            worker_ids = [w for ids in pool_ids.values() for w in ids]
+            slots = {
+                w: c.num_slots(len(self.all_experts), pool)
+                for pool, ids in pool_ids.items()
+                for w in ids
+            }
+            addresses: dict[str, str] = {}
             try:
-                placement = initial_placement(
-                    self.all_experts, worker_ids, c.num_slots(len(self.all_experts)), counts
-                )
-                addresses = self._start_workers(
-                    {w: [e for e, ws in placement.items() if w in ws] for w in worker_ids}
-                )
+                try:
+                    placement = initial_placement(self.all_experts, worker_ids, slots, counts)
+                except ValueError as e:
+                    raise ControllerError(f"initial placement: {e}") from None
+                for pool, ids in pool_ids.items():
+                    if ids:  # all pools or none: a failed pool stops the ones started
+                        addresses.update(
+                            self._start_workers(
+                                {w: [e for e, ws in placement.items() if w in ws] for w in ids},
+                                pool=pool,
+                            )
+                        )
+            except BaseException:
+                self._stop_workers(list(addresses))
+                raise
             finally:
                 self.registry.release(worker_ids)
             new_map = ExpertMap(1, placement, addresses)
@@ -365,19 +386,21 @@ class Controller:
         spare: bool = False,
         pool: str | None = None,
     ) -> dict[str, str]:
-        """Start workers (all or none) and register them."""
+        """Start workers of ``pool`` (default: the first) with its Ray resources (all or
+        none) and register them."""
         c = self.config
-        resources = dict(c.worker_resources)
-        if c.device == "npu":
+        p = c.get_pool(pool or c.pool)
+        resources = dict(p.worker_resources)
+        if p.device == "npu":
             resources.setdefault("NPU", 1)
         launch = WorkerLaunch(
             deployment=c.name,
             model=c.model,
-            num_slots=c.num_slots(len(self.all_experts)),
-            device=c.device,
+            num_slots=c.num_slots(len(self.all_experts), p.name),
+            device=p.device,
             dtype=c.resolved_dtype(self.model),
-            num_cpus=c.worker_num_cpus,
-            num_gpus=c.worker_num_gpus or (1 if c.device == "cuda" else 0),
+            num_cpus=p.worker_num_cpus,
+            num_gpus=p.worker_num_gpus or (1 if p.device == "cuda" else 0),
             resources=resources,
             num_threads=c.worker_threads,
             port=c.worker_grpc_port,
@@ -393,7 +416,7 @@ class Controller:
                     self.checksums.setdefault(
                         LogicalExpert(slot["layer"], slot["expert"]), slot["checksum"]
                     )
-            self._register(wid, info, spare, pool)
+            self._register(wid, info, spare, p.name)
         return addresses
 
     # --------------------------------------------------------------- queries
@@ -552,15 +575,10 @@ class Controller:
         return results
 
     def add_worker(self, count: int = 1, pool: str | None = None) -> dict[str, Any]:
-        """Start ``count`` empty workers (spares first) and add them to the map.
+        """Start ``count`` empty workers in ``pool`` (spares first) and add them to the map.
 
-        ``pool`` must be this deployment's pool (or None): placing workers in other
-        pools is the Kubernetes operator's, not yet the controller's.
+        ``pool`` is one of the deployment's pools; None: the first with room for them.
         """
-        if pool is not None and pool != self.config.pool:
-            raise ControllerError(
-                f"pool {pool!r}: this controller starts workers in pool {self.config.pool!r} only"
-            )
         with self.lock:
             if count < 1:
                 raise ControllerError(f"count={count}: add at least one worker")
@@ -568,15 +586,32 @@ class Controller:
                 raise ControllerError(
                     f"adding {count} worker(s) would exceed max_workers={self.config.max_workers}"
                 )
-            ids = self.registry.take_spares(count)
-            fresh = self.registry.new_ids(count - len(ids), Lifecycle.ACTIVE)
+            pool = self._pool_with_room(count, pool)
+            ids = self.registry.take_spares(count, pool)
+            fresh = self.registry.new_ids(count - len(ids), Lifecycle.ACTIVE, pool)
             try:
-                return self._act(
-                    Action("add_worker", pool=pool or self.config.pool, count=count), ids + fresh
-                )
+                return self._act(Action("add_worker", pool=pool, count=count), ids + fresh)
             finally:
                 self.registry.release(fresh)
                 threading.Thread(target=self._replenish_spares, daemon=True).start()
+
+    def _pool_with_room(self, count: int, pool: str | None) -> str:
+        """``pool`` if it can take ``count`` more workers (None: the first pool that can),
+        else :class:`ControllerError` naming the limit."""
+        in_map = self.expert_map.workers if self.expert_map else {}
+        pools = self.config.worker_pools()
+        if pool is not None:
+            try:
+                pools = [self.config.get_pool(pool)]
+            except ValueError as e:
+                raise ControllerError(str(e)) from None
+        for p in pools:
+            if sum(1 for w in in_map if self._pool_of(w) == p.name) + count <= p.max_workers:
+                return p.name
+        raise ControllerError(
+            f"adding {count} worker(s) would exceed max_workers of pool(s) "
+            f"{', '.join(f'{p.name}={p.max_workers}' for p in pools)}"
+        )
 
     def remove_worker(self, worker: str, keep_off: Iterable[str] = ()) -> dict[str, Any]:
         """Move every replica off ``worker``, then stop it.
@@ -637,27 +672,33 @@ class Controller:
             }
             for w in [*in_map, *(w for w in records if w not in set(in_map))]
         ]
-        pools: dict[str, dict[str, int]] = {}
+        pools: dict[str, dict[str, int]] = {
+            p.name: {"workers": 0, "desired": 0} for p in self.config.worker_pools()
+        }
         for entry in workers:
             pool = pools.setdefault(entry["pool"], {"workers": 0, "desired": 0})
             pool["workers"] += 1
-        own = pools.setdefault(self.config.pool, {"workers": 0, "desired": 0})
-        own["desired"] = max(
-            own["workers"] + self.registry.num_starting(),
-            self.config.spare_workers + (self.policy_min_workers() or 1),
-        )
+        configured = {p.name for p in self.config.worker_pools()}
         for name, pool in pools.items():
-            if name != self.config.pool:
+            if name not in configured:  # a stored worker of a pool no longer configured
                 pool["desired"] = pool["workers"]
+                continue
+            # the first pool keeps the spares, and at least one worker without a policy
+            floor = self.policy_min_workers(name)
+            if name == self.config.pool:
+                floor = self.config.spare_workers + (floor or 1)
+            pool["desired"] = max(
+                pool["workers"] + self.registry.num_starting(pool=name), floor or 0
+            )
         return {"epoch": m.epoch if m else None, "pools": pools, "workers": workers}
 
-    def policy_min_workers(self) -> int | None:
-        """The policy's floor for this deployment's pool (None without a policy)."""
+    def policy_min_workers(self, pool: str | None = None) -> int | None:
+        """The policy's floor for ``pool`` (default: the first; None without a policy)."""
         if self.policy is None:
             return None
-        for pool in self.policy.spec.pools:
-            if pool.name == self.config.pool:
-                return pool.min_workers
+        for p in self.policy.spec.pools:
+            if p.name == (pool or self.config.pool):
+                return p.min_workers
         return None
 
     def min_replicas(self) -> dict[LogicalExpert, int]:
@@ -695,15 +736,25 @@ class Controller:
             "workers": len(m.workers) - len(dead),
         }
 
-    def restore_redundancy(self, replace_workers: int = 0) -> list[dict[str, Any]]:
-        """Start ``replace_workers`` workers (within max_workers), then replicate every expert
-        below its minimum replica count (after a worker died)."""
+    def restore_redundancy(
+        self, replace_workers: int = 0, pools: Iterable[str] = ()
+    ) -> list[dict[str, Any]]:
+        """Start ``replace_workers`` workers (within max_workers; each in the pool ``pools``
+        names for it, the one the dead worker was in, else the first with room), then
+        replicate every expert below its minimum replica count (after a worker died)."""
         results = []
         with self.lock:
             room = self.config.max_workers - len(self._map().workers)
             count = min(replace_workers, room)
-            if count > 0:
-                results.append(self.add_worker(count))
+            wanted = list(pools)[:count]
+            for pool in sorted(set(wanted), key=wanted.index):
+                try:
+                    results.append(self.add_worker(wanted.count(pool), pool))
+                except ControllerError as err:  # that pool is full: the first with room
+                    logger.warning("cannot replace workers in pool %s: %s", pool, err)
+                    results.append(self.add_worker(wanted.count(pool)))
+            if count - len(wanted) > 0:
+                results.append(self.add_worker(count - len(wanted)))
             for e, n in sorted(self.min_replicas().items()):
                 missing = n - len(self._map().replicas_of(e))
                 for _ in range(missing):
@@ -1027,11 +1078,10 @@ class Controller:
     def set_policy(self, text: str) -> dict[str, Any]:
         """Validate and apply an autoscaling policy (YAML/JSON text); starts the loop."""
         policy = policy_from_text(text)
-        pools = [p.name for p in policy.spec.pools]
-        if self.config.pool not in pools:
-            raise ControllerError(
-                f"policy pools {pools} do not include this deployment's pool {self.config.pool!r}"
-            )
+        try:
+            check_policy_pools(self.config, [p.name for p in policy.spec.pools], "(set_policy)")
+        except ValueError as e:
+            raise ControllerError(str(e)) from None
         try:
             # stored first: a policy set here must outlive a controller restart
             self.store.put_value(_POLICY_KEY, {"text": text})
@@ -1117,9 +1167,10 @@ class Controller:
         and every expert is replicated back to its minimum replica count.
         """
         self.probe_health()
+        pools = {w: self._pool_of(w) for w in self._map().workers}
         removed = self._remove_dead_workers()
         if removed or not self.redundancy()["full"]:
-            self.restore_redundancy(replace_workers=len(removed))
+            self.restore_redundancy(replace_workers=len(removed), pools=[pools[w] for w in removed])
         return removed
 
     def _remove_dead_workers(self) -> list[str]:

@@ -67,7 +67,8 @@ class Deployment:
 
             c = self.config
             # logical CPUs: room for the initial actors plus a few added workers
-            needed = c.num_workers * c.worker_num_cpus + c.num_engines * c.engine_num_cpus
+            needed = sum(p.num_workers * p.worker_num_cpus for p in c.worker_pools())
+            needed += c.num_engines * c.engine_num_cpus
             # This Ray instance is ours: every actor inherits the raylet's environment,
             # so a token made for it authenticates the deployment's gRPC.
             with fresh_token_in_environment():
@@ -76,6 +77,9 @@ class Deployment:
                     # started last
                     address="local",
                     num_cpus=max(os.cpu_count() or 1, math.ceil(needed) + 4),
+                    # a pool's custom labels (not accelerators) exist on this one
+                    # machine, room for every pool's max_workers
+                    resources=local_pool_resources(c) or None,
                     namespace=NAMESPACE,
                     include_dashboard=False,
                     log_to_driver=False,
@@ -301,3 +305,15 @@ class Deployment:
             ):
                 with contextlib.suppress(ValueError):
                     ray.kill(ray.get_actor(entry["name"], namespace=NAMESPACE))
+
+
+def local_pool_resources(config: DeploymentConfig) -> dict[str, float]:
+    """Custom Ray resources a local Ray instance needs for the pools' workers to start:
+    every pool's label resources for its max_workers (accelerators, NPU included, are
+    real devices Ray finds or not, never made up here)."""
+    out: dict[str, float] = {}
+    for pool in config.worker_pools():
+        for name, amount in pool.worker_resources.items():
+            if name not in ("NPU", "GPU", "CPU"):
+                out[name] = out.get(name, 0.0) + amount * pool.max_workers
+    return out

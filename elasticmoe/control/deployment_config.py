@@ -11,6 +11,33 @@ from elasticmoe.core.experts import LogicalExpert, parse_expert
 from elasticmoe.model.config import MoEModelConfig
 
 
+class PoolConfig(BaseModel):
+    """One pool of expert workers on one accelerator type (one KubeRay worker group)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", description="pool name")
+    device: Literal["cpu", "cuda", "npu"] = "cpu"
+    num_workers: int = Field(1, ge=0, description="workers started with the deployment")
+    max_workers: int = Field(64, ge=1)
+    slots_per_worker: int | None = Field(
+        None, ge=1, description="default: the deployment's slots_per_worker (or its default)"
+    )
+    worker_num_cpus: float = Field(1.0, ge=0)
+    worker_num_gpus: float = Field(0.0, ge=0)
+    # Ray resources every worker of the pool asks for (e.g. {"NPU": 1}, a custom label)
+    worker_resources: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_counts(self) -> PoolConfig:
+        if self.num_workers > self.max_workers:
+            raise ValueError(
+                f"pool {self.name!r}: num_workers={self.num_workers} > "
+                f"max_workers={self.max_workers}"
+            )
+        return self
+
+
 class DeploymentConfig(BaseModel):
     """Shape of a distributed deployment (engine settings go in ``engine``)."""
 
@@ -28,6 +55,11 @@ class DeploymentConfig(BaseModel):
     num_workers: int = Field(2, ge=1)
     max_workers: int = Field(64, ge=1)
     pool: str = "default"
+    pools: list[PoolConfig] = Field(
+        default_factory=list,
+        description="worker pools, one per accelerator type; empty: one pool named `pool` "
+        "from num_workers, max_workers, device and the worker_* fields",
+    )
     num_engines: int = Field(1, ge=1)
     slots_per_worker: int | None = Field(
         None, ge=1, description="default: room for the initial replicas plus 25% spare"
@@ -72,27 +104,72 @@ class DeploymentConfig(BaseModel):
 
     @model_validator(mode="after")
     def _check_workers(self) -> DeploymentConfig:
+        if self.pools:
+            names = [p.name for p in self.pools]
+            dupes = sorted({n for n in names if names.count(n) > 1})
+            if dupes:
+                raise ValueError(f"pools: names must be unique; repeated: {', '.join(dupes)}")
+            if sum(p.num_workers for p in self.pools) < 1:
+                raise ValueError("pools: num_workers of all pools add up to 0; start at least 1")
+            # the top-level fields describe the first pool from here on
+            self.pool = self.pools[0].name
+            self.num_workers = sum(p.num_workers for p in self.pools)
+            self.max_workers = sum(p.max_workers for p in self.pools)
         if self.num_workers > self.max_workers:
             raise ValueError(f"num_workers={self.num_workers} > max_workers={self.max_workers}")
         if self.policy is not None:
             from elasticmoe.core.policy import load_policy
 
-            pools = [p.name for p in load_policy(self.policy).spec.pools]
-            if self.pool not in pools:
-                raise ValueError(
-                    f"pool={self.pool!r} is not a pool of policy {self.policy} "
-                    f"(its pools: {', '.join(pools)}); set pool to one of them"
-                )
+            check_policy_pools(
+                self, [p.name for p in load_policy(self.policy).spec.pools], self.policy
+            )
         return self
 
-    def num_slots(self, num_experts: int) -> int:
-        """Slots per worker: as configured, else room for the initial replicas + 25%."""
+    def worker_pools(self) -> list[PoolConfig]:
+        """Every pool, in order (the first gets the spares); without ``pools``, the one
+        pool the top-level fields describe."""
+        if self.pools:
+            return list(self.pools)
+        return [
+            PoolConfig(
+                name=self.pool,
+                device=self.device,
+                num_workers=self.num_workers,
+                max_workers=self.max_workers,
+                slots_per_worker=self.slots_per_worker,
+                worker_num_cpus=self.worker_num_cpus,
+                worker_num_gpus=self.worker_num_gpus,
+                worker_resources=dict(self.worker_resources),
+            )
+        ]
+
+    def get_pool(self, name: str) -> PoolConfig:
+        """The pool called ``name``; ``ValueError`` naming the pools there are."""
+        for p in self.worker_pools():
+            if p.name == name:
+                return p
+        names = ", ".join(p.name for p in self.worker_pools())
+        raise ValueError(f"no pool {name!r} in this deployment (its pools: {names})")
+
+    def num_slots(self, num_experts: int, pool: str | None = None) -> int:
+        """Slots per worker of ``pool`` (default: the first): as configured, else room
+        for the initial replicas + 25% spread over the initial workers."""
+        if pool is not None:
+            own = self.get_pool(pool).slots_per_worker
+            if own:
+                return own
+        elif self.pools and self.pools[0].slots_per_worker:
+            return self.pools[0].slots_per_worker
         if self.slots_per_worker:
             return self.slots_per_worker
         total = num_experts * self.replicas_per_expert + sum(
             n - self.replicas_per_expert for n in self.expert_replicas.values()
         )
         return math.ceil(1.25 * total / self.num_workers)
+
+    def pool_max_workers(self, name: str) -> int:
+        """The most workers pool ``name`` may have."""
+        return self.get_pool(name).max_workers
 
     def resolved_dtype(self, model: MoEModelConfig) -> str:
         """The worker/engine dtype (``auto``: the checkpoint's, else float32)."""
@@ -112,3 +189,19 @@ class DeploymentConfig(BaseModel):
                 raise ValueError(f"expert_replicas key {key!r}: no such expert in the model")
             counts[expert] = n
         return counts
+
+
+def check_policy_pools(config: DeploymentConfig, policy_pools: list[str], source: str) -> None:
+    """A policy must name every pool of the deployment (``ValueError`` naming those missing)."""
+    missing = [p.name for p in config.worker_pools() if p.name not in policy_pools]
+    theirs = ", ".join(policy_pools)
+    if missing and not config.pools:
+        raise ValueError(
+            f"pool={missing[0]!r} is not a pool of policy {source} "
+            f"(its pools: {theirs}); set pool to one of them"
+        )
+    if missing:
+        raise ValueError(
+            f"pools: {', '.join(repr(m) for m in missing)} not among the pools of policy "
+            f"{source} (its pools: {theirs}); add them to the policy's spec.pools"
+        )

@@ -80,18 +80,21 @@ class WorkerRegistry:
         self.default_pool = default_pool
         self.records: dict[str, WorkerRecord] = {}
         self._starting: dict[str, Lifecycle] = {}  # id -> what it becomes once started
+        self._starting_pool: dict[str, str] = {}  # id -> the pool it starts in
         self._next = 0
         self._health: dict[str, bool] = {}  # the health loop's last word
         self._misses: dict[str, int] = {}  # consecutive failed health checks
 
     # -- ids and lifecycle
-    def new_ids(self, count: int, becomes: Lifecycle) -> list[str]:
-        """Reserve ``count`` fresh worker ids, STARTING until registered or released."""
+    def new_ids(self, count: int, becomes: Lifecycle, pool: str | None = None) -> list[str]:
+        """Reserve ``count`` fresh worker ids in ``pool`` (default: the default pool),
+        STARTING until registered or released."""
         ids = []
         for _ in range(count):
             ids.append(f"w{self._next}")
             self._next += 1
             self._starting[ids[-1]] = becomes
+            self._starting_pool[ids[-1]] = pool or self.default_pool
         return ids
 
     def note_ids(self, worker_ids: Iterable[str]) -> None:
@@ -103,14 +106,21 @@ class WorkerRegistry:
         """The reserved workers did not start (or started and were registered)."""
         for w in worker_ids:
             self._starting.pop(w, None)
+            self._starting_pool.pop(w, None)
 
-    def num_starting(self, becomes: Lifecycle | None = None) -> int:
-        """Worker processes being started now (only those that become ``becomes``)."""
-        return sum(1 for b in self._starting.values() if becomes in (None, b))
+    def num_starting(self, becomes: Lifecycle | None = None, pool: str | None = None) -> int:
+        """Worker processes being started now (only those that become ``becomes``, in
+        ``pool``)."""
+        return sum(
+            1
+            for w, b in self._starting.items()
+            if becomes in (None, b) and pool in (None, self._starting_pool.get(w))
+        )
 
     def register(self, record: WorkerRecord) -> WorkerRecord:
         """Record a started (or adopted) worker; a new worker is presumed healthy."""
         self._starting.pop(record.worker_id, None)
+        self._starting_pool.pop(record.worker_id, None)
         self.records[record.worker_id] = record
         self._health.setdefault(record.worker_id, True)
         self.note_ids([record.worker_id])
@@ -131,19 +141,25 @@ class WorkerRegistry:
         """The worker was stopped."""
         self.records.pop(worker_id, None)
         self._starting.pop(worker_id, None)
+        self._starting_pool.pop(worker_id, None)
         self._health.pop(worker_id, None)
         self._misses.pop(worker_id, None)
 
-    def spares(self) -> list[str]:
-        """Started, empty workers outside the map, oldest id first."""
+    def spares(self, pool: str | None = None) -> list[str]:
+        """Started, empty workers outside the map (of ``pool``, if given), oldest id first."""
         return sorted(
-            (w for w, r in self.records.items() if r.lifecycle is Lifecycle.SPARE),
+            (
+                w
+                for w, r in self.records.items()
+                if r.lifecycle is Lifecycle.SPARE and pool in (None, r.pool)
+            ),
             key=lambda w: (len(w), w),
         )
 
-    def take_spares(self, count: int) -> list[str]:
-        """Up to ``count`` spares, now ACTIVE (they join the map in the same change)."""
-        taken = self.spares()[:count]
+    def take_spares(self, count: int, pool: str | None = None) -> list[str]:
+        """Up to ``count`` spares (of ``pool``), now ACTIVE (they join the map in the
+        same change)."""
+        taken = self.spares(pool)[:count]
         for w in taken:
             self.records[w].lifecycle = Lifecycle.ACTIVE
         return taken

@@ -60,27 +60,37 @@ class WorkerSpec:
 def initial_placement(
     experts: Sequence[LogicalExpert],
     workers: Sequence[str],
-    num_slots: int,
+    num_slots: int | Mapping[str, int],
     replicas: int | Mapping[LogicalExpert, int] = 1,
 ) -> Placement:
     """Spread replicas over workers evenly, never two of one expert on a worker.
 
     Replicas are dealt round-robin, starting each expert's copies on the
-    emptiest workers, so slot use differs by at most one across workers.
-    Raises ``ValueError`` naming the limit when the replicas cannot fit.
+    emptiest workers (by the share of their slots in use, when ``num_slots``
+    gives each worker its own count: pools of different accelerators hold
+    different numbers of experts), so slot use differs by at most one across
+    workers of one size. Raises ``ValueError`` naming the limit when the
+    replicas cannot fit.
     """
     if not workers:
         raise ValueError("no workers to place experts on")
+    slots = (
+        {w: num_slots[w] for w in workers}
+        if isinstance(num_slots, Mapping)
+        else dict.fromkeys(workers, num_slots)
+    )
 
     def count(e: LogicalExpert) -> int:
         return replicas.get(e, 1) if isinstance(replicas, Mapping) else replicas
 
     total = sum(count(e) for e in experts)
-    if total > len(workers) * num_slots:
-        raise ValueError(
-            f"{total} replicas do not fit in {len(workers)} workers x {num_slots} slots; "
-            "add workers or slots_per_worker"
+    if total > sum(slots.values()):
+        shape = (
+            f"{len(workers)} workers x {num_slots} slots"
+            if not isinstance(num_slots, Mapping)
+            else f"{len(workers)} workers with {sum(slots.values())} slots in all"
         )
+        raise ValueError(f"{total} replicas do not fit in {shape}; add workers or slots_per_worker")
     used = {w: 0 for w in workers}
     placement: Placement = {}
     for expert in experts:
@@ -90,7 +100,9 @@ def initial_placement(
                 f"expert {expert}: {n} replicas requested, "
                 f"must be 1..{len(workers)} (one per worker)"
             )
-        chosen = sorted((w for w in workers if used[w] < num_slots), key=lambda w: used[w])[:n]
+        chosen = sorted(
+            (w for w in workers if used[w] < slots[w]), key=lambda w: used[w] / slots[w]
+        )[:n]
         if len(chosen) < n:
             raise ValueError(
                 f"expert {expert}: not enough workers with a free slot for {n} replicas"

@@ -158,6 +158,12 @@ def spec_schema() -> Schema:
                 default=1,
             ),
             "minWorkers": _int("Workers the pool never goes below.", minimum=0, default=0),
+            "slotsPerWorker": _int(
+                "Expert replicas one worker of this pool holds (accelerators differ: an "
+                "Ascend 910 and an H100 hold different numbers); default: "
+                "serve.slotsPerWorker, else room for the initial replicas plus 25%.",
+                minimum=1,
+            ),
             "maxWorkers": _int("Workers the pool never goes above.", minimum=1),
             "nodeSelector": _NODE_SELECTOR,
             "tolerations": _TOLERATIONS,
@@ -280,8 +286,10 @@ def spec_schema() -> Schema:
             ),
             "pools": {
                 "type": "array",
-                "description": "Worker pools, in order of preference; the first is the "
-                "pool the controller starts workers on.",
+                "description": "Worker pools, one per accelerator type (e.g. a GPU and "
+                "an NPU pool), each a KubeRay worker group scaled from its own demand; "
+                "the controller starts each pool's minWorkers (at least one in the "
+                "first, which also keeps the spares) and places experts on all of them.",
                 "minItems": 1,
                 "maxItems": 8,
                 "items": pool,

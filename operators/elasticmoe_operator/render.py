@@ -71,6 +71,7 @@ AUTH_ADMIN_KEY = "admin-api-key"
 ACCELERATOR_TO_DEVICE = {"nvidia.com/gpu": "cuda", "huawei.com/Ascend910": "npu", "cpu": "cpu"}
 # The Ray resource a pool's accelerator becomes. KubeRay maps nvidia.com/gpu limits
 # to GPU itself but knows nothing about Ascend, so NPU is declared in rayStartParams.
+POOL_RESOURCE_PREFIX = "elasticmoe.io/pool-"
 ACCELERATOR_TO_RAY = {"nvidia.com/gpu": "GPU", "huawei.com/Ascend910": "NPU", "cpu": "CPU"}
 
 Obj = dict[str, Any]
@@ -156,7 +157,22 @@ def device_of(pool: Obj) -> str:
 
 def ray_resources(pool: Obj) -> dict[str, int]:
     """Ray resources one worker pod of ``pool`` advertises for its expert worker."""
-    return {ACCELERATOR_TO_RAY[pool["accelerator"]]: int(pool["devicesPerWorker"])}
+    return {
+        ACCELERATOR_TO_RAY[pool["accelerator"]]: int(pool["devicesPerWorker"]),
+        pool_resource(pool["name"]): 1,
+    }
+
+
+def pool_resource(name: str) -> str:
+    """The custom Ray resource a worker pod of pool ``name`` advertises (one: one worker
+    per pod) and its worker asks for: two pools of the same device (two CPU pools, two
+    GPU models) keep their workers on their own pods."""
+    return f"{POOL_RESOURCE_PREFIX}{name}"
+
+
+def _quoted_json(obj: Obj) -> str:
+    """KubeRay's format for custom resources: a JSON object inside double quotes."""
+    return '"' + json.dumps(obj).replace('"', '\\"') + '"'
 
 
 def ray_start_params(pool: Obj) -> dict[str, str]:
@@ -166,13 +182,14 @@ def ray_start_params(pool: Obj) -> dict[str, str]:
     params["object-store-memory"] = str(
         object_store_bytes(pool.get("sharedMemory", DEFAULT_SHARED_MEMORY))
     )
+    custom = {pool_resource(pool["name"]): 1}
     if pool["accelerator"] == "nvidia.com/gpu":
         params["num-gpus"] = str(n)
     elif pool["accelerator"] == "huawei.com/Ascend910":
-        # KubeRay's format for custom resources: a JSON object inside double quotes.
-        params["resources"] = '"' + json.dumps({"NPU": n}).replace('"', '\\"') + '"'
+        custom = {"NPU": n, **custom}
     else:
         params["num-cpus"] = str(n)
+    params["resources"] = _quoted_json(custom)
     return params
 
 
@@ -254,21 +271,51 @@ def state_store_url(spec: Obj) -> str:
 
 
 def initial_replicas(spec: Obj) -> dict[str, int]:
-    """Worker pods per pool at creation: the first pool starts the controller's workers."""
+    """Worker pods per pool at creation: room for each pool's initial workers (the
+    first pool's also for the spares)."""
     serve = spec.get("serve", {})
     out = {}
     for i, pool in enumerate(spec["pools"]):
-        n = pool["minWorkers"]
+        n = max(pool["minWorkers"], pool_num_workers(spec, i))
         if i == 0:
-            n = max(n, num_workers(spec) + serve.get("spareWorkers", 0))
+            n = max(n, pool_num_workers(spec, 0) + serve.get("spareWorkers", 0))
         out[pool["name"]] = min(n, pool["maxWorkers"])
     return out
 
 
+def pool_num_workers(spec: Obj, index: int) -> int:
+    """Workers the controller starts with in pool ``index``: its minWorkers (at least
+    one in the first pool, so the deployment serves from the start)."""
+    pool = spec["pools"][index]
+    return min(max(1 if index == 0 else 0, pool["minWorkers"]), pool["maxWorkers"])
+
+
 def num_workers(spec: Obj) -> int:
-    """Workers the controller starts with (on the first pool)."""
-    primary = spec["pools"][0]
-    return min(max(1, primary["minWorkers"]), primary["maxWorkers"])
+    """Workers the controller starts with, over all pools."""
+    return sum(pool_num_workers(spec, i) for i in range(len(spec["pools"])))
+
+
+def render_pool_config(spec: Obj, index: int) -> Obj:
+    """One entry of the serve config's ``pools``: the pool's device, the Ray resources
+    each of its workers asks for (what its pods advertise), and its worker counts."""
+    pool = spec["pools"][index]
+    device = device_of(pool)
+    n = int(pool["devicesPerWorker"])
+    out: Obj = {
+        "name": pool["name"],
+        "device": device,
+        "num_workers": pool_num_workers(spec, index),
+        "max_workers": pool["maxWorkers"],
+        "worker_num_cpus": float(n) if device == "cpu" else 1.0,
+        "worker_num_gpus": float(n) if device == "cuda" else 0.0,
+        "worker_resources": {
+            **({"NPU": float(n)} if device == "npu" else {}),
+            pool_resource(pool["name"]): 1.0,
+        },
+    }
+    if "slotsPerWorker" in pool:
+        out["slots_per_worker"] = pool["slotsPerWorker"]
+    return out
 
 
 def render_serve_config(name: str, spec: Obj) -> Obj:
@@ -276,19 +323,13 @@ def render_serve_config(name: str, spec: Obj) -> Obj:
     primary = spec["pools"][0]
     engines = spec.get("engines", {})
     serve = spec.get("serve", {})
-    device = device_of(primary)
-    n = int(primary["devicesPerWorker"])
     cfg: Obj = {
         "model": model_path(spec),
         "mode": "distributed",
         "name": name,
-        "num_workers": num_workers(spec),
-        "max_workers": max(sum(p["maxWorkers"] for p in spec["pools"]), num_workers(spec)),
-        "pool": primary["name"],
-        "device": device,
-        "worker_num_cpus": float(n) if device == "cpu" else 1.0,
-        "worker_num_gpus": float(n) if device == "cuda" else 0.0,
-        "worker_resources": {"NPU": float(n)} if device == "npu" else {},
+        # every pool, each with its own resources; the first gets the spares
+        "pools": [render_pool_config(spec, i) for i in range(len(spec["pools"]))],
+        "device": device_of(primary),  # the engines' device
         "num_engines": engines.get("replicas", 1),
         "engine_num_cpus": float(engines.get("cpus", 1)),
         "engine_num_gpus": float(engines.get("gpus", 0)),

@@ -83,12 +83,6 @@ def test_both_pools_in_status(admin):
     assert all(status["pools"][p]["replicas"] >= 1 for p in POOLS)
 
 
-@pytest.mark.xfail(
-    reason="the controller starts its workers in the first pool only (Controller.demand: "
-    "other pools' desired mirrors their workers); placing experts across pools is a "
-    "later item of issue 18",
-    strict=False,
-)
 def test_experts_on_both_pools(admin):
     import httpx
 
