@@ -174,7 +174,12 @@ def demand(desired: int, nodes: list[str], epoch: int = 3) -> dict[str, Any]:
     }
 
 
-async def scaled_setup(kmock, ctx, replicas: int) -> dict[str, Any]:
+POLICY_ACCEPTED = {"policy": "default-cpu", "interval_s": 15}
+
+
+async def scaled_setup(kmock, ctx, replicas: int, policy_answer: bool = True) -> dict[str, Any]:
+    """A ready RayCluster with ``replicas`` running worker pods (``policy_answer``:
+    ``PUT /admin/policy`` accepts; else the test registers its own answer)."""
     cr = cpu_setup(kmock)
     await handlers.reconcile(cr, ctx)
     rc = get(kmock, RAYCLUSTERS, "tiny-cpu")
@@ -183,6 +188,8 @@ async def scaled_setup(kmock, ctx, replicas: int) -> dict[str, Any]:
     put(kmock, RAYCLUSTERS, rc)
     for i in range(replicas):
         put(kmock, PODS, worker_pod(f"tiny-cpu-cpu-{i}", f"10.0.0.{i}", f"2026-01-01T00:0{i}:00Z"))
+    if policy_answer:
+        kmock["put /admin/policy"] << POLICY_ACCEPTED
     return get(kmock, DEPLOYMENTS, "tiny-cpu")
 
 
@@ -257,3 +264,137 @@ async def test_delete_cleans_up_children(kmock, ctx):
     assert get(kmock, CONFIGMAPS, "tiny-cpu-serve-config") is None
     await handlers.delete(cr, ctx)  # already gone: no error
     assert render.config_map_name("tiny-cpu") == "tiny-cpu-serve-config"
+
+
+# ------------------------------------------------- changes reach the running deployment
+def admin_answers(kmock: km.KubernetesEmulator, route: str, first: Any) -> dict[str, Any]:
+    """``route`` answers ``state["answer"]`` (an int: that HTTP status with an error)."""
+    state = {"answer": first}
+
+    def answer() -> Any:
+        a = state["answer"]
+        # Always a status: kmock keeps the last one it served on the reaction.
+        if isinstance(a, int):
+            return km.Response(status=a, payload={"error": {"message": f"answer {a}"}})
+        return km.Response(status=200, payload=a)
+
+    kmock[route] << answer
+    return state
+
+
+def policy_puts(kmock: km.KubernetesEmulator) -> list[str]:
+    """The policy texts the operator sent, in order."""
+    return [r.data["policy"] for r in kmock["put /admin/policy"]]
+
+
+def cpu_policy(interval_s: int) -> str:
+    text = (REPO / "examples" / "policies" / "default-cpu.yaml").read_text()
+    doc = yaml.safe_load(text)
+    doc["spec"]["interval_s"] = interval_s
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+async def ready_setup(kmock, ctx, replicas: int = 2) -> dict[str, Any]:
+    """A running deployment whose policy has been pushed once."""
+    cr = await scaled_setup(kmock, ctx, replicas)
+    nodes = [f"10.0.0.{i}" for i in range(replicas)]
+    kmock["get /admin/demand"] << demand(replicas, nodes)
+    await handlers.scale(cr, ctx)
+    return get(kmock, DEPLOYMENTS, "tiny-cpu")
+
+
+async def test_policy_configmap_change_is_pushed_once(kmock, ctx):
+    cr = await ready_setup(kmock, ctx)
+    first = (REPO / "examples" / "policies" / "default-cpu.yaml").read_text()
+    assert policy_puts(kmock) == [first]  # the running deployment gets what the spec names
+    assert cr["status"]["appliedPolicy"] == handlers.policy_hash(first)
+    await handlers.scale(cr, ctx)
+    assert len(policy_puts(kmock)) == 1  # applied already: not sent again
+
+    # The user edits the referenced ConfigMap: the next pass pushes the new text.
+    cm = get(kmock, CONFIGMAPS, "elasticmoe-policy-default-cpu")
+    cm["data"]["policy.yaml"] = cpu_policy(7)
+    put(kmock, CONFIGMAPS, cm)
+    await handlers.scale(cr, ctx)
+    assert policy_puts(kmock)[1:] == [cpu_policy(7)]
+    cr = get(kmock, DEPLOYMENTS, "tiny-cpu")
+    assert cr["status"]["appliedPolicy"] == handlers.policy_hash(cpu_policy(7))
+    progressing = conditions(cr)["Progressing"]
+    assert (progressing["status"], progressing["reason"]) == ("False", "Applied")
+    await handlers.scale(cr, ctx)
+    assert len(policy_puts(kmock)) == 2
+
+
+async def test_inline_policy_change_updates_configmap_and_is_pushed_on_reconcile(kmock, ctx):
+    cr = await ready_setup(kmock, ctx)
+    del cr["spec"]["autoscaling"]["policyConfigMap"]
+    cr["spec"]["autoscaling"]["policy"] = yaml.safe_load(cpu_policy(9))
+    cr["metadata"]["generation"] = 2
+    await handlers.reconcile(cr, ctx)  # no scale tick in between
+    text = get(kmock, CONFIGMAPS, "tiny-cpu-serve-config")["data"]["policy.yaml"]
+    assert yaml.safe_load(text)["spec"]["interval_s"] == 9  # a restarted head reads it
+    assert policy_puts(kmock)[-1] == text  # and the running one has it now
+    status = get(kmock, DEPLOYMENTS, "tiny-cpu")["status"]
+    assert status["appliedPolicy"] == handlers.policy_hash(text)
+    assert status["observedGeneration"] == 2
+    assert conditions({"status": status})["Progressing"]["status"] == "False"
+
+
+async def test_policy_push_failure_is_retried(kmock, ctx):
+    answers = admin_answers(kmock, "put /admin/policy", 503)
+    cr = await scaled_setup(kmock, ctx, 2, policy_answer=False)
+    kmock["get /admin/demand"] << demand(2, ["10.0.0.0", "10.0.0.1"])
+    with pytest.raises(kopf.TemporaryError, match="policy not pushed") as err:
+        await handlers.scale(cr, ctx)
+    assert err.value.delay == 7
+    cr = get(kmock, DEPLOYMENTS, "tiny-cpu")
+    assert "appliedPolicy" not in cr["status"]
+    progressing = conditions(cr)["Progressing"]
+    assert (progressing["status"], progressing["reason"]) == ("True", "PolicyPending")
+    assert "HTTP 503" in progressing["message"]
+    assert conditions(cr)["Degraded"]["status"] == "False"
+
+    answers["answer"] = POLICY_ACCEPTED
+    await handlers.scale(cr, ctx)
+    assert len(policy_puts(kmock)) == 2
+    cr = get(kmock, DEPLOYMENTS, "tiny-cpu")
+    assert "appliedPolicy" in cr["status"]
+    assert conditions(cr)["Progressing"]["status"] == "False"
+
+
+async def test_refused_policy_is_degraded_and_not_resent_until_it_changes(kmock, ctx):
+    answers = admin_answers(kmock, "put /admin/policy", 400)
+    cr = await scaled_setup(kmock, ctx, 2, policy_answer=False)
+    kmock["get /admin/demand"] << demand(2, ["10.0.0.0", "10.0.0.1"])
+    await handlers.scale(cr, ctx)  # a refusal is an answer: no TemporaryError
+    cr = get(kmock, DEPLOYMENTS, "tiny-cpu")
+    degraded = conditions(cr)["Degraded"]
+    assert (degraded["status"], degraded["reason"]) == ("True", "PolicyRefused")
+    assert "answer 400" in degraded["message"]
+    assert conditions(cr)["Progressing"]["status"] == "False"  # nothing more to do
+    await handlers.scale(cr, ctx)
+    assert len(policy_puts(kmock)) == 1
+    assert conditions(get(kmock, DEPLOYMENTS, "tiny-cpu"))["Degraded"]["reason"] == "PolicyRefused"
+
+    # A new policy text is tried again; accepted, the deployment is no longer degraded.
+    answers["answer"] = POLICY_ACCEPTED
+    cm = get(kmock, CONFIGMAPS, "elasticmoe-policy-default-cpu")
+    cm["data"]["policy.yaml"] = cpu_policy(7)
+    put(kmock, CONFIGMAPS, cm)
+    await handlers.scale(cr, ctx)
+    assert policy_puts(kmock)[1:] == [cpu_policy(7)]
+    cr = get(kmock, DEPLOYMENTS, "tiny-cpu")
+    assert "policyRefused" not in cr["status"]
+    assert conditions(cr)["Degraded"]["status"] == "False"
+
+
+async def test_invalid_policy_configmap_is_not_sent(kmock, ctx):
+    cr = await ready_setup(kmock, ctx)
+    cm = get(kmock, CONFIGMAPS, "elasticmoe-policy-default-cpu")
+    cm["data"]["policy.yaml"] = cpu_policy(7).replace("- name: cpu", "- name: gpu")
+    put(kmock, CONFIGMAPS, cm)
+    await handlers.scale(cr, ctx)
+    assert len(policy_puts(kmock)) == 1  # only the first, valid one
+    degraded = conditions(get(kmock, DEPLOYMENTS, "tiny-cpu"))["Degraded"]
+    assert degraded["status"] == "True" and degraded["reason"] == "PolicyRefused"
+    assert "spec.autoscaling.policyConfigMap.spec.pools[0]" in degraded["message"]

@@ -165,6 +165,7 @@ def admin(api: ApiServerEmulator) -> dict[str, Any]:
     """What ``GET /admin/demand`` answers (change ``admin["demand"]`` to change it)."""
     state = {"demand": demand(2)}
     api["get /admin/demand"] << (lambda: state["demand"])
+    api["put /admin/policy"] << {"policy": "default-cpu", "interval_s": 30}
     return state
 
 

@@ -15,6 +15,7 @@ delay.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from typing import Any
 import kopf
 
 from operators.elasticmoe_operator import render
-from operators.elasticmoe_operator.admin import AdminClient, AdminError
+from operators.elasticmoe_operator.admin import AdminClient, AdminError, RequestRefused
 from operators.elasticmoe_operator.config import OperatorConfig
 from operators.elasticmoe_operator.crd import GROUP, PLURAL, VERSION
 from operators.elasticmoe_operator.kube import (
@@ -183,6 +184,141 @@ async def _apply(ctx: OperatorContext, res: tuple[str, str], desired: Obj) -> Ob
     return out or current
 
 
+# ------------------------------------------------------------- policy push
+def policy_hash(text: str) -> str:
+    """What ``status.appliedPolicy`` records of a policy document."""
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+async def _desired_policy(ctx: OperatorContext, body: Obj, spec: Obj) -> str | None:
+    """The policy text the deployment should run: the inline one as the ConfigMap holds
+    it, or the referenced ConfigMap's; None without a policy (or while it is missing)."""
+    name, namespace, _ = _ids(body)
+    auto = spec.get("autoscaling", {})
+    if "policy" in auto:
+        return render.render_config_map(name, spec, body)["data"][render.POLICY_FILE]
+    ref = auto.get("policyConfigMap")
+    if ref is None:
+        return None
+    cm = await ctx.kube.get(CONFIG_MAPS, namespace, ref["name"])
+    return (cm or {}).get("data", {}).get(ref.get("key", render.POLICY_FILE))
+
+
+def _policy_field(spec: Obj) -> str:
+    auto = spec.get("autoscaling", {})
+    return "spec.autoscaling.policy" if "policy" in auto else "spec.autoscaling.policyConfigMap"
+
+
+@dataclass
+class PolicySync:
+    """Where the policy push stands: ``status`` fields to write, ``pending`` (why it is
+    not applied yet; empty when settled), ``refused`` (the controller's refusal), and
+    ``failed`` (the admin API did not answer: retry soon)."""
+
+    status: Obj = field(default_factory=dict)
+    pending: str = ""
+    refused: str = ""
+    failed: bool = False
+
+
+def _policy_state(body: Obj, text: str | None) -> PolicySync | None:
+    """The push's state from status alone, or None when a push is due."""
+    if text is None:
+        return PolicySync()
+    h = policy_hash(text)
+    status = body.get("status", {})
+    if status.get("appliedPolicy") == h:
+        return PolicySync()
+    refused = status.get("policyRefused") or {}
+    if refused.get("hash") == h:
+        return PolicySync(refused=f"policy refused by the controller: {refused.get('message')}")
+    return None
+
+
+async def _sync_policy(
+    body: Obj, spec: Obj, text: str | None, admin: AdminClient | None, logger: logging.Logger
+) -> PolicySync:
+    """Push ``text`` with ``PUT /admin/policy`` unless it is already applied or was
+    refused (then it waits for a change). ``admin`` None: the deployment is not up."""
+    state = _policy_state(body, text)
+    if state is not None:
+        return state
+    assert text is not None
+    h = policy_hash(text)
+    if admin is None:
+        return PolicySync(pending="policy waits for the RayCluster to be ready")
+    try:
+        # The controller would refuse it too; this names the field.
+        check_policy(text, spec, _policy_field(spec))
+        await admin.put_policy(text)
+    except SpecError as e:
+        logger.warning("policy %s not pushed: %s", h, e)
+        return PolicySync(
+            status={"policyRefused": {"hash": h, "message": str(e)}}, refused=f"policy invalid: {e}"
+        )
+    except RequestRefused as e:
+        logger.warning("policy %s refused: %s", h, e)
+        return PolicySync(
+            status={"policyRefused": {"hash": h, "message": str(e)}},
+            refused=f"policy refused by the controller: {e}",
+        )
+    except AdminError as e:
+        return PolicySync(pending=f"policy not pushed yet: {e}", failed=True)
+    logger.info("policy %s pushed", h)
+    return PolicySync(status={"appliedPolicy": h, "policyRefused": None})
+
+
+# ------------------------------------------------------------- pool bounds
+def _bounded_groups(spec: Obj, groups: list[Obj]) -> tuple[list[Obj], list[str]]:
+    """``groups`` with each pool's minReplicas/maxReplicas from the spec, and the pools
+    still above their new maximum. A pool's maxReplicas never drops below its replicas:
+    KubeRay would delete pods of its own choosing, undrained, to meet it; the shrink
+    goes through a drain (the scale pass) and the maximum follows."""
+    pools = {p["name"]: p for p in spec["pools"]}
+    out, held = [], []
+    for group in groups:
+        pool = pools.get(group["groupName"])
+        if pool is None:
+            out.append(group)
+            continue
+        group = dict(group)
+        replicas = int(group.get("replicas", 0))
+        group["minReplicas"] = pool["minWorkers"]
+        group["maxReplicas"] = max(pool["maxWorkers"], replicas)
+        if replicas > pool["maxWorkers"]:
+            held.append(f"{pool['name']} {replicas}>{pool['maxWorkers']}")
+        out.append(group)
+    return out, held
+
+
+def _rc_ready(rc: Obj | None) -> bool:
+    """KubeRay reports the RayCluster ready for its current spec."""
+    if rc is None:
+        return False
+    status = rc.get("status", {})
+    seen = status.get("observedGeneration")
+    current = rc.get("metadata", {}).get("generation")
+    return status.get("state") == "ready" and (seen is None or current is None or seen >= current)
+
+
+def _progressing(
+    rc: Obj | None, held: list[str], policy: PolicySync, now: str, generation: int
+) -> Obj:
+    """``Progressing``: True while a spec change is being applied, False once settled."""
+    reasons = []
+    if not _rc_ready(rc):
+        reasons.append(("RayClusterStarting", "waiting for the RayCluster to be ready"))
+    if held:
+        reasons.append(("PoolBoundsPending", f"pools above maxWorkers: {', '.join(held)}"))
+    if policy.pending:
+        reasons.append(("PolicyPending", policy.pending))
+    if not reasons:
+        return render.condition("Progressing", False, "Applied", "", now, generation)
+    return render.condition(
+        "Progressing", True, reasons[0][0], "; ".join(m for _, m in reasons), now, generation
+    )
+
+
 async def reconcile(body: Obj, ctx: OperatorContext, logger: logging.Logger = log) -> None:
     """Create or update the ConfigMap and the RayCluster of a MoEDeployment; set status."""
     name, namespace, generation = _ids(body)
@@ -201,13 +337,24 @@ async def reconcile(body: Obj, ctx: OperatorContext, logger: logging.Logger = lo
         for group in desired_rc["spec"]["workerGroupSpecs"]:
             if group["groupName"] in pending:
                 group["scaleStrategy"] = pending[group["groupName"]]
+            # A lowered maxWorkers: keep the pods until the scale pass has drained them.
+            group["replicas"] = max(group["replicas"], replicas.get(group["groupName"], 0))
+        desired_rc["spec"]["workerGroupSpecs"], held = _bounded_groups(
+            spec, desired_rc["spec"]["workerGroupSpecs"]
+        )
     await _apply(ctx, CONFIG_MAPS, config_map)
     rc = await _apply(ctx, RAY_CLUSTERS, desired_rc)
     logger.info("RayCluster %s/%s %s", namespace, name, "updated" if replicas else "created")
+    if _rc_ready(rc):
+        # Running: the new bounds and policy reach it now, not at the next scale tick.
+        await scale(body, ctx, logger, rc=rc, generation_applied=True)
+        return
 
     now = ctx.now()
-    ready = rc.get("status", {}).get("state") == "ready"
+    ready = _rc_ready(rc)
     pools = render.pool_status(spec, rc, [], None)
+    _, held = _bounded_groups(spec, rc["spec"].get("workerGroupSpecs", []))
+    policy = await _sync_policy(body, spec, await _desired_policy(ctx, body, spec), None, logger)
     await _write_status(
         ctx,
         body,
@@ -226,44 +373,80 @@ async def reconcile(body: Obj, ctx: OperatorContext, logger: logging.Logger = lo
                     now,
                     generation,
                 ),
-                render.condition("Degraded", False, "SpecApplied", "", now, generation),
+                _progressing(rc, held, policy, now, generation),
+                render.condition(
+                    "Degraded",
+                    bool(policy.refused),
+                    "PolicyRefused" if policy.refused else "SpecApplied",
+                    policy.refused,
+                    now,
+                    generation,
+                ),
             ],
         },
     )
 
 
-async def scale(body: Obj, ctx: OperatorContext, logger: logging.Logger = log) -> None:
-    """Size every worker group to the controller's demand, draining before a shrink."""
+async def scale(
+    body: Obj,
+    ctx: OperatorContext,
+    logger: logging.Logger = log,
+    rc: Obj | None = None,
+    generation_applied: bool = False,
+) -> None:
+    """Size every worker group to the controller's demand within the pool bounds,
+    draining before a shrink, and push the autoscaling policy if it changed.
+
+    :func:`reconcile` runs this pass right after a spec change reached a running
+    RayCluster (``rc``, ``generation_applied``: it then also reports the generation).
+    """
     name, namespace, generation = _ids(body)
     try:
         validate_name(name)
         spec = validate_spec(body.get("spec", {}))
     except SpecError:
         return  # reconcile() reported it; nothing to scale
-    rc = await ctx.kube.get(RAY_CLUSTERS, namespace, render.raycluster_name(name))
+    if rc is None:
+        rc = await ctx.kube.get(RAY_CLUSTERS, namespace, render.raycluster_name(name))
     if rc is None:
         raise kopf.TemporaryError("RayCluster not created yet", delay=ctx.config.retry_delay_s)
+    applied: Obj = (
+        {
+            "observedGeneration": generation,
+            "rayCluster": render.raycluster_name(name),
+            "endpoint": render.admin_url(name, namespace, spec) + "/v1",
+        }
+        if generation_applied
+        else {}
+    )
+    policy_text = await _desired_policy(ctx, body, spec)
     ref = render.admin_key_ref(name, spec)
     admin_key = await _secret_value(ctx, namespace, ref, "the admin API key")
     pods = await ctx.kube.list(PODS, namespace, {render.RAY_LABEL_CLUSTER: rc["metadata"]["name"]})
     pods = [p for p in pods if render.RAY_LABEL_GROUP in p["metadata"].get("labels", {})]
     now = ctx.now()
-    rc_ready = rc.get("status", {}).get("state") == "ready"
+    rc_ready = _rc_ready(rc)
 
     admin = ctx.admin_factory(ctx.admin_url(name, namespace, spec), admin_key, ctx.config)
     try:
         try:
             demand = await admin.demand()
         except AdminError as e:
+            _, held = _bounded_groups(spec, rc["spec"].get("workerGroupSpecs", []))
+            policy = _policy_state(body, policy_text) or PolicySync(
+                pending=f"policy not pushed yet: {e}"
+            )
             await _write_status(
                 ctx,
                 body,
                 {
+                    **applied,
                     "pools": render.pool_status(spec, rc, pods, None),
                     "conditions": [
                         render.condition(
                             "Ready", False, "AdminUnreachable", str(e), now, generation
-                        )
+                        ),
+                        _progressing(rc, held, policy, now, generation),
                     ],
                 },
             )
@@ -287,11 +470,12 @@ async def scale(body: Obj, ctx: OperatorContext, logger: logging.Logger = log) -
                         for k, p in plan.pools.items()
                     }
                 )
+        policy = await _sync_policy(body, spec, policy_text, admin, logger)
     finally:
         await admin.aclose()
 
-    if plan.changes:
-        groups = render.apply_scale(rc, plan)
+    groups, held = _bounded_groups(spec, render.apply_scale(rc, plan))
+    if plan.changes or groups != rc["spec"].get("workerGroupSpecs", []):
         patch: Obj = {"spec": {"workerGroupSpecs": groups}}
         if rc["metadata"].get("resourceVersion"):
             # Optimistic concurrency: fail rather than overwrite a concurrent change.
@@ -317,9 +501,17 @@ async def scale(body: Obj, ctx: OperatorContext, logger: logging.Logger = log) -
         m
         for m in (
             refused,
+            policy.refused,
             f"unhealthy workers: {', '.join(unhealthy)}" if unhealthy else "",
         )
         if m
+    )
+    degraded_reason = (
+        "DrainRefused"
+        if refused
+        else "PolicyRefused"
+        if policy.refused
+        else ("UnhealthyWorkers" if unhealthy else "Healthy")
     )
     scaling_msg = ", ".join(f"{c.pool} {c.current}->{c.desired}" for c in plan.changes) or (
         f"pools settling: {', '.join(unsettled)}" if unsettled else ""
@@ -328,6 +520,8 @@ async def scale(body: Obj, ctx: OperatorContext, logger: logging.Logger = log) -
         ctx,
         body,
         {
+            **applied,
+            **policy.status,
             "epoch": demand.epoch or 0,  # 0: no expert map published yet
             "workers": sum(p["replicas"] for p in pools.values()),
             "pools": pools,
@@ -350,17 +544,15 @@ async def scale(body: Obj, ctx: OperatorContext, logger: logging.Logger = log) -
                     now,
                     generation,
                 ),
+                _progressing(rc, held, policy, now, generation),
                 render.condition(
-                    "Degraded",
-                    bool(degraded_msg),
-                    "DrainRefused" if refused else ("UnhealthyWorkers" if unhealthy else "Healthy"),
-                    degraded_msg,
-                    now,
-                    generation,
+                    "Degraded", bool(degraded_msg), degraded_reason, degraded_msg, now, generation
                 ),
             ],
         },
     )
+    if policy.failed:
+        raise kopf.TemporaryError(policy.pending, delay=ctx.config.retry_delay_s)
 
 
 async def delete(body: Obj, ctx: OperatorContext, logger: logging.Logger = log) -> None:
