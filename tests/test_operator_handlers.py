@@ -398,3 +398,112 @@ async def test_invalid_policy_configmap_is_not_sent(kmock, ctx):
     degraded = conditions(get(kmock, DEPLOYMENTS, "tiny-cpu"))["Degraded"]
     assert degraded["status"] == "True" and degraded["reason"] == "PolicyRefused"
     assert "spec.autoscaling.policyConfigMap.spec.pools[0]" in degraded["message"]
+
+
+def with_pool(kmock: km.KubernetesEmulator, cr: dict[str, Any], **bounds: int) -> dict[str, Any]:
+    """``cr`` as the user changed it (stored): the cpu pool's new bounds, next generation."""
+    cr = copy.deepcopy(cr)
+    cr["spec"]["pools"][0].update(bounds)
+    cr["metadata"]["generation"] = cr["metadata"].get("generation", 1) + 1
+    put(kmock, DEPLOYMENTS, cr)
+    return cr
+
+
+async def test_raised_min_workers_grows_the_group_on_reconcile(kmock, ctx):
+    cr = await ready_setup(kmock, ctx, 2)
+    await handlers.reconcile(with_pool(kmock, cr, minWorkers=3), ctx)
+    group = get(kmock, RAYCLUSTERS, "tiny-cpu")["spec"]["workerGroupSpecs"][0]
+    assert (group["replicas"], group["minReplicas"], group["maxReplicas"]) == (3, 3, 4)
+    assert len(kmock["post /admin/drain"]) == 0
+    status = get(kmock, DEPLOYMENTS, "tiny-cpu")["status"]
+    assert status["observedGeneration"] == 2 and status["pools"]["cpu"]["minWorkers"] == 3
+
+
+async def test_lowered_max_workers_drains_then_shrinks_on_reconcile(kmock, ctx):
+    cr = await ready_setup(kmock, ctx, 4)
+    kmock["post /admin/drain"] << {"drained": ["w3", "w2"], "epoch": 4}
+    await handlers.reconcile(with_pool(kmock, cr, maxWorkers=2), ctx)
+    (drain,) = list(kmock["post /admin/drain"])
+    assert drain.data == {"nodes": ["10.0.0.3", "10.0.0.2"]}
+    # KubeRay never saw maxReplicas below the pods it had before the drain was done.
+    patches = [r.data for r in kmock[km.method.PATCH, RAYCLUSTERS]]
+    for patch in patches:
+        (g,) = patch["spec"]["workerGroupSpecs"]
+        assert g["maxReplicas"] >= g["replicas"]
+        assert g["replicas"] == 4 or g.get("scaleStrategy", {}).get("workersToDelete")
+    group = get(kmock, RAYCLUSTERS, "tiny-cpu")["spec"]["workerGroupSpecs"][0]
+    assert (group["replicas"], group["maxReplicas"]) == (2, 2)
+    assert group["scaleStrategy"] == {"workersToDelete": ["tiny-cpu-cpu-3", "tiny-cpu-cpu-2"]}
+    cr = get(kmock, DEPLOYMENTS, "tiny-cpu")
+    assert cr["status"]["pools"]["cpu"]["maxWorkers"] == 2
+    assert conditions(cr)["Progressing"]["status"] == "False"
+
+
+async def test_lowered_max_workers_waits_for_a_refused_drain(kmock, ctx):
+    cr = await ready_setup(kmock, ctx, 4)
+    drain = admin_answers(kmock, "post /admin/drain", 409)
+    changed = with_pool(kmock, cr, maxWorkers=2)
+    await handlers.reconcile(changed, ctx)
+    group = get(kmock, RAYCLUSTERS, "tiny-cpu")["spec"]["workerGroupSpecs"][0]
+    assert (group["replicas"], group["maxReplicas"]) == (4, 4) and "scaleStrategy" not in group
+    cr = get(kmock, DEPLOYMENTS, "tiny-cpu")
+    progressing = conditions(cr)["Progressing"]
+    assert (progressing["status"], progressing["reason"]) == ("True", "PoolBoundsPending")
+    assert "cpu 4>2" in progressing["message"]
+    assert conditions(cr)["Degraded"]["reason"] == "DrainRefused"
+
+    # The next scale tick, with the drain accepted, finishes the change.
+    drain["answer"] = {"drained": ["w3", "w2"], "epoch": 4}
+    await handlers.scale(cr, ctx)
+    group = get(kmock, RAYCLUSTERS, "tiny-cpu")["spec"]["workerGroupSpecs"][0]
+    assert (group["replicas"], group["maxReplicas"]) == (2, 2)
+    cr = get(kmock, DEPLOYMENTS, "tiny-cpu")
+    assert conditions(cr)["Progressing"]["status"] == "False"
+    assert conditions(cr)["Degraded"]["status"] == "False"
+
+
+async def test_progressing_follows_a_change_until_it_settles(kmock, ctx):
+    cr = cpu_setup(kmock)
+    await handlers.reconcile(cr, ctx)
+    cr = get(kmock, DEPLOYMENTS, "tiny-cpu")
+    progressing = conditions(cr)["Progressing"]
+    assert (progressing["status"], progressing["reason"]) == ("True", "RayClusterStarting")
+    assert conditions(cr)["Ready"]["status"] == "False"
+
+    # KubeRay brings the cluster up; the scale pass pushes the policy: settled.
+    rc = get(kmock, RAYCLUSTERS, "tiny-cpu")
+    rc["status"] = {"state": "ready"}
+    put(kmock, RAYCLUSTERS, rc)
+    for i in range(2):
+        put(kmock, PODS, worker_pod(f"tiny-cpu-cpu-{i}", f"10.0.0.{i}", f"2026-01-01T00:0{i}:00Z"))
+    kmock["get /admin/demand"] << demand(2, ["10.0.0.0", "10.0.0.1"])
+    answers = admin_answers(kmock, "put /admin/policy", POLICY_ACCEPTED)
+    await handlers.scale(cr, ctx)
+    cr = get(kmock, DEPLOYMENTS, "tiny-cpu")
+    assert conditions(cr)["Progressing"]["status"] == "False"
+    assert conditions(cr)["Ready"]["status"] == "True"
+
+    # A spec change KubeRay has not acted on yet (its observedGeneration lags) is
+    # progressing; a policy the admin API cannot take yet too.
+    answers["answer"] = 503
+    rc = get(kmock, RAYCLUSTERS, "tiny-cpu")
+    rc["metadata"]["generation"] = 2
+    rc["status"] = {"state": "ready", "observedGeneration": 1}
+    put(kmock, RAYCLUSTERS, rc)
+    cm = get(kmock, CONFIGMAPS, "elasticmoe-policy-default-cpu")
+    cm["data"]["policy.yaml"] = cpu_policy(7)
+    put(kmock, CONFIGMAPS, cm)
+    with pytest.raises(kopf.TemporaryError):
+        await handlers.scale(cr, ctx)
+    cr = get(kmock, DEPLOYMENTS, "tiny-cpu")
+    progressing = conditions(cr)["Progressing"]
+    assert (progressing["status"], progressing["reason"]) == ("True", "RayClusterStarting")
+    assert "policy not pushed yet" in progressing["message"]
+
+    answers["answer"] = POLICY_ACCEPTED
+    rc["status"]["observedGeneration"] = 2
+    put(kmock, RAYCLUSTERS, rc)
+    await handlers.scale(cr, ctx)
+    cr = get(kmock, DEPLOYMENTS, "tiny-cpu")
+    assert conditions(cr)["Progressing"]["status"] == "False"
+    assert cr["status"]["appliedPolicy"] == handlers.policy_hash(cpu_policy(7))

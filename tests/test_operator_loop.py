@@ -287,6 +287,33 @@ async def test_create_scale_change_delete(api, admin, operators):
         op,
     )
 
+    # The policy the spec names reached the running deployment once; an edit of the
+    # referenced ConfigMap reaches it too, and the change settles.
+    policy_cm = "elasticmoe-policy-default-cpu"
+    first = get(api, CONFIGMAPS, policy_cm)["data"]["policy.yaml"]
+    await until(
+        "the policy pushed",
+        lambda: get(api, DEPLOYMENTS, NAME)["status"].get("appliedPolicy"),
+        op,
+    )
+    assert [r.data["policy"] for r in api["put /admin/policy"]][:1] == [first]
+    edited = first.replace("interval_s: 15", "interval_s: 20")
+    assert edited != first
+    await merge_patch(api, CONFIGMAPS, policy_cm, {"data": {"policy.yaml": edited}})
+    await until(
+        "the edited policy pushed",
+        lambda: [r.data["policy"] for r in api["put /admin/policy"]][-1] == edited,
+        op,
+    )
+    await until(
+        "Progressing=False",
+        lambda: (
+            conditions(get(api, DEPLOYMENTS, NAME)).get("Progressing", {}).get("status") == "False"
+        ),
+        op,
+    )
+    assert len({r.data["policy"] for r in api["put /admin/policy"]}) == 2
+
     # A spec change (the API server bumps the generation) reaches the RayCluster; the
     # replicas the timer chose stay.
     pool = {**example()["spec"]["pools"][0], "maxWorkers": 6}
