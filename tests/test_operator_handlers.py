@@ -21,7 +21,7 @@ import pytest
 import pytest_asyncio
 import yaml
 
-from operators.elasticmoe_operator import handlers, render
+from operators.elasticmoe_operator import handlers, render, rollout
 from operators.elasticmoe_operator.config import OperatorConfig
 from operators.elasticmoe_operator.kube import KubeClient
 
@@ -507,3 +507,124 @@ async def test_progressing_follows_a_change_until_it_settles(kmock, ctx):
     cr = get(kmock, DEPLOYMENTS, "tiny-cpu")
     assert conditions(cr)["Progressing"]["status"] == "False"
     assert cr["status"]["appliedPolicy"] == handlers.policy_hash(cpu_policy(7))
+
+
+# ------------------------------------------------------------ checkpoint rollout
+SERVICES = km.resource("", "v1", "services")
+
+
+def requests_of(kmock: km.KubernetesEmulator) -> list[tuple[str, str]]:
+    return [(r.method.value, r.url.path) for r in kmock]
+
+
+async def test_new_checkpoint_rolls_out_blue_green(kmock, ctx):
+    cr = await ready_setup(kmock, ctx, 2)
+    svc = get(kmock, SERVICES, "tiny-cpu")
+    assert svc["spec"]["selector"] == {"ray.io/cluster": "tiny-cpu", "ray.io/node-type": "head"}
+    assert cr["status"]["endpoint"] == f"http://tiny-cpu.{NS}.svc:8000/v1"
+    old_rc = get(kmock, RAYCLUSTERS, "tiny-cpu")
+    old_cm = get(kmock, CONFIGMAPS, "tiny-cpu-serve-config")
+    health = admin_answers(kmock, "get /health", 503)
+
+    cr = copy.deepcopy(cr)
+    cr["spec"]["model"]["checkpoint"] = {"uri": "file:///models/v2"}
+    cr["metadata"]["generation"] = 2
+    put(kmock, DEPLOYMENTS, cr)
+    target = f"tiny-cpu-{rollout.checkpoint_hash(cr['spec'])}"
+
+    # 1. The new RayCluster comes up next to the running one, which is left alone.
+    with pytest.raises(kopf.TemporaryError, match=f"RayCluster {target}"):
+        await handlers.reconcile(cr, ctx)
+    new_rc = get(kmock, RAYCLUSTERS, target)
+    new_cm = get(kmock, CONFIGMAPS, f"{target}-serve-config")
+    serve = yaml.safe_load(new_cm["data"]["serve.yaml"])
+    assert serve["model"] == "/models/v2" and serve["name"] == target
+    volumes = new_rc["spec"]["headGroupSpec"]["template"]["spec"]["volumes"]
+    assert {"name": "config", "configMap": {"name": f"{target}-serve-config"}} in volumes
+    assert new_rc["metadata"]["ownerReferences"][0]["uid"] == "uid-cpu"
+    assert get(kmock, RAYCLUSTERS, "tiny-cpu")["spec"] == old_rc["spec"]
+    assert get(kmock, CONFIGMAPS, "tiny-cpu-serve-config")["data"] == old_cm["data"]
+    assert get(kmock, SERVICES, "tiny-cpu")["spec"]["selector"]["ray.io/cluster"] == "tiny-cpu"
+    cr = get(kmock, DEPLOYMENTS, "tiny-cpu")
+    assert cr["status"]["rayCluster"] == "tiny-cpu"
+    assert cr["status"]["rollout"]["phase"] == "Starting"
+    progressing = conditions(cr)["Progressing"]
+    assert (progressing["status"], progressing["reason"]) == ("True", "RolloutStarting")
+    assert conditions(cr)["Ready"]["status"] == "True"  # the old one still serves
+
+    # 2. Ready, but its /health does not answer 200 yet: still no switch.
+    new_rc["status"] = {"state": "ready"}
+    put(kmock, RAYCLUSTERS, new_rc)
+    with pytest.raises(kopf.TemporaryError, match="/health"):
+        await handlers.reconcile(cr, ctx)
+    cr = get(kmock, DEPLOYMENTS, "tiny-cpu")
+    assert conditions(cr)["Progressing"]["reason"] == "RolloutVerifying"
+    assert get(kmock, SERVICES, "tiny-cpu")["spec"]["selector"]["ray.io/cluster"] == "tiny-cpu"
+
+    # 3. Healthy: the Service moves to the new head; the old one drains for a while.
+    health["answer"] = {"status": "ok", "engines": 1}
+    with pytest.raises(kopf.TemporaryError, match="drains") as err:
+        await handlers.reconcile(cr, ctx)
+    assert err.value.delay == 30
+    assert get(kmock, SERVICES, "tiny-cpu")["spec"]["selector"]["ray.io/cluster"] == target
+    assert get(kmock, RAYCLUSTERS, "tiny-cpu") is not None  # still finishing its requests
+    cr = get(kmock, DEPLOYMENTS, "tiny-cpu")
+    assert cr["status"]["rayCluster"] == target
+    assert cr["status"]["endpoint"] == f"http://tiny-cpu.{NS}.svc:8000/v1"  # unchanged for users
+    assert cr["status"]["rollout"]["phase"] == "Draining"
+    assert conditions(cr)["Progressing"]["reason"] == "RolloutDraining"
+    assert "appliedPolicy" in cr["status"]  # pushed again, to the new deployment
+
+    # 4. After the drain time the old RayCluster and its ConfigMap go.
+    ctx.now = lambda: "2026-01-01T00:00:31Z"
+    await handlers.reconcile(cr, ctx)
+    assert get(kmock, RAYCLUSTERS, "tiny-cpu") is None
+    assert get(kmock, CONFIGMAPS, "tiny-cpu-serve-config") is None
+    assert get(kmock, RAYCLUSTERS, target) is not None
+    cr = get(kmock, DEPLOYMENTS, "tiny-cpu")
+    assert "rollout" not in cr["status"]
+    assert conditions(cr)["Progressing"]["status"] == "False"
+
+    # The order: new cluster healthy, then the switch, then the old one deleted.
+    reqs = requests_of(kmock)
+    healthy_at = max(i for i, r in enumerate(reqs) if r == ("GET", "/health"))
+    switched_at = min(
+        i
+        for i, r in enumerate(reqs)
+        if r == ("PATCH", f"/api/v1/namespaces/{NS}/services/tiny-cpu") and i > healthy_at
+    )
+    deleted_at = reqs.index(("DELETE", f"/apis/ray.io/v1/namespaces/{NS}/rayclusters/tiny-cpu"))
+    assert healthy_at < switched_at < deleted_at
+
+    # The scale timer now sizes the new cluster.
+    before = len(requests_of(kmock))
+    await handlers.scale(cr, ctx)
+    assert ("GET", f"/apis/ray.io/v1/namespaces/{NS}/rayclusters/{target}") in requests_of(kmock)[
+        before:
+    ]
+    await handlers.delete(cr, ctx)
+    assert get(kmock, RAYCLUSTERS, target) is None and get(kmock, SERVICES, "tiny-cpu") is None
+
+
+async def test_checkpoint_reverted_mid_rollout_drops_the_new_cluster(kmock, ctx):
+    cr = await ready_setup(kmock, ctx, 2)
+    original = copy.deepcopy(cr["spec"])
+    cr = copy.deepcopy(cr)
+    cr["spec"]["model"]["checkpoint"] = {"uri": "file:///models/v2"}
+    cr["metadata"]["generation"] = 2
+    put(kmock, DEPLOYMENTS, cr)
+    target = f"tiny-cpu-{rollout.checkpoint_hash(cr['spec'])}"
+    with pytest.raises(kopf.TemporaryError):
+        await handlers.reconcile(cr, ctx)
+    assert get(kmock, RAYCLUSTERS, target) is not None
+
+    cr = get(kmock, DEPLOYMENTS, "tiny-cpu")
+    cr["spec"] = original
+    cr["metadata"]["generation"] = 3
+    put(kmock, DEPLOYMENTS, cr)
+    await handlers.reconcile(cr, ctx)
+    assert get(kmock, RAYCLUSTERS, target) is None
+    assert get(kmock, CONFIGMAPS, f"{target}-serve-config") is None
+    cr = get(kmock, DEPLOYMENTS, "tiny-cpu")
+    assert cr["status"]["rayCluster"] == "tiny-cpu" and "rollout" not in cr["status"]
+    assert conditions(cr)["Progressing"]["status"] == "False"

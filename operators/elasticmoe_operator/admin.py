@@ -98,6 +98,11 @@ class AdminClient:
         data = await self._call("POST", "/admin/drain", json=body, timeout=self._drain_timeout_s)
         return list(data.get("drained", []))
 
+    async def health(self) -> dict[str, Any]:
+        """``GET /health``: 200 once every expert has a live replica and the engines
+        answer; anything else raises :class:`AdminError`."""
+        return await self._call("GET", "/health")
+
     async def put_policy(self, text: str) -> dict[str, Any]:
         """Apply an autoscaling policy (YAML text) on the running deployment.
 

@@ -322,11 +322,22 @@ def status_schema() -> Schema:
         {
             "observedGeneration": _int(),
             "rayCluster": _str("The RayCluster this resource owns."),
-            "endpoint": _str("In-cluster URL of the OpenAI API."),
+            "endpoint": _str("In-cluster URL of the OpenAI API (the operator's stable Service)."),
             "workers": _int("Worker pods over all pools."),
             "epoch": _int("Expert-map epoch last seen in the controller's demand."),
             "appliedPolicy": _str(
                 "Hash of the autoscaling policy last pushed to the running deployment."
+            ),
+            "rollout": _obj(
+                {
+                    "target": _str("The RayCluster with the new checkpoint."),
+                    "from": _str("The RayCluster it replaces."),
+                    "checkpoint": _str("Hash of the new spec.model.checkpoint."),
+                    "phase": _str(enum=["Starting", "Verifying", "Draining"]),
+                    "switchedAt": _str("When the Service moved to the target.", format="date-time"),
+                    "message": _str(),
+                },
+                description="A checkpoint rollout in progress (blue/green RayClusters).",
             ),
             "policyRefused": _obj(
                 {"hash": _str(), "message": _str()},

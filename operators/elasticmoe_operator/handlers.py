@@ -23,7 +23,7 @@ from typing import Any
 
 import kopf
 
-from operators.elasticmoe_operator import render
+from operators.elasticmoe_operator import render, rollout
 from operators.elasticmoe_operator.admin import AdminClient, AdminError, RequestRefused
 from operators.elasticmoe_operator.config import OperatorConfig
 from operators.elasticmoe_operator.crd import GROUP, PLURAL, VERSION
@@ -33,6 +33,7 @@ from operators.elasticmoe_operator.kube import (
     PVCS,
     RAY_CLUSTERS,
     SECRETS,
+    SERVICES,
     KubeClient,
 )
 from operators.elasticmoe_operator.spec import SpecError, check_policy, validate_name, validate_spec
@@ -59,11 +60,26 @@ class OperatorContext:
     )
     now: Callable[[], str] = _now
 
-    def admin_url(self, name: str, namespace: str, spec: Obj) -> str:
-        """The deployment's admin API base URL."""
+    def admin_url(self, name: str, namespace: str, spec: Obj, rc_name: str | None = None) -> str:
+        """The admin API base URL of one RayCluster's head (default: the first one's)."""
+        rc_name = rc_name or render.raycluster_name(name)
         if self.config.admin_url:
-            return self.config.admin_url.format(name=name, namespace=namespace)
-        return render.admin_url(name, namespace, spec)
+            return self.config.admin_url.format(name=name, namespace=namespace, raycluster=rc_name)
+        return rollout.head_url(rc_name, namespace, spec)
+
+
+def _active_name(body: Obj) -> str:
+    """The RayCluster that serves users now (another one after a checkpoint rollout)."""
+    return body.get("status", {}).get("rayCluster") or render.raycluster_name(
+        body["metadata"]["name"]
+    )
+
+
+def _seconds_between(start: str, end: str) -> float:
+    fmt = "%Y-%m-%dT%H:%M:%SZ"
+    a = datetime.datetime.strptime(start, fmt)
+    b = datetime.datetime.strptime(end, fmt)
+    return (b - a).total_seconds()
 
 
 def _ids(body: Obj) -> tuple[str, str, int]:
@@ -302,10 +318,23 @@ def _rc_ready(rc: Obj | None) -> bool:
 
 
 def _progressing(
-    rc: Obj | None, held: list[str], policy: PolicySync, now: str, generation: int
+    rc: Obj | None,
+    held: list[str],
+    policy: PolicySync,
+    now: str,
+    generation: int,
+    rollout_status: Obj | None = None,
 ) -> Obj:
     """``Progressing``: True while a spec change is being applied, False once settled."""
     reasons = []
+    if rollout_status:
+        reasons.append(
+            (
+                f"Rollout{rollout_status['phase']}",
+                rollout_status.get("message")
+                or f"rolling out {rollout_status['target']} to replace {rollout_status['from']}",
+            )
+        )
     if not _rc_ready(rc):
         reasons.append(("RayClusterStarting", "waiting for the RayCluster to be ready"))
     if held:
@@ -323,10 +352,16 @@ async def reconcile(body: Obj, ctx: OperatorContext, logger: logging.Logger = lo
     """Create or update the ConfigMap and the RayCluster of a MoEDeployment; set status."""
     name, namespace, generation = _ids(body)
     spec = await _validated(ctx, body)
-    rc = await ctx.kube.get(RAY_CLUSTERS, namespace, render.raycluster_name(name))
-    replicas = render.group_replicas(rc) if rc else None
     await _ensure_auth_secret(ctx, name, namespace, body)
-    config_map, desired_rc = render.render_children(name, spec, body, replicas)
+    active = _active_name(body)
+    rc = await ctx.kube.get(RAY_CLUSTERS, namespace, active)
+    if rc is not None and rollout.checkpoint_of(rc) not in (None, rollout.checkpoint_hash(spec)):
+        # A new checkpoint: never in place (the head would restart and drop requests).
+        await _roll_out(body, ctx, spec, rc, logger)
+        return
+    draining = await _settle_rollout(body, ctx, active, logger)
+    replicas = render.group_replicas(rc) if rc else None
+    config_map, desired_rc = rollout.render_children_for(active, name, spec, body, replicas)
     if rc is not None:
         # Keep a shrink KubeRay has not finished yet (pods named for deletion).
         pending = {
@@ -344,10 +379,13 @@ async def reconcile(body: Obj, ctx: OperatorContext, logger: logging.Logger = lo
         )
     await _apply(ctx, CONFIG_MAPS, config_map)
     rc = await _apply(ctx, RAY_CLUSTERS, desired_rc)
-    logger.info("RayCluster %s/%s %s", namespace, name, "updated" if replicas else "created")
+    await _apply(ctx, SERVICES, rollout.render_service(name, spec, body, active))
+    logger.info("RayCluster %s/%s %s", namespace, active, "updated" if replicas else "created")
     if _rc_ready(rc):
         # Running: the new bounds and policy reach it now, not at the next scale tick.
-        await scale(body, ctx, logger, rc=rc, generation_applied=True)
+        await scale(body, ctx, logger, rc=rc, generation_applied=True, rollout_status=draining)
+        if draining:
+            raise kopf.TemporaryError(draining["message"], delay=draining["delay"])
         return
 
     now = ctx.now()
@@ -360,8 +398,8 @@ async def reconcile(body: Obj, ctx: OperatorContext, logger: logging.Logger = lo
         body,
         {
             "observedGeneration": generation,
-            "rayCluster": render.raycluster_name(name),
-            "endpoint": render.admin_url(name, namespace, spec) + "/v1",
+            "rayCluster": active,
+            "endpoint": rollout.endpoint(name, namespace, spec),
             "workers": sum(p["replicas"] for p in pools.values()),
             "pools": pools,
             "conditions": [
@@ -373,7 +411,7 @@ async def reconcile(body: Obj, ctx: OperatorContext, logger: logging.Logger = lo
                     now,
                     generation,
                 ),
-                _progressing(rc, held, policy, now, generation),
+                _progressing(rc, held, policy, now, generation, draining),
                 render.condition(
                     "Degraded",
                     bool(policy.refused),
@@ -393,6 +431,7 @@ async def scale(
     logger: logging.Logger = log,
     rc: Obj | None = None,
     generation_applied: bool = False,
+    rollout_status: Obj | None = None,
 ) -> None:
     """Size every worker group to the controller's demand within the pool bounds,
     draining before a shrink, and push the autoscaling policy if it changed.
@@ -406,15 +445,18 @@ async def scale(
         spec = validate_spec(body.get("spec", {}))
     except SpecError:
         return  # reconcile() reported it; nothing to scale
+    active = _active_name(body)
     if rc is None:
-        rc = await ctx.kube.get(RAY_CLUSTERS, namespace, render.raycluster_name(name))
+        rc = await ctx.kube.get(RAY_CLUSTERS, namespace, active)
     if rc is None:
         raise kopf.TemporaryError("RayCluster not created yet", delay=ctx.config.retry_delay_s)
+    if rollout_status is None:
+        rollout_status = body.get("status", {}).get("rollout")
     applied: Obj = (
         {
             "observedGeneration": generation,
-            "rayCluster": render.raycluster_name(name),
-            "endpoint": render.admin_url(name, namespace, spec) + "/v1",
+            "rayCluster": active,
+            "endpoint": rollout.endpoint(name, namespace, spec),
         }
         if generation_applied
         else {}
@@ -427,7 +469,7 @@ async def scale(
     now = ctx.now()
     rc_ready = _rc_ready(rc)
 
-    admin = ctx.admin_factory(ctx.admin_url(name, namespace, spec), admin_key, ctx.config)
+    admin = ctx.admin_factory(ctx.admin_url(name, namespace, spec, active), admin_key, ctx.config)
     try:
         try:
             demand = await admin.demand()
@@ -446,7 +488,7 @@ async def scale(
                         render.condition(
                             "Ready", False, "AdminUnreachable", str(e), now, generation
                         ),
-                        _progressing(rc, held, policy, now, generation),
+                        _progressing(rc, held, policy, now, generation, rollout_status),
                     ],
                 },
             )
@@ -544,7 +586,7 @@ async def scale(
                     now,
                     generation,
                 ),
-                _progressing(rc, held, policy, now, generation),
+                _progressing(rc, held, policy, now, generation, rollout_status),
                 render.condition(
                     "Degraded", bool(degraded_msg), degraded_reason, degraded_msg, now, generation
                 ),
@@ -558,9 +600,120 @@ async def scale(
 async def delete(body: Obj, ctx: OperatorContext, logger: logging.Logger = log) -> None:
     """Delete the children now (owner references would also let the GC do it, later)."""
     name, namespace, _ = _ids(body)
-    for res, child in (
-        (RAY_CLUSTERS, render.raycluster_name(name)),
-        (CONFIG_MAPS, render.config_map_name(name)),
-    ):
+    clusters = {render.raycluster_name(name)} | {
+        rc["metadata"]["name"]
+        for rc in await ctx.kube.list(RAY_CLUSTERS, namespace, {render.LABEL_DEPLOYMENT: name})
+    }
+    for rc_name in sorted(clusters):
+        await _delete_cluster(ctx, namespace, rc_name, logger)
+    if await ctx.kube.delete(SERVICES, namespace, rollout.service_name(name)):
+        logger.info("deleted services %s/%s", namespace, rollout.service_name(name))
+
+
+async def _delete_cluster(
+    ctx: OperatorContext, namespace: str, rc_name: str, logger: logging.Logger
+) -> None:
+    """Delete one RayCluster and its Serve ConfigMap (KubeRay stops its pods; the head's
+    Serve app drains the requests in flight on SIGTERM)."""
+    for res, child in ((RAY_CLUSTERS, rc_name), (CONFIG_MAPS, render.config_map_name(rc_name))):
         if await ctx.kube.delete(res, namespace, child):
             logger.info("deleted %s %s/%s", res[1], namespace, child)
+
+
+# ---------------------------------------------------------- checkpoint rollout
+async def _roll_out(
+    body: Obj, ctx: OperatorContext, spec: Obj, active_rc: Obj, logger: logging.Logger
+) -> None:
+    """Bring up the new checkpoint's RayCluster next to the active one; switch the
+    Service once it is ready and healthy; then :func:`reconcile` finishes (drain)."""
+    name, namespace, generation = _ids(body)
+    active = active_rc["metadata"]["name"]
+    target = rollout.target_name(name, spec)
+    previous = body.get("status", {}).get("rollout") or {}
+    if previous.get("target") not in (None, target, active):
+        # The spec moved on to yet another checkpoint: that one never took traffic.
+        await _delete_cluster(ctx, namespace, previous["target"], logger)
+    config_map, desired = rollout.render_children_for(target, name, spec, body)
+    await _apply(ctx, CONFIG_MAPS, config_map)
+    target_rc = await _apply(ctx, RAY_CLUSTERS, desired)
+    state: Obj = {"target": target, "from": active, "checkpoint": rollout.checkpoint_hash(spec)}
+    if not _rc_ready(target_rc):
+        state |= {"phase": "Starting", "message": f"waiting for RayCluster {target} to be ready"}
+    else:
+        admin_key = await _secret_value(
+            ctx, namespace, render.admin_key_ref(name, spec), "the admin API key"
+        )
+        admin = ctx.admin_factory(
+            ctx.admin_url(name, namespace, spec, target), admin_key, ctx.config
+        )
+        try:
+            await admin.health()
+        except AdminError as e:
+            state |= {"phase": "Verifying", "message": f"waiting for {target}'s /health: {e}"}
+        finally:
+            await admin.aclose()
+    now = ctx.now()
+    if "phase" in state:
+        await _write_status(
+            ctx,
+            body,
+            {
+                "observedGeneration": generation,
+                "rollout": state,
+                "conditions": [_progressing(active_rc, [], PolicySync(), now, generation, state)],
+            },
+        )
+        raise kopf.TemporaryError(state["message"], delay=ctx.config.retry_delay_s)
+
+    # Ready and healthy: new requests go to the target from now on.
+    await _apply(ctx, SERVICES, rollout.render_service(name, spec, body, target))
+    state |= {
+        "phase": "Draining",
+        "switchedAt": now,
+        "message": f"traffic on {target}; {active} drains",
+    }
+    logger.info("service %s switched from %s to %s", rollout.service_name(name), active, target)
+    await _write_status(
+        ctx,
+        body,
+        {
+            "rayCluster": target,
+            "endpoint": rollout.endpoint(name, namespace, spec),
+            "rollout": state,
+            # The target read the policy from its own ConfigMap; push the current one again.
+            "appliedPolicy": None,
+            "policyRefused": None,
+            "conditions": [_progressing(target_rc, [], PolicySync(), now, generation, state)],
+        },
+    )
+    fresh = await ctx.kube.get(DEPLOYMENTS, namespace, name)
+    assert fresh is not None, f"MoEDeployment {namespace}/{name} vanished during a rollout"
+    await reconcile(fresh, ctx, logger)
+
+
+async def _settle_rollout(
+    body: Obj, ctx: OperatorContext, active: str, logger: logging.Logger
+) -> Obj | None:
+    """Finish the rollout ``status.rollout`` records, now that ``active`` runs the spec's
+    checkpoint: delete the old RayCluster once it has drained, or the target of a
+    rollout the spec went back on. Returns the rollout (with ``delay``) while the old
+    RayCluster still drains, else None."""
+    _, namespace, _ = _ids(body)
+    state = body.get("status", {}).get("rollout")
+    if not state:
+        return None
+    if state["target"] != active:
+        # Back to the running checkpoint before the switch: the target goes.
+        await _delete_cluster(ctx, namespace, state["target"], logger)
+        await _write_status(ctx, body, {"rollout": None})
+        body["status"]["rollout"] = None
+        return None
+    waited = _seconds_between(state.get("switchedAt", ctx.now()), ctx.now())
+    left = ctx.config.rollout_drain_s - waited
+    if left > 0:
+        return {**state, "delay": left}
+    await _delete_cluster(ctx, namespace, state["from"], logger)
+    logger.info("rollout to %s done", active)
+    await _write_status(ctx, body, {"rollout": None})
+    body["status"]["rollout"] = None
+    return None
