@@ -39,6 +39,7 @@ NAME = "tiny-cpu"
 DEPLOYMENTS = km.resource("elasticmoe.io", "v1alpha1", "moedeployments")
 RAYCLUSTERS = km.resource("ray.io", "v1", "rayclusters")
 CONFIGMAPS = km.resource("", "v1", "configmaps")
+SERVICES = km.resource("", "v1", "services")
 TIMEOUT_S = 90.0  # generous: the machine is shared and slow; tests never wait this long
 
 
@@ -109,6 +110,7 @@ class Operator:
             ELASTICMOE_OPERATOR_ADMIN_URL=server,
             ELASTICMOE_OPERATOR_SCALE_INTERVAL_S="0.5",
             ELASTICMOE_OPERATOR_RETRY_DELAY_S="0.5",
+            ELASTICMOE_OPERATOR_ROLLOUT_DRAIN_S="0",
             PYTHONPATH=str(REPO),
         )
         self.args = args
@@ -333,6 +335,63 @@ async def test_create_scale_change_delete(api, admin, operators):
     assert get(api, RAYCLUSTERS, NAME) is None
     assert get(api, CONFIGMAPS, f"{NAME}-serve-config") is None
     assert writes(api, "POST", RAYCLUSTERS) == 1
+    assert await op.stop() == 0, op.log()
+
+
+async def test_checkpoint_change_rolls_out_without_restarting_the_head(api, admin, operators):
+    """A new checkpoint: a second RayCluster, the Service switched, the old one deleted."""
+    from operators.elasticmoe_operator import rollout
+
+    health = {"answer": km.Response(status=503, payload={"status": "starting"})}
+    api["get /health"] << (lambda: health["answer"])
+    op = await operators()
+    await create(api, example())
+    await until("the RayCluster", lambda: get(api, RAYCLUSTERS, NAME), op)
+    await merge_patch(api, RAYCLUSTERS, NAME, {"status": {"state": "ready"}})
+    await until(
+        "Progressing=False",
+        lambda: (
+            conditions(get(api, DEPLOYMENTS, NAME)).get("Progressing", {}).get("status") == "False"
+        ),
+        op,
+    )
+    old_head = get(api, RAYCLUSTERS, NAME)["spec"]["headGroupSpec"]
+
+    spec = example()["spec"]
+    spec["model"]["checkpoint"] = {"uri": "file:///models/v2"}
+    await merge_patch(api, DEPLOYMENTS, NAME, {"spec": {"model": spec["model"]}})
+    target = f"{NAME}-{rollout.checkpoint_hash(spec)}"
+    await until("the new RayCluster", lambda: get(api, RAYCLUSTERS, target), op)
+    await merge_patch(api, RAYCLUSTERS, target, {"status": {"state": "ready"}})
+    await until(
+        "the rollout waiting for /health",
+        lambda: (
+            (get(api, DEPLOYMENTS, NAME)["status"].get("rollout") or {}).get("phase") == "Verifying"
+        ),
+        op,
+    )
+    assert get(api, SERVICES, NAME)["spec"]["selector"]["ray.io/cluster"] == NAME
+    assert get(api, RAYCLUSTERS, NAME)["spec"]["headGroupSpec"] == old_head  # untouched
+
+    health["answer"] = km.Response(status=200, payload={"status": "ok"})
+    await until("the old RayCluster gone", lambda: get(api, RAYCLUSTERS, NAME) is None, op)
+    assert get(api, SERVICES, NAME)["spec"]["selector"]["ray.io/cluster"] == target
+    cr = await until(
+        "the rollout settled",
+        lambda: (
+            (c := get(api, DEPLOYMENTS, NAME))
+            and "rollout" not in c["status"]
+            and conditions(c)["Progressing"]["status"] == "False"
+            and c
+        ),
+        op,
+    )
+    assert cr["status"]["rayCluster"] == target
+    assert created(api, RAYCLUSTERS, target) == 1
+    resp = await api.delete(url(DEPLOYMENTS, name=NAME))
+    assert resp.status == 200, await resp.text()
+    await until("the MoEDeployment gone", lambda: get(api, DEPLOYMENTS, NAME) is None, op)
+    assert get(api, RAYCLUSTERS, target) is None and get(api, SERVICES, NAME) is None
     assert await op.stop() == 0, op.log()
 
 

@@ -440,6 +440,11 @@ async def scale(
     RayCluster (``rc``, ``generation_applied``: it then also reports the generation).
     """
     name, namespace, generation = _ids(body)
+    if rc is None:
+        # The timer's body can lag by a whole reconcile (kopf queues the object's events
+        # while a handler runs); a rollout may have switched the active RayCluster since.
+        body = await ctx.kube.get(DEPLOYMENTS, namespace, name) or body
+        name, namespace, generation = _ids(body)
     try:
         validate_name(name)
         spec = validate_spec(body.get("spec", {}))
