@@ -606,6 +606,27 @@ async def test_new_checkpoint_rolls_out_blue_green(kmock, ctx):
     assert get(kmock, RAYCLUSTERS, target) is None and get(kmock, SERVICES, "tiny-cpu") is None
 
 
+async def test_another_checkpoint_mid_rollout_replaces_the_new_cluster(kmock, ctx):
+    cr = await ready_setup(kmock, ctx, 3)
+    targets = []
+    for generation, uri in ((2, "file:///models/v2"), (3, "file:///models/v3")):
+        cr = copy.deepcopy(get(kmock, DEPLOYMENTS, "tiny-cpu"))
+        cr["spec"]["model"]["checkpoint"] = {"uri": uri}
+        cr["metadata"]["generation"] = generation
+        put(kmock, DEPLOYMENTS, cr)
+        targets.append(f"tiny-cpu-{rollout.checkpoint_hash(cr['spec'])}")
+        with pytest.raises(kopf.TemporaryError):
+            await handlers.reconcile(cr, ctx)
+    assert get(kmock, RAYCLUSTERS, targets[0]) is None  # never took traffic: gone
+    assert get(kmock, CONFIGMAPS, f"{targets[0]}-serve-config") is None
+    new_rc = get(kmock, RAYCLUSTERS, targets[1])
+    # It starts as large as the running cluster, which it replaces.
+    assert new_rc["spec"]["workerGroupSpecs"][0]["replicas"] == 3
+    status = get(kmock, DEPLOYMENTS, "tiny-cpu")["status"]
+    assert status["rollout"]["target"] == targets[1] and status["rayCluster"] == "tiny-cpu"
+    assert get(kmock, RAYCLUSTERS, "tiny-cpu") is not None
+
+
 async def test_checkpoint_reverted_mid_rollout_drops_the_new_cluster(kmock, ctx):
     cr = await ready_setup(kmock, ctx, 2)
     original = copy.deepcopy(cr["spec"])

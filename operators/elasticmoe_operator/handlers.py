@@ -374,7 +374,7 @@ async def reconcile(body: Obj, ctx: OperatorContext, logger: logging.Logger = lo
                 group["scaleStrategy"] = pending[group["groupName"]]
             # A lowered maxWorkers: keep the pods until the scale pass has drained them.
             group["replicas"] = max(group["replicas"], replicas.get(group["groupName"], 0))
-        desired_rc["spec"]["workerGroupSpecs"], held = _bounded_groups(
+        desired_rc["spec"]["workerGroupSpecs"], _ = _bounded_groups(
             spec, desired_rc["spec"]["workerGroupSpecs"]
         )
     await _apply(ctx, CONFIG_MAPS, config_map)
@@ -638,7 +638,10 @@ async def _roll_out(
     if previous.get("target") not in (None, target, active):
         # The spec moved on to yet another checkpoint: that one never took traffic.
         await _delete_cluster(ctx, namespace, previous["target"], logger)
-    config_map, desired = rollout.render_children_for(target, name, spec, body)
+    # As many workers as the running one has now: it takes over all of its traffic.
+    config_map, desired = rollout.render_children_for(
+        target, name, spec, body, render.group_replicas(active_rc)
+    )
     await _apply(ctx, CONFIG_MAPS, config_map)
     target_rc = await _apply(ctx, RAY_CLUSTERS, desired)
     state: Obj = {"target": target, "from": active, "checkpoint": rollout.checkpoint_hash(spec)}
