@@ -39,6 +39,7 @@ NAME = "tiny-cpu"
 DEPLOYMENTS = km.resource("elasticmoe.io", "v1alpha1", "moedeployments")
 RAYCLUSTERS = km.resource("ray.io", "v1", "rayclusters")
 CONFIGMAPS = km.resource("", "v1", "configmaps")
+SERVICES = km.resource("", "v1", "services")
 TIMEOUT_S = 90.0  # generous: the machine is shared and slow; tests never wait this long
 
 
@@ -109,6 +110,7 @@ class Operator:
             ELASTICMOE_OPERATOR_ADMIN_URL=server,
             ELASTICMOE_OPERATOR_SCALE_INTERVAL_S="0.5",
             ELASTICMOE_OPERATOR_RETRY_DELAY_S="0.5",
+            ELASTICMOE_OPERATOR_ROLLOUT_DRAIN_S="0",
             PYTHONPATH=str(REPO),
         )
         self.args = args
@@ -165,6 +167,7 @@ def admin(api: ApiServerEmulator) -> dict[str, Any]:
     """What ``GET /admin/demand`` answers (change ``admin["demand"]`` to change it)."""
     state = {"demand": demand(2)}
     api["get /admin/demand"] << (lambda: state["demand"])
+    api["put /admin/policy"] << {"policy": "default-cpu", "interval_s": 30}
     return state
 
 
@@ -286,6 +289,33 @@ async def test_create_scale_change_delete(api, admin, operators):
         op,
     )
 
+    # The policy the spec names reached the running deployment once; an edit of the
+    # referenced ConfigMap reaches it too, and the change settles.
+    policy_cm = "elasticmoe-policy-default-cpu"
+    first = get(api, CONFIGMAPS, policy_cm)["data"]["policy.yaml"]
+    await until(
+        "the policy pushed",
+        lambda: get(api, DEPLOYMENTS, NAME)["status"].get("appliedPolicy"),
+        op,
+    )
+    assert [r.data["policy"] for r in api["put /admin/policy"]][:1] == [first]
+    edited = first.replace("interval_s: 15", "interval_s: 20")
+    assert edited != first
+    await merge_patch(api, CONFIGMAPS, policy_cm, {"data": {"policy.yaml": edited}})
+    await until(
+        "the edited policy pushed",
+        lambda: [r.data["policy"] for r in api["put /admin/policy"]][-1] == edited,
+        op,
+    )
+    await until(
+        "Progressing=False",
+        lambda: (
+            conditions(get(api, DEPLOYMENTS, NAME)).get("Progressing", {}).get("status") == "False"
+        ),
+        op,
+    )
+    assert len({r.data["policy"] for r in api["put /admin/policy"]}) == 2
+
     # A spec change (the API server bumps the generation) reaches the RayCluster; the
     # replicas the timer chose stay.
     pool = {**example()["spec"]["pools"][0], "maxWorkers": 6}
@@ -305,6 +335,63 @@ async def test_create_scale_change_delete(api, admin, operators):
     assert get(api, RAYCLUSTERS, NAME) is None
     assert get(api, CONFIGMAPS, f"{NAME}-serve-config") is None
     assert writes(api, "POST", RAYCLUSTERS) == 1
+    assert await op.stop() == 0, op.log()
+
+
+async def test_checkpoint_change_rolls_out_without_restarting_the_head(api, admin, operators):
+    """A new checkpoint: a second RayCluster, the Service switched, the old one deleted."""
+    from operators.elasticmoe_operator import rollout
+
+    health = {"answer": km.Response(status=503, payload={"status": "starting"})}
+    api["get /health"] << (lambda: health["answer"])
+    op = await operators()
+    await create(api, example())
+    await until("the RayCluster", lambda: get(api, RAYCLUSTERS, NAME), op)
+    await merge_patch(api, RAYCLUSTERS, NAME, {"status": {"state": "ready"}})
+    await until(
+        "Progressing=False",
+        lambda: (
+            conditions(get(api, DEPLOYMENTS, NAME)).get("Progressing", {}).get("status") == "False"
+        ),
+        op,
+    )
+    old_head = get(api, RAYCLUSTERS, NAME)["spec"]["headGroupSpec"]
+
+    spec = example()["spec"]
+    spec["model"]["checkpoint"] = {"uri": "file:///models/v2"}
+    await merge_patch(api, DEPLOYMENTS, NAME, {"spec": {"model": spec["model"]}})
+    target = f"{NAME}-{rollout.checkpoint_hash(spec)}"
+    await until("the new RayCluster", lambda: get(api, RAYCLUSTERS, target), op)
+    await merge_patch(api, RAYCLUSTERS, target, {"status": {"state": "ready"}})
+    await until(
+        "the rollout waiting for /health",
+        lambda: (
+            (get(api, DEPLOYMENTS, NAME)["status"].get("rollout") or {}).get("phase") == "Verifying"
+        ),
+        op,
+    )
+    assert get(api, SERVICES, NAME)["spec"]["selector"]["ray.io/cluster"] == NAME
+    assert get(api, RAYCLUSTERS, NAME)["spec"]["headGroupSpec"] == old_head  # untouched
+
+    health["answer"] = km.Response(status=200, payload={"status": "ok"})
+    await until("the old RayCluster gone", lambda: get(api, RAYCLUSTERS, NAME) is None, op)
+    assert get(api, SERVICES, NAME)["spec"]["selector"]["ray.io/cluster"] == target
+    cr = await until(
+        "the rollout settled",
+        lambda: (
+            (c := get(api, DEPLOYMENTS, NAME))
+            and "rollout" not in c["status"]
+            and conditions(c)["Progressing"]["status"] == "False"
+            and c
+        ),
+        op,
+    )
+    assert cr["status"]["rayCluster"] == target
+    assert created(api, RAYCLUSTERS, target) == 1
+    resp = await api.delete(url(DEPLOYMENTS, name=NAME))
+    assert resp.status == 200, await resp.text()
+    await until("the MoEDeployment gone", lambda: get(api, DEPLOYMENTS, NAME) is None, op)
+    assert get(api, RAYCLUSTERS, target) is None and get(api, SERVICES, NAME) is None
     assert await op.stop() == 0, op.log()
 
 

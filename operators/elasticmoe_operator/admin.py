@@ -4,7 +4,9 @@ The operator reads ``GET /admin/demand`` (how many workers each pool should
 have) and calls ``POST /admin/drain`` before it removes worker pods, so that
 experts move off them first. A 409 answer means "not now" (changes paused, or
 an expert would lose its last replica): the operator keeps the pods and tries
-again on its next pass.
+again on its next pass. ``PUT /admin/policy`` hands the controller a new
+autoscaling policy; a 400 answer (:class:`RequestRefused`) means the controller
+will never take that document, so the operator does not send it again.
 """
 
 from __future__ import annotations
@@ -21,6 +23,10 @@ class AdminError(RuntimeError):
 
 class DrainRefused(AdminError):
     """``/admin/drain`` answered 409: the drain cannot be done now."""
+
+
+class RequestRefused(AdminError):
+    """The admin API answered 400: the request itself is wrong and will stay wrong."""
 
 
 class PoolDemand(BaseModel):
@@ -92,6 +98,18 @@ class AdminClient:
         data = await self._call("POST", "/admin/drain", json=body, timeout=self._drain_timeout_s)
         return list(data.get("drained", []))
 
+    async def health(self) -> dict[str, Any]:
+        """``GET /health``: 200 once every expert has a live replica and the engines
+        answer; anything else raises :class:`AdminError`."""
+        return await self._call("GET", "/health")
+
+    async def put_policy(self, text: str) -> dict[str, Any]:
+        """Apply an autoscaling policy (YAML text) on the running deployment.
+
+        Raises :class:`RequestRefused` when the controller rejects the document.
+        """
+        return await self._call("PUT", "/admin/policy", json={"policy": text})
+
     async def _call(self, method: str, path: str, **kw: Any) -> dict[str, Any]:
         try:
             resp = await self._client.request(method, path, **kw)
@@ -99,6 +117,8 @@ class AdminClient:
             raise AdminError(f"{method} {path}: {type(e).__name__}: {e}") from None
         if resp.status_code == 409:
             raise DrainRefused(_message(resp))
+        if resp.status_code == 400:
+            raise RequestRefused(f"{method} {path}: {_message(resp)}")
         if resp.status_code >= 400:
             raise AdminError(f"{method} {path}: HTTP {resp.status_code}: {_message(resp)}")
         try:

@@ -25,10 +25,16 @@ class OperatorConfig(BaseModel):
     drain_timeout_s: float = Field(
         600.0, gt=0, description="Timeout of /admin/drain (it moves expert weights)."
     )
+    rollout_drain_s: float = Field(
+        30.0,
+        ge=0,
+        description="After a checkpoint rollout switched the Service, how long the old "
+        "RayCluster keeps running (clients and kube-proxy move over) before it is deleted.",
+    )
     admin_url: str | None = Field(
         None,
-        description="Base URL of the admin API with {name} and {namespace} placeholders; "
-        "default: the RayCluster's head Service in the cluster.",
+        description="Base URL of the admin API with {name}, {namespace} and {raycluster} "
+        "placeholders; default: the RayCluster's head Service in the cluster.",
     )
 
     @classmethod

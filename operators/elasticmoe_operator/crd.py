@@ -31,7 +31,7 @@ CRD_NAME = f"{PLURAL}.{GROUP}"
 
 ACCELERATORS = ("nvidia.com/gpu", "huawei.com/Ascend910", "cpu")
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-CONDITION_TYPES = ("Ready", "Scaling", "Degraded")
+CONDITION_TYPES = ("Ready", "Progressing", "Scaling", "Degraded")
 
 REPO = Path(__file__).resolve().parents[2]
 CHART_CRD_PATH = REPO / "helm" / "elasticmoe" / "crds" / f"{CRD_NAME}.yaml"
@@ -330,9 +330,28 @@ def status_schema() -> Schema:
         {
             "observedGeneration": _int(),
             "rayCluster": _str("The RayCluster this resource owns."),
-            "endpoint": _str("In-cluster URL of the OpenAI API."),
+            "endpoint": _str("In-cluster URL of the OpenAI API (the operator's stable Service)."),
             "workers": _int("Worker pods over all pools."),
             "epoch": _int("Expert-map epoch last seen in the controller's demand."),
+            "appliedPolicy": _str(
+                "Hash of the autoscaling policy last pushed to the running deployment."
+            ),
+            "rollout": _obj(
+                {
+                    "target": _str("The RayCluster with the new checkpoint."),
+                    "from": _str("The RayCluster it replaces."),
+                    "checkpoint": _str("Hash of the new spec.model.checkpoint."),
+                    "phase": _str(enum=["Starting", "Verifying", "Draining"]),
+                    "switchedAt": _str("When the Service moved to the target.", format="date-time"),
+                    "message": _str(),
+                },
+                description="A checkpoint rollout in progress (blue/green RayClusters).",
+            ),
+            "policyRefused": _obj(
+                {"hash": _str(), "message": _str()},
+                description="The policy the controller refused (not sent again until it "
+                "changes), and why.",
+            ),
             "conditions": {
                 "type": "array",
                 "items": condition,

@@ -15,6 +15,7 @@ delay.
 from __future__ import annotations
 
 import datetime
+import hashlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -22,8 +23,8 @@ from typing import Any
 
 import kopf
 
-from operators.elasticmoe_operator import render
-from operators.elasticmoe_operator.admin import AdminClient, AdminError
+from operators.elasticmoe_operator import render, rollout
+from operators.elasticmoe_operator.admin import AdminClient, AdminError, RequestRefused
 from operators.elasticmoe_operator.config import OperatorConfig
 from operators.elasticmoe_operator.crd import GROUP, PLURAL, VERSION
 from operators.elasticmoe_operator.kube import (
@@ -32,6 +33,7 @@ from operators.elasticmoe_operator.kube import (
     PVCS,
     RAY_CLUSTERS,
     SECRETS,
+    SERVICES,
     KubeClient,
 )
 from operators.elasticmoe_operator.spec import SpecError, check_policy, validate_name, validate_spec
@@ -58,11 +60,26 @@ class OperatorContext:
     )
     now: Callable[[], str] = _now
 
-    def admin_url(self, name: str, namespace: str, spec: Obj) -> str:
-        """The deployment's admin API base URL."""
+    def admin_url(self, name: str, namespace: str, spec: Obj, rc_name: str | None = None) -> str:
+        """The admin API base URL of one RayCluster's head (default: the first one's)."""
+        rc_name = rc_name or render.raycluster_name(name)
         if self.config.admin_url:
-            return self.config.admin_url.format(name=name, namespace=namespace)
-        return render.admin_url(name, namespace, spec)
+            return self.config.admin_url.format(name=name, namespace=namespace, raycluster=rc_name)
+        return rollout.head_url(rc_name, namespace, spec)
+
+
+def _active_name(body: Obj) -> str:
+    """The RayCluster that serves users now (another one after a checkpoint rollout)."""
+    return body.get("status", {}).get("rayCluster") or render.raycluster_name(
+        body["metadata"]["name"]
+    )
+
+
+def _seconds_between(start: str, end: str) -> float:
+    fmt = "%Y-%m-%dT%H:%M:%SZ"
+    a = datetime.datetime.strptime(start, fmt)
+    b = datetime.datetime.strptime(end, fmt)
+    return (b - a).total_seconds()
 
 
 def _ids(body: Obj) -> tuple[str, str, int]:
@@ -183,14 +200,168 @@ async def _apply(ctx: OperatorContext, res: tuple[str, str], desired: Obj) -> Ob
     return out or current
 
 
+# ------------------------------------------------------------- policy push
+def policy_hash(text: str) -> str:
+    """What ``status.appliedPolicy`` records of a policy document."""
+    return "sha256:" + hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+async def _desired_policy(ctx: OperatorContext, body: Obj, spec: Obj) -> str | None:
+    """The policy text the deployment should run: the inline one as the ConfigMap holds
+    it, or the referenced ConfigMap's; None without a policy (or while it is missing)."""
+    name, namespace, _ = _ids(body)
+    auto = spec.get("autoscaling", {})
+    if "policy" in auto:
+        return render.render_config_map(name, spec, body)["data"][render.POLICY_FILE]
+    ref = auto.get("policyConfigMap")
+    if ref is None:
+        return None
+    cm = await ctx.kube.get(CONFIG_MAPS, namespace, ref["name"])
+    return (cm or {}).get("data", {}).get(ref.get("key", render.POLICY_FILE))
+
+
+def _policy_field(spec: Obj) -> str:
+    auto = spec.get("autoscaling", {})
+    return "spec.autoscaling.policy" if "policy" in auto else "spec.autoscaling.policyConfigMap"
+
+
+@dataclass
+class PolicySync:
+    """Where the policy push stands: ``status`` fields to write, ``pending`` (why it is
+    not applied yet; empty when settled), ``refused`` (the controller's refusal), and
+    ``failed`` (the admin API did not answer: retry soon)."""
+
+    status: Obj = field(default_factory=dict)
+    pending: str = ""
+    refused: str = ""
+    failed: bool = False
+
+
+def _policy_state(body: Obj, text: str | None) -> PolicySync | None:
+    """The push's state from status alone, or None when a push is due."""
+    if text is None:
+        return PolicySync()
+    h = policy_hash(text)
+    status = body.get("status", {})
+    if status.get("appliedPolicy") == h:
+        return PolicySync()
+    refused = status.get("policyRefused") or {}
+    if refused.get("hash") == h:
+        return PolicySync(refused=f"policy refused by the controller: {refused.get('message')}")
+    return None
+
+
+async def _sync_policy(
+    body: Obj, spec: Obj, text: str | None, admin: AdminClient | None, logger: logging.Logger
+) -> PolicySync:
+    """Push ``text`` with ``PUT /admin/policy`` unless it is already applied or was
+    refused (then it waits for a change). ``admin`` None: the deployment is not up."""
+    state = _policy_state(body, text)
+    if state is not None:
+        return state
+    assert text is not None
+    h = policy_hash(text)
+    if admin is None:
+        return PolicySync(pending="policy waits for the RayCluster to be ready")
+    try:
+        # The controller would refuse it too; this names the field.
+        check_policy(text, spec, _policy_field(spec))
+        await admin.put_policy(text)
+    except SpecError as e:
+        logger.warning("policy %s not pushed: %s", h, e)
+        return PolicySync(
+            status={"policyRefused": {"hash": h, "message": str(e)}}, refused=f"policy invalid: {e}"
+        )
+    except RequestRefused as e:
+        logger.warning("policy %s refused: %s", h, e)
+        return PolicySync(
+            status={"policyRefused": {"hash": h, "message": str(e)}},
+            refused=f"policy refused by the controller: {e}",
+        )
+    except AdminError as e:
+        return PolicySync(pending=f"policy not pushed yet: {e}", failed=True)
+    logger.info("policy %s pushed", h)
+    return PolicySync(status={"appliedPolicy": h, "policyRefused": None})
+
+
+# ------------------------------------------------------------- pool bounds
+def _bounded_groups(spec: Obj, groups: list[Obj]) -> tuple[list[Obj], list[str]]:
+    """``groups`` with each pool's minReplicas/maxReplicas from the spec, and the pools
+    still above their new maximum. A pool's maxReplicas never drops below its replicas:
+    KubeRay would delete pods of its own choosing, undrained, to meet it; the shrink
+    goes through a drain (the scale pass) and the maximum follows."""
+    pools = {p["name"]: p for p in spec["pools"]}
+    out, held = [], []
+    for group in groups:
+        pool = pools.get(group["groupName"])
+        if pool is None:
+            out.append(group)
+            continue
+        group = dict(group)
+        replicas = int(group.get("replicas", 0))
+        group["minReplicas"] = pool["minWorkers"]
+        group["maxReplicas"] = max(pool["maxWorkers"], replicas)
+        if replicas > pool["maxWorkers"]:
+            held.append(f"{pool['name']} {replicas}>{pool['maxWorkers']}")
+        out.append(group)
+    return out, held
+
+
+def _rc_ready(rc: Obj | None) -> bool:
+    """KubeRay reports the RayCluster ready for its current spec."""
+    if rc is None:
+        return False
+    status = rc.get("status", {})
+    seen = status.get("observedGeneration")
+    current = rc.get("metadata", {}).get("generation")
+    return status.get("state") == "ready" and (seen is None or current is None or seen >= current)
+
+
+def _progressing(
+    rc: Obj | None,
+    held: list[str],
+    policy: PolicySync,
+    now: str,
+    generation: int,
+    rollout_status: Obj | None = None,
+) -> Obj:
+    """``Progressing``: True while a spec change is being applied, False once settled."""
+    reasons = []
+    if rollout_status:
+        reasons.append(
+            (
+                f"Rollout{rollout_status['phase']}",
+                rollout_status.get("message")
+                or f"rolling out {rollout_status['target']} to replace {rollout_status['from']}",
+            )
+        )
+    if not _rc_ready(rc):
+        reasons.append(("RayClusterStarting", "waiting for the RayCluster to be ready"))
+    if held:
+        reasons.append(("PoolBoundsPending", f"pools above maxWorkers: {', '.join(held)}"))
+    if policy.pending:
+        reasons.append(("PolicyPending", policy.pending))
+    if not reasons:
+        return render.condition("Progressing", False, "Applied", "", now, generation)
+    return render.condition(
+        "Progressing", True, reasons[0][0], "; ".join(m for _, m in reasons), now, generation
+    )
+
+
 async def reconcile(body: Obj, ctx: OperatorContext, logger: logging.Logger = log) -> None:
     """Create or update the ConfigMap and the RayCluster of a MoEDeployment; set status."""
     name, namespace, generation = _ids(body)
     spec = await _validated(ctx, body)
-    rc = await ctx.kube.get(RAY_CLUSTERS, namespace, render.raycluster_name(name))
-    replicas = render.group_replicas(rc) if rc else None
     await _ensure_auth_secret(ctx, name, namespace, body)
-    config_map, desired_rc = render.render_children(name, spec, body, replicas)
+    active = _active_name(body)
+    rc = await ctx.kube.get(RAY_CLUSTERS, namespace, active)
+    if rc is not None and rollout.checkpoint_of(rc) not in (None, rollout.checkpoint_hash(spec)):
+        # A new checkpoint: never in place (the head would restart and drop requests).
+        await _roll_out(body, ctx, spec, rc, logger)
+        return
+    draining = await _settle_rollout(body, ctx, active, logger)
+    replicas = render.group_replicas(rc) if rc else None
+    config_map, desired_rc = rollout.render_children_for(active, name, spec, body, replicas)
     if rc is not None:
         # Keep a shrink KubeRay has not finished yet (pods named for deletion).
         pending = {
@@ -201,20 +372,34 @@ async def reconcile(body: Obj, ctx: OperatorContext, logger: logging.Logger = lo
         for group in desired_rc["spec"]["workerGroupSpecs"]:
             if group["groupName"] in pending:
                 group["scaleStrategy"] = pending[group["groupName"]]
+            # A lowered maxWorkers: keep the pods until the scale pass has drained them.
+            group["replicas"] = max(group["replicas"], replicas.get(group["groupName"], 0))
+        desired_rc["spec"]["workerGroupSpecs"], _ = _bounded_groups(
+            spec, desired_rc["spec"]["workerGroupSpecs"]
+        )
     await _apply(ctx, CONFIG_MAPS, config_map)
     rc = await _apply(ctx, RAY_CLUSTERS, desired_rc)
-    logger.info("RayCluster %s/%s %s", namespace, name, "updated" if replicas else "created")
+    await _apply(ctx, SERVICES, rollout.render_service(name, spec, body, active))
+    logger.info("RayCluster %s/%s %s", namespace, active, "updated" if replicas else "created")
+    if _rc_ready(rc):
+        # Running: the new bounds and policy reach it now, not at the next scale tick.
+        await scale(body, ctx, logger, rc=rc, generation_applied=True, rollout_status=draining)
+        if draining:
+            raise kopf.TemporaryError(draining["message"], delay=draining["delay"])
+        return
 
     now = ctx.now()
-    ready = rc.get("status", {}).get("state") == "ready"
+    ready = _rc_ready(rc)
     pools = render.pool_status(spec, rc, [], None)
+    _, held = _bounded_groups(spec, rc["spec"].get("workerGroupSpecs", []))
+    policy = await _sync_policy(body, spec, await _desired_policy(ctx, body, spec), None, logger)
     await _write_status(
         ctx,
         body,
         {
             "observedGeneration": generation,
-            "rayCluster": render.raycluster_name(name),
-            "endpoint": render.admin_url(name, namespace, spec) + "/v1",
+            "rayCluster": active,
+            "endpoint": rollout.endpoint(name, namespace, spec),
             "workers": sum(p["replicas"] for p in pools.values()),
             "pools": pools,
             "conditions": [
@@ -226,44 +411,89 @@ async def reconcile(body: Obj, ctx: OperatorContext, logger: logging.Logger = lo
                     now,
                     generation,
                 ),
-                render.condition("Degraded", False, "SpecApplied", "", now, generation),
+                _progressing(rc, held, policy, now, generation, draining),
+                render.condition(
+                    "Degraded",
+                    bool(policy.refused),
+                    "PolicyRefused" if policy.refused else "SpecApplied",
+                    policy.refused,
+                    now,
+                    generation,
+                ),
             ],
         },
     )
 
 
-async def scale(body: Obj, ctx: OperatorContext, logger: logging.Logger = log) -> None:
-    """Size every worker group to the controller's demand, draining before a shrink."""
+async def scale(
+    body: Obj,
+    ctx: OperatorContext,
+    logger: logging.Logger = log,
+    rc: Obj | None = None,
+    generation_applied: bool = False,
+    rollout_status: Obj | None = None,
+) -> None:
+    """Size every worker group to the controller's demand within the pool bounds,
+    draining before a shrink, and push the autoscaling policy if it changed.
+
+    :func:`reconcile` runs this pass right after a spec change reached a running
+    RayCluster (``rc``, ``generation_applied``: it then also reports the generation).
+    """
     name, namespace, generation = _ids(body)
+    if rc is None:
+        # The timer's body can lag by a whole reconcile (kopf queues the object's events
+        # while a handler runs); a rollout may have switched the active RayCluster since.
+        body = await ctx.kube.get(DEPLOYMENTS, namespace, name) or body
+        name, namespace, generation = _ids(body)
     try:
         validate_name(name)
         spec = validate_spec(body.get("spec", {}))
     except SpecError:
         return  # reconcile() reported it; nothing to scale
-    rc = await ctx.kube.get(RAY_CLUSTERS, namespace, render.raycluster_name(name))
+    active = _active_name(body)
+    if rc is None:
+        rc = await ctx.kube.get(RAY_CLUSTERS, namespace, active)
     if rc is None:
         raise kopf.TemporaryError("RayCluster not created yet", delay=ctx.config.retry_delay_s)
+    if rollout_status is None:
+        rollout_status = body.get("status", {}).get("rollout")
+    applied: Obj = (
+        {
+            "observedGeneration": generation,
+            "rayCluster": active,
+            "endpoint": rollout.endpoint(name, namespace, spec),
+        }
+        if generation_applied
+        else {}
+    )
+    policy_text = await _desired_policy(ctx, body, spec)
     ref = render.admin_key_ref(name, spec)
     admin_key = await _secret_value(ctx, namespace, ref, "the admin API key")
     pods = await ctx.kube.list(PODS, namespace, {render.RAY_LABEL_CLUSTER: rc["metadata"]["name"]})
     pods = [p for p in pods if render.RAY_LABEL_GROUP in p["metadata"].get("labels", {})]
     now = ctx.now()
-    rc_ready = rc.get("status", {}).get("state") == "ready"
+    rc_ready = _rc_ready(rc)
 
-    admin = ctx.admin_factory(ctx.admin_url(name, namespace, spec), admin_key, ctx.config)
+    admin = ctx.admin_factory(ctx.admin_url(name, namespace, spec, active), admin_key, ctx.config)
     try:
         try:
             demand = await admin.demand()
         except AdminError as e:
+            _, held = _bounded_groups(spec, rc["spec"].get("workerGroupSpecs", []))
+            policy = _policy_state(body, policy_text) or PolicySync(
+                pending=f"policy not pushed yet: {e}"
+            )
             await _write_status(
                 ctx,
                 body,
                 {
+                    **applied,
                     "pools": render.pool_status(spec, rc, pods, None),
                     "conditions": [
                         render.condition(
                             "Ready", False, "AdminUnreachable", str(e), now, generation
-                        )
+                        ),
+                        _progressing(rc, held, policy, now, generation, rollout_status),
                     ],
                 },
             )
@@ -287,11 +517,12 @@ async def scale(body: Obj, ctx: OperatorContext, logger: logging.Logger = log) -
                         for k, p in plan.pools.items()
                     }
                 )
+        policy = await _sync_policy(body, spec, policy_text, admin, logger)
     finally:
         await admin.aclose()
 
-    if plan.changes:
-        groups = render.apply_scale(rc, plan)
+    groups, held = _bounded_groups(spec, render.apply_scale(rc, plan))
+    if plan.changes or groups != rc["spec"].get("workerGroupSpecs", []):
         patch: Obj = {"spec": {"workerGroupSpecs": groups}}
         if rc["metadata"].get("resourceVersion"):
             # Optimistic concurrency: fail rather than overwrite a concurrent change.
@@ -317,9 +548,17 @@ async def scale(body: Obj, ctx: OperatorContext, logger: logging.Logger = log) -
         m
         for m in (
             refused,
+            policy.refused,
             f"unhealthy workers: {', '.join(unhealthy)}" if unhealthy else "",
         )
         if m
+    )
+    degraded_reason = (
+        "DrainRefused"
+        if refused
+        else "PolicyRefused"
+        if policy.refused
+        else ("UnhealthyWorkers" if unhealthy else "Healthy")
     )
     scaling_msg = ", ".join(f"{c.pool} {c.current}->{c.desired}" for c in plan.changes) or (
         f"pools settling: {', '.join(unsettled)}" if unsettled else ""
@@ -328,6 +567,8 @@ async def scale(body: Obj, ctx: OperatorContext, logger: logging.Logger = log) -
         ctx,
         body,
         {
+            **applied,
+            **policy.status,
             "epoch": demand.epoch or 0,  # 0: no expert map published yet
             "workers": sum(p["replicas"] for p in pools.values()),
             "pools": pools,
@@ -350,25 +591,137 @@ async def scale(body: Obj, ctx: OperatorContext, logger: logging.Logger = log) -
                     now,
                     generation,
                 ),
+                _progressing(rc, held, policy, now, generation, rollout_status),
                 render.condition(
-                    "Degraded",
-                    bool(degraded_msg),
-                    "DrainRefused" if refused else ("UnhealthyWorkers" if unhealthy else "Healthy"),
-                    degraded_msg,
-                    now,
-                    generation,
+                    "Degraded", bool(degraded_msg), degraded_reason, degraded_msg, now, generation
                 ),
             ],
         },
     )
+    if policy.failed:
+        raise kopf.TemporaryError(policy.pending, delay=ctx.config.retry_delay_s)
 
 
 async def delete(body: Obj, ctx: OperatorContext, logger: logging.Logger = log) -> None:
     """Delete the children now (owner references would also let the GC do it, later)."""
     name, namespace, _ = _ids(body)
-    for res, child in (
-        (RAY_CLUSTERS, render.raycluster_name(name)),
-        (CONFIG_MAPS, render.config_map_name(name)),
-    ):
+    clusters = {render.raycluster_name(name)} | {
+        rc["metadata"]["name"]
+        for rc in await ctx.kube.list(RAY_CLUSTERS, namespace, {render.LABEL_DEPLOYMENT: name})
+    }
+    for rc_name in sorted(clusters):
+        await _delete_cluster(ctx, namespace, rc_name, logger)
+    if await ctx.kube.delete(SERVICES, namespace, rollout.service_name(name)):
+        logger.info("deleted services %s/%s", namespace, rollout.service_name(name))
+
+
+async def _delete_cluster(
+    ctx: OperatorContext, namespace: str, rc_name: str, logger: logging.Logger
+) -> None:
+    """Delete one RayCluster and its Serve ConfigMap (KubeRay stops its pods; the head's
+    Serve app drains the requests in flight on SIGTERM)."""
+    for res, child in ((RAY_CLUSTERS, rc_name), (CONFIG_MAPS, render.config_map_name(rc_name))):
         if await ctx.kube.delete(res, namespace, child):
             logger.info("deleted %s %s/%s", res[1], namespace, child)
+
+
+# ---------------------------------------------------------- checkpoint rollout
+async def _roll_out(
+    body: Obj, ctx: OperatorContext, spec: Obj, active_rc: Obj, logger: logging.Logger
+) -> None:
+    """Bring up the new checkpoint's RayCluster next to the active one; switch the
+    Service once it is ready and healthy; then :func:`reconcile` finishes (drain)."""
+    name, namespace, generation = _ids(body)
+    active = active_rc["metadata"]["name"]
+    target = rollout.target_name(name, spec)
+    previous = body.get("status", {}).get("rollout") or {}
+    if previous.get("target") not in (None, target, active):
+        # The spec moved on to yet another checkpoint: that one never took traffic.
+        await _delete_cluster(ctx, namespace, previous["target"], logger)
+    # As many workers as the running one has now: it takes over all of its traffic.
+    config_map, desired = rollout.render_children_for(
+        target, name, spec, body, render.group_replicas(active_rc)
+    )
+    await _apply(ctx, CONFIG_MAPS, config_map)
+    target_rc = await _apply(ctx, RAY_CLUSTERS, desired)
+    state: Obj = {"target": target, "from": active, "checkpoint": rollout.checkpoint_hash(spec)}
+    if not _rc_ready(target_rc):
+        state |= {"phase": "Starting", "message": f"waiting for RayCluster {target} to be ready"}
+    else:
+        admin_key = await _secret_value(
+            ctx, namespace, render.admin_key_ref(name, spec), "the admin API key"
+        )
+        admin = ctx.admin_factory(
+            ctx.admin_url(name, namespace, spec, target), admin_key, ctx.config
+        )
+        try:
+            await admin.health()
+        except AdminError as e:
+            state |= {"phase": "Verifying", "message": f"waiting for {target}'s /health: {e}"}
+        finally:
+            await admin.aclose()
+    now = ctx.now()
+    if "phase" in state:
+        await _write_status(
+            ctx,
+            body,
+            {
+                "observedGeneration": generation,
+                "rollout": state,
+                "conditions": [_progressing(active_rc, [], PolicySync(), now, generation, state)],
+            },
+        )
+        raise kopf.TemporaryError(state["message"], delay=ctx.config.retry_delay_s)
+
+    # Ready and healthy: new requests go to the target from now on.
+    await _apply(ctx, SERVICES, rollout.render_service(name, spec, body, target))
+    state |= {
+        "phase": "Draining",
+        "switchedAt": now,
+        "message": f"traffic on {target}; {active} drains",
+    }
+    logger.info("service %s switched from %s to %s", rollout.service_name(name), active, target)
+    await _write_status(
+        ctx,
+        body,
+        {
+            "rayCluster": target,
+            "endpoint": rollout.endpoint(name, namespace, spec),
+            "rollout": state,
+            # The target read the policy from its own ConfigMap; push the current one again.
+            "appliedPolicy": None,
+            "policyRefused": None,
+            "conditions": [_progressing(target_rc, [], PolicySync(), now, generation, state)],
+        },
+    )
+    fresh = await ctx.kube.get(DEPLOYMENTS, namespace, name)
+    assert fresh is not None, f"MoEDeployment {namespace}/{name} vanished during a rollout"
+    await reconcile(fresh, ctx, logger)
+
+
+async def _settle_rollout(
+    body: Obj, ctx: OperatorContext, active: str, logger: logging.Logger
+) -> Obj | None:
+    """Finish the rollout ``status.rollout`` records, now that ``active`` runs the spec's
+    checkpoint: delete the old RayCluster once it has drained, or the target of a
+    rollout the spec went back on. Returns the rollout (with ``delay``) while the old
+    RayCluster still drains, else None."""
+    _, namespace, _ = _ids(body)
+    state = body.get("status", {}).get("rollout")
+    if not state:
+        return None
+    if state["target"] != active:
+        # Back to the running checkpoint before the switch: the target goes.
+        await _delete_cluster(ctx, namespace, state["target"], logger)
+        await _write_status(ctx, body, {"rollout": None})
+        body["status"]["rollout"] = None
+        return None
+    waited = _seconds_between(state.get("switchedAt", ctx.now()), ctx.now())
+    left = ctx.config.rollout_drain_s - waited
+    if left > 0:
+        return {**state, "delay": left}
+    await _delete_cluster(ctx, namespace, state["from"], logger)
+    logger.info("rollout to %s done", active)
+    await _write_status(ctx, body, {"rollout": None})
+    body["status"]["rollout"] = None
+    return None

@@ -22,6 +22,7 @@ CONFIG_MAPS = ("v1", "configmaps")
 SECRETS = ("v1", "secrets")
 PODS = ("v1", "pods")
 PVCS = ("v1", "persistentvolumeclaims")
+SERVICES = ("v1", "services")
 RAY_CLUSTERS = ("ray.io/v1", "rayclusters")
 
 
