@@ -393,3 +393,29 @@ def test_local_ray_gets_the_pools_label_resources() -> None:
         ],
     )
     assert local_pool_resources(cfg) == {"cpu_a": 3.0}  # never a made-up NPU
+
+
+def test_pool_slots_follow_the_expert_memory_of_its_accelerator(cluster: FakeCluster) -> None:
+    """Slots from memory: a pool with twice the expert memory holds twice the experts."""
+    from elasticmoe.model.config import load_config
+
+    cfg = load_config(MODEL)
+    dtype = cfg.raw.get("dtype") or cfg.raw.get("torch_dtype") or "float32"
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[dtype]
+    expert_bytes = 3 * cfg.hidden_size * cfg.expert_intermediate_size * itemsize
+    gb = 40 * expert_bytes / 2**30  # room for exactly 40 experts
+    spec = two_pools()
+    for pool, memory in zip(spec["pools"], (gb, 2 * gb), strict=True):
+        pool.pop("slots_per_worker")
+        pool["expert_memory_gb"] = memory
+    c = Controller(spec, cluster=cluster)
+    try:
+        c.bootstrap()
+        slots = {pool_of(c, w): cluster.workers[w].launch.num_slots for w in c.expert_map.workers}
+        assert slots == {"npu": 40, "gpu": 80}
+        assert_map_matches_workers(c, cluster)
+    finally:
+        c.shutdown()
+    spec["pools"][0]["expert_memory_gb"] = expert_bytes / 2 / 2**30
+    with pytest.raises(ValueError, match=r"pools\[npu\]\.expert_memory_gb=.* holds no expert"):
+        Controller(spec, cluster=FakeCluster()).bootstrap()

@@ -574,3 +574,11 @@ def test_conditions_keep_transition_time_while_status_holds():
     assert new[0]["lastTransitionTime"] == "t0" and new[0]["reason"] == "B"
     new = render.merge_conditions(old, [render.condition("Ready", False, "C", "", "t2", 2)])
     assert new[0]["lastTransitionTime"] == "t2"
+
+
+def test_pool_expert_memory_reaches_the_serve_config():
+    cr = load_cr("gpu")
+    cr["spec"]["pools"][0]["expertMemory"] = "60Gi"
+    spec = validate_spec(cr["spec"])
+    (pool, *_) = render.render_serve_config("m", spec)["pools"]
+    assert pool["expert_memory_gb"] == 60.0 and "slots_per_worker" not in pool

@@ -329,7 +329,7 @@ class Controller:
             }
             worker_ids = [w for ids in pool_ids.values() for w in ids]
             slots = {
-                w: c.num_slots(len(self.all_experts), pool)
+                w: c.num_slots(len(self.all_experts), pool, self._expert_bytes())
                 for pool, ids in pool_ids.items()
                 for w in ids
             }
@@ -396,7 +396,7 @@ class Controller:
         launch = WorkerLaunch(
             deployment=c.name,
             model=c.model,
-            num_slots=c.num_slots(len(self.all_experts), p.name),
+            num_slots=c.num_slots(len(self.all_experts), p.name, self._expert_bytes()),
             device=p.device,
             dtype=c.resolved_dtype(self.model),
             num_cpus=p.worker_num_cpus,
@@ -423,6 +423,14 @@ class Controller:
     def dtype(self) -> str:
         """The dtype workers and engines run in."""
         return self.config.resolved_dtype(self.model)
+
+    def _expert_bytes(self) -> int:
+        """Bytes of one expert's weights on a worker (gate, up and down projections)."""
+        itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[
+            self.config.resolved_dtype(self.model)
+        ]
+        m = self.model
+        return 3 * m.hidden_size * m.expert_intermediate_size * itemsize
 
     def instance_id(self) -> str:
         """Differs after every restart of this actor."""

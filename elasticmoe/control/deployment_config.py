@@ -21,7 +21,17 @@ class PoolConfig(BaseModel):
     num_workers: int = Field(1, ge=0, description="workers started with the deployment")
     max_workers: int = Field(64, ge=1)
     slots_per_worker: int | None = Field(
-        None, ge=1, description="default: the deployment's slots_per_worker (or its default)"
+        None,
+        ge=1,
+        description="default: from expert_memory_gb, else the deployment's slots_per_worker "
+        "(or its default)",
+    )
+    expert_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        le=1 << 20,
+        description="device memory one worker gives expert weights: its slots are as many "
+        "experts as fit (an Ascend 910 and an H100 pool hold different numbers)",
     )
     worker_num_cpus: float = Field(1.0, ge=0)
     worker_num_gpus: float = Field(0.0, ge=0)
@@ -151,15 +161,24 @@ class DeploymentConfig(BaseModel):
         names = ", ".join(p.name for p in self.worker_pools())
         raise ValueError(f"no pool {name!r} in this deployment (its pools: {names})")
 
-    def num_slots(self, num_experts: int, pool: str | None = None) -> int:
-        """Slots per worker of ``pool`` (default: the first): as configured, else room
-        for the initial replicas + 25% spread over the initial workers."""
-        if pool is not None:
-            own = self.get_pool(pool).slots_per_worker
-            if own:
-                return own
-        elif self.pools and self.pools[0].slots_per_worker:
-            return self.pools[0].slots_per_worker
+    def num_slots(
+        self, num_experts: int, pool: str | None = None, expert_bytes: int | None = None
+    ) -> int:
+        """Slots per worker of ``pool`` (default: the first): as configured, else as many
+        experts of ``expert_bytes`` as its ``expert_memory_gb`` holds, else room for the
+        initial replicas + 25% spread over the initial workers."""
+        own = self.get_pool(pool) if pool is not None else (self.pools or [None])[0]
+        if own is not None and own.slots_per_worker:
+            return own.slots_per_worker
+        if own is not None and own.expert_memory_gb and expert_bytes:
+            fit = int(own.expert_memory_gb * 2**30 // expert_bytes)
+            if fit < 1:
+                raise ValueError(
+                    f"pools[{own.name}].expert_memory_gb={own.expert_memory_gb} holds no "
+                    f"expert of {expert_bytes} bytes; give it more memory or set "
+                    "slots_per_worker"
+                )
+            return fit
         if self.slots_per_worker:
             return self.slots_per_worker
         total = num_experts * self.replicas_per_expert + sum(

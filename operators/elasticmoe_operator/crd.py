@@ -164,6 +164,11 @@ def spec_schema() -> Schema:
                 "serve.slotsPerWorker, else room for the initial replicas plus 25%.",
                 minimum=1,
             ),
+            "expertMemory": _str(
+                "Device memory one worker of this pool gives expert weights, e.g. 60Gi: "
+                "its slots are as many experts as fit (when slotsPerWorker is not set).",
+                pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|k|M|G|T)?$",
+            ),
             "maxWorkers": _int("Workers the pool never goes above.", minimum=1),
             "nodeSelector": _NODE_SELECTOR,
             "tolerations": _TOLERATIONS,

@@ -315,6 +315,8 @@ def render_pool_config(spec: Obj, index: int) -> Obj:
     }
     if "slotsPerWorker" in pool:
         out["slots_per_worker"] = pool["slotsPerWorker"]
+    if "expertMemory" in pool:
+        out["expert_memory_gb"] = quantity_bytes(pool["expertMemory"]) / 2**30
     return out
 
 
