@@ -72,7 +72,9 @@ def test_failing_worker_calls_are_retried_on_the_other_replica(ckpt):
         progress=False,
         router={"probe_down_after_s": 0.2},
     ) as llm:
-        ray.get(llm.deployment.workers["w1"].set_fault.remote(fail_rate=0.5))
+        # Every Forward to w1 fails, so its first call fails for certain (with a rate
+        # below 1 a loaded machine can make w1 "slow" before any call fails: no retry).
+        ray.get(llm.deployment.workers["w1"].set_fault.remote(fail_rate=1.0))
         out = llm.generate(PROMPTS, PARAMS)
         stats = llm.deployment.engine_stats()[0]
     assert [o.outputs[0].finish_reason for o in out] == ["length"] * len(PROMPTS)
@@ -195,7 +197,8 @@ def test_demand_drain_and_adoption_after_a_controller_restart(ckpt):
         status = ray.get(controller.status.remote())
         assert status["epoch"] == epoch  # adopted from the engine, not a new bootstrap
         assert sorted(w["worker_id"] for w in status["workers"]) == ["w1", "w2"]
-        assert status["history"][-1]["kind"] == "adopt"
+        # adopted (the health loop may have made a change of its own since)
+        assert "adopt" in [h["kind"] for h in status["history"]]
         ray.get(controller.add_worker.remote(1))  # changes work again
         assert len(llm.deployment.expert_map.workers) == 3
         out = llm.generate(PROMPTS, PARAMS)
