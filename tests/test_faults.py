@@ -195,10 +195,12 @@ def test_demand_drain_and_adoption_after_a_controller_restart(ckpt):
             except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
                 time.sleep(0.2)
         status = ray.get(controller.status.remote())
-        assert status["epoch"] == epoch  # adopted from the engine, not a new bootstrap
-        assert sorted(w["worker_id"] for w in status["workers"]) == ["w1", "w2"]
-        # adopted (the health loop may have made a change of its own since)
-        assert "adopt" in [h["kind"] for h in status["history"]]
+        kinds = [h["kind"] for h in status["history"]]
+        # adopted from the engine's map (epoch `epoch`), not a new bootstrap at epoch 1; on a
+        # loaded machine the health loop may have made changes of its own since
+        assert "adopt" in kinds and status["epoch"] >= epoch, (status["epoch"], kinds)
+        ids = sorted(w["worker_id"] for w in status["workers"])
+        assert "w0" not in ids and (ids == ["w1", "w2"] or kinds[-1] != "adopt"), (ids, kinds)
         ray.get(controller.add_worker.remote(1))  # changes work again
         assert len(llm.deployment.expert_map.workers) == 3
         out = llm.generate(PROMPTS, PARAMS)

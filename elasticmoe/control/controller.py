@@ -335,10 +335,8 @@ class Controller:
             }
             addresses: dict[str, str] = {}
             try:
-                try:
-                    placement = initial_placement(self.all_experts, worker_ids, slots, counts)
-                except ValueError as e:
-                    raise ControllerError(f"initial placement: {e}") from None
+                # a ValueError here is a bad configuration: it names the setting
+                placement = initial_placement(self.all_experts, worker_ids, slots, counts)
                 for pool, ids in pool_ids.items():
                     if ids:  # all pools or none: a failed pool stops the ones started
                         addresses.update(
