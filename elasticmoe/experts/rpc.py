@@ -15,6 +15,7 @@ Ray instance makes one for it (:func:`fresh_token_in_environment`).
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hmac
 import os
@@ -119,6 +120,16 @@ def fresh_token_in_environment() -> Iterator[str]:
             os.environ.pop(TOKEN_ENV, None)
 
 
+class _CallDetails(
+    collections.namedtuple(
+        "_CallDetails",
+        ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression"),
+    ),
+    grpc.ClientCallDetails,
+):
+    """A call's details with the token added (built once per call, on the Forward path)."""
+
+
 class _TokenInterceptor(
     grpc.UnaryUnaryClientInterceptor,
     grpc.UnaryStreamClientInterceptor,
@@ -131,19 +142,14 @@ class _TokenInterceptor(
         self._metadata = metadata
 
     def _details(self, details: Any) -> Any:
-        class _Details(grpc.ClientCallDetails):
-            pass
-
-        new = _Details()
-        new.method, new.timeout, new.credentials = (
+        return _CallDetails(
             details.method,
             details.timeout,
+            (*(details.metadata or ()), *self._metadata),
             details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
         )
-        new.wait_for_ready = getattr(details, "wait_for_ready", None)
-        new.compression = getattr(details, "compression", None)
-        new.metadata = (*(details.metadata or ()), *self._metadata)
-        return new
 
     def intercept_unary_unary(self, continuation: Callable, details: Any, request: Any) -> Any:
         return continuation(self._details(details), request)
