@@ -70,3 +70,25 @@ def port_forward(service: str, remote_port: int = 8000) -> Iterator[str]:
     finally:
         forward.terminate()
         forward.wait(timeout=30)
+
+
+@contextmanager
+def deployed(cr: dict[str, Any]) -> Iterator[str]:
+    """Apply a MoEDeployment, wait until it is Ready, yield its forwarded Serve URL, and
+    delete it afterwards (waiting for its children to go)."""
+    import yaml
+
+    name = cr["metadata"]["name"]
+    kubectl("apply", "-f", "-", input=yaml.safe_dump(cr))
+    try:
+        wait_for(
+            "MoEDeployment Ready",
+            lambda: kubectl(
+                "get", "moedeployment", name, "-o",
+                'jsonpath={.status.conditions[?(@.type=="Ready")].status}',
+            ) == "True",
+        )  # fmt: skip
+        with port_forward(f"{name}-head-svc") as url:
+            yield url
+    finally:
+        kubectl("delete", "moedeployment", name, "--wait=true", "--timeout=300s")

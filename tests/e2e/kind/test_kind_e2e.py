@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import pytest
 import yaml
-from kind_cluster import REPO, kubectl, needs_kind, port_forward, wait_for
+from kind_cluster import REPO, deployed, kubectl, needs_kind, wait_for
 
 pytestmark = needs_kind
 
@@ -27,19 +27,8 @@ WORKERS = f"ray.io/cluster={NAME},ray.io/group=cpu"
 def endpoint() -> Iterator[str]:
     cr = yaml.safe_load((REPO / "examples" / "k8s" / "moedeployment-cpu.yaml").read_text())
     cr["spec"]["image"] = os.environ.get("ELASTICMOE_IMAGE", cr["spec"]["image"])
-    kubectl("apply", "-f", "-", input=yaml.safe_dump(cr))
-    try:
-        wait_for(
-            "MoEDeployment Ready",
-            lambda: kubectl(
-                "get", "moedeployment", NAME, "-o",
-                'jsonpath={.status.conditions[?(@.type=="Ready")].status}',
-            ) == "True",
-        )  # fmt: skip
-        with port_forward(f"{NAME}-head-svc") as url:
-            yield url
-    finally:
-        kubectl("delete", "moedeployment", NAME, "--wait=true", "--timeout=300s")
+    with deployed(cr) as url:
+        yield url
 
 
 def complete(url: str, i: int) -> int:

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import yaml
-from kind_cluster import REPO, kubectl, needs_kind, port_forward, wait_for
+from kind_cluster import REPO, deployed, kubectl, needs_kind, wait_for
 
 pytestmark = needs_kind
 
@@ -49,19 +49,8 @@ def pods(pool: str) -> list[dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def admin() -> Iterator[str]:
-    kubectl("apply", "-f", "-", input=yaml.safe_dump(two_pool_deployment()))
-    try:
-        wait_for(
-            "MoEDeployment Ready",
-            lambda: kubectl(
-                "get", "moedeployment", NAME, "-o",
-                'jsonpath={.status.conditions[?(@.type=="Ready")].status}',
-            ) == "True",
-        )  # fmt: skip
-        with port_forward(f"{NAME}-head-svc") as url:
-            yield url
-    finally:
-        kubectl("delete", "moedeployment", NAME, "--wait=true", "--timeout=300s")
+    with deployed(two_pool_deployment()) as url:
+        yield url
 
 
 def test_one_worker_group_per_pool(admin):
