@@ -36,7 +36,7 @@ from elasticmoe.core.placement import initial_placement
 from elasticmoe.engine.config import EngineConfig
 from elasticmoe.engine.engine import LLMEngine
 from elasticmoe.engine.request import SamplingParams
-from elasticmoe.experts.backend import LocalExperts
+from elasticmoe.experts.local import LocalExperts
 from elasticmoe.experts.worker import start_worker
 from elasticmoe.model.config import load_config
 from elasticmoe.model.init_model import init_model

@@ -55,3 +55,23 @@ def test_protocol_recovery_and_placement_tests_run_without_torch_or_ray() -> Non
         "assert rc == 0 and loaded == [], (rc, loaded)\n"
     )
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, capture_output=True)
+
+
+def test_model_imports_nothing_above_it() -> None:
+    # The model defines the expert interface (model/moe.py); the experts, the router and the
+    # engine implement or drive it. An import from those in model/ would run upward.
+    import ast
+
+    above = ("elasticmoe.experts", "elasticmoe.router", "elasticmoe.engine", "elasticmoe.control")
+    upward = []
+    for path in sorted((ROOT / "elasticmoe" / "model").glob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = (
+                [node.module or ""]
+                if isinstance(node, ast.ImportFrom)
+                else [a.name for a in node.names]
+                if isinstance(node, ast.Import)
+                else []
+            )
+            upward += [f"{path.name}: {n}" for n in names if n.startswith(above)]
+    assert upward == []

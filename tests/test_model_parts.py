@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from elasticmoe import LLM, SamplingParams
 from elasticmoe.core.experts import LogicalExpert
-from elasticmoe.experts.backend import LocalExperts
+from elasticmoe.experts.local import LocalExperts
 from elasticmoe.experts.weights import ExpertWeights
 from elasticmoe.model.checkpoint import CheckpointError, CheckpointReader
 from elasticmoe.model.config import ConfigError, load_config, parse_config

@@ -25,13 +25,14 @@ from elasticmoe.engine.request import (
 )
 from elasticmoe.engine.sampler import Sampler
 from elasticmoe.engine.scheduler import Scheduler
-from elasticmoe.experts.backend import ExpertBackend, LocalExperts
 from elasticmoe.experts.load import ExpertLoadRecorder
+from elasticmoe.experts.local import LocalExperts
 from elasticmoe.kv.manager import KVCacheManager
 from elasticmoe.model.attention import PagedKVCache
 from elasticmoe.model.checkpoint import CheckpointReader
 from elasticmoe.model.config import load_config
 from elasticmoe.model.model import MoEForCausalLM
+from elasticmoe.model.moe import ExpertBackend
 from elasticmoe.model.tokenizer import Tokenizer
 
 logger = logging.getLogger(__name__)

@@ -15,11 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elasticmoe.experts.backend import ExpertBackend
 from elasticmoe.model.attention import AttentionMetadata, PagedKVCache, paged_attention
 from elasticmoe.model.checkpoint import CheckpointReader
 from elasticmoe.model.config import MoEModelConfig, load_config
 from elasticmoe.model.gate import GateOutput, topk_softmax_gate
+from elasticmoe.model.moe import ExpertBackend
 
 # Called once per MoE layer per step with the gate's tokens_per_expert.
 LoadHook = Callable[[int, torch.Tensor], None]

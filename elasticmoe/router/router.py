@@ -25,10 +25,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from elasticmoe._proto.elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 from elasticmoe.core.expert_map import ExpertMap
-from elasticmoe.experts.backend import ExpertGroups, combine_expert_outputs, group_by_expert
 from elasticmoe.experts.rpc import StubCache
 from elasticmoe.experts.wire import WireError, tensor_from_proto, tensor_to_proto
 from elasticmoe.model.gate import GateOutput
+from elasticmoe.model.moe import ExpertGroups, combine_expert_outputs, group_by_expert
 from elasticmoe.router.dispatch import NoLiveReplicaError, RowSlice, plan_dispatch
 
 logger = logging.getLogger(__name__)

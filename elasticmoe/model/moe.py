@@ -1,9 +1,10 @@
-"""Where expert FFNs run, behind one interface the model calls.
+"""The interface the model's MoE layers call, and the arithmetic every backend shares.
 
 The model hands each MoE layer's token rows and gate output to an
-:class:`ExpertBackend`. :class:`LocalExperts` computes in-process (the
-correctness reference and the baseline); the router in ``elasticmoe.router``
-sends the same rows to expert workers. The model never knows which.
+:class:`ExpertBackend`. ``elasticmoe.experts.local.LocalExperts`` computes in-process (the
+correctness reference and the baseline); the router in ``elasticmoe.router`` sends the same
+rows to expert workers. The model never knows which. Grouping pairs by expert, the batched
+expert FFN and the combine live here so that every backend sums in the same order.
 """
 
 from __future__ import annotations
@@ -15,10 +16,6 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
-from elasticmoe.core.experts import LogicalExpert
-from elasticmoe.experts.weights import ExpertWeights, load_expert_weights
-from elasticmoe.model.checkpoint import CheckpointReader
-from elasticmoe.model.config import MoEModelConfig
 from elasticmoe.model.gate import GateOutput
 
 
@@ -179,77 +176,3 @@ def fused_experts(
     g, u = h.chunk(2, dim=-1)
     y = torch.bmm(F.silu(g) * u, w2.transpose(1, 2)).view(num_experts * max_rows, -1)
     return _combine(token_idx, weights, y.index_select(0, row), torch.zeros_like(hidden))
-
-
-class LocalExperts:
-    """All experts in the engine's own process: no Ray, no gRPC.
-
-    A layer whose experts 0..E-1 are all present keeps them stacked (``w13`` [E, 2I, H],
-    ``w2`` [E, H, I], on CPU as transposed views of [E, H, 2I] / [E, I, H] buffers; each
-    :class:`ExpertWeights` is a view into the stack) and runs them with
-    :func:`fused_experts`; any other layer falls back to one call per expert.
-    """
-
-    def __init__(self, experts: dict[LogicalExpert, ExpertWeights]) -> None:
-        by_layer: dict[int, list[int]] = {}
-        for key in experts:
-            by_layer.setdefault(key.layer, []).append(key.expert)
-        self.experts = dict(experts)
-        self.stacked: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for layer, ids in by_layer.items():
-            if sorted(ids) != list(range(len(ids))):
-                continue
-            w13 = torch.stack([experts[LogicalExpert(layer, e)].gate_up for e in range(len(ids))])
-            w2 = torch.stack([experts[LogicalExpert(layer, e)].down for e in range(len(ids))])
-            if w13.device.type == "cpu":
-                # CPU matmuls read a row-major [K, N] right operand ~1.3-1.5x faster than a
-                # transposed view (bf16, measured): keep that layout in memory, same shapes.
-                w13 = w13.transpose(1, 2).contiguous().transpose(1, 2)
-                w2 = w2.transpose(1, 2).contiguous().transpose(1, 2)
-            self.stacked[layer] = (w13, w2)
-            for e in range(len(ids)):
-                self.experts[LogicalExpert(layer, e)] = ExpertWeights(w13[e], w2[e])
-
-    @classmethod
-    def from_checkpoint(
-        cls,
-        reader: CheckpointReader,
-        config: MoEModelConfig,
-        dtype: torch.dtype,
-        device: torch.device | str,
-    ) -> LocalExperts:
-        """Load every logical expert of every MoE layer."""
-        experts = {
-            LogicalExpert(layer, e): load_expert_weights(
-                reader, config, LogicalExpert(layer, e), dtype, device
-            )
-            for layer in config.moe_layers
-            for e in range(config.num_experts)
-        }
-        return cls(experts)
-
-    def forward(self, layer: int, hidden: torch.Tensor, gate: GateOutput) -> torch.Tensor:
-        """The layer's routed experts, combined with the gate weights."""
-        stacked = self.stacked.get(layer)
-        if stacked is not None:
-            return fused_experts(hidden, gate, *stacked)
-        return self.forward_per_expert(layer, hidden, gate)
-
-    def forward_per_expert(
-        self, layer: int, hidden: torch.Tensor, gate: GateOutput
-    ) -> torch.Tensor:
-        """Run each selected expert once on its rows (one call per expert, the reference)."""
-        groups = group_by_expert(gate)
-        outputs = torch.empty(
-            (groups.token_idx.numel(), hidden.shape[1]), dtype=hidden.dtype, device=hidden.device
-        )
-        for expert, start, end in groups.ranges():
-            rows = groups.token_idx[start:end]
-            outputs[start:end] = self.experts[LogicalExpert(layer, expert)].forward(hidden[rows])
-        return combine_expert_outputs(groups, outputs, torch.zeros_like(hidden))
-
-    def begin_step(self) -> None:
-        """Local experts never move."""
-
-    def end_step(self) -> None:
-        """Nothing to release."""
