@@ -1,4 +1,4 @@
-"""The MoE decoder (mixtral, qwen2_moe, qwen3_moe, olmoe) over a paged KV cache.
+"""The MoE decoder (mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe) over a paged KV cache.
 
 Module and parameter names mirror the Hugging Face checkpoints, so loading is
 a name-for-name copy. Routed experts are not parameters of this module: each
@@ -53,7 +53,15 @@ def rotary_cos_sin(
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, H, D] by the per-token angles."""
+    """Rotate x [T, H, D] by the per-token angles.
+
+    With cos/sin narrower than D (partial rotary), only the first R = cos.shape[-1] dims are
+    rotated (rotate-half layout within them) and the rest pass through, as in transformers.
+    """
+    rotary_dim = cos.shape[-1]
+    if rotary_dim < x.shape[-1]:
+        x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+        return torch.cat([apply_rotary(x_rot, cos, sin), x_pass], dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]
@@ -235,7 +243,7 @@ class MoEForCausalLM(nn.Module):
         assert self.experts is not None, "set model.experts before running the model"
         c = self.config
         h = self.model.embed_tokens(input_ids)
-        cos, sin = rotary_cos_sin(positions, c.head_dim, c.rope_theta, h.dtype)
+        cos, sin = rotary_cos_sin(positions, c.rotary_dim, c.rope_theta, h.dtype)
         for i, layer in enumerate(self.model.layers):
             residual = h
             h = layer.input_layernorm(h)
