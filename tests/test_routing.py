@@ -211,3 +211,16 @@ def test_checkpoint_bias_is_fp32_and_changes_the_selection(hf_family_models):
     without = grouped_topk_sigmoid_gate(logits, torch.zeros_like(bias), *args)
     changed = (with_bias.indices.sort(-1)[0] != without.indices.sort(-1)[0]).any(-1)
     assert changed.sum() >= 4, f"only {changed.sum()} of 64 tokens change experts"
+
+
+def test_training_a_glm4_moe_checkpoint_is_refused(hf_family_models):
+    """elasticmoe train's model has no sigmoid router / partial rotary: it says so up front."""
+    from elasticmoe.train.config import TrainConfig
+    from elasticmoe.train.trainer import model_config_for
+
+    path, _ = hf_family_models["glm4_moe"]
+    config = TrainConfig.model_validate(
+        {"model": {"init_from": str(path)}, "train": {"steps": 100}, "output_dir": "unused"}
+    )
+    with pytest.raises(ConfigError, match=r"model.init_from: model_type='glm4_moe' cannot be"):
+        model_config_for(config, 256)
