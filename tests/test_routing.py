@@ -1,5 +1,7 @@
 """The deepseek_v3/glm4_moe router (sigmoid, selection bias, group-limited top-k) against
-transformers' own router modules on random inputs."""
+transformers' own router and MoE block on random inputs; glm4_moe's config switches, field
+errors and checkpoint bias. (Its end-to-end comparisons run in test_engine_vs_hf.py and
+test_distributed.py through hf_models.FAMILIES.)"""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import transformers
 from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
 from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeTopkRouter
 
+from elasticmoe import LLM, SamplingParams
 from elasticmoe.core.experts import LogicalExpert
 from elasticmoe.experts.local import LocalExperts
 from elasticmoe.experts.weights import ExpertWeights
@@ -18,6 +21,8 @@ from elasticmoe.model.config import ConfigError, parse_config
 from elasticmoe.model.gate import grouped_topk_sigmoid_gate
 from elasticmoe.model.init_model import build_config
 from elasticmoe.model.model import SparseMoE
+
+from hf_models import BASE, FAMILY_ARGS, PROMPTS, capture_logits
 
 HIDDEN, EXPERTS = 32, 16
 
@@ -161,8 +166,6 @@ GLM_FIELD_ERRORS = [
 @pytest.fixture(scope="module")
 def glm_config() -> dict:
     """A transformers-written glm4_moe config.json (as tests/hf_models.py builds it)."""
-    from hf_models import BASE, FAMILY_ARGS
-
     return transformers.Glm4MoeConfig(**BASE, **FAMILY_ARGS["glm4_moe"]).to_dict()
 
 
@@ -192,8 +195,6 @@ def test_glm4_moe_bad_fields_are_named(glm_config, change, message):
 def test_checkpoint_bias_is_fp32_and_changes_the_selection(hf_family_models):
     """The engine loads glm4_moe's random e_score_correction_bias (kept fp32 in a bf16 model),
     and on the model's own hidden states that bias changes which experts are chosen."""
-    from elasticmoe import LLM
-
     path, hf = hf_family_models["glm4_moe"]
     llm = LLM(str(path), dtype="bfloat16", num_kv_blocks=16)
     moe = llm.engine.model.model.layers[1].mlp
@@ -211,6 +212,13 @@ def test_checkpoint_bias_is_fp32_and_changes_the_selection(hf_family_models):
     without = grouped_topk_sigmoid_gate(logits, torch.zeros_like(bias), *args)
     changed = (with_bias.indices.sort(-1)[0] != without.indices.sort(-1)[0]).any(-1)
     assert changed.sum() >= 4, f"only {changed.sum()} of 64 tokens change experts"
+    # and the bf16 engine stays close to transformers' fp32 forward
+    captured = capture_logits(llm)
+    llm.generate([{"prompt_token_ids": PROMPTS[2]}], SamplingParams(max_tokens=1, temperature=0))
+    ours = next(iter(captured.values()))[0]
+    with torch.no_grad():
+        ref = hf(torch.tensor([PROMPTS[2]])).logits[0, -1]
+    assert torch.nn.functional.cosine_similarity(ours, ref, dim=0) > 0.99
 
 
 def test_training_a_glm4_moe_checkpoint_is_refused(hf_family_models):
