@@ -13,11 +13,33 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from elasticmoe.model.rope import ROPE_TYPES, RopeScaling
-
 SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 QKNorm = Literal["none", "per_head", "full"]
+
+
+ROPE_TYPES = ("default", "yarn")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """The parameters of a scaled RoPE (``rope_parameters`` / ``rope_scaling`` in config.json).
+
+    ``factor``: context extension factor; ``original_max_position_embeddings``: the
+    pre-training context; ``attention_factor``: explicit cos/sin multiplier (else derived
+    from ``factor``, ``mscale`` and ``mscale_all_dim``); ``truncate``: round the correction
+    range to whole dims (transformers' default; gpt-oss sets it False).
+    """
+
+    rope_type: str
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
 
 
 class ConfigError(ValueError):

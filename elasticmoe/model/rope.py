@@ -16,32 +16,21 @@ get_mscale(factor, mscale_all_dim)``, or ``0.1 ln(factor) + 1`` without them).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import torch
 
-ROPE_TYPES = ("default", "yarn")
+from elasticmoe.model.config import ROPE_TYPES, RopeScaling
 
-
-@dataclass(frozen=True)
-class RopeScaling:
-    """The parameters of a scaled RoPE (``rope_parameters`` / ``rope_scaling`` in config.json).
-
-    ``factor``: context extension factor; ``original_max_position_embeddings``: the
-    pre-training context; ``attention_factor``: explicit cos/sin multiplier (else derived
-    from ``factor``, ``mscale`` and ``mscale_all_dim``); ``truncate``: round the correction
-    range to whole dims (transformers' default; gpt-oss sets it False).
-    """
-
-    rope_type: str
-    factor: float
-    original_max_position_embeddings: int
-    beta_fast: float = 32.0
-    beta_slow: float = 1.0
-    mscale: float | None = None
-    mscale_all_dim: float | None = None
-    attention_factor: float | None = None
-    truncate: bool = True
+__all__ = [
+    "ROPE_TYPES",
+    "RopeScaling",
+    "apply_rotary",
+    "apply_rotary_interleaved",
+    "inv_frequencies",
+    "rotary_cos_sin",
+    "softmax_scale_mscale",
+    "yarn_get_mscale",
+]
 
 
 def yarn_get_mscale(scale: float, mscale: float = 1.0) -> float:
