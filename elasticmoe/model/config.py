@@ -79,12 +79,38 @@ class MoEModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     rope_scaling: RopeScaling | None = None
+    # Multi-head latent attention (deepseek_v3, kimi k2), on when kv_lora_rank > 0: queries
+    # through a q_lora_rank bottleneck (None: a plain q_proj), keys/values from one
+    # kv_lora_rank latent per token plus a shared qk_rope_head_dim rotary key; head_dim is
+    # then the rotary dim. rope_interleave: the rotary dims come in (even, odd) pairs.
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
     def has_shared_expert(self) -> bool:
         """qwen2_moe-style gated shared expert computed next to the routed ones."""
         return self.shared_expert_intermediate_size > 0
+
+    @property
+    def is_mla(self) -> bool:
+        """Whether attention is multi-head latent attention (a compressed-latent cache)."""
+        return self.kv_lora_rank > 0
+
+    @property
+    def kv_cache_layout(self) -> tuple[tuple[str, int, int], ...]:
+        """What one token stores in one layer's paged cache: (name, heads, dim) per tensor.
+
+        GQA: K and V of num_kv_heads x head_dim; MLA: the one latent the heads share,
+        kv_lora_rank + qk_rope_head_dim wide (not the expanded per-head K/V).
+        """
+        if self.is_mla:
+            return (("latent", 1, self.kv_lora_rank + self.qk_rope_head_dim),)
+        return (("k", self.num_kv_heads, self.head_dim), ("v", self.num_kv_heads, self.head_dim))
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether ``layer`` has a routed-expert MLP (vs a dense MLP)."""

@@ -15,12 +15,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elasticmoe.model.attention import AttentionMetadata, PagedKVCache, paged_attention
+from elasticmoe.model.attention import (
+    AttentionMetadata,
+    PagedKVCache,
+    paged_attention,
+    paged_latent_attention,
+)
 from elasticmoe.model.checkpoint import CheckpointReader
 from elasticmoe.model.config import MoEModelConfig, load_config
 from elasticmoe.model.gate import GateOutput, topk_softmax_gate
 from elasticmoe.model.moe import ExpertBackend
-from elasticmoe.model.rope import apply_rotary, rotary_cos_sin
+from elasticmoe.model.rope import (
+    apply_rotary,
+    apply_rotary_interleaved,
+    rotary_cos_sin,
+    softmax_scale_mscale,
+)
 
 # Called once per MoE layer per step with the gate's tokens_per_expert.
 LoadHook = Callable[[int, torch.Tensor], None]
@@ -65,11 +75,12 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        cache: tuple[torch.Tensor, ...],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        """x: [T, H]; cache: this layer's (k, v) block tensors."""
         c = self.config
+        k_cache, v_cache = cache
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if c.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -82,6 +93,71 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, c.sliding_window)
+        return self.o_proj(out.flatten(1))
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention (deepseek_v3), caching one compressed latent per token.
+
+    Names as the checkpoint: ``q_a_proj``/``q_a_layernorm``/``q_b_proj`` (or ``q_proj`` when
+    q_lora_rank is null), ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``.
+    Attention runs in the absorbed form for prefill and decode alike: kv_b_proj's K part
+    [H, Dn, L] is folded into the query (q_nope @ W_UK), every head attends to the cached
+    [c_kv, k_rope] latent, and its V part [H, Dv, L] maps the latent-space output back, so the
+    per-head K/V are never materialised (what vLLM's MLA decode does).
+    """
+
+    def __init__(self, config: MoEModelConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        qk_dim = c.qk_nope_head_dim + c.qk_rope_head_dim
+        if c.q_lora_rank is None:
+            self.q_proj = nn.Linear(c.hidden_size, c.num_heads * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.qkv_bias)
+            # transformers builds both latent norms with its default eps, not rms_norm_eps
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, 1e-6)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, c.num_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=c.qkv_bias
+        )
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, 1e-6)
+        self.kv_b_proj = nn.Linear(
+            c.kv_lora_rank, c.num_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(c.num_heads * c.v_head_dim, c.hidden_size, bias=c.qkv_bias)
+        # YaRN's mscale enters the softmax scale (deepseek's yarn_apply_mscale)
+        self.scale = qk_dim**-0.5 * softmax_scale_mscale(c.rope_scaling)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: tuple[torch.Tensor, ...],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """x: [T, H]; cache: this layer's (latent,) block tensor [N, bs, 1, L + R]."""
+        c = self.config
+        heads, dn, dv = c.num_heads, c.qk_nope_head_dim, c.v_head_dim
+        lora, rope = c.kv_lora_rank, c.qk_rope_head_dim
+        if c.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_rot = q.view(-1, heads, dn + rope).split([dn, rope], dim=-1)
+        c_kv, k_rot = self.kv_a_proj_with_mqa(x).split([lora, rope], dim=-1)
+        rotate = apply_rotary_interleaved if c.rope_interleave else apply_rotary
+        q_rot, k_rot = rotate(q_rot, cos, sin), rotate(k_rot[:, None, :], cos, sin)
+        w_kv = self.kv_b_proj.weight.view(heads, dn + dv, lora)
+        # [H, T, Dn] @ [H, Dn, L] -> [T, H, L]
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_kv[:, :dn]).transpose(0, 1)
+        latent = torch.cat([self.kv_a_layernorm(c_kv)[:, None, :], k_rot], dim=-1)
+        out = paged_latent_attention(
+            torch.cat([q_lat, q_rot], dim=-1), latent, cache[0], meta, self.scale, lora
+        )
+        # [H, T, L] @ [H, L, Dv] -> [T, H, Dv]
+        out = torch.bmm(out.transpose(0, 1), w_kv[:, dn:].transpose(1, 2)).transpose(0, 1)
         return self.o_proj(out.flatten(1))
 
 
@@ -144,7 +220,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config: MoEModelConfig, layer: int) -> None:
         super().__init__()
-        self.self_attn = Attention(config)
+        self.self_attn: nn.Module = MLAttention(config) if config.is_mla else Attention(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = config.is_moe_layer(layer)
@@ -193,7 +269,7 @@ class MoEForCausalLM(nn.Module):
         for i, layer in enumerate(self.model.layers):
             residual = h
             h = layer.input_layernorm(h)
-            h = residual + layer.self_attn(h, cos, sin, kv_cache.k[i], kv_cache.v[i], meta)
+            h = residual + layer.self_attn(h, cos, sin, kv_cache.layers[i], meta)
             residual = h
             h = layer.post_attention_layernorm(h)
             if layer.is_moe:
