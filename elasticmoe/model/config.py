@@ -16,6 +16,10 @@ from typing import Any, Literal
 SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
 
 QKNorm = Literal["none", "per_head", "full"]
+# How the router turns logits into expert scores: softmax over all experts (mixtral, qwen,
+# olmoe) or per-expert sigmoid with a selection bias and group-limited top-k (deepseek_v3,
+# glm4_moe).
+ScoringFunc = Literal["softmax", "sigmoid"]
 
 
 ROPE_TYPES = ("default", "yarn")
@@ -89,6 +93,16 @@ class MoEModelConfig:
     qk_rope_head_dim: int = 0
     v_head_dim: int = 0
     rope_interleave: bool = False
+    # Router of the "sigmoid" kind (see elasticmoe.model.gate.grouped_topk_sigmoid_gate): its
+    # gate carries an `e_score_correction_bias` buffer; experts are picked within the
+    # `topk_group` best of `n_group` groups; the weights are scaled by `routed_scaling_factor`.
+    scoring_func: ScoringFunc = "softmax"
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0
+    # deepseek_v3/glm4_moe-style ungated shared experts: one SwiGLU MLP (`shared_experts`) of
+    # n_shared_experts * expert_intermediate_size, added to the routed output.
+    n_shared_experts: int = 0
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -111,6 +125,11 @@ class MoEModelConfig:
         if self.is_mla:
             return (("latent", 1, self.kv_lora_rank + self.qk_rope_head_dim),)
         return (("k", self.num_kv_heads, self.head_dim), ("v", self.num_kv_heads, self.head_dim))
+
+    @property
+    def shared_experts_intermediate_size(self) -> int:
+        """Width of the ungated ``shared_experts`` MLP (0: none)."""
+        return self.n_shared_experts * self.expert_intermediate_size
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether ``layer`` has a routed-expert MLP (vs a dense MLP)."""
@@ -316,6 +335,9 @@ _INT_RANGES: dict[str, tuple[int, int | None]] = {
     "expert_intermediate_size": (1, 1 << 18),
     "intermediate_size": (0, 1 << 18),
     "shared_expert_intermediate_size": (0, 1 << 18),
+    "n_shared_experts": (0, 64),
+    "n_group": (1, 4096),
+    "topk_group": (1, 4096),
 }
 # The Hugging Face names of the fields, for the error message.
 _HF_NAME = {
@@ -343,6 +365,24 @@ def check_ranges(c: MoEModelConfig, path: Path | str = "config.json") -> None:
         value = getattr(c, name)
         if not (math.isfinite(value) and value > 0):
             raise ConfigError(f"{path}: {name}={value} must be a finite number > 0")
+    if c.scoring_func not in ("softmax", "sigmoid"):
+        raise ConfigError(f"{path}: scoring_func={c.scoring_func!r} must be softmax or sigmoid")
+    if not (math.isfinite(c.routed_scaling_factor) and c.routed_scaling_factor > 0):
+        raise ConfigError(
+            f"{path}: routed_scaling_factor={c.routed_scaling_factor} must be a finite number > 0"
+        )
+    if c.num_experts % c.n_group:
+        raise ConfigError(
+            f"{path}: n_group={c.n_group} must divide the number of routed experts "
+            f"({c.num_experts})"
+        )
+    if c.topk_group > c.n_group:
+        raise ConfigError(f"{path}: topk_group={c.topk_group} must be in 1..n_group={c.n_group}")
+    if c.top_k > c.topk_group * (c.num_experts // c.n_group):
+        raise ConfigError(
+            f"{path}: num_experts_per_tok={c.top_k} exceeds the experts of the topk_group="
+            f"{c.topk_group} groups it may pick from ({c.num_experts // c.n_group} each)"
+        )
     if c.clip_qkv is not None and not (math.isfinite(c.clip_qkv) and c.clip_qkv > 0):
         raise ConfigError(f"{path}: clip_qkv={c.clip_qkv} must be a finite number > 0")
     if c.sliding_window is not None and c.sliding_window < 1:

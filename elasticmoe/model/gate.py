@@ -21,6 +21,15 @@ class GateOutput:
     tokens_per_expert: torch.Tensor
 
 
+def _count(indices: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """[E] number of (token, slot) pairs routed to each expert."""
+    flat = indices.flatten()
+    # not bincount: on CUDA it reads the max id back to the host to size its output
+    tokens_per_expert = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+    tokens_per_expert.scatter_add_(0, flat, torch.ones_like(flat))
+    return tokens_per_expert
+
+
 def topk_softmax_gate(
     router_logits: torch.Tensor, top_k: int, renormalize: bool, out_dtype: torch.dtype
 ) -> GateOutput:
@@ -34,8 +43,41 @@ def topk_softmax_gate(
     weights, indices = torch.topk(probs, top_k, dim=-1)
     if renormalize:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    flat = indices.flatten()
-    # not bincount: on CUDA it reads the max id back to the host to size its output
-    tokens_per_expert = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
-    tokens_per_expert.scatter_add_(0, flat, torch.ones_like(flat))
-    return GateOutput(weights.to(out_dtype), indices, tokens_per_expert)
+    return GateOutput(weights.to(out_dtype), indices, _count(indices, num_experts))
+
+
+def grouped_topk_sigmoid_gate(
+    router_logits: torch.Tensor,
+    correction_bias: torch.Tensor,
+    top_k: int,
+    n_group: int,
+    topk_group: int,
+    renormalize: bool,
+    scaling_factor: float,
+    out_dtype: torch.dtype,
+) -> GateOutput:
+    """Sigmoid scores with bias-corrected, group-limited top-k (deepseek_v3, glm4_moe).
+
+    Scores are ``sigmoid(logits)`` in fp32. ``correction_bias`` [E] is added for choosing the
+    experts only; the weights are the unbiased scores of the chosen ones. The E experts form
+    ``n_group`` equal groups; a group's score is the sum of its two best biased scores, and
+    only the ``topk_group`` best groups may be picked from. The k weights are renormalised
+    (with transformers' 1e-20 epsilon) when ``renormalize``, then multiplied by
+    ``scaling_factor``, in that order.
+    """
+    num_tokens, num_experts = router_logits.shape
+    scores = torch.sigmoid(router_logits.float())
+    biased = scores + correction_bias.float()
+    grouped = biased.view(num_tokens, n_group, num_experts // n_group)
+    group_scores = grouped.topk(min(2, grouped.shape[-1]), dim=-1)[0].sum(dim=-1)  # [T, G]
+    group_idx = torch.topk(group_scores, topk_group, dim=-1, sorted=False)[1]
+    group_keep = torch.zeros_like(group_scores, dtype=torch.bool)
+    group_keep.scatter_(1, group_idx, True)
+    expert_keep = group_keep.repeat_interleave(num_experts // n_group, dim=-1)  # [T, E]
+    biased = biased.masked_fill(~expert_keep, float("-inf"))
+    indices = torch.topk(biased, top_k, dim=-1, sorted=False)[1]
+    weights = scores.gather(1, indices)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    weights = weights * scaling_factor
+    return GateOutput(weights.to(out_dtype), indices, _count(indices, num_experts))

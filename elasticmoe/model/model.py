@@ -23,7 +23,7 @@ from elasticmoe.model.attention import (
 )
 from elasticmoe.model.checkpoint import CheckpointReader
 from elasticmoe.model.config import MoEModelConfig, load_config
-from elasticmoe.model.gate import GateOutput, topk_softmax_gate
+from elasticmoe.model.gate import GateOutput, grouped_topk_sigmoid_gate, topk_softmax_gate
 from elasticmoe.model.moe import ExpertBackend
 from elasticmoe.model.rope import (
     apply_rotary,
@@ -174,25 +174,51 @@ class DenseMLP(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
+# Checkpoint buffers (not parameters) that load_weights copies too; kept in fp32 whatever the
+# model dtype, as transformers does (`_keep_in_fp32_modules_strict`).
+FP32_BUFFERS = ("e_score_correction_bias",)
+
+
 class SparseMoE(nn.Module):
-    """Gate in the engine, routed experts in the backend, shared expert in the engine."""
+    """Gate in the engine, routed experts in the backend, shared expert(s) in the engine."""
 
     def __init__(self, config: MoEModelConfig, layer: int) -> None:
         super().__init__()
         self.config = config
         self.layer = layer
         self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        if config.scoring_func == "sigmoid":
+            # selection-only bias of the sigmoid router (`mlp.gate.e_score_correction_bias`)
+            self.gate.register_buffer(
+                "e_score_correction_bias", torch.zeros(config.num_experts, dtype=torch.float32)
+            )
         if config.has_shared_expert:
             self.shared_expert = DenseMLP(
                 config.hidden_size, config.shared_expert_intermediate_size
             )
             self.shared_expert_gate = nn.Linear(config.hidden_size, 1, bias=False)
+        if config.n_shared_experts:
+            self.shared_experts = DenseMLP(
+                config.hidden_size, config.shared_experts_intermediate_size
+            )
 
     def route(self, x: torch.Tensor) -> GateOutput:
         """Gate the rows x [T, H] to their top-k experts."""
-        return topk_softmax_gate(
-            self.gate(x), self.config.top_k, self.config.norm_topk_prob, x.dtype
-        )
+        c = self.config
+        if c.scoring_func == "sigmoid":
+            # router logits in fp32 as transformers computes them (its gate stays fp32)
+            logits = F.linear(x.float(), self.gate.weight.float())
+            return grouped_topk_sigmoid_gate(
+                logits,
+                self.gate.e_score_correction_bias,
+                c.top_k,
+                c.n_group,
+                c.topk_group,
+                c.norm_topk_prob,
+                c.routed_scaling_factor,
+                x.dtype,
+            )
+        return topk_softmax_gate(self.gate(x), c.top_k, c.norm_topk_prob, x.dtype)
 
     def forward(
         self,
@@ -212,6 +238,8 @@ class SparseMoE(nn.Module):
         out = experts.forward(self.layer, x, gate)
         if self.config.has_shared_expert:
             out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        if self.config.n_shared_experts:
+            out = out + self.shared_experts(x)
         return out
 
 
@@ -296,6 +324,13 @@ class MoEForCausalLM(nn.Module):
                 ckpt_name = "model.embed_tokens.weight"
             with torch.no_grad():
                 param.copy_(reader.get(ckpt_name, tuple(param.shape), param.dtype, param.device))
+        for name, buf in list(self.named_buffers()):
+            module_name, _, attr = name.rpartition(".")
+            if attr in FP32_BUFFERS:
+                value = reader.get(
+                    self.checkpoint_name(name), tuple(buf.shape), torch.float32, buf.device
+                )
+                self.get_submodule(module_name).register_buffer(attr, value)
 
     @classmethod
     def from_checkpoint(

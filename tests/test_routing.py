@@ -1,0 +1,141 @@
+"""The deepseek_v3/glm4_moe router (sigmoid, selection bias, group-limited top-k) against
+transformers' own router modules on random inputs."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+import transformers
+from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3TopkRouter
+from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeTopkRouter
+
+from elasticmoe.core.experts import LogicalExpert
+from elasticmoe.experts.local import LocalExperts
+from elasticmoe.experts.weights import ExpertWeights
+from elasticmoe.model.config import parse_config
+from elasticmoe.model.gate import grouped_topk_sigmoid_gate
+from elasticmoe.model.init_model import build_config
+from elasticmoe.model.model import SparseMoE
+
+HIDDEN, EXPERTS = 32, 16
+
+
+def _sorted(weights: torch.Tensor, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Slot order is unspecified (topk sorted=False): compare per row by expert id."""
+    order = indices.argsort(dim=-1)
+    return weights.gather(1, order), indices.gather(1, order)
+
+
+@pytest.mark.parametrize(
+    ("router_cls", "config_cls"),
+    [
+        (Glm4MoeTopkRouter, transformers.Glm4MoeConfig),
+        (DeepseekV3TopkRouter, transformers.DeepseekV3Config),
+    ],
+)
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_matches_transformers_router(router_cls, config_cls, norm_topk_prob):
+    torch.manual_seed(1)
+    config = config_cls(
+        hidden_size=HIDDEN,
+        n_routed_experts=EXPERTS,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        norm_topk_prob=norm_topk_prob,
+        routed_scaling_factor=2.5,
+    )
+    router = router_cls(config)
+    with torch.no_grad():
+        router.weight.normal_(0, 0.5)
+        router.e_score_correction_bias.uniform_(-0.3, 0.3)
+    x = torch.randn(64, HIDDEN)
+    with torch.no_grad():
+        logits, ref_weights, ref_indices = router(x)
+    out = grouped_topk_sigmoid_gate(
+        logits, router.e_score_correction_bias, 4, 4, 2, norm_topk_prob, 2.5, torch.float32
+    )
+    weights, indices = _sorted(out.weights, out.indices)
+    ref_weights, ref_indices = _sorted(ref_weights, ref_indices)
+    assert torch.equal(indices, ref_indices)
+    torch.testing.assert_close(weights, ref_weights, rtol=1e-6, atol=1e-7)
+    assert (
+        out.tokens_per_expert.tolist()
+        == torch.bincount(ref_indices.flatten(), minlength=EXPERTS).tolist()
+    )
+    # the bias decides the selection on these inputs (it is not a no-op) ...
+    unbiased = grouped_topk_sigmoid_gate(
+        logits, torch.zeros(EXPERTS), 4, 4, 2, norm_topk_prob, 2.5, torch.float32
+    )
+    changed = (_sorted(unbiased.weights, unbiased.indices)[1] != indices).any(dim=-1)
+    assert changed.sum() >= 8, "the correction bias should change many tokens' experts"
+    # ... while the weights stay the unbiased sigmoid scores of the chosen experts
+    scores = torch.sigmoid(logits).gather(1, indices)
+    if norm_topk_prob:
+        scores = scores / scores.sum(-1, keepdim=True)
+    torch.testing.assert_close(weights, scores * 2.5)
+    # the experts come from at most topk_group groups
+    for row in indices // (EXPERTS // 4):
+        assert row.unique().numel() <= 2
+
+
+def test_output_dtype_and_purity():
+    logits = torch.randn(5, 8)
+    bias = torch.full((8,), 0.1)
+    before = logits.clone()
+    out = grouped_topk_sigmoid_gate(logits, bias, 2, 2, 1, True, 1.0, torch.bfloat16)
+    assert out.weights.dtype == torch.bfloat16
+    assert out.indices.shape == (5, 2)
+    assert torch.equal(logits, before)
+    torch.testing.assert_close(out.weights.float().sum(-1), torch.ones(5), atol=1e-2, rtol=0)
+
+
+def test_moe_block_with_shared_experts_matches_transformers():
+    """SparseMoE (sigmoid router + ungated shared experts) equals transformers' MoE block."""
+    from transformers.models.glm4_moe.modeling_glm4_moe import Glm4MoeMoE
+
+    torch.manual_seed(2)
+    hf_config = transformers.Glm4MoeConfig(
+        hidden_size=HIDDEN,
+        n_routed_experts=EXPERTS,
+        moe_intermediate_size=24,
+        num_experts_per_tok=4,
+        n_group=4,
+        topk_group=2,
+        n_shared_experts=2,
+        routed_scaling_factor=1.7,
+    )
+    hf = Glm4MoeMoE(hf_config).eval()
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.normal_(0, 0.2)
+        hf.gate.e_score_correction_bias.uniform_(-0.3, 0.3)
+    base = parse_config(build_config("qwen3_moe", "tiny", hidden_size=HIDDEN))
+    config = dataclasses.replace(
+        base,
+        num_experts=EXPERTS,
+        top_k=4,
+        expert_intermediate_size=24,
+        scoring_func="sigmoid",
+        n_group=4,
+        topk_group=2,
+        n_shared_experts=2,
+        routed_scaling_factor=1.7,
+        norm_topk_prob=True,
+    )
+    moe = SparseMoE(config, layer=0)
+    state = {k: v for k, v in hf.state_dict().items() if not k.startswith("experts.")}
+    moe.load_state_dict(state, strict=True)
+    experts = LocalExperts(
+        {
+            LogicalExpert(0, e): ExpertWeights(
+                hf.experts.gate_up_proj[e].detach(), hf.experts.down_proj[e].detach()
+            )
+            for e in range(EXPERTS)
+        }
+    )
+    x = torch.randn(1, 40, HIDDEN)
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x[0], experts, None), hf(x)[0], rtol=1e-5, atol=1e-6)
