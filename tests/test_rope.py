@@ -68,7 +68,7 @@ def test_yarn_matches_transformers(params: dict) -> None:
 def test_unknown_rope_type_names_field() -> None:
     with pytest.raises(ConfigError, match="rope_type='dynamic'"):
         parse_config({**BASE, "rope_parameters": {"rope_type": "dynamic", "factor": 2.0}})
-    with pytest.raises(ConfigError, match="rope_parameters.factor"):
+    with pytest.raises(ConfigError, match=r"rope_parameters\.factor"):
         parse_config({**BASE, "rope_parameters": {"rope_type": "yarn", "factor": -1.0}})
 
 
