@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
 
 QKNorm = Literal["none", "per_head", "full"]
 # How the router turns logits into expert scores: softmax over all experts (mixtral, qwen,
@@ -248,7 +248,7 @@ def parse_config(cfg: dict[str, Any], path: Path | str = "config.json") -> MoEMo
         raise ConfigError(f"{path}: num_attention_heads={num_heads} must be >= 1")
     num_kv_heads = int(cfg.get("num_key_value_heads") or num_heads)
     head_dim = int(cfg.get("head_dim") or hidden // num_heads)
-    num_experts = int(_first(cfg, ("num_local_experts", "num_experts"), path))
+    num_experts = int(_first(cfg, ("num_local_experts", "num_experts", "n_routed_experts"), path))
     top_k = int(_require(cfg, "num_experts_per_tok", path))
     if not 1 <= top_k <= num_experts:
         raise ConfigError(f"{path}: num_experts_per_tok={top_k} must be in 1..{num_experts}")
@@ -260,6 +260,7 @@ def parse_config(cfg: dict[str, Any], path: Path | str = "config.json") -> MoEMo
     intermediate = int(cfg.get("intermediate_size") or 0)
 
     moe_layers: tuple[int, ...] = tuple(range(num_layers))
+    extra: dict[str, Any] = {}  # family-specific fields (deepseek_v3: MLA and routing)
     qkv_bias = False
     qk_norm: QKNorm = "none"
     shared = 0
@@ -272,6 +273,13 @@ def parse_config(cfg: dict[str, Any], path: Path | str = "config.json") -> MoEMo
     elif model_type == "olmoe":
         expert_inter = int(_require(cfg, "intermediate_size", path))
         qk_norm = "full"
+    elif model_type == "deepseek_v3":  # also kimi k2
+        expert_inter = int(_require(cfg, "moe_intermediate_size", path))
+        extra = _deepseek_v3_fields(cfg, path, num_layers)
+        moe_layers = extra.pop("moe_layers")
+        head_dim = extra["qk_rope_head_dim"]  # the rotary dim, as transformers sets it
+        norm_topk = bool(cfg.get("norm_topk_prob", True))
+        qkv_bias = bool(cfg.get("attention_bias", False))
     else:  # qwen2_moe, qwen3_moe
         expert_inter = int(_require(cfg, "moe_intermediate_size", path))
         step = int(cfg.get("decoder_sparse_step", 1) or 1)
@@ -317,9 +325,82 @@ def parse_config(cfg: dict[str, Any], path: Path | str = "config.json") -> MoEMo
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_as_tuple(cfg.get("eos_token_id")),
         raw=cfg,
+        **extra,
     )
     check_ranges(config, path)
     return config
+
+
+# deepseek_v3 topk_method / scoring_func values elasticmoe implements (transformers' router)
+DEEPSEEK_TOPK_METHODS = ("noaux_tc",)
+DEEPSEEK_SCORING_FUNCS = ("sigmoid",)
+
+
+def _deepseek_v3_fields(cfg: dict[str, Any], path: Path, num_layers: int) -> dict[str, Any]:
+    """MLA, routing and dense-layer fields of a deepseek_v3 (or kimi k2) config.json.
+
+    Defaults are transformers' DeepseekV3Config's. MoE layers: index >= first_k_dense_replace
+    and a multiple of moe_layer_freq (DeepSeek's own modeling code; every real checkpoint
+    has freq 1, which is what transformers assumes).
+    """
+    quant = cfg.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant
+        raise ConfigError(
+            f"{path}: quantization_config.quant_method={method!r} is not supported for "
+            "deepseek_v3; dequantize the checkpoint to bf16 first"
+        )
+    topk_method = cfg.get("topk_method") or "noaux_tc"
+    if topk_method not in DEEPSEEK_TOPK_METHODS:
+        raise ConfigError(
+            f"{path}: topk_method={topk_method!r} is not supported; "
+            f"supported: {', '.join(DEEPSEEK_TOPK_METHODS)}"
+        )
+    scoring = cfg.get("scoring_func") or "sigmoid"
+    if scoring not in DEEPSEEK_SCORING_FUNCS:
+        raise ConfigError(
+            f"{path}: scoring_func={scoring!r} is not supported; "
+            f"supported: {', '.join(DEEPSEEK_SCORING_FUNCS)}"
+        )
+    first_dense = int(cfg.get("first_k_dense_replace", 3) or 0)
+    freq = int(cfg.get("moe_layer_freq", 1) or 1)
+    if not 0 <= first_dense <= num_layers:
+        raise ConfigError(f"{path}: first_k_dense_replace={first_dense} must be in 0..{num_layers}")
+    if freq < 1:
+        raise ConfigError(f"{path}: moe_layer_freq={freq} must be >= 1")
+    q_lora_rank = cfg.get("q_lora_rank")
+    if int(_require(cfg, "kv_lora_rank", path)) < 1:
+        raise ConfigError(f"{path}: kv_lora_rank={cfg['kv_lora_rank']} must be >= 1")
+    return {
+        "moe_layers": tuple(i for i in range(num_layers) if i >= first_dense and i % freq == 0),
+        "q_lora_rank": None if q_lora_rank is None else int(q_lora_rank),
+        "kv_lora_rank": int(_require(cfg, "kv_lora_rank", path)),
+        "qk_nope_head_dim": int(_require(cfg, "qk_nope_head_dim", path)),
+        "qk_rope_head_dim": int(_require(cfg, "qk_rope_head_dim", path)),
+        "v_head_dim": int(_require(cfg, "v_head_dim", path)),
+        "rope_interleave": bool(cfg.get("rope_interleave", True)),
+        "scoring_func": "sigmoid",
+        "n_group": int(cfg.get("n_group") or 1),
+        "topk_group": int(cfg.get("topk_group") or 1),
+        "routed_scaling_factor": float(cfg.get("routed_scaling_factor", 1.0)),
+        "n_shared_experts": int(cfg.get("n_shared_experts", 1) or 0),
+    }
+
+
+def _check_mla(c: MoEModelConfig, path: Path | str) -> None:
+    """MLA sizes in range (only when the model uses MLA)."""
+    if not c.is_mla:
+        return
+    for name, low in (("kv_lora_rank", 1), ("qk_nope_head_dim", 1), ("v_head_dim", 1)):
+        value = getattr(c, name)
+        if not low <= value <= 1 << 16:
+            raise ConfigError(f"{path}: {name}={value} must be in {low}..{1 << 16}")
+    if not 2 <= c.qk_rope_head_dim <= 4096 or c.qk_rope_head_dim % 2:
+        raise ConfigError(
+            f"{path}: qk_rope_head_dim={c.qk_rope_head_dim} must be an even number in 2..4096"
+        )
+    if c.q_lora_rank is not None and not 1 <= c.q_lora_rank <= 1 << 16:
+        raise ConfigError(f"{path}: q_lora_rank={c.q_lora_rank} must be null or in 1..65536")
 
 
 # field -> (lowest allowed, highest allowed); None: unbounded on that side
@@ -361,6 +442,7 @@ def check_ranges(c: MoEModelConfig, path: Path | str = "config.json") -> None:
         if not low <= value <= (high if high is not None else value):
             bound = f"{low}..{high}" if high is not None else f">= {low}"
             raise ConfigError(f"{path}: {_HF_NAME.get(name, name)}={value} must be in {bound}")
+    _check_mla(c, path)
     for name in ("rms_norm_eps", "rope_theta"):
         value = getattr(c, name)
         if not (math.isfinite(value) and value > 0):
