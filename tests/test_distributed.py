@@ -16,6 +16,7 @@ import torch
 from elasticmoe import LLM, SamplingParams
 from elasticmoe.engine.config import EngineConfig
 from elasticmoe.engine.engine import LLMEngine
+from elasticmoe.model.config import load_config
 from elasticmoe.router.router import ExpertRouter
 
 from hf_models import FAMILIES, PROMPTS, capture_logits
@@ -49,7 +50,7 @@ def test_distributed_greedy_equals_local(hf_family_models, family, num_workers):
     path, _ = hf_family_models[family]
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     local = LLM(str(path), num_kv_blocks=128, block_size=4).generate(prompts, GREEDY)
-    moe_layer = 0
+    moe_layer = load_config(path).moe_layers[0]  # deepseek_v3's layer 0 is dense
     with LLM(
         str(path),
         mode="distributed",
@@ -60,7 +61,7 @@ def test_distributed_greedy_equals_local(hf_family_models, family, num_workers):
         block_size=4,
     ) as llm:
         m = llm.deployment.expert_map
-        assert len(m.replicas_of((0, 0))) == 2
+        assert len(m.replicas_of((moe_layer, 0))) == 2
         assert len({w for ws in m.replicas.values() for w in ws}) == num_workers
         out = llm.generate(prompts, GREEDY)
     for a, b in zip(local, out, strict=True):
