@@ -118,3 +118,91 @@ def test_init_model_preset_serves_like_transformers(tmp_path):
         ref = hf(torch.tensor([prompt + out.outputs[0].token_ids]), use_cache=False).logits[0]
     expected = ref[len(prompt) - 1 : len(prompt) - 1 + GREEDY.max_tokens]
     assert (torch.stack(captured[out.request_id]) - expected).abs().max().item() <= 1e-4
+
+
+# The fields of moonshotai/Kimi-K2-Instruct's config.json (its fp8 quantization_config left
+# out) and what DeepSeek-V3's differs in.
+KIMI_K2 = {
+    "model_type": "deepseek_v3",
+    "vocab_size": 163840,
+    "hidden_size": 7168,
+    "intermediate_size": 18432,
+    "moe_intermediate_size": 2048,
+    "num_hidden_layers": 61,
+    "num_attention_heads": 64,
+    "num_key_value_heads": 64,
+    "n_shared_experts": 1,
+    "n_routed_experts": 384,
+    "routed_scaling_factor": 2.827,
+    "kv_lora_rank": 512,
+    "q_lora_rank": 1536,
+    "qk_rope_head_dim": 64,
+    "v_head_dim": 128,
+    "qk_nope_head_dim": 128,
+    "topk_method": "noaux_tc",
+    "n_group": 1,
+    "topk_group": 1,
+    "num_experts_per_tok": 8,
+    "moe_layer_freq": 1,
+    "first_k_dense_replace": 1,
+    "norm_topk_prob": True,
+    "scoring_func": "sigmoid",
+    "max_position_embeddings": 131072,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 50000.0,
+    "rope_scaling": {
+        "beta_fast": 1.0,
+        "beta_slow": 1.0,
+        "factor": 32.0,
+        "mscale": 1.0,
+        "mscale_all_dim": 1.0,
+        "original_max_position_embeddings": 4096,
+        "type": "yarn",
+    },
+    "bos_token_id": 163584,
+    "eos_token_id": 163585,
+}
+DEEPSEEK_V3 = {
+    **KIMI_K2,
+    "vocab_size": 129280,
+    "num_attention_heads": 128,
+    "num_key_value_heads": 128,
+    "n_routed_experts": 256,
+    "routed_scaling_factor": 2.5,
+    "n_group": 8,
+    "topk_group": 4,
+    "first_k_dense_replace": 3,
+    "max_position_embeddings": 163840,
+    "rope_theta": 10000.0,
+    "rope_scaling": {**KIMI_K2["rope_scaling"], "beta_fast": 32, "factor": 40},
+    "bos_token_id": 0,
+    "eos_token_id": 1,
+}
+
+
+@pytest.mark.parametrize(("cfg", "heads", "dense"), [(KIMI_K2, 64, 1), (DEEPSEEK_V3, 128, 3)])
+def test_published_configs_parse_to_a_latent_cache(cfg, heads, dense):
+    c = parse_config(cfg)
+    assert c.is_mla and c.head_dim == 64 and c.moe_layers == tuple(range(dense, 61))
+    assert c.rope_scaling is not None and c.rope_scaling.original_max_position_embeddings == 4096
+    # 576 bf16 values per token and layer: 70 KB a token, against 2.5 / 5 MB for the
+    # per-head K (192) and V (128) of 64 / 128 heads
+    bf16 = torch.bfloat16
+    assert PagedKVCache.bytes_per_block(61, 1, c.kv_cache_layout, bf16) == 576 * 61 * 2
+    expanded = (("k", heads, 192), ("v", heads, 128))
+    assert PagedKVCache.bytes_per_block(61, 1, expanded, bf16) == heads * 320 * 61 * 2
+
+
+def test_bfloat16_runs_close_to_fp32(hf_family_models):
+    path, _ = hf_family_models["deepseek_v3"]
+    fp32 = LLM(str(path), dtype="float32", num_kv_blocks=32)
+    bf16 = LLM(str(path), dtype="bfloat16", num_kv_blocks=32)
+    assert bf16.engine.kv_cache.layers[0][0].dtype == torch.bfloat16
+    logits32, logits16 = capture_logits(fp32), capture_logits(bf16)
+    params = SamplingParams(max_tokens=1, temperature=0)
+    prompt = {"prompt_token_ids": PROMPTS[2]}
+    fp32.generate([prompt], params)
+    bf16.generate([prompt], params)
+    a = next(iter(logits32.values()))[0]
+    b = next(iter(logits16.values()))[0]
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
