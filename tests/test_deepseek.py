@@ -206,3 +206,15 @@ def test_bfloat16_runs_close_to_fp32(hf_family_models):
     a = next(iter(logits32.values()))[0]
     b = next(iter(logits16.values()))[0]
     assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.99
+
+
+def test_training_a_latent_attention_model_is_refused(hf_family_models, tmp_path):
+    from elasticmoe.train.config import parse_train_config
+    from elasticmoe.train.trainer import model_config_for
+
+    path, _ = hf_family_models["deepseek_v3"]
+    cfg = parse_train_config(
+        {"model": {"init_from": str(path)}, "train": {"steps": 100}, "output_dir": str(tmp_path)}
+    )
+    with pytest.raises(ConfigError, match=r"model_type='deepseek_v3'.*not trained yet"):
+        model_config_for(cfg, 256)

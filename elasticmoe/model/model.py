@@ -1,4 +1,4 @@
-"""The MoE decoder (mixtral, qwen2_moe, qwen3_moe, olmoe) over a paged KV cache.
+"""The MoE decoder (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3) over a paged KV cache.
 
 Module and parameter names mirror the Hugging Face checkpoints, so loading is
 a name-for-name copy. Routed experts are not parameters of this module: each
