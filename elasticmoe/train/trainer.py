@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from elasticmoe.model.config import ConfigError, load_config, parse_config
+from elasticmoe.model.config import load_config, parse_config
 from elasticmoe.model.init_model import build_config
 from elasticmoe.model.registry import resolve_model
 from elasticmoe.train.config import TrainConfig
@@ -59,13 +59,7 @@ def model_config_for(cfg: TrainConfig, vocab_size: int) -> dict[str, Any]:
         config["router_aux_loss_coef"] = cfg.model.router_aux_loss_coef
     config.setdefault("router_aux_loss_coef", 0.001)
     # fail here, on the driver, when overrides make an unsupported model
-    where = "model (config.json after model.overrides)"
-    if parse_config(config, where).is_mla:
-        # the autograd forward (train/modeling.py) has no multi-head latent attention
-        raise ConfigError(
-            f"{where}: model_type={config['model_type']!r} (multi-head latent attention) "
-            "can be served but not trained yet"
-        )
+    parse_config(config, "model (config.json after model.overrides)")
     return config
 
 
