@@ -9,7 +9,7 @@ import transformers
 
 from elasticmoe import LLM
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe")
 
 BASE = dict(
     vocab_size=256,
@@ -79,13 +79,42 @@ FAMILY_ARGS: dict[str, dict] = {
             "mscale_all_dim": 1.0,
         },
     ),
+    # layer 0 dense (first_k_dense_replace); sigmoid router picking within the best of 2 groups
+    # of 4, scaled weights; ungated shared expert; qkv bias, per-head q/k norm, half the head
+    # dims rotated
+    "glm4_moe": dict(
+        n_routed_experts=8,
+        moe_intermediate_size=32,
+        intermediate_size=48,
+        n_group=2,
+        topk_group=1,
+        routed_scaling_factor=2.5,
+        norm_topk_prob=True,
+        n_shared_experts=1,
+        first_k_dense_replace=1,
+        attention_bias=True,
+        use_qk_norm=True,
+        partial_rotary_factor=0.5,
+    ),
 }
+
+# std of the random `e_score_correction_bias` written for families whose router has one:
+# transformers initialises it to zeros, which would leave the selection bias untested.
+ROUTER_BIAS_STD: dict[str, float] = {"glm4_moe": 0.1}
 
 
 def make_hf_model(
-    family: str, out_dir: Path, seed: int = 0, **overrides
+    family: str,
+    out_dir: Path,
+    seed: int = 0,
+    router_bias_std: float | None = None,
+    **overrides,
 ) -> transformers.PreTrainedModel:
-    """Build a random-weight model with transformers, save it in HF layout, return it."""
+    """Build a random-weight model with transformers, save it in HF layout, return it.
+
+    ``router_bias_std`` (default: ROUTER_BIAS_STD of the family) draws every
+    ``e_score_correction_bias`` from N(0, std^2) before saving.
+    """
     torch.manual_seed(seed)
     cls = transformers.CONFIG_MAPPING[family]
     kwargs = {**BASE, **FAMILY_ARGS[family], **overrides}
@@ -99,6 +128,12 @@ def make_hf_model(
             if bias is not None:  # zero after init: make the selection bias matter
                 bias.copy_(torch.randn_like(bias) * 0.05)
     model.eval()
+    std = ROUTER_BIAS_STD.get(family, 0.0) if router_bias_std is None else router_bias_std
+    if std:
+        with torch.no_grad():
+            for name, buf in model.named_buffers():
+                if name.endswith("e_score_correction_bias"):
+                    buf.normal_(0.0, std)
     model.save_pretrained(out_dir)
     return model
 

@@ -34,7 +34,9 @@ def _fail(message: str) -> typer.Exit:
 @app.command("init-model")
 def init_model_cmd(
     out_dir: Annotated[Path, typer.Argument(help="directory to write the checkpoint to")],
-    arch: Annotated[str, typer.Option(help="mixtral | qwen2_moe | qwen3_moe | olmoe")] = "mixtral",
+    arch: Annotated[
+        str, typer.Option(help="mixtral | qwen2_moe | qwen3_moe | olmoe | glm4_moe")
+    ] = "mixtral",
     preset: Annotated[str, typer.Option(help="tiny | small")] = "tiny",
     seed: Annotated[int, typer.Option(help="random seed of the weights")] = 0,
     dtype: Annotated[str, typer.Option(help="float32 | bfloat16")] = "float32",

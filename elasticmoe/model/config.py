@@ -13,7 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+SUPPORTED_MODEL_TYPES = (
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v3",
+    "glm4_moe",
+)
 
 QKNorm = Literal["none", "per_head", "full"]
 # How the router turns logits into expert scores: softmax over all experts (mixtral, qwen,
@@ -103,6 +110,9 @@ class MoEModelConfig:
     # deepseek_v3/glm4_moe-style ungated shared experts: one SwiGLU MLP (`shared_experts`) of
     # n_shared_experts * expert_intermediate_size, added to the routed output.
     n_shared_experts: int = 0
+    # Fraction of each head's dims that RoPE rotates (glm4_moe: the first half, rotate-half
+    # layout within it); the rest passes through unrotated.
+    partial_rotary_factor: float = 1.0
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -130,6 +140,11 @@ class MoEModelConfig:
     def shared_experts_intermediate_size(self) -> int:
         """Width of the ungated ``shared_experts`` MLP (0: none)."""
         return self.n_shared_experts * self.expert_intermediate_size
+
+    @property
+    def rotary_dim(self) -> int:
+        """Leading dims of each head that RoPE rotates."""
+        return int(self.head_dim * self.partial_rotary_factor)
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether ``layer`` has a routed-expert MLP (vs a dense MLP)."""
@@ -220,6 +235,41 @@ def _rope_scaling(cfg: dict[str, Any], path: Path) -> RopeScaling | None:
     return scaling
 
 
+def _number(cfg: dict[str, Any], key: str, default: float, path: Path) -> float:
+    value = cfg.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(f"{path}: {key}={value!r} must be a number")
+    return float(value)
+
+
+def _integer(cfg: dict[str, Any], key: str, default: int, path: Path) -> int:
+    value = cfg.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ConfigError(f"{path}: {key}={value!r} must be an integer")
+    return value
+
+
+def _flag(cfg: dict[str, Any], key: str, default: bool, path: Path) -> bool:
+    value = cfg.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise ConfigError(f"{path}: {key}={value!r} must be true or false")
+    return value
+
+
+def _partial_rotary_factor(cfg: dict[str, Any], default: float, path: Path) -> float:
+    """transformers 5 writes it in rope_parameters; older checkpoints at the top level."""
+    params = cfg.get("rope_parameters")
+    if isinstance(params, dict) and params.get("partial_rotary_factor") is not None:
+        return _number(params, "partial_rotary_factor", default, path)
+    return _number(cfg, "partial_rotary_factor", default, path)
+
+
 def _as_tuple(value: Any) -> tuple[int, ...]:
     if value is None:
         return ()
@@ -258,6 +308,9 @@ def parse_config(cfg: dict[str, Any], path: Path | str = "config.json") -> MoEMo
             f"num_key_value_heads={num_kv_heads}"
         )
     intermediate = int(cfg.get("intermediate_size") or 0)
+    hidden_act = cfg.get("hidden_act", "silu")
+    if hidden_act not in ("silu", "swish"):
+        raise ConfigError(f"{path}: hidden_act={hidden_act!r} is not supported; supported: silu")
 
     moe_layers: tuple[int, ...] = tuple(range(num_layers))
     extra: dict[str, Any] = {}  # family-specific fields (deepseek_v3: MLA and routing)
@@ -266,6 +319,7 @@ def parse_config(cfg: dict[str, Any], path: Path | str = "config.json") -> MoEMo
     shared = 0
     norm_topk = bool(cfg.get("norm_topk_prob", False))
     sliding_window = None
+    routing: dict[str, Any] = {}
     if model_type == "mixtral":
         expert_inter = int(_require(cfg, "intermediate_size", path))
         norm_topk = True  # mixtral always renormalises the top-k weights
@@ -280,6 +334,25 @@ def parse_config(cfg: dict[str, Any], path: Path | str = "config.json") -> MoEMo
         head_dim = extra["qk_rope_head_dim"]  # the rotary dim, as transformers sets it
         norm_topk = bool(cfg.get("norm_topk_prob", True))
         qkv_bias = bool(cfg.get("attention_bias", False))
+    elif model_type == "glm4_moe":
+        expert_inter = int(_require(cfg, "moe_intermediate_size", path))
+        first_dense = _integer(cfg, "first_k_dense_replace", 1, path)
+        if not 0 <= first_dense <= num_layers:
+            raise ConfigError(
+                f"{path}: first_k_dense_replace={first_dense} must be in 0..{num_layers}"
+            )
+        moe_layers = tuple(range(first_dense, num_layers))
+        qkv_bias = _flag(cfg, "attention_bias", False, path)
+        qk_norm = "per_head" if _flag(cfg, "use_qk_norm", False, path) else "none"
+        norm_topk = _flag(cfg, "norm_topk_prob", True, path)
+        routing = dict(
+            scoring_func="sigmoid",
+            n_group=_integer(cfg, "n_group", 1, path),
+            topk_group=_integer(cfg, "topk_group", 1, path),
+            routed_scaling_factor=_number(cfg, "routed_scaling_factor", 1.0, path),
+            n_shared_experts=_integer(cfg, "n_shared_experts", 1, path),
+            partial_rotary_factor=_partial_rotary_factor(cfg, 0.5, path),
+        )
     else:  # qwen2_moe, qwen3_moe
         expert_inter = int(_require(cfg, "moe_intermediate_size", path))
         step = int(cfg.get("decoder_sparse_step", 1) or 1)
@@ -326,6 +399,7 @@ def parse_config(cfg: dict[str, Any], path: Path | str = "config.json") -> MoEMo
         eos_token_ids=_as_tuple(cfg.get("eos_token_id")),
         raw=cfg,
         **extra,
+        **routing,
     )
     check_ranges(config, path)
     return config
@@ -452,6 +526,15 @@ def check_ranges(c: MoEModelConfig, path: Path | str = "config.json") -> None:
     if not (math.isfinite(c.routed_scaling_factor) and c.routed_scaling_factor > 0):
         raise ConfigError(
             f"{path}: routed_scaling_factor={c.routed_scaling_factor} must be a finite number > 0"
+        )
+    if not (0 < c.partial_rotary_factor <= 1):
+        raise ConfigError(
+            f"{path}: partial_rotary_factor={c.partial_rotary_factor} must be in (0, 1]"
+        )
+    if c.rotary_dim < 2 or c.rotary_dim % 2:
+        raise ConfigError(
+            f"{path}: partial_rotary_factor={c.partial_rotary_factor} gives {c.rotary_dim} "
+            f"rotary dims of head_dim={c.head_dim}; it must be an even number >= 2"
         )
     if c.num_experts % c.n_group:
         raise ConfigError(

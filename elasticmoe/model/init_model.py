@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 __all__ = ["ARCHS", "PRESETS", "build_config", "expert_count_key", "init_model"]
 
-ARCHS: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3")
+ARCHS: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe")
 PRESETS: tuple[str, ...] = ("tiny", "small")
 
 _ARCHITECTURES = {
@@ -32,6 +32,7 @@ _ARCHITECTURES = {
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "olmoe": "OlmoeForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
+    "glm4_moe": "Glm4MoeForCausalLM",
 }
 
 # transformers names the expert count differently per family; the config key that its config
@@ -43,6 +44,7 @@ _EXPERT_COUNT_KEY = {
     "qwen3_moe": "num_local_experts",
     "olmoe": "num_experts",
     "deepseek_v3": "n_routed_experts",
+    "glm4_moe": "n_routed_experts",
 }
 
 # deepseek_v3's multi-head latent attention and routing at each preset size (the rest comes
@@ -169,6 +171,31 @@ def build_config(arch: str, preset: str, **overrides: Any) -> dict[str, Any]:
             sliding_window=None,
             router_jitter_noise=0.0,
         )
+    elif arch == "glm4_moe":
+        # GLM-4.5(-Air)-like: sigmoid router without auxiliary loss (no router_aux_loss_coef),
+        # routed weights scaled by 2.5, one ungated shared expert, the first layer dense, qkv
+        # bias, half of each head rotated. One expert group: the published configs use
+        # n_group=topk_group=1 (the grouped path is tested on transformers-built models).
+        del cfg["router_aux_loss_coef"]
+        cfg["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": 1_000_000.0,
+            "partial_rotary_factor": 0.5,
+        }
+        cfg.update(
+            intermediate_size=p["shared_expert_intermediate_size"],
+            moe_intermediate_size=p["expert_intermediate_size"],
+            first_k_dense_replace=1,
+            n_shared_experts=1,
+            n_group=1,
+            topk_group=1,
+            routed_scaling_factor=2.5,
+            norm_topk_prob=True,
+            attention_bias=True,
+            use_qk_norm=False,
+            # no multi-token-prediction layers are written
+            num_nextn_predict_layers=0,
+        )
     elif arch == "olmoe":
         cfg.update(
             intermediate_size=p["expert_intermediate_size"],
@@ -263,7 +290,10 @@ def _tensor_specs(arch: str, cfg: dict[str, Any]) -> Iterator[tuple[str, tuple[i
     inter = (
         cfg["intermediate_size"] if arch in ("mixtral", "olmoe") else cfg["moe_intermediate_size"]
     )
-    qkv_bias = arch == "qwen2_moe" and cfg.get("qkv_bias", True)
+    qkv_bias = (arch == "qwen2_moe" and cfg.get("qkv_bias", True)) or (
+        arch == "glm4_moe" and cfg.get("attention_bias", False)
+    )
+    first_dense = cfg.get("first_k_dense_replace", 0) if arch == "glm4_moe" else 0
 
     yield "model.embed_tokens.weight", (cfg["vocab_size"], h), "embed"
     if arch == "deepseek_v3":
@@ -283,7 +313,7 @@ def _tensor_specs(arch: str, cfg: dict[str, Any]) -> Iterator[tuple[str, tuple[i
             if qkv_bias:
                 yield f"{attn}.{proj}_proj.bias", (out_dim,), "bias"
         yield f"{attn}.o_proj.weight", (h, n_heads * head_dim), "linear"
-        if arch == "qwen3_moe":
+        if arch == "qwen3_moe" or (arch == "glm4_moe" and cfg.get("use_qk_norm")):
             # Per-head norms (only over head_dim), unlike olmoe's whole-projection norms.
             yield f"{attn}.q_norm.weight", (head_dim,), "norm"
             yield f"{attn}.k_norm.weight", (head_dim,), "norm"
@@ -291,7 +321,12 @@ def _tensor_specs(arch: str, cfg: dict[str, Any]) -> Iterator[tuple[str, tuple[i
             yield f"{attn}.q_norm.weight", (h,), "norm"
             yield f"{attn}.k_norm.weight", (n_kv * head_dim,), "norm"
 
-        if arch == "mixtral":
+        if i < first_dense:
+            mlp, dense = f"{pre}.mlp", cfg["intermediate_size"]
+            yield f"{mlp}.gate_proj.weight", (dense, h), "linear"
+            yield f"{mlp}.up_proj.weight", (dense, h), "linear"
+            yield f"{mlp}.down_proj.weight", (h, dense), "linear"
+        elif arch == "mixtral":
             moe = f"{pre}.block_sparse_moe"
             yield f"{moe}.gate.weight", (n_experts, h), "router"
             for e in range(n_experts):
@@ -301,6 +336,8 @@ def _tensor_specs(arch: str, cfg: dict[str, Any]) -> Iterator[tuple[str, tuple[i
         else:
             moe = f"{pre}.mlp"
             yield f"{moe}.gate.weight", (n_experts, h), "router"
+            if arch == "glm4_moe":
+                yield f"{moe}.gate.e_score_correction_bias", (n_experts,), "bias"
             for e in range(n_experts):
                 yield f"{moe}.experts.{e}.gate_proj.weight", (inter, h), "linear"
                 yield f"{moe}.experts.{e}.up_proj.weight", (inter, h), "linear"
@@ -311,6 +348,11 @@ def _tensor_specs(arch: str, cfg: dict[str, Any]) -> Iterator[tuple[str, tuple[i
                 yield f"{moe}.shared_expert.up_proj.weight", (shared, h), "linear"
                 yield f"{moe}.shared_expert.down_proj.weight", (h, shared), "linear"
                 yield f"{moe}.shared_expert_gate.weight", (1, h), "linear"
+            if arch == "glm4_moe":
+                shared = cfg["n_shared_experts"] * inter
+                yield f"{moe}.shared_experts.gate_proj.weight", (shared, h), "linear"
+                yield f"{moe}.shared_experts.up_proj.weight", (shared, h), "linear"
+                yield f"{moe}.shared_experts.down_proj.weight", (h, shared), "linear"
         yield f"{pre}.input_layernorm.weight", (h,), "norm"
         yield f"{pre}.post_attention_layernorm.weight", (h,), "norm"
     yield "model.norm.weight", (h,), "norm"
@@ -466,7 +508,9 @@ def init_model(
 
     tensors: dict[str, torch.Tensor] = {}
     for name, shape, kind in _tensor_specs(arch, cfg):
-        tensors[name] = _init_tensor(name, shape, kind, seed, cfg["hidden_size"]).to(torch_dtype)
+        # the router's selection bias stays fp32 in any dtype, as in published checkpoints
+        tensor_dtype = torch.float32 if name.endswith("e_score_correction_bias") else torch_dtype
+        tensors[name] = _init_tensor(name, shape, kind, seed, cfg["hidden_size"]).to(tensor_dtype)
     names = list(tensors)
     sizes = {n: t.numel() * t.element_size() for n, t in tensors.items()}
     max_bytes = None if max_shard_size_mb is None else int(max_shard_size_mb * 1_000_000)

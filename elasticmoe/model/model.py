@@ -1,4 +1,5 @@
-"""The MoE decoder (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3) over a paged KV cache.
+"""The MoE decoder (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, glm4_moe) over a
+paged KV cache.
 
 Module and parameter names mirror the Hugging Face checkpoints, so loading is
 a name-for-name copy. Routed experts are not parameters of this module: each
@@ -293,7 +294,7 @@ class MoEForCausalLM(nn.Module):
         assert self.experts is not None, "set model.experts before running the model"
         c = self.config
         h = self.model.embed_tokens(input_ids)
-        cos, sin = rotary_cos_sin(positions, c.head_dim, c.rope_theta, h.dtype, c.rope_scaling)
+        cos, sin = rotary_cos_sin(positions, c.rotary_dim, c.rope_theta, h.dtype, c.rope_scaling)
         for i, layer in enumerate(self.model.layers):
             residual = h
             h = layer.input_layernorm(h)

@@ -103,7 +103,15 @@ def rotary_cos_sin(
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, H, D] (half-split layout) by the per-token angles."""
+    """Rotate x [T, H, D] (half-split layout) by the per-token angles.
+
+    With cos/sin narrower than D (partial rotary), only the first R = cos.shape[-1] dims are
+    rotated (rotate-half layout within them) and the rest pass through, as in transformers.
+    """
+    rotary_dim = cos.shape[-1]
+    if rotary_dim < x.shape[-1]:
+        x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+        return torch.cat([apply_rotary(x_rot, cos, sin), x_pass], dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return x * cos[:, None, :] + rotated * sin[:, None, :]

@@ -13,6 +13,7 @@ import os
 import shutil
 import threading
 import time
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,10 +21,10 @@ from typing import Any
 
 import torch
 
-from elasticmoe.model.config import load_config, parse_config
+from elasticmoe.model.config import ConfigError, load_config, parse_config
 from elasticmoe.model.init_model import build_config
 from elasticmoe.model.registry import resolve_model
-from elasticmoe.train.config import TrainConfig
+from elasticmoe.train.config import ModelSpec, TrainConfig
 from elasticmoe.train.data import PreparedData, prepare_data
 from elasticmoe.train.export import export_checkpoint
 from elasticmoe.train.loop import STATE_FILE, train_loop_per_worker
@@ -59,7 +60,13 @@ def model_config_for(cfg: TrainConfig, vocab_size: int) -> dict[str, Any]:
         config["router_aux_loss_coef"] = cfg.model.router_aux_loss_coef
     config.setdefault("router_aux_loss_coef", 0.001)
     # fail here, on the driver, when overrides make an unsupported model
-    parse_config(config, "model (config.json after model.overrides)")
+    mc = parse_config(config, "model (config.json after model.overrides)")
+    trainable = typing.get_args(ModelSpec.model_fields["arch"].annotation)
+    if mc.model_type not in trainable:  # served, but TrainableMoE lacks its routing/attention
+        raise ConfigError(
+            f"model.init_from: model_type={mc.model_type!r} cannot be trained; "
+            f"elasticmoe train supports {', '.join(trainable)}"
+        )
     return config
 
 
