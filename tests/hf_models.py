@@ -9,7 +9,7 @@ import transformers
 
 from elasticmoe import LLM
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe")
 
 BASE = dict(
     vocab_size=256,
@@ -46,6 +46,39 @@ FAMILY_ARGS: dict[str, dict] = {
         norm_topk_prob=True,
     ),
     "olmoe": dict(num_experts=8, intermediate_size=32, norm_topk_prob=False),
+    # MLA with a q bottleneck and interleaved YaRN rope (mscale != mscale_all_dim, so both the
+    # cos/sin factor and the softmax mscale matter); grouped sigmoid routing over 4 groups of
+    # 2 experts, 2 groups allowed, scaled weights; layer 0 dense; one shared expert. The
+    # selection bias is set to random values in make_hf_model (transformers zeroes it).
+    "deepseek_v3": dict(
+        num_key_value_heads=4,
+        head_dim=8,  # transformers' rotary dim: must equal qk_rope_head_dim
+        n_routed_experts=8,
+        n_group=4,
+        topk_group=2,
+        routed_scaling_factor=2.5,
+        n_shared_experts=1,
+        moe_intermediate_size=32,
+        intermediate_size=48,
+        first_k_dense_replace=1,
+        q_lora_rank=24,
+        kv_lora_rank=16,
+        qk_nope_head_dim=8,
+        qk_rope_head_dim=8,
+        v_head_dim=12,
+        norm_topk_prob=True,
+        num_mtp_layers=0,
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 10000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 128,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "mscale": 0.9,
+            "mscale_all_dim": 1.0,
+        },
+    ),
     # layer 0 dense (first_k_dense_replace); sigmoid router picking within the best of 2 groups
     # of 4, scaled weights; ungated shared expert; qkv bias, per-head q/k norm, half the head
     # dims rotated
@@ -89,6 +122,11 @@ def make_hf_model(
         kwargs["num_local_experts"] = kwargs.pop("num_experts")
     config = cls(**kwargs)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    with torch.no_grad():
+        for module in model.modules():
+            bias = getattr(module, "e_score_correction_bias", None)
+            if bias is not None:  # zero after init: make the selection bias matter
+                bias.copy_(torch.randn_like(bias) * 0.05)
     model.eval()
     std = ROUTER_BIAS_STD.get(family, 0.0) if router_bias_std is None else router_bias_std
     if std:

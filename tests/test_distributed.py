@@ -50,7 +50,7 @@ def test_distributed_greedy_equals_local(hf_family_models, family, num_workers):
     path, _ = hf_family_models[family]
     prompts = [{"prompt_token_ids": p} for p in PROMPTS]
     local = LLM(str(path), num_kv_blocks=128, block_size=4).generate(prompts, GREEDY)
-    moe_layer = load_config(path).moe_layers[0]  # glm4_moe's layer 0 is dense
+    moe_layer = load_config(path).moe_layers[0]  # deepseek_v3's and glm4_moe's layer 0 is dense
     with LLM(
         str(path),
         mode="distributed",

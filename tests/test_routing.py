@@ -158,7 +158,7 @@ GLM_FIELD_ERRORS = [
     ({"num_experts_per_tok": 5}, r"num_experts_per_tok=5 exceeds the experts of the topk_group"),
     ({"partial_rotary_factor": 1.5}, r"partial_rotary_factor=1.5 must be in \(0, 1\]"),
     ({"partial_rotary_factor": 0.1875}, r"partial_rotary_factor=0.1875 gives 3 rotary dims"),
-    ({"rope_parameters": {"rope_type": "yarn", "factor": 4.0}}, r"rope_type='yarn'"),
+    ({"rope_parameters": {"rope_type": "longrope", "factor": 4.0}}, r"rope_type='longrope'"),
     ({"hidden_act": "gelu"}, r"hidden_act='gelu' is not supported"),
 ]
 

@@ -101,7 +101,7 @@ class LLMEngine:
             1,
             int(config.kv_cache_memory_gb * 2**30)
             // PagedKVCache.bytes_per_block(
-                mc.num_layers, config.block_size, mc.num_kv_heads, mc.head_dim, self.dtype
+                mc.num_layers, config.block_size, mc.kv_cache_layout, self.dtype
             ),
         )
         self.kv_manager = KVCacheManager(
@@ -111,8 +111,7 @@ class LLMEngine:
             mc.num_layers,
             num_blocks,
             config.block_size,
-            mc.num_kv_heads,
-            mc.head_dim,
+            mc.kv_cache_layout,
             self.dtype,
             self.device,
         )

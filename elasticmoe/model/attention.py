@@ -5,6 +5,11 @@ head_dim]``. Each step writes the new tokens' K/V at their slots and reads a
 sequence's context by gathering its blocks through its block table; there is
 no per-sequence contiguous cache to grow or concatenate.
 
+What one token stores per layer is the family's cache layout (:data:`CacheLayout`):
+K and V for GQA, one compressed latent for multi-head latent attention (deepseek_v3:
+``kv_lora_rank + qk_rope_head_dim`` values, read by every head; see
+:func:`paged_latent_attention`).
+
 A batch is a flat list of T tokens from B sequences (varlen). Sequences that
 add exactly one token (decode) are attended in one batched call; sequences
 adding several (prefill chunks) are padded to the longest chunk in a second
@@ -13,6 +18,7 @@ call, so decode rows never pay for a prefill's query length.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -55,8 +61,22 @@ class AttentionMetadata:
     num_padding_tokens: int = 0
 
 
+# What one token stores in one layer's cache: (name, heads, dim) per tensor, e.g.
+# (("k", Hkv, D), ("v", Hkv, D)) for GQA or (("latent", 1, kv_lora_rank + rope_dim),) for MLA.
+CacheLayout = Sequence[tuple[str, int, int]]
+
+
+def kv_layout(num_kv_heads: int, head_dim: int) -> tuple[tuple[str, int, int], ...]:
+    """The GQA layout: a K and a V tensor of ``num_kv_heads`` x ``head_dim`` per token."""
+    return (("k", num_kv_heads, head_dim), ("v", num_kv_heads, head_dim))
+
+
 class PagedKVCache:
-    """The physical K/V block tensors of all layers.
+    """The physical cache block tensors of all layers, one per entry of the layout.
+
+    ``tensors[name][layer]`` is ``[num_blocks + 1, block_size, heads, dim]``; ``layers[i]``
+    is layer i's tensors in layout order (what its attention module takes); ``k``/``v`` are
+    the GQA layout's lists (empty for other layouts).
 
     One block past ``num_blocks`` (``scratch_block``) belongs to no request: rows that only
     pad a batch to a bucket size write their K/V there.
@@ -67,25 +87,42 @@ class PagedKVCache:
         num_layers: int,
         num_blocks: int,
         block_size: int,
-        num_kv_heads: int,
-        head_dim: int,
+        layout: CacheLayout,
         dtype: torch.dtype,
         device: torch.device | str,
     ) -> None:
-        shape = (num_blocks + 1, block_size, num_kv_heads, head_dim)
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.scratch_block = num_blocks
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.layout = tuple(layout)
+        self.dtype = dtype
+        self.num_layers = num_layers
+        self.tensors = {
+            name: [
+                torch.zeros((num_blocks + 1, block_size, heads, dim), dtype=dtype, device=device)
+                for _ in range(num_layers)
+            ]
+            for name, heads, dim in self.layout
+        }
+        self.layers = [
+            tuple(self.tensors[name][i] for name, _, _ in self.layout) for i in range(num_layers)
+        ]
+        self.k = self.tensors.get("k", [])
+        self.v = self.tensors.get("v", [])
 
     @staticmethod
     def bytes_per_block(
-        num_layers: int, block_size: int, num_kv_heads: int, head_dim: int, dtype: torch.dtype
+        num_layers: int, block_size: int, layout: CacheLayout, dtype: torch.dtype
     ) -> int:
-        """Memory one block takes across all layers (K and V)."""
+        """Memory one block takes across all layers (every tensor of the layout)."""
         itemsize = torch.empty((), dtype=dtype).element_size()
-        return 2 * num_layers * block_size * num_kv_heads * head_dim * itemsize
+        per_token = sum(heads * dim for _, heads, dim in layout)
+        return num_layers * block_size * per_token * itemsize
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Cache memory one token takes across all layers."""
+        return self.bytes_per_block(self.num_layers, 1, self.layout, self.dtype)
 
 
 def group_mask(
@@ -135,18 +172,56 @@ def paged_attention(
     reads each gathered key once (``enable_gqa`` takes a slow path on CPU).
     """
     num_kv_heads, head_dim = k_cache.shape[2:]
-    num_heads = q.shape[1]
-    g = num_heads // num_kv_heads
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
+    return _attend_paged(q, k_cache, v_cache, meta, scale, sliding_window)
+
+
+def paged_latent_attention(
+    q: torch.Tensor,
+    latent: torch.Tensor,
+    cache: torch.Tensor,
+    meta: AttentionMetadata,
+    scale: float,
+    value_dim: int,
+) -> torch.Tensor:
+    """Multi-head latent attention over the compressed cache (the absorbed form).
+
+    q: [T, H, C] queries already in latent space (``[q_nope @ W_UK, q_rope]``); latent:
+    [T, 1, C] the new tokens' ``[kv_a_layernorm(c_kv), k_rope]``; cache: [N, bs, 1, C].
+    Every head attends to the one shared latent "head" (MQA with C-wide keys); the values
+    are the first ``value_dim`` (= kv_lora_rank) dims of the same latent, so the result
+    [T, H, value_dim] is still in latent space (the caller applies W_UV).
+    """
+    width = cache.shape[-1]
+    cache.view(-1, 1, width).index_copy_(0, meta.slot_mapping, latent)
+    return _attend_paged(q, cache, None, meta, scale, None)[..., :value_dim]
+
+
+def _attend_paged(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor | None,
+    meta: AttentionMetadata,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor:
+    """Attend each query to its sequence's cached context (``v_cache`` None: values are
+    the keys themselves, as MLA's latent is)."""
+    num_kv_heads, head_dim = k_cache.shape[2:]
+    num_heads = q.shape[1]
+    g = num_heads // num_kv_heads
     out = torch.empty_like(q)
     for group in meta.groups:
         b, max_q = group.token_idx.shape
         # Gather each sequence's blocks: [B, nb, bs, Hkv, D] -> [B, Hkv, S, D]
         blocks = group.block_tables.flatten()
         keys = k_cache.index_select(0, blocks).view(b, -1, num_kv_heads, head_dim).transpose(1, 2)
-        values = v_cache.index_select(0, blocks).view(b, -1, num_kv_heads, head_dim)
-        values = values.transpose(1, 2)
+        if v_cache is None:
+            values = keys
+        else:
+            values = v_cache.index_select(0, blocks).view(b, -1, num_kv_heads, head_dim)
+            values = values.transpose(1, 2)
         mask = group_mask(group, keys.shape[2], g, sliding_window, q.dtype)
         queries = (
             q[group.token_idx]  # [B, max_q, Hq, D]

@@ -13,13 +13,44 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe")
+SUPPORTED_MODEL_TYPES = (
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v3",
+    "glm4_moe",
+)
 
 QKNorm = Literal["none", "per_head", "full"]
 # How the router turns logits into expert scores: softmax over all experts (mixtral, qwen,
 # olmoe) or per-expert sigmoid with a selection bias and group-limited top-k (deepseek_v3,
 # glm4_moe).
 ScoringFunc = Literal["softmax", "sigmoid"]
+
+
+ROPE_TYPES = ("default", "yarn")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """The parameters of a scaled RoPE (``rope_parameters`` / ``rope_scaling`` in config.json).
+
+    ``factor``: context extension factor; ``original_max_position_embeddings``: the
+    pre-training context; ``attention_factor``: explicit cos/sin multiplier (else derived
+    from ``factor``, ``mscale`` and ``mscale_all_dim``); ``truncate``: round the correction
+    range to whole dims (transformers' default; gpt-oss sets it False).
+    """
+
+    rope_type: str
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
 
 
 class ConfigError(ValueError):
@@ -58,6 +89,17 @@ class MoEModelConfig:
     moe_layers: tuple[int, ...] = ()
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    rope_scaling: RopeScaling | None = None
+    # Multi-head latent attention (deepseek_v3, kimi k2), on when kv_lora_rank > 0: queries
+    # through a q_lora_rank bottleneck (None: a plain q_proj), keys/values from one
+    # kv_lora_rank latent per token plus a shared qk_rope_head_dim rotary key; head_dim is
+    # then the rotary dim. rope_interleave: the rotary dims come in (even, odd) pairs.
+    q_lora_rank: int | None = None
+    kv_lora_rank: int = 0
+    qk_nope_head_dim: int = 0
+    qk_rope_head_dim: int = 0
+    v_head_dim: int = 0
+    rope_interleave: bool = False
     # Router of the "sigmoid" kind (see elasticmoe.model.gate.grouped_topk_sigmoid_gate): its
     # gate carries an `e_score_correction_bias` buffer; experts are picked within the
     # `topk_group` best of `n_group` groups; the weights are scaled by `routed_scaling_factor`.
@@ -77,6 +119,22 @@ class MoEModelConfig:
     def has_shared_expert(self) -> bool:
         """qwen2_moe-style gated shared expert computed next to the routed ones."""
         return self.shared_expert_intermediate_size > 0
+
+    @property
+    def is_mla(self) -> bool:
+        """Whether attention is multi-head latent attention (a compressed-latent cache)."""
+        return self.kv_lora_rank > 0
+
+    @property
+    def kv_cache_layout(self) -> tuple[tuple[str, int, int], ...]:
+        """What one token stores in one layer's paged cache: (name, heads, dim) per tensor.
+
+        GQA: K and V of num_kv_heads x head_dim; MLA: the one latent the heads share,
+        kv_lora_rank + qk_rope_head_dim wide (not the expanded per-head K/V).
+        """
+        if self.is_mla:
+            return (("latent", 1, self.kv_lora_rank + self.qk_rope_head_dim),)
+        return (("k", self.num_kv_heads, self.head_dim), ("v", self.num_kv_heads, self.head_dim))
 
     @property
     def shared_experts_intermediate_size(self) -> int:
@@ -108,18 +166,73 @@ def _first(cfg: dict[str, Any], keys: tuple[str, ...], path: Path) -> Any:
     raise ConfigError(f"{path}: none of the fields {list(keys)} is set")
 
 
+def _rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    return params if isinstance(params, dict) else {}
+
+
 def _rope_theta(cfg: dict[str, Any], path: Path) -> float:
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling")
+    params = _rope_params(cfg)
     if params:
         rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type != "default":
+        if rope_type not in ROPE_TYPES:
             raise ConfigError(
                 f"{path}: rope_parameters.rope_type={rope_type!r} is not supported; "
-                "supported: 'default'"
+                f"supported: {', '.join(repr(t) for t in ROPE_TYPES)}"
             )
         if "rope_theta" in params:
             return float(params["rope_theta"])
     return float(cfg.get("rope_theta", 10000.0))
+
+
+def _rope_scaling(cfg: dict[str, Any], path: Path) -> RopeScaling | None:
+    """The YaRN parameters (None for the default RoPE), range-checked, as transformers
+    reads them (``factor`` defaults to max_position_embeddings / original)."""
+    import math
+
+    params = _rope_params(cfg)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return None
+    max_pos = int(cfg.get("max_position_embeddings", 4096))
+    original = int(
+        params.get("original_max_position_embeddings")
+        or cfg.get("original_max_position_embeddings")
+        or max_pos
+    )
+    factor = params.get("factor")
+    factor = float(factor) if factor is not None else max_pos / original
+    scaling = RopeScaling(
+        rope_type=rope_type,
+        factor=factor,
+        original_max_position_embeddings=original,
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        mscale=None if params.get("mscale") is None else float(params["mscale"]),
+        mscale_all_dim=(
+            None if params.get("mscale_all_dim") is None else float(params["mscale_all_dim"])
+        ),
+        attention_factor=(
+            None if params.get("attention_factor") is None else float(params["attention_factor"])
+        ),
+        truncate=bool(params.get("truncate", True)),
+    )
+    if original < 1:
+        raise ConfigError(
+            f"{path}: rope_parameters.original_max_position_embeddings={original} must be >= 1"
+        )
+    for name in (
+        "factor",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+        "attention_factor",
+    ):
+        value = getattr(scaling, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{path}: rope_parameters.{name}={value} must be a finite number > 0")
+    return scaling
 
 
 def _number(cfg: dict[str, Any], key: str, default: float, path: Path) -> float:
@@ -200,6 +313,7 @@ def parse_config(cfg: dict[str, Any], path: Path | str = "config.json") -> MoEMo
         raise ConfigError(f"{path}: hidden_act={hidden_act!r} is not supported; supported: silu")
 
     moe_layers: tuple[int, ...] = tuple(range(num_layers))
+    extra: dict[str, Any] = {}  # family-specific fields (deepseek_v3: MLA and routing)
     qkv_bias = False
     qk_norm: QKNorm = "none"
     shared = 0
@@ -213,6 +327,13 @@ def parse_config(cfg: dict[str, Any], path: Path | str = "config.json") -> MoEMo
     elif model_type == "olmoe":
         expert_inter = int(_require(cfg, "intermediate_size", path))
         qk_norm = "full"
+    elif model_type == "deepseek_v3":  # also kimi k2
+        expert_inter = int(_require(cfg, "moe_intermediate_size", path))
+        extra = _deepseek_v3_fields(cfg, path, num_layers)
+        moe_layers = extra.pop("moe_layers")
+        head_dim = extra["qk_rope_head_dim"]  # the rotary dim, as transformers sets it
+        norm_topk = bool(cfg.get("norm_topk_prob", True))
+        qkv_bias = bool(cfg.get("attention_bias", False))
     elif model_type == "glm4_moe":
         expert_inter = int(_require(cfg, "moe_intermediate_size", path))
         first_dense = _integer(cfg, "first_k_dense_replace", 1, path)
@@ -260,6 +381,7 @@ def parse_config(cfg: dict[str, Any], path: Path | str = "config.json") -> MoEMo
         head_dim=head_dim,
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=_rope_theta(cfg, path),
+        rope_scaling=_rope_scaling(cfg, path),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         num_experts=num_experts,
         top_k=top_k,
@@ -276,10 +398,83 @@ def parse_config(cfg: dict[str, Any], path: Path | str = "config.json") -> MoEMo
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_as_tuple(cfg.get("eos_token_id")),
         raw=cfg,
+        **extra,
         **routing,
     )
     check_ranges(config, path)
     return config
+
+
+# deepseek_v3 topk_method / scoring_func values elasticmoe implements (transformers' router)
+DEEPSEEK_TOPK_METHODS = ("noaux_tc",)
+DEEPSEEK_SCORING_FUNCS = ("sigmoid",)
+
+
+def _deepseek_v3_fields(cfg: dict[str, Any], path: Path, num_layers: int) -> dict[str, Any]:
+    """MLA, routing and dense-layer fields of a deepseek_v3 (or kimi k2) config.json.
+
+    Defaults are transformers' DeepseekV3Config's. MoE layers: index >= first_k_dense_replace
+    and a multiple of moe_layer_freq (DeepSeek's own modeling code; every real checkpoint
+    has freq 1, which is what transformers assumes).
+    """
+    quant = cfg.get("quantization_config")
+    if quant:
+        method = quant.get("quant_method") if isinstance(quant, dict) else quant
+        raise ConfigError(
+            f"{path}: quantization_config.quant_method={method!r} is not supported for "
+            "deepseek_v3; dequantize the checkpoint to bf16 first"
+        )
+    topk_method = cfg.get("topk_method") or "noaux_tc"
+    if topk_method not in DEEPSEEK_TOPK_METHODS:
+        raise ConfigError(
+            f"{path}: topk_method={topk_method!r} is not supported; "
+            f"supported: {', '.join(DEEPSEEK_TOPK_METHODS)}"
+        )
+    scoring = cfg.get("scoring_func") or "sigmoid"
+    if scoring not in DEEPSEEK_SCORING_FUNCS:
+        raise ConfigError(
+            f"{path}: scoring_func={scoring!r} is not supported; "
+            f"supported: {', '.join(DEEPSEEK_SCORING_FUNCS)}"
+        )
+    first_dense = int(cfg.get("first_k_dense_replace", 3) or 0)
+    freq = int(cfg.get("moe_layer_freq", 1) or 1)
+    if not 0 <= first_dense <= num_layers:
+        raise ConfigError(f"{path}: first_k_dense_replace={first_dense} must be in 0..{num_layers}")
+    if freq < 1:
+        raise ConfigError(f"{path}: moe_layer_freq={freq} must be >= 1")
+    q_lora_rank = cfg.get("q_lora_rank")
+    if int(_require(cfg, "kv_lora_rank", path)) < 1:
+        raise ConfigError(f"{path}: kv_lora_rank={cfg['kv_lora_rank']} must be >= 1")
+    return {
+        "moe_layers": tuple(i for i in range(num_layers) if i >= first_dense and i % freq == 0),
+        "q_lora_rank": None if q_lora_rank is None else int(q_lora_rank),
+        "kv_lora_rank": int(_require(cfg, "kv_lora_rank", path)),
+        "qk_nope_head_dim": int(_require(cfg, "qk_nope_head_dim", path)),
+        "qk_rope_head_dim": int(_require(cfg, "qk_rope_head_dim", path)),
+        "v_head_dim": int(_require(cfg, "v_head_dim", path)),
+        "rope_interleave": bool(cfg.get("rope_interleave", True)),
+        "scoring_func": "sigmoid",
+        "n_group": int(cfg.get("n_group") or 1),
+        "topk_group": int(cfg.get("topk_group") or 1),
+        "routed_scaling_factor": float(cfg.get("routed_scaling_factor", 1.0)),
+        "n_shared_experts": int(cfg.get("n_shared_experts", 1) or 0),
+    }
+
+
+def _check_mla(c: MoEModelConfig, path: Path | str) -> None:
+    """MLA sizes in range (only when the model uses MLA)."""
+    if not c.is_mla:
+        return
+    for name, low in (("kv_lora_rank", 1), ("qk_nope_head_dim", 1), ("v_head_dim", 1)):
+        value = getattr(c, name)
+        if not low <= value <= 1 << 16:
+            raise ConfigError(f"{path}: {name}={value} must be in {low}..{1 << 16}")
+    if not 2 <= c.qk_rope_head_dim <= 4096 or c.qk_rope_head_dim % 2:
+        raise ConfigError(
+            f"{path}: qk_rope_head_dim={c.qk_rope_head_dim} must be an even number in 2..4096"
+        )
+    if c.q_lora_rank is not None and not 1 <= c.q_lora_rank <= 1 << 16:
+        raise ConfigError(f"{path}: q_lora_rank={c.q_lora_rank} must be null or in 1..65536")
 
 
 # field -> (lowest allowed, highest allowed); None: unbounded on that side
@@ -321,6 +516,7 @@ def check_ranges(c: MoEModelConfig, path: Path | str = "config.json") -> None:
         if not low <= value <= (high if high is not None else value):
             bound = f"{low}..{high}" if high is not None else f">= {low}"
             raise ConfigError(f"{path}: {_HF_NAME.get(name, name)}={value} must be in {bound}")
+    _check_mla(c, path)
     for name in ("rms_norm_eps", "rope_theta"):
         value = getattr(c, name)
         if not (math.isfinite(value) and value > 0):

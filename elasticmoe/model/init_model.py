@@ -23,7 +23,7 @@ from safetensors.torch import save_file
 
 __all__ = ["ARCHS", "PRESETS", "build_config", "expert_count_key", "init_model"]
 
-ARCHS: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "glm4_moe")
+ARCHS: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe")
 PRESETS: tuple[str, ...] = ("tiny", "small")
 
 _ARCHITECTURES = {
@@ -31,6 +31,7 @@ _ARCHITECTURES = {
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "olmoe": "OlmoeForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
     "glm4_moe": "Glm4MoeForCausalLM",
 }
 
@@ -42,7 +43,33 @@ _EXPERT_COUNT_KEY = {
     "qwen2_moe": "num_experts",
     "qwen3_moe": "num_local_experts",
     "olmoe": "num_experts",
+    "deepseek_v3": "n_routed_experts",
     "glm4_moe": "n_routed_experts",
+}
+
+# deepseek_v3's multi-head latent attention and routing at each preset size (the rest comes
+# from _PRESET_VALUES): one dense first layer, one shared expert, 4 expert groups.
+_DEEPSEEK_VALUES: dict[str, dict[str, int]] = {
+    "tiny": {
+        "q_lora_rank": 32,
+        "kv_lora_rank": 32,
+        "qk_nope_head_dim": 16,
+        "qk_rope_head_dim": 8,
+        "v_head_dim": 16,
+        "n_group": 4,
+        "topk_group": 2,
+        "intermediate_size": 128,
+    },
+    "small": {
+        "q_lora_rank": 128,
+        "kv_lora_rank": 64,
+        "qk_nope_head_dim": 32,
+        "qk_rope_head_dim": 16,
+        "v_head_dim": 32,
+        "n_group": 4,
+        "topk_group": 2,
+        "intermediate_size": 768,
+    },
 }
 
 _PRESET_VALUES: dict[str, dict[str, int]] = {
@@ -176,6 +203,43 @@ def build_config(arch: str, preset: str, **overrides: Any) -> dict[str, Any]:
             clip_qkv=None,
             norm_topk_prob=False,
         )
+    elif arch == "deepseek_v3":
+        d = _DEEPSEEK_VALUES[preset]
+        max_pos = p["max_position_embeddings"]
+        for key in ("router_aux_loss_coef", "output_router_logits"):
+            cfg.pop(key)
+        cfg.update(
+            d,
+            # MLA: every head reads the one latent; transformers' head_dim is the rotary dim
+            num_key_value_heads=p["num_attention_heads"],
+            head_dim=d["qk_rope_head_dim"],
+            qk_head_dim=d["qk_nope_head_dim"] + d["qk_rope_head_dim"],
+            moe_intermediate_size=p["expert_intermediate_size"],
+            n_shared_experts=1,
+            first_k_dense_replace=1,
+            moe_layer_freq=1,
+            norm_topk_prob=True,
+            routed_scaling_factor=2.5,
+            topk_method="noaux_tc",
+            scoring_func="sigmoid",
+            rope_interleave=True,
+            attention_bias=False,
+            num_nextn_predict_layers=0,
+            output_router_logits=False,
+            pretraining_tp=1,
+            rms_norm_eps=1e-6,
+            # YaRN x4 over a quarter of the context, as DeepSeek-V3 / Kimi K2 extend theirs
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 10_000.0,
+                "factor": 4.0,
+                "original_max_position_embeddings": max_pos // 4,
+                "beta_fast": 32,
+                "beta_slow": 1,
+                "mscale": 1.0,
+                "mscale_all_dim": 1.0,
+            },
+        )
     else:
         # intermediate_size is the dense MLP of `mlp_only_layers`; none exist, but the field must
         # still be a valid int.
@@ -232,6 +296,11 @@ def _tensor_specs(arch: str, cfg: dict[str, Any]) -> Iterator[tuple[str, tuple[i
     first_dense = cfg.get("first_k_dense_replace", 0) if arch == "glm4_moe" else 0
 
     yield "model.embed_tokens.weight", (cfg["vocab_size"], h), "embed"
+    if arch == "deepseek_v3":
+        yield from _deepseek_layer_specs(cfg)
+        yield "model.norm.weight", (h,), "norm"
+        yield "lm_head.weight", (cfg["vocab_size"], h), "head"
+        return
     for i in range(cfg["num_hidden_layers"]):
         pre = f"model.layers.{i}"
         attn = f"{pre}.self_attn"
@@ -288,6 +357,52 @@ def _tensor_specs(arch: str, cfg: dict[str, Any]) -> Iterator[tuple[str, tuple[i
         yield f"{pre}.post_attention_layernorm.weight", (h,), "norm"
     yield "model.norm.weight", (h,), "norm"
     yield "lm_head.weight", (cfg["vocab_size"], h), "head"
+
+
+def _deepseek_layer_specs(cfg: dict[str, Any]) -> Iterator[tuple[str, tuple[int, ...], str]]:
+    """deepseek_v3's decoder layers: MLA attention, dense then MoE MLPs with shared experts."""
+    h = cfg["hidden_size"]
+    n_heads = cfg["num_attention_heads"]
+    qk_dim = cfg["qk_nope_head_dim"] + cfg["qk_rope_head_dim"]
+    lora, q_lora = cfg["kv_lora_rank"], cfg.get("q_lora_rank")
+    n_experts, inter = cfg["n_routed_experts"], cfg["moe_intermediate_size"]
+    for i in range(cfg["num_hidden_layers"]):
+        pre = f"model.layers.{i}"
+        attn = f"{pre}.self_attn"
+        if q_lora is None:
+            yield f"{attn}.q_proj.weight", (n_heads * qk_dim, h), "linear"
+        else:
+            yield f"{attn}.q_a_proj.weight", (q_lora, h), "linear"
+            yield f"{attn}.q_a_layernorm.weight", (q_lora,), "norm"
+            yield f"{attn}.q_b_proj.weight", (n_heads * qk_dim, q_lora), "linear"
+        yield f"{attn}.kv_a_proj_with_mqa.weight", (lora + cfg["qk_rope_head_dim"], h), "linear"
+        yield f"{attn}.kv_a_layernorm.weight", (lora,), "norm"
+        yield (
+            f"{attn}.kv_b_proj.weight",
+            (n_heads * (cfg["qk_nope_head_dim"] + cfg["v_head_dim"]), lora),
+            "linear",
+        )
+        yield f"{attn}.o_proj.weight", (h, n_heads * cfg["v_head_dim"]), "linear"
+        mlp = f"{pre}.mlp"
+        if i < cfg["first_k_dense_replace"] or i % cfg.get("moe_layer_freq", 1):
+            dense = cfg["intermediate_size"]
+            yield f"{mlp}.gate_proj.weight", (dense, h), "linear"
+            yield f"{mlp}.up_proj.weight", (dense, h), "linear"
+            yield f"{mlp}.down_proj.weight", (h, dense), "linear"
+        else:
+            yield f"{mlp}.gate.weight", (n_experts, h), "router"
+            # the selection-only bias (transformers would zero it; random keeps it exercised)
+            yield f"{mlp}.gate.e_score_correction_bias", (n_experts,), "bias"
+            for e in range(n_experts):
+                yield f"{mlp}.experts.{e}.gate_proj.weight", (inter, h), "linear"
+                yield f"{mlp}.experts.{e}.up_proj.weight", (inter, h), "linear"
+                yield f"{mlp}.experts.{e}.down_proj.weight", (h, inter), "linear"
+            shared = cfg["n_shared_experts"] * inter
+            yield f"{mlp}.shared_experts.gate_proj.weight", (shared, h), "linear"
+            yield f"{mlp}.shared_experts.up_proj.weight", (shared, h), "linear"
+            yield f"{mlp}.shared_experts.down_proj.weight", (h, shared), "linear"
+        yield f"{pre}.input_layernorm.weight", (h,), "norm"
+        yield f"{pre}.post_attention_layernorm.weight", (h,), "norm"
 
 
 def _init_tensor(

@@ -1,4 +1,5 @@
-"""The MoE decoder (mixtral, qwen2_moe, qwen3_moe, olmoe, glm4_moe) over a paged KV cache.
+"""The MoE decoder (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, glm4_moe) over a
+paged KV cache.
 
 Module and parameter names mirror the Hugging Face checkpoints, so loading is
 a name-for-name copy. Routed experts are not parameters of this module: each
@@ -15,11 +16,22 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from elasticmoe.model.attention import AttentionMetadata, PagedKVCache, paged_attention
+from elasticmoe.model.attention import (
+    AttentionMetadata,
+    PagedKVCache,
+    paged_attention,
+    paged_latent_attention,
+)
 from elasticmoe.model.checkpoint import CheckpointReader
 from elasticmoe.model.config import MoEModelConfig, load_config
 from elasticmoe.model.gate import GateOutput, grouped_topk_sigmoid_gate, topk_softmax_gate
 from elasticmoe.model.moe import ExpertBackend
+from elasticmoe.model.rope import (
+    apply_rotary,
+    apply_rotary_interleaved,
+    rotary_cos_sin,
+    softmax_scale_mscale,
+)
 
 # Called once per MoE layer per step with the gate's tokens_per_expert.
 LoadHook = Callable[[int, torch.Tensor], None]
@@ -38,33 +50,6 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
-
-
-def rotary_cos_sin(
-    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [T, D] for the default RoPE."""
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    )
-    freqs = positions.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, H, D] by the per-token angles.
-
-    With cos/sin narrower than D (partial rotary), only the first R = cos.shape[-1] dims are
-    rotated (rotate-half layout within them) and the rest pass through, as in transformers.
-    """
-    rotary_dim = cos.shape[-1]
-    if rotary_dim < x.shape[-1]:
-        x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
-        return torch.cat([apply_rotary(x_rot, cos, sin), x_pass], dim=-1)
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
 class Attention(nn.Module):
@@ -91,11 +76,12 @@ class Attention(nn.Module):
         x: torch.Tensor,
         cos: torch.Tensor,
         sin: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
+        cache: tuple[torch.Tensor, ...],
         meta: AttentionMetadata,
     ) -> torch.Tensor:
+        """x: [T, H]; cache: this layer's (k, v) block tensors."""
         c = self.config
+        k_cache, v_cache = cache
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if c.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -108,6 +94,71 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, c.sliding_window)
+        return self.o_proj(out.flatten(1))
+
+
+class MLAttention(nn.Module):
+    """Multi-head latent attention (deepseek_v3), caching one compressed latent per token.
+
+    Names as the checkpoint: ``q_a_proj``/``q_a_layernorm``/``q_b_proj`` (or ``q_proj`` when
+    q_lora_rank is null), ``kv_a_proj_with_mqa``, ``kv_a_layernorm``, ``kv_b_proj``, ``o_proj``.
+    Attention runs in the absorbed form for prefill and decode alike: kv_b_proj's K part
+    [H, Dn, L] is folded into the query (q_nope @ W_UK), every head attends to the cached
+    [c_kv, k_rope] latent, and its V part [H, Dv, L] maps the latent-space output back, so the
+    per-head K/V are never materialised (what vLLM's MLA decode does).
+    """
+
+    def __init__(self, config: MoEModelConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        qk_dim = c.qk_nope_head_dim + c.qk_rope_head_dim
+        if c.q_lora_rank is None:
+            self.q_proj = nn.Linear(c.hidden_size, c.num_heads * qk_dim, bias=False)
+        else:
+            self.q_a_proj = nn.Linear(c.hidden_size, c.q_lora_rank, bias=c.qkv_bias)
+            # transformers builds both latent norms with its default eps, not rms_norm_eps
+            self.q_a_layernorm = RMSNorm(c.q_lora_rank, 1e-6)
+            self.q_b_proj = nn.Linear(c.q_lora_rank, c.num_heads * qk_dim, bias=False)
+        self.kv_a_proj_with_mqa = nn.Linear(
+            c.hidden_size, c.kv_lora_rank + c.qk_rope_head_dim, bias=c.qkv_bias
+        )
+        self.kv_a_layernorm = RMSNorm(c.kv_lora_rank, 1e-6)
+        self.kv_b_proj = nn.Linear(
+            c.kv_lora_rank, c.num_heads * (c.qk_nope_head_dim + c.v_head_dim), bias=False
+        )
+        self.o_proj = nn.Linear(c.num_heads * c.v_head_dim, c.hidden_size, bias=c.qkv_bias)
+        # YaRN's mscale enters the softmax scale (deepseek's yarn_apply_mscale)
+        self.scale = qk_dim**-0.5 * softmax_scale_mscale(c.rope_scaling)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        cache: tuple[torch.Tensor, ...],
+        meta: AttentionMetadata,
+    ) -> torch.Tensor:
+        """x: [T, H]; cache: this layer's (latent,) block tensor [N, bs, 1, L + R]."""
+        c = self.config
+        heads, dn, dv = c.num_heads, c.qk_nope_head_dim, c.v_head_dim
+        lora, rope = c.kv_lora_rank, c.qk_rope_head_dim
+        if c.q_lora_rank is None:
+            q = self.q_proj(x)
+        else:
+            q = self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
+        q_nope, q_rot = q.view(-1, heads, dn + rope).split([dn, rope], dim=-1)
+        c_kv, k_rot = self.kv_a_proj_with_mqa(x).split([lora, rope], dim=-1)
+        rotate = apply_rotary_interleaved if c.rope_interleave else apply_rotary
+        q_rot, k_rot = rotate(q_rot, cos, sin), rotate(k_rot[:, None, :], cos, sin)
+        w_kv = self.kv_b_proj.weight.view(heads, dn + dv, lora)
+        # [H, T, Dn] @ [H, Dn, L] -> [T, H, L]
+        q_lat = torch.bmm(q_nope.transpose(0, 1), w_kv[:, :dn]).transpose(0, 1)
+        latent = torch.cat([self.kv_a_layernorm(c_kv)[:, None, :], k_rot], dim=-1)
+        out = paged_latent_attention(
+            torch.cat([q_lat, q_rot], dim=-1), latent, cache[0], meta, self.scale, lora
+        )
+        # [H, T, L] @ [H, L, Dv] -> [T, H, Dv]
+        out = torch.bmm(out.transpose(0, 1), w_kv[:, dn:].transpose(1, 2)).transpose(0, 1)
         return self.o_proj(out.flatten(1))
 
 
@@ -198,7 +249,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config: MoEModelConfig, layer: int) -> None:
         super().__init__()
-        self.self_attn = Attention(config)
+        self.self_attn: nn.Module = MLAttention(config) if config.is_mla else Attention(config)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = config.is_moe_layer(layer)
@@ -243,11 +294,11 @@ class MoEForCausalLM(nn.Module):
         assert self.experts is not None, "set model.experts before running the model"
         c = self.config
         h = self.model.embed_tokens(input_ids)
-        cos, sin = rotary_cos_sin(positions, c.rotary_dim, c.rope_theta, h.dtype)
+        cos, sin = rotary_cos_sin(positions, c.rotary_dim, c.rope_theta, h.dtype, c.rope_scaling)
         for i, layer in enumerate(self.model.layers):
             residual = h
             h = layer.input_layernorm(h)
-            h = residual + layer.self_attn(h, cos, sin, kv_cache.k[i], kv_cache.v[i], meta)
+            h = residual + layer.self_attn(h, cos, sin, kv_cache.layers[i], meta)
             residual = h
             h = layer.post_attention_layernorm(h)
             if layer.is_moe:
