@@ -13,13 +13,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
 
 QKNorm = Literal["none", "per_head", "full"]
 
 
 class ConfigError(ValueError):
     """A checkpoint's config.json is missing a field or holds an unsupported value."""
+
+
+@dataclass(frozen=True)
+class ExpertActivation:
+    """How an expert turns its gate and up projections into the down projection's input.
+
+    ``silu``: ``silu(gate) * up`` (every family but gpt_oss). ``clamped_swiglu`` (gpt_oss):
+    ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)``, ``g = clamp(gate, max=limit)``.
+    Pure data: ``elasticmoe.model.moe.activate`` computes it.
+    """
+
+    name: Literal["silu", "clamped_swiglu"] = "silu"
+    alpha: float = 0.0
+    limit: float = 0.0
+
+
+SILU = ExpertActivation()
 
 
 @dataclass(frozen=True)
@@ -54,6 +71,9 @@ class MoEModelConfig:
     moe_layers: tuple[int, ...] = ()
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    # gpt_oss: per-layer windows (None: full attention), learned attention sinks, o_proj
+    # bias, router bias, expert biases and the clamped SwiGLU (see GptOssParts).
+    gpt_oss: GptOssParts | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -61,9 +81,105 @@ class MoEModelConfig:
         """qwen2_moe-style gated shared expert computed next to the routed ones."""
         return self.shared_expert_intermediate_size > 0
 
+    def layer_sliding_window(self, layer: int) -> int | None:
+        """The sliding window of ``layer``'s attention (None: full attention)."""
+        if self.gpt_oss is not None:
+            return self.gpt_oss.layer_windows[layer]
+        return self.sliding_window
+
+    @property
+    def attention_sinks(self) -> bool:
+        """Whether attention has a learned sink logit per head (gpt_oss)."""
+        return self.gpt_oss is not None
+
+    @property
+    def o_bias(self) -> bool:
+        """Whether o_proj has a bias (gpt_oss ``attention_bias``)."""
+        return self.gpt_oss is not None and self.gpt_oss.attention_bias
+
+    @property
+    def router_bias(self) -> bool:
+        """Whether the router (gate) linear has a bias (gpt_oss)."""
+        return self.gpt_oss is not None
+
+    @property
+    def expert_bias(self) -> bool:
+        """Whether routed experts carry gate_up and down biases (gpt_oss)."""
+        return self.gpt_oss is not None
+
+    @property
+    def expert_activation(self) -> ExpertActivation:
+        """The routed experts' activation: SwiGLU, or gpt_oss's clamped SwiGLU."""
+        if self.gpt_oss is not None:
+            return ExpertActivation(
+                "clamped_swiglu", self.gpt_oss.swiglu_alpha, self.gpt_oss.swiglu_limit
+            )
+        return SILU
+
     def is_moe_layer(self, layer: int) -> bool:
         """Whether ``layer`` has a routed-expert MLP (vs a dense MLP)."""
         return layer in self.moe_layers
+
+
+@dataclass(frozen=True)
+class GptOssParts:
+    """What gpt_oss adds to the shared config.
+
+    layer_windows: per layer, the sliding window (``layer_types`` "sliding_attention") or
+    None ("full_attention"). attention_bias: q/k/v/o projections have biases. The experts
+    compute ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`` with
+    ``g = clamp(gate, max=limit)``.
+    """
+
+    layer_windows: tuple[int | None, ...]
+    attention_bias: bool
+    swiglu_alpha: float
+    swiglu_limit: float
+
+
+GPT_OSS_LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def _number(cfg: dict[str, Any], key: str, default: float, path: Path) -> float:
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{path}: {key}={value!r} must be a number")
+    return float(value)
+
+
+def _gpt_oss_parts(cfg: dict[str, Any], num_layers: int, path: Path) -> GptOssParts:
+    import math
+
+    window = cfg.get("sliding_window", 128)
+    layer_types = cfg.get("layer_types")
+    if layer_types is None:  # transformers' default: even layers slide, odd are full
+        layer_types = [GPT_OSS_LAYER_TYPES[i % 2] for i in range(num_layers)]
+    if not isinstance(layer_types, list) or len(layer_types) != num_layers:
+        raise ConfigError(
+            f"{path}: layer_types must be a list of {num_layers} entries (num_hidden_layers)"
+        )
+    bad = [t for t in layer_types if t not in GPT_OSS_LAYER_TYPES]
+    if bad:
+        raise ConfigError(
+            f"{path}: layer_types has {bad[0]!r}; supported: {', '.join(GPT_OSS_LAYER_TYPES)}"
+        )
+    sliding = "sliding_attention" in layer_types
+    if sliding and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ConfigError(
+            f"{path}: sliding_window={window!r} must be an integer >= 1 "
+            "(layer_types has sliding_attention layers)"
+        )
+    alpha = _number(cfg, "swiglu_alpha", 1.702, path)
+    limit = _number(cfg, "swiglu_limit", 7.0, path)
+    for name, value in (("swiglu_alpha", alpha), ("swiglu_limit", limit)):
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{path}: {name}={value} must be a finite number > 0")
+    return GptOssParts(
+        layer_windows=tuple(window if t == "sliding_attention" else None for t in layer_types),
+        attention_bias=bool(cfg.get("attention_bias", True)),
+        swiglu_alpha=alpha,
+        swiglu_limit=limit,
+    )
 
 
 def _require(cfg: dict[str, Any], key: str, path: Path) -> Any:
@@ -140,7 +256,13 @@ def parse_config(cfg: dict[str, Any], path: Path | str = "config.json") -> MoEMo
     shared = 0
     norm_topk = bool(cfg.get("norm_topk_prob", False))
     sliding_window = None
-    if model_type == "mixtral":
+    gpt_oss = None
+    if model_type == "gpt_oss":
+        expert_inter = int(_require(cfg, "intermediate_size", path))
+        gpt_oss = _gpt_oss_parts(cfg, num_layers, path)
+        qkv_bias = gpt_oss.attention_bias
+        intermediate = 0  # every layer is MoE; intermediate_size is the experts' width
+    elif model_type == "mixtral":
         expert_inter = int(_require(cfg, "intermediate_size", path))
         norm_topk = True  # mixtral always renormalises the top-k weights
         sliding_window = cfg.get("sliding_window")
@@ -190,6 +312,7 @@ def parse_config(cfg: dict[str, Any], path: Path | str = "config.json") -> MoEMo
         moe_layers=moe_layers,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_as_tuple(cfg.get("eos_token_id")),
+        gpt_oss=gpt_oss,
         raw=cfg,
     )
     check_ranges(config, path)

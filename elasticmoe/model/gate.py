@@ -39,3 +39,20 @@ def topk_softmax_gate(
     tokens_per_expert = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
     tokens_per_expert.scatter_add_(0, flat, torch.ones_like(flat))
     return GateOutput(weights.to(out_dtype), indices, tokens_per_expert)
+
+
+def topk_logits_softmax_gate(
+    router_logits: torch.Tensor, top_k: int, out_dtype: torch.dtype
+) -> GateOutput:
+    """Keep the top k logits, then softmax over those k in fp32 (gpt_oss's router).
+
+    The router's bias is already in ``router_logits``; the weights of a token's k experts
+    sum to one by construction.
+    """
+    num_experts = router_logits.shape[-1]
+    top, indices = torch.topk(router_logits.float(), top_k, dim=-1)
+    weights = torch.softmax(top, dim=-1)
+    flat = indices.flatten()
+    tokens_per_expert = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+    tokens_per_expert.scatter_add_(0, flat, torch.ones_like(flat))
+    return GateOutput(weights.to(out_dtype), indices, tokens_per_expert)

@@ -1,4 +1,4 @@
-"""The MoE decoder (mixtral, qwen2_moe, qwen3_moe, olmoe) over a paged KV cache.
+"""The MoE decoder (mixtral, qwen2_moe, qwen3_moe, olmoe, gpt_oss) over a paged KV cache.
 
 Module and parameter names mirror the Hugging Face checkpoints, so loading is
 a name-for-name copy. Routed experts are not parameters of this module: each
@@ -18,7 +18,7 @@ from torch import nn
 from elasticmoe.model.attention import AttentionMetadata, PagedKVCache, paged_attention
 from elasticmoe.model.checkpoint import CheckpointReader
 from elasticmoe.model.config import MoEModelConfig, load_config
-from elasticmoe.model.gate import GateOutput, topk_softmax_gate
+from elasticmoe.model.gate import GateOutput, topk_logits_softmax_gate, topk_softmax_gate
 from elasticmoe.model.moe import ExpertBackend
 
 # Called once per MoE layer per step with the gate's tokens_per_expert.
@@ -60,16 +60,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class Attention(nn.Module):
-    """GQA attention with optional qkv bias and q/k norm (per head or full width)."""
+    """GQA attention with optional qkv bias and q/k norm (per head or full width); gpt_oss adds
+    an o_proj bias, learned sinks and a per-layer sliding window."""
 
-    def __init__(self, config: MoEModelConfig) -> None:
+    def __init__(self, config: MoEModelConfig, layer: int = 0) -> None:
         super().__init__()
         c = config
         self.config = c
+        self.sliding_window = c.layer_sliding_window(layer)
         self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
-        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
+        self.sinks = nn.Parameter(torch.zeros(c.num_heads)) if c.attention_sinks else None
         if c.qk_norm == "per_head":
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
@@ -99,7 +102,9 @@ class Attention(nn.Module):
         if c.qk_norm == "per_head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, c.sliding_window)
+        out = paged_attention(
+            q, k, v, k_cache, v_cache, meta, self.scale, self.sliding_window, self.sinks
+        )
         return self.o_proj(out.flatten(1))
 
 
@@ -123,7 +128,7 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.config = config
         self.layer = layer
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=config.router_bias)
         if config.has_shared_expert:
             self.shared_expert = DenseMLP(
                 config.hidden_size, config.shared_expert_intermediate_size
@@ -132,6 +137,8 @@ class SparseMoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> GateOutput:
         """Gate the rows x [T, H] to their top-k experts."""
+        if self.config.model_type == "gpt_oss":
+            return topk_logits_softmax_gate(self.gate(x), self.config.top_k, x.dtype)
         return topk_softmax_gate(
             self.gate(x), self.config.top_k, self.config.norm_topk_prob, x.dtype
         )
@@ -162,7 +169,7 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config: MoEModelConfig, layer: int) -> None:
         super().__init__()
-        self.self_attn = Attention(config)
+        self.self_attn = Attention(config, layer)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = config.is_moe_layer(layer)
@@ -226,6 +233,8 @@ class MoEForCausalLM(nn.Module):
         """The checkpoint tensor holding a parameter of this module."""
         if self.config.model_type == "mixtral":
             return param_name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
+        if self.config.model_type == "gpt_oss":
+            return param_name.replace(".mlp.gate.", ".mlp.router.")
         return param_name
 
     def load_weights(self, reader: CheckpointReader) -> None:
