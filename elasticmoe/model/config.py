@@ -18,6 +18,30 @@ SUPPORTED_MODEL_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"
 QKNorm = Literal["none", "per_head", "full"]
 
 
+ROPE_TYPES = ("default", "yarn")
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """The parameters of a scaled RoPE (``rope_parameters`` / ``rope_scaling`` in config.json).
+
+    ``factor``: context extension factor; ``original_max_position_embeddings``: the
+    pre-training context; ``attention_factor``: explicit cos/sin multiplier (else derived
+    from ``factor``, ``mscale`` and ``mscale_all_dim``); ``truncate``: round the correction
+    range to whole dims (transformers' default; gpt-oss sets it False).
+    """
+
+    rope_type: str
+    factor: float
+    original_max_position_embeddings: int
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    mscale: float | None = None
+    mscale_all_dim: float | None = None
+    attention_factor: float | None = None
+    truncate: bool = True
+
+
 class ConfigError(ValueError):
     """A checkpoint's config.json is missing a field or holds an unsupported value."""
 
@@ -71,6 +95,7 @@ class MoEModelConfig:
     moe_layers: tuple[int, ...] = ()
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
+    rope_scaling: RopeScaling | None = None
     # gpt_oss: per-layer windows (None: full attention), learned attention sinks, o_proj
     # bias, router bias, expert biases and the clamped SwiGLU (see GptOssParts).
     gpt_oss: GptOssParts | None = None
@@ -197,18 +222,73 @@ def _first(cfg: dict[str, Any], keys: tuple[str, ...], path: Path) -> Any:
     raise ConfigError(f"{path}: none of the fields {list(keys)} is set")
 
 
+def _rope_params(cfg: dict[str, Any]) -> dict[str, Any]:
+    params = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+    return params if isinstance(params, dict) else {}
+
+
 def _rope_theta(cfg: dict[str, Any], path: Path) -> float:
-    params = cfg.get("rope_parameters") or cfg.get("rope_scaling")
+    params = _rope_params(cfg)
     if params:
         rope_type = params.get("rope_type", params.get("type", "default"))
-        if rope_type != "default":
+        if rope_type not in ROPE_TYPES:
             raise ConfigError(
                 f"{path}: rope_parameters.rope_type={rope_type!r} is not supported; "
-                "supported: 'default'"
+                f"supported: {', '.join(repr(t) for t in ROPE_TYPES)}"
             )
         if "rope_theta" in params:
             return float(params["rope_theta"])
     return float(cfg.get("rope_theta", 10000.0))
+
+
+def _rope_scaling(cfg: dict[str, Any], path: Path) -> RopeScaling | None:
+    """The YaRN parameters (None for the default RoPE), range-checked, as transformers
+    reads them (``factor`` defaults to max_position_embeddings / original)."""
+    import math
+
+    params = _rope_params(cfg)
+    rope_type = params.get("rope_type", params.get("type", "default"))
+    if rope_type == "default":
+        return None
+    max_pos = int(cfg.get("max_position_embeddings", 4096))
+    original = int(
+        params.get("original_max_position_embeddings")
+        or cfg.get("original_max_position_embeddings")
+        or max_pos
+    )
+    factor = params.get("factor")
+    factor = float(factor) if factor is not None else max_pos / original
+    scaling = RopeScaling(
+        rope_type=rope_type,
+        factor=factor,
+        original_max_position_embeddings=original,
+        beta_fast=float(params.get("beta_fast") or 32.0),
+        beta_slow=float(params.get("beta_slow") or 1.0),
+        mscale=None if params.get("mscale") is None else float(params["mscale"]),
+        mscale_all_dim=(
+            None if params.get("mscale_all_dim") is None else float(params["mscale_all_dim"])
+        ),
+        attention_factor=(
+            None if params.get("attention_factor") is None else float(params["attention_factor"])
+        ),
+        truncate=bool(params.get("truncate", True)),
+    )
+    if original < 1:
+        raise ConfigError(
+            f"{path}: rope_parameters.original_max_position_embeddings={original} must be >= 1"
+        )
+    for name in (
+        "factor",
+        "beta_fast",
+        "beta_slow",
+        "mscale",
+        "mscale_all_dim",
+        "attention_factor",
+    ):
+        value = getattr(scaling, name)
+        if value is not None and not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{path}: rope_parameters.{name}={value} must be a finite number > 0")
+    return scaling
 
 
 def _as_tuple(value: Any) -> tuple[int, ...]:
@@ -297,6 +377,7 @@ def parse_config(cfg: dict[str, Any], path: Path | str = "config.json") -> MoEMo
         head_dim=head_dim,
         rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         rope_theta=_rope_theta(cfg, path),
+        rope_scaling=_rope_scaling(cfg, path),
         max_position_embeddings=int(cfg.get("max_position_embeddings", 4096)),
         num_experts=num_experts,
         top_k=top_k,

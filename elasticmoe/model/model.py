@@ -20,6 +20,7 @@ from elasticmoe.model.checkpoint import CheckpointReader
 from elasticmoe.model.config import MoEModelConfig, load_config
 from elasticmoe.model.gate import GateOutput, topk_logits_softmax_gate, topk_softmax_gate
 from elasticmoe.model.moe import ExpertBackend
+from elasticmoe.model.rope import apply_rotary, rotary_cos_sin
 
 # Called once per MoE layer per step with the gate's tokens_per_expert.
 LoadHook = Callable[[int, torch.Tensor], None]
@@ -38,25 +39,6 @@ class RMSNorm(nn.Module):
         x = x.float()
         x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * x.to(dtype)
-
-
-def rotary_cos_sin(
-    positions: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables [T, D] for the default RoPE."""
-    inv_freq = 1.0 / (
-        theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    )
-    freqs = positions.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat([freqs, freqs], dim=-1)
-    return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate x [T, H, D] by the per-token angles."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    return x * cos[:, None, :] + rotated * sin[:, None, :]
 
 
 class Attention(nn.Module):
@@ -214,7 +196,7 @@ class MoEForCausalLM(nn.Module):
         assert self.experts is not None, "set model.experts before running the model"
         c = self.config
         h = self.model.embed_tokens(input_ids)
-        cos, sin = rotary_cos_sin(positions, c.head_dim, c.rope_theta, h.dtype)
+        cos, sin = rotary_cos_sin(positions, c.head_dim, c.rope_theta, h.dtype, c.rope_scaling)
         for i, layer in enumerate(self.model.layers):
             residual = h
             h = layer.input_layernorm(h)

@@ -26,7 +26,8 @@ from torch import nn
 from elasticmoe.model.checkpoint import CheckpointReader
 from elasticmoe.model.config import MoEModelConfig
 from elasticmoe.model.gate import topk_softmax_gate
-from elasticmoe.model.model import Attention, DenseMLP, RMSNorm, apply_rotary, rotary_cos_sin
+from elasticmoe.model.model import Attention, DenseMLP, RMSNorm
+from elasticmoe.model.rope import apply_rotary, rotary_cos_sin
 
 __all__ = ["CausalLMOutput", "TrainableMoE", "load_balancing_loss"]
 
@@ -223,7 +224,7 @@ class TrainableMoE(nn.Module):
         b, t = input_ids.shape
         h = self.model.embed_tokens(input_ids)
         positions = torch.arange(t, device=input_ids.device)
-        cos, sin = rotary_cos_sin(positions, c.head_dim, c.rope_theta, h.dtype)
+        cos, sin = rotary_cos_sin(positions, c.head_dim, c.rope_theta, h.dtype, c.rope_scaling)
         router_logits: list[torch.Tensor] = []
         tokens: list[torch.Tensor] = []
         for layer in self.model.layers:
