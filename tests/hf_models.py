@@ -9,7 +9,7 @@ import transformers
 
 from elasticmoe import LLM
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss")
 
 BASE = dict(
     vocab_size=256,
@@ -46,7 +46,28 @@ FAMILY_ARGS: dict[str, dict] = {
         norm_topk_prob=True,
     ),
     "olmoe": dict(num_experts=8, intermediate_size=32, norm_topk_prob=False),
+    # layer 0 slides over 8 tokens (shorter than most prompts + outputs), layer 1 is full;
+    # YaRN with transformers' truncate=False (gpt-oss's own setting), factor 4 over 128
+    "gpt_oss": dict(
+        num_local_experts=8,
+        intermediate_size=32,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 150000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 128,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+        },
+    ),
 }
+
+# transformers initialises some of gpt_oss's biases to zero; a zero bias would let a
+# missing bias pass every comparison.
+RANDOMISED = {"bias": 0.1, "sinks": 1.0}
 
 
 def make_hf_model(
@@ -59,7 +80,14 @@ def make_hf_model(
     if family == "qwen3_moe":
         kwargs["num_local_experts"] = kwargs.pop("num_experts")
     config = cls(**kwargs)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    extra = {"attn_implementation": "eager"} if family == "gpt_oss" else {}
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32, **extra)
+    if family == "gpt_oss":
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                suffix = name.rsplit("_", 1)[-1].rsplit(".", 1)[-1]
+                if suffix in RANDOMISED:
+                    param.normal_(0.0, RANDOMISED[suffix])
     model.eval()
     model.save_pretrained(out_dir)
     return model
