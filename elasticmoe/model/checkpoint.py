@@ -105,7 +105,6 @@ class CheckpointReader:
             )
         return tensor.to(device=device, dtype=dtype or tensor.dtype)
 
-
     def get_slice(
         self,
         name: str,

@@ -207,6 +207,20 @@ def _gpt_oss_parts(cfg: dict[str, Any], num_layers: int, path: Path) -> GptOssPa
     )
 
 
+def _check_quantization(cfg: dict[str, Any], model_type: str, path: Path) -> None:
+    """Only gpt_oss's MXFP4 experts are read (dequantised at load); any other quantised
+    checkpoint is refused here rather than failing on a missing tensor later."""
+    qc = cfg.get("quantization_config")
+    if qc is None:
+        return
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method != "mxfp4" or model_type != "gpt_oss":
+        raise ConfigError(
+            f"{path}: quantization_config.quant_method={method!r} is not supported for "
+            f"model_type={model_type!r}; supported: 'mxfp4' (gpt_oss)"
+        )
+
+
 def _require(cfg: dict[str, Any], key: str, path: Path) -> Any:
     if key not in cfg:
         raise ConfigError(
@@ -337,6 +351,7 @@ def parse_config(cfg: dict[str, Any], path: Path | str = "config.json") -> MoEMo
     norm_topk = bool(cfg.get("norm_topk_prob", False))
     sliding_window = None
     gpt_oss = None
+    _check_quantization(cfg, model_type, path)
     if model_type == "gpt_oss":
         expert_inter = int(_require(cfg, "intermediate_size", path))
         gpt_oss = _gpt_oss_parts(cfg, num_layers, path)
