@@ -250,3 +250,16 @@ def test_local_experts_stack_biases(hf_family_models):
     x = torch.randn(16, config.hidden_size) * 3
     gate = topk_logits_softmax_gate(torch.randn(16, config.num_experts), 2, torch.float32)
     torch.testing.assert_close(local.forward(0, x, gate), local.forward_per_expert(0, x, gate))
+
+
+def test_init_model_preset_serves_like_transformers(tmp_path):
+    """`init-model gpt_oss tiny` writes a checkpoint elasticmoe and transformers agree on."""
+    from elasticmoe.model.init_model import init_model
+
+    path = init_model("gpt_oss", "tiny", tmp_path / "gpt_oss-tiny")
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path, attn_implementation="eager", dtype=torch.float32
+    )
+    hf.eval()
+    ours, tokens = engine_logits(path, LONG)
+    assert (ours - hf_logits(hf, tokens, len(LONG), len(ours))).abs().max().item() <= 1e-4
