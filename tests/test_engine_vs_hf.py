@@ -12,15 +12,21 @@ from hf_models import FAMILIES, PROMPTS, capture_logits
 GREEDY = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
 
 
+_HF_GREEDY: dict[tuple, list[int]] = {}
+
+
 def hf_greedy(hf_model, prompt: list[int], max_tokens: int) -> list[int]:
-    out = hf_model.generate(
-        torch.tensor([prompt]),
-        max_new_tokens=max_tokens,
-        min_new_tokens=max_tokens,
-        do_sample=False,
-        pad_token_id=0,
-    )
-    return out[0, len(prompt) :].tolist()
+    """Greedy tokens of transformers' uncached full forward over prompt + tokens so far (its
+    cached ``generate`` can disagree with its own forward); memoised per model and prompt."""
+    key = (id(hf_model), tuple(prompt), max_tokens)
+    if key not in _HF_GREEDY:
+        tokens = list(prompt)
+        with torch.no_grad():
+            for _ in range(max_tokens):
+                logits = hf_model(torch.tensor([tokens]), use_cache=False).logits[0, -1]
+                tokens.append(int(logits.argmax()))
+        _HF_GREEDY[key] = tokens[len(prompt) :]
+    return _HF_GREEDY[key]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
