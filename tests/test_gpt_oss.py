@@ -263,3 +263,61 @@ def test_init_model_preset_serves_like_transformers(tmp_path):
     hf.eval()
     ours, tokens = engine_logits(path, LONG)
     assert (ours - hf_logits(hf, tokens, len(LONG), len(ours))).abs().max().item() <= 1e-4
+
+
+def test_parses_a_gpt_oss_20b_style_config():
+    """The shape of openai/gpt-oss-20b's config.json (rope_scaling and rope_theta at the top
+    level, MXFP4 quantization_config)."""
+    cfg = {
+        "architectures": ["GptOssForCausalLM"],
+        "model_type": "gpt_oss",
+        "attention_bias": True,
+        "head_dim": 64,
+        "hidden_act": "silu",
+        "hidden_size": 2880,
+        "intermediate_size": 2880,
+        "layer_types": ["sliding_attention", "full_attention"] * 12,
+        "max_position_embeddings": 131072,
+        "num_attention_heads": 64,
+        "num_experts_per_tok": 4,
+        "num_hidden_layers": 24,
+        "num_key_value_heads": 8,
+        "num_local_experts": 32,
+        "rms_norm_eps": 1e-05,
+        "rope_scaling": {
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "factor": 32.0,
+            "original_max_position_embeddings": 4096,
+            "rope_type": "yarn",
+            "truncate": False,
+        },
+        "rope_theta": 150000,
+        "sliding_window": 128,
+        "swiglu_limit": 7.0,
+        "tie_word_embeddings": False,
+        "vocab_size": 201088,
+        "eos_token_id": 200002,
+        "pad_token_id": 199999,
+        "quantization_config": {
+            "modules_to_not_convert": ["model.layers.*.self_attn", "model.embed_tokens"],
+            "quant_method": "mxfp4",
+        },
+    }
+    c = parse_config(cfg)
+    assert c.rope_theta == 150000 and c.rope_scaling.factor == 32.0
+    assert c.layer_sliding_window(0) == 128 and c.layer_sliding_window(23) is None
+    assert c.expert_activation.alpha == 1.702 and c.top_k == 4 and c.num_experts == 32
+    assert c.moe_layers == tuple(range(24))
+
+
+def test_bfloat16_runs_close_to_fp32(hf_family_models):
+    path, _ = hf_family_models["gpt_oss"]
+    params = SamplingParams(max_tokens=1, temperature=0)
+    rows = []
+    for dtype in ("float32", "bfloat16"):
+        llm = LLM(str(path), dtype=dtype, num_kv_blocks=64)
+        captured = capture_logits(llm)
+        llm.generate([{"prompt_token_ids": LONG}], params)
+        rows.append(next(iter(captured.values()))[0])
+    assert torch.nn.functional.cosine_similarity(rows[0], rows[1], dim=0) > 0.99
