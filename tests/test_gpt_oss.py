@@ -238,7 +238,8 @@ def test_config_reads_gpt_oss(hf_family_models):
     assert full.layer_sliding_window(0) is None
 
 
-def test_local_experts_stack_biases(hf_family_models):
+@pytest.mark.parametrize("num_tokens", [1, 16, 1100])  # grouped_mm, padded bmm, grouped_mm
+def test_local_experts_stack_biases(hf_family_models, num_tokens):
     path, _ = hf_family_models["gpt_oss"]
     config = load_config(path)
     local = LocalExperts.from_checkpoint(CheckpointReader(path), config, torch.float32, "cpu")
@@ -247,8 +248,9 @@ def test_local_experts_stack_biases(hf_family_models):
     assert b2.shape == (config.num_experts, config.hidden_size)
     assert activation.name == "clamped_swiglu"
     # fused path == one call per expert, on rows routed to every expert
-    x = torch.randn(16, config.hidden_size) * 3
-    gate = topk_logits_softmax_gate(torch.randn(16, config.num_experts), 2, torch.float32)
+    x = torch.randn(num_tokens, config.hidden_size) * 3
+    logits = torch.randn(num_tokens, config.num_experts)
+    gate = topk_logits_softmax_gate(logits, 2, torch.float32)
     torch.testing.assert_close(local.forward(0, x, gate), local.forward_per_expert(0, x, gate))
 
 
