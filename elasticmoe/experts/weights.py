@@ -112,7 +112,7 @@ def load_expert_weights(
             f"experts 0..{config.num_experts - 1}"
         )
     hidden, inter = config.hidden_size, config.expert_intermediate_size
-    if config.model_type == "gpt_oss":
+    if config.stacked_experts:
         return _load_stacked_expert(reader, config, expert, dtype, device)
     gate_name, up_name, down_name = expert_tensor_names(config, *expert)
     gate = reader.get(gate_name, (inter, hidden), dtype, device)

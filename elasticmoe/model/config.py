@@ -128,6 +128,17 @@ class MoEModelConfig:
         return self.gpt_oss is not None
 
     @property
+    def softmax_after_topk(self) -> bool:
+        """The gate picks the top-k logits and softmaxes over those k (gpt_oss), instead of
+        a softmax over all experts before the top-k."""
+        return self.gpt_oss is not None
+
+    @property
+    def stacked_experts(self) -> bool:
+        """The checkpoint holds one tensor per layer for all its experts (gpt_oss)."""
+        return self.gpt_oss is not None
+
+    @property
     def expert_bias(self) -> bool:
         """Whether routed experts carry gate_up and down biases (gpt_oss)."""
         return self.gpt_oss is not None

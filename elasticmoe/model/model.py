@@ -119,7 +119,7 @@ class SparseMoE(nn.Module):
 
     def route(self, x: torch.Tensor) -> GateOutput:
         """Gate the rows x [T, H] to their top-k experts."""
-        if self.config.model_type == "gpt_oss":
+        if self.config.softmax_after_topk:
             return topk_logits_softmax_gate(self.gate(x), self.config.top_k, x.dtype)
         return topk_softmax_gate(
             self.gate(x), self.config.top_k, self.config.norm_topk_prob, x.dtype
