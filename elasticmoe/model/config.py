@@ -1,7 +1,8 @@
 """The model configuration elasticmoe needs, read from a Hugging Face config.json.
 
 Each supported family (``model_type``) differs in a handful of switches
-(q/k norm, qkv bias, shared expert, top-k renormalisation); they are all
+(q/k norm, qkv bias, shared expert, top-k renormalisation; gpt_oss's sinks, per-layer
+windows, biases and clamped SwiGLU in :class:`GptOssParts`); they are all
 resolved here so the model code reads one flat config and never branches on
 the family name.
 """
