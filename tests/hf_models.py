@@ -9,7 +9,7 @@ import transformers
 
 from elasticmoe import LLM
 
-FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe")
+FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe", "gpt_oss")
 
 BASE = dict(
     vocab_size=256,
@@ -96,12 +96,33 @@ FAMILY_ARGS: dict[str, dict] = {
         use_qk_norm=True,
         partial_rotary_factor=0.5,
     ),
+    # layer 0 slides over 8 tokens (shorter than most prompts + outputs), layer 1 is full;
+    # YaRN with transformers' truncate=False (gpt-oss's own setting), factor 4 over 128
+    "gpt_oss": dict(
+        num_local_experts=8,
+        intermediate_size=32,
+        sliding_window=8,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={
+            "rope_type": "yarn",
+            "rope_theta": 150000.0,
+            "factor": 4.0,
+            "original_max_position_embeddings": 128,
+            "beta_fast": 32.0,
+            "beta_slow": 1.0,
+            "truncate": False,
+        },
+    ),
 }
 
 # std of the random `e_score_correction_bias` written for families whose router has one:
 # transformers initialises it to zeros, which would leave the selection bias untested.
 ROUTER_BIAS_STD: dict[str, float] = {"glm4_moe": 0.1}
 
+
+# transformers initialises some of gpt_oss's biases to zero; a zero bias would let a
+# missing bias pass every comparison.
+RANDOMISED = {"bias": 0.1, "sinks": 1.0}
 
 def make_hf_model(
     family: str,
@@ -121,7 +142,14 @@ def make_hf_model(
     if family == "qwen3_moe":
         kwargs["num_local_experts"] = kwargs.pop("num_experts")
     config = cls(**kwargs)
-    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    extra = {"attn_implementation": "eager"} if family == "gpt_oss" else {}
+    model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32, **extra)
+    if family == "gpt_oss":
+        with torch.no_grad():
+            for name, param in model.named_parameters():
+                suffix = name.rsplit("_", 1)[-1].rsplit(".", 1)[-1]
+                if suffix in RANDOMISED:
+                    param.normal_(0.0, RANDOMISED[suffix])
     with torch.no_grad():
         for module in model.modules():
             bias = getattr(module, "e_score_correction_bias", None)
@@ -161,3 +189,60 @@ def capture_logits(llm: LLM) -> dict[str, list[torch.Tensor]]:
 
     runner.execute = execute
     return captured
+
+
+# --- MXFP4 (gpt-oss's expert format), quantised here the way OpenAI's checkpoints are ----
+
+FP4_GRID = torch.tensor([0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0])
+
+
+def quantize_mxfp4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[..., N] -> blocks [..., N/32, 16] uint8 (FP4 e2m1 codes, two a byte, low nibble
+    first) and scales [..., N/32] uint8 (e8m0, bias 127): each group of 32 gets the smallest
+    power of two that brings its largest magnitude within 6 (FP4's largest value), and each
+    value rounds to the nearest FP4 value."""
+    groups = w.float().reshape(*w.shape[:-1], w.shape[-1] // 32, 32)
+    amax = groups.abs().amax(-1)
+    exp = torch.where(amax > 0, torch.ceil(torch.log2(amax / 6)), torch.full_like(amax, -127))
+    exp = exp.clamp(-127, 127)
+    scaled = groups / torch.exp2(exp)[..., None]
+    nearest = (scaled.abs()[..., None] - FP4_GRID).abs().argmin(-1)
+    codes = (nearest + 8 * (scaled < 0)).to(torch.uint8)
+    blocks = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return blocks, (exp + 127).to(torch.uint8)
+
+
+def write_mxfp4_checkpoint(dense_dir: Path, out_dir: Path) -> Path:
+    """A copy of a gpt_oss checkpoint whose expert matrices are MXFP4 (``*_blocks`` and
+    ``*_scales`` of the [E, out, in] transpose, as gpt-oss ships them); biases, attention
+    and router stay float. Returns out_dir."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for f in dense_dir.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, out_dir / f.name)
+    tensors = load_file(str(dense_dir / "model.safetensors"))
+    out = {}
+    for name, t in tensors.items():
+        if name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            blocks, scales = quantize_mxfp4(t.transpose(1, 2).contiguous())
+            out[f"{name}_blocks"], out[f"{name}_scales"] = blocks, scales
+        else:
+            out[name] = t
+    save_file(out, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
+    cfg = json.loads((dense_dir / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    }
+    (out_dir / "config.json").write_text(json.dumps(cfg, indent=2))
+    return out_dir

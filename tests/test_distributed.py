@@ -19,7 +19,7 @@ from elasticmoe.engine.engine import LLMEngine
 from elasticmoe.model.config import load_config
 from elasticmoe.router.router import ExpertRouter
 
-from hf_models import FAMILIES, PROMPTS, capture_logits
+from hf_models import FAMILIES, PROMPTS, capture_logits, write_mxfp4_checkpoint
 
 GREEDY = SamplingParams(max_tokens=24, temperature=0, ignore_eos=True)
 
@@ -97,6 +97,28 @@ def test_logits_through_workers_allclose_to_local(hf_family_models, family):
                 torch.stack(got[request_id]), torch.stack(steps), rtol=1e-5, atol=1e-5
             )
         engine.model.experts.close()
+
+
+def test_mxfp4_checkpoint_on_workers_equals_local(hf_family_models, tmp_path):
+    """gpt_oss MXFP4 experts, dequantised by each worker for the experts it hosts (and copied
+    between workers for the second replicas), give the in-process engine's tokens."""
+    dense, _ = hf_family_models["gpt_oss"]
+    path = write_mxfp4_checkpoint(dense, tmp_path / "gpt_oss-mxfp4")
+    prompts = [{"prompt_token_ids": p} for p in PROMPTS]
+    local = LLM(str(path), num_kv_blocks=128, block_size=4).generate(prompts, GREEDY)
+    with LLM(
+        str(path),
+        mode="distributed",
+        num_workers=2,
+        progress=False,
+        expert_replicas={"0:0": 2, "1:3": 2},
+        num_kv_blocks=128,
+        block_size=4,
+    ) as llm:
+        out = llm.generate(prompts, GREEDY)
+    for a, b in zip(local, out, strict=True):
+        assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    assert no_elasticmoe_actors_left()
 
 
 def test_worker_killed_mid_batch_loses_nothing(hf_family_models):

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import functools
-
 import pytest
 import torch
 
@@ -14,24 +12,15 @@ from hf_models import FAMILIES, PROMPTS, capture_logits
 GREEDY = SamplingParams(max_tokens=32, temperature=0, ignore_eos=True)
 
 
-def hf_greedy(hf_model, prompt: list[int], max_tokens: int) -> list[int]:
-    """Greedy tokens from transformers' uncached full forward over prompt + tokens so far
-    (its cached generate disagrees with its own uncached forward on some inputs)."""
-    return list(_hf_greedy(hf_model, tuple(prompt), max_tokens))
-
-
-@functools.cache
-def _hf_greedy(hf_model, prompt: tuple[int, ...], max_tokens: int) -> tuple[int, ...]:
-    # several tests compare the same prompts with the same session-scoped model
-    out = hf_model.generate(
-        torch.tensor([prompt]),
-        max_new_tokens=max_tokens,
-        min_new_tokens=max_tokens,
-        do_sample=False,
-        pad_token_id=0,
-        use_cache=False,
-    )
-    return tuple(out[0, len(prompt) :].tolist())
+def hf_greedy(hf_model, prompt: list[int], tokens: list[int]) -> list[int]:
+    """transformers' greedy choice after prompt + each prefix of ``tokens``, teacher-forced
+    from one uncached full forward (its cached ``generate`` can disagree with its own
+    forward). Equal to ``tokens`` exactly when transformers' greedy decoding would have
+    produced them."""
+    assert len(tokens) == GREEDY.max_tokens
+    with torch.no_grad():
+        logits = hf_model(torch.tensor([prompt + tokens]), use_cache=False).logits[0]
+    return logits[len(prompt) - 1 : len(prompt) - 1 + len(tokens)].argmax(-1).tolist()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -58,7 +47,8 @@ def test_greedy_batch_matches_transformers(hf_family_models, family):
     llm = LLM(str(path), num_kv_blocks=128, block_size=4)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)
     for prompt, out in zip(PROMPTS, outs, strict=True):
-        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 32)
+        tokens = out.outputs[0].token_ids
+        assert tokens == hf_greedy(hf, prompt, tokens)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -68,7 +58,8 @@ def test_chunked_prefill_matches(hf_family_models, family):
     llm = LLM(str(path), num_kv_blocks=128, block_size=4, max_num_batched_tokens=16)
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)
     for prompt, out in zip(PROMPTS, outs, strict=True):
-        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 32)
+        tokens = out.outputs[0].token_ids
+        assert tokens == hf_greedy(hf, prompt, tokens)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -82,7 +73,8 @@ def test_prefix_cache_sharing_matches(hf_family_models, family):
     stats = llm.engine.kv_manager.stats
     assert stats.hits >= 2 * 28, "the shared 30-token prefix should come from the cache"
     for prompt, out in zip(prompts, first + rest, strict=True):
-        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 32)
+        tokens = out.outputs[0].token_ids
+        assert tokens == hf_greedy(hf, prompt, tokens)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -93,7 +85,8 @@ def test_preemption_matches(hf_family_models, family):
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)
     assert llm.engine.scheduler.num_preemptions > 0
     for prompt, out in zip(PROMPTS, outs, strict=True):
-        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 32)
+        tokens = out.outputs[0].token_ids
+        assert tokens == hf_greedy(hf, prompt, tokens)
 
 
 def test_preemption_without_prefix_cache(hf_family_models):
@@ -102,7 +95,8 @@ def test_preemption_without_prefix_cache(hf_family_models):
     outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], GREEDY)
     assert llm.engine.scheduler.num_preemptions > 0
     for prompt, out in zip(PROMPTS, outs, strict=True):
-        assert out.outputs[0].token_ids == hf_greedy(hf, prompt, 32)
+        tokens = out.outputs[0].token_ids
+        assert tokens == hf_greedy(hf, prompt, tokens)
 
 
 def test_bfloat16_runs_close_to_fp32(hf_family_models):

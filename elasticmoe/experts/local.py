@@ -18,7 +18,8 @@ class LocalExperts:
     A layer whose experts 0..E-1 are all present keeps them stacked (``w13`` [E, 2I, H],
     ``w2`` [E, H, I], on CPU as transposed views of [E, H, 2I] / [E, I, H] buffers; each
     :class:`ExpertWeights` is a view into the stack) and runs them with
-    :func:`fused_experts`; any other layer falls back to one call per expert.
+    :func:`fused_experts` (with biases [E, 2I] / [E, H] where the family has them); any
+    other layer falls back to one call per expert.
     """
 
     def __init__(self, experts: dict[LogicalExpert, ExpertWeights]) -> None:
@@ -26,20 +27,34 @@ class LocalExperts:
         for key in experts:
             by_layer.setdefault(key.layer, []).append(key.expert)
         self.experts = dict(experts)
-        self.stacked: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        # layer -> (w13, w2, b13, b2, activation), the arguments of fused_experts
+        self.stacked: dict[int, tuple] = {}
         for layer, ids in by_layer.items():
             if sorted(ids) != list(range(len(ids))):
                 continue
-            w13 = torch.stack([experts[LogicalExpert(layer, e)].gate_up for e in range(len(ids))])
-            w2 = torch.stack([experts[LogicalExpert(layer, e)].down for e in range(len(ids))])
+            layer_experts = [experts[LogicalExpert(layer, e)] for e in range(len(ids))]
+            w13 = torch.stack([w.gate_up for w in layer_experts])
+            w2 = torch.stack([w.down for w in layer_experts])
             if w13.device.type == "cpu":
                 # CPU matmuls read a row-major [K, N] right operand ~1.3-1.5x faster than a
                 # transposed view (bf16, measured): keep that layout in memory, same shapes.
                 w13 = w13.transpose(1, 2).contiguous().transpose(1, 2)
                 w2 = w2.transpose(1, 2).contiguous().transpose(1, 2)
-            self.stacked[layer] = (w13, w2)
+            b13 = b2 = None
+            if layer_experts[0].gate_up_bias is not None:
+                b13 = torch.stack([w.gate_up_bias for w in layer_experts])
+            if layer_experts[0].down_bias is not None:
+                b2 = torch.stack([w.down_bias for w in layer_experts])
+            activation = layer_experts[0].activation
+            self.stacked[layer] = (w13, w2, b13, b2, activation)
             for e in range(len(ids)):
-                self.experts[LogicalExpert(layer, e)] = ExpertWeights(w13[e], w2[e])
+                self.experts[LogicalExpert(layer, e)] = ExpertWeights(
+                    w13[e],
+                    w2[e],
+                    None if b13 is None else b13[e],
+                    None if b2 is None else b2[e],
+                    activation,
+                )
 
     @classmethod
     def from_checkpoint(

@@ -26,7 +26,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,7 +42,12 @@ from elasticmoe.experts.rpc import (
     open_aio_channel,
     server_credentials,
 )
-from elasticmoe.experts.weights import ExpertWeights, load_expert_weights
+from elasticmoe.experts.weights import (
+    TENSOR_NAMES,
+    ExpertWeights,
+    expert_tensor_shapes,
+    load_expert_weights,
+)
 from elasticmoe.experts.wire import (
     WireError,
     bytes_to_tensor,
@@ -84,7 +89,9 @@ logger = logging.getLogger(__name__)
 # far below this.
 MAX_CONCURRENT_RPCS = 256
 CHUNK_BYTES = 1 << 20  # FetchExpert payload per message
-WEIGHT_NAMES = ("gate_up", "down")
+# Every tensor name a FetchExpert chunk may carry; which of them one expert has follows
+# from the model (ExpertStore.weight_shapes: biases only for gpt_oss).
+WEIGHT_NAMES = TENSOR_NAMES
 SERVICE_NAME = "elasticmoe.v1.ExpertService"
 SERVING = "SERVING"
 NOT_SERVING = "NOT_SERVING"
@@ -202,6 +209,7 @@ class ExpertStore:
         self.dtype = dtype_from_name(dtype) if isinstance(dtype, str) else dtype
         dtype_name(self.dtype)  # fail now, not on the first request, if it cannot be sent
         self.device = torch.device(device)
+        self.activation = self.config.expert_activation
         self.worker_id = worker_id
         self._slots: list[Replica | None] = [None] * num_slots
         self._replicas: dict[LogicalExpert, Replica] = {}
@@ -228,10 +236,9 @@ class ExpertStore:
         """H, the width of the rows experts take and return."""
         return self.config.hidden_size
 
-    def weight_shapes(self) -> dict[str, tuple[int, int]]:
+    def weight_shapes(self) -> dict[str, tuple[int, ...]]:
         """Shape of each weight tensor of an expert of this model, by wire name."""
-        hidden, inter = self.hidden_size, self.config.expert_intermediate_size
-        return {"gate_up": (2 * inter, hidden), "down": (hidden, inter)}
+        return expert_tensor_shapes(self.config)
 
     def get(self, expert: LogicalExpert) -> Replica | None:
         """The replica of ``expert`` held here, if any."""
@@ -305,7 +312,7 @@ class ExpertStore:
         """
         self.check_exists(expert)
         want = self.weight_shapes()
-        got = {"gate_up": tuple(weights.gate_up.shape), "down": tuple(weights.down.shape)}
+        got = {name: tuple(t.shape) for name, t in weights.tensors().items()}
         if got != want:
             raise IncompatibleExpertError(
                 f"expert {expert}: copied weights have shapes {got}; this model needs {want}"
@@ -319,7 +326,8 @@ class ExpertStore:
         existing = self.get(expert)
         if existing is not None:
             return existing, False
-        local = weights.to(self.device, self.dtype)
+        # The activation is this model's (from the config), never the sender's.
+        local = replace(weights.to(self.device, self.dtype), activation=self.activation)
         # A cast changes the bytes, so the replica's checksum is of what is held here.
         checksum = actual if local.gate_up.dtype == weights.gate_up.dtype else local.checksum()
         with self._lock:
@@ -426,8 +434,7 @@ def iter_expert_chunks(
     Every tensor yields at least one chunk (an empty tensor still announces its
     shape), and every chunk carries the checksum of the whole expert.
     """
-    for name in WEIGHT_NAMES:
-        tensor: torch.Tensor = getattr(weights, name)
+    for name, tensor in weights.tensors().items():
         raw = memoryview(tensor_to_bytes(tensor))
         header = {"name": name, "dtype": dtype_name(tensor.dtype), "shape": list(tensor.shape)}
         offset = 0
@@ -464,8 +471,11 @@ async def fetch_expert(
     one checksum, every byte present); the checksum itself is verified by
     :meth:`ExpertStore.install`. With ``expected_shapes`` (see
     :meth:`ExpertStore.weight_shapes`) a peer of another model is refused
-    before any buffer is allocated for its claimed shapes.
+    before any buffer is allocated for its claimed shapes, and every tensor it names
+    (biases too, where the model has them) must arrive. The weights come back with the
+    default activation; :meth:`ExpertStore.install` sets the model's.
     """
+    required = tuple(expected_shapes) if expected_shapes is not None else ("gate_up", "down")
     parts: dict[str, _Assembly] = {}
     claimed: str | None = None
     where = f"peer {peer} sending expert {expert}"
@@ -489,6 +499,11 @@ async def fetch_expert(
                     raise CorruptCopyError(f"{where}: {e}") from None
                 if any(d < 0 for d in shape):
                     raise CorruptCopyError(f"{where}: {chunk.name} has shape {list(shape)}")
+                if expected_shapes is not None and chunk.name not in expected_shapes:
+                    raise IncompatibleExpertError(
+                        f"{where}: sent {chunk.name}, which experts of this model do not have "
+                        "(is the peer serving another model?)"
+                    )
                 if expected_shapes is not None and shape != tuple(expected_shapes[chunk.name]):
                     raise IncompatibleExpertError(
                         f"{where}: {chunk.name} has shape {list(shape)}, this model needs "
@@ -514,7 +529,7 @@ async def fetch_expert(
         else:
             status = grpc.StatusCode.FAILED_PRECONDITION
         raise PeerError(f"{where}: {code.name}: {e.details()}", status) from None
-    for name in WEIGHT_NAMES:
+    for name in (*required, *(n for n in parts if n not in required)):
         part = parts.get(name)
         if part is None or part.received != len(part.buffer):
             got = 0 if part is None else part.received
@@ -523,10 +538,10 @@ async def fetch_expert(
     tensors = {
         # bytearray is writable, so frombuffer views it without another copy.
         name: bytes_to_tensor(parts[name].buffer, parts[name].dtype, parts[name].shape)
-        for name in WEIGHT_NAMES
+        for name in parts
     }
-    assert claimed is not None  # at least one chunk was seen (both parts exist)
-    return ExpertWeights(tensors["gate_up"], tensors["down"]), claimed
+    assert claimed is not None  # at least one chunk was seen (the required parts exist)
+    return ExpertWeights.from_tensors(tensors), claimed
 
 
 def _parse_source(source: str) -> str | None:

@@ -162,10 +162,14 @@ def paged_attention(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Write k/v into the cache, then attend each query to its sequence's context.
 
     q: [T, Hq, D]; k, v: [T, Hkv, D]; caches: [N, bs, Hkv, D]. Returns [T, Hq, D].
+    ``sliding_window`` is this layer's window (layers may differ: their masks are cached
+    per window). ``sinks`` [Hq] (gpt_oss): one learned logit per head that joins the
+    softmax and takes probability mass but adds no value (:func:`sink_attention`).
 
     GQA without repeating K/V: the G = Hq / Hkv query heads of one KV head become G times
     as many queries of that head ([B, Hkv, G * max_q, D]), so one SDPA call over Hkv heads
@@ -174,7 +178,7 @@ def paged_attention(
     num_kv_heads, head_dim = k_cache.shape[2:]
     k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, k)
     v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, meta.slot_mapping, v)
-    return _attend_paged(q, k_cache, v_cache, meta, scale, sliding_window)
+    return _attend_paged(q, k_cache, v_cache, meta, scale, sliding_window, sinks)
 
 
 def paged_latent_attention(
@@ -205,9 +209,10 @@ def _attend_paged(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attend each query to its sequence's cached context (``v_cache`` None: values are
-    the keys themselves, as MLA's latent is)."""
+    the keys themselves, as MLA's latent is; ``sinks``: see :func:`paged_attention`)."""
     num_kv_heads, head_dim = k_cache.shape[2:]
     num_heads = q.shape[1]
     g = num_heads // num_kv_heads
@@ -229,7 +234,12 @@ def _attend_paged(
             .permute(0, 2, 3, 1, 4)
             .reshape(b, num_kv_heads, g * max_q, head_dim)
         )
-        attn = F.scaled_dot_product_attention(queries, keys, values, attn_mask=mask, scale=scale)
+        if sinks is None:
+            attn = F.scaled_dot_product_attention(
+                queries, keys, values, attn_mask=mask, scale=scale
+            )
+        else:
+            attn = sink_attention(queries, keys, values, mask, scale, sinks, max_q)
         attn = (
             attn.view(b, num_kv_heads, g, max_q, head_dim)
             .permute(0, 3, 1, 2, 4)
@@ -244,3 +254,27 @@ def _attend_paged(
         else:
             out[group.token_idx[group.q_valid]] = attn[group.q_valid]
     return out
+
+
+def sink_attention(
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    sinks: torch.Tensor,
+    max_q: int,
+) -> torch.Tensor:
+    """Attention whose softmax has one extra, value-less logit per head (gpt_oss sinks).
+
+    queries: [B, Hkv, G * max_q, D] (rows ``(g, q)``, as :func:`paged_attention` stacks
+    them); keys, values: [B, Hkv, S, D]; mask: [B, 1, G * max_q, S]; sinks: [Hq] with
+    ``Hq = Hkv * G``. Scores and softmax in fp32; returns [B, Hkv, G * max_q, D].
+    """
+    b, num_kv_heads, rows, _ = queries.shape
+    g = rows // max_q
+    scores = torch.matmul(queries.float(), keys.float().transpose(-1, -2)) * scale + mask
+    sink = sinks.float().view(1, num_kv_heads, g, 1, 1).expand(b, -1, -1, max_q, 1)
+    logits = torch.cat([scores, sink.reshape(b, num_kv_heads, rows, 1)], dim=-1)
+    probs = torch.softmax(logits, dim=-1)[..., :-1]
+    return torch.matmul(probs.to(values.dtype), values)

@@ -1,7 +1,8 @@
 """The model configuration elasticmoe needs, read from a Hugging Face config.json.
 
 Each supported family (``model_type``) differs in a handful of switches
-(q/k norm, qkv bias, shared expert, top-k renormalisation); they are all
+(q/k norm, qkv bias, shared expert, top-k renormalisation; gpt_oss's sinks, per-layer
+windows, biases and clamped SwiGLU in :class:`GptOssParts`); they are all
 resolved here so the model code reads one flat config and never branches on
 the family name.
 """
@@ -20,6 +21,7 @@ SUPPORTED_MODEL_TYPES = (
     "olmoe",
     "deepseek_v3",
     "glm4_moe",
+    "gpt_oss",
 )
 
 QKNorm = Literal["none", "per_head", "full"]
@@ -55,6 +57,23 @@ class RopeScaling:
 
 class ConfigError(ValueError):
     """A checkpoint's config.json is missing a field or holds an unsupported value."""
+
+
+@dataclass(frozen=True)
+class ExpertActivation:
+    """How an expert turns its gate and up projections into the down projection's input.
+
+    ``silu``: ``silu(gate) * up`` (every family but gpt_oss). ``clamped_swiglu`` (gpt_oss):
+    ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)``, ``g = clamp(gate, max=limit)``.
+    Pure data: ``elasticmoe.model.moe.activate`` computes it.
+    """
+
+    name: Literal["silu", "clamped_swiglu"] = "silu"
+    alpha: float = 0.0
+    limit: float = 0.0
+
+
+SILU = ExpertActivation()
 
 
 @dataclass(frozen=True)
@@ -113,6 +132,9 @@ class MoEModelConfig:
     # Fraction of each head's dims that RoPE rotates (glm4_moe: the first half, rotate-half
     # layout within it); the rest passes through unrotated.
     partial_rotary_factor: float = 1.0
+    # gpt_oss: per-layer windows (None: full attention), learned attention sinks, o_proj
+    # bias, router bias, expert biases and the clamped SwiGLU (see GptOssParts).
+    gpt_oss: GptOssParts | None = None
     raw: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -145,10 +167,131 @@ class MoEModelConfig:
     def rotary_dim(self) -> int:
         """Leading dims of each head that RoPE rotates."""
         return int(self.head_dim * self.partial_rotary_factor)
+    def layer_sliding_window(self, layer: int) -> int | None:
+        """The sliding window of ``layer``'s attention (None: full attention)."""
+        if self.gpt_oss is not None:
+            return self.gpt_oss.layer_windows[layer]
+        return self.sliding_window
+
+    @property
+    def attention_sinks(self) -> bool:
+        """Whether attention has a learned sink logit per head (gpt_oss)."""
+        return self.gpt_oss is not None
+
+    @property
+    def o_bias(self) -> bool:
+        """Whether o_proj has a bias (gpt_oss ``attention_bias``)."""
+        return self.gpt_oss is not None and self.gpt_oss.attention_bias
+
+    @property
+    def router_bias(self) -> bool:
+        """Whether the router (gate) linear has a bias (gpt_oss)."""
+        return self.gpt_oss is not None
+
+    @property
+    def softmax_after_topk(self) -> bool:
+        """The gate picks the top-k logits and softmaxes over those k (gpt_oss), instead of
+        a softmax over all experts before the top-k."""
+        return self.gpt_oss is not None
+
+    @property
+    def stacked_experts(self) -> bool:
+        """The checkpoint holds one tensor per layer for all its experts (gpt_oss)."""
+        return self.gpt_oss is not None
+
+    @property
+    def expert_bias(self) -> bool:
+        """Whether routed experts carry gate_up and down biases (gpt_oss)."""
+        return self.gpt_oss is not None
+
+    @property
+    def expert_activation(self) -> ExpertActivation:
+        """The routed experts' activation: SwiGLU, or gpt_oss's clamped SwiGLU."""
+        if self.gpt_oss is not None:
+            return ExpertActivation(
+                "clamped_swiglu", self.gpt_oss.swiglu_alpha, self.gpt_oss.swiglu_limit
+            )
+        return SILU
 
     def is_moe_layer(self, layer: int) -> bool:
         """Whether ``layer`` has a routed-expert MLP (vs a dense MLP)."""
         return layer in self.moe_layers
+
+
+@dataclass(frozen=True)
+class GptOssParts:
+    """What gpt_oss adds to the shared config.
+
+    layer_windows: per layer, the sliding window (``layer_types`` "sliding_attention") or
+    None ("full_attention"). attention_bias: q/k/v/o projections have biases. The experts
+    compute ``(clamp(up, -limit, limit) + 1) * g * sigmoid(alpha * g)`` with
+    ``g = clamp(gate, max=limit)``.
+    """
+
+    layer_windows: tuple[int | None, ...]
+    attention_bias: bool
+    swiglu_alpha: float
+    swiglu_limit: float
+
+
+GPT_OSS_LAYER_TYPES = ("sliding_attention", "full_attention")
+
+
+def _number(cfg: dict[str, Any], key: str, default: float, path: Path) -> float:
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{path}: {key}={value!r} must be a number")
+    return float(value)
+
+
+def _gpt_oss_parts(cfg: dict[str, Any], num_layers: int, path: Path) -> GptOssParts:
+    import math
+
+    window = cfg.get("sliding_window", 128)
+    layer_types = cfg.get("layer_types")
+    if layer_types is None:  # transformers' default: even layers slide, odd are full
+        layer_types = [GPT_OSS_LAYER_TYPES[i % 2] for i in range(num_layers)]
+    if not isinstance(layer_types, list) or len(layer_types) != num_layers:
+        raise ConfigError(
+            f"{path}: layer_types must be a list of {num_layers} entries (num_hidden_layers)"
+        )
+    bad = [t for t in layer_types if t not in GPT_OSS_LAYER_TYPES]
+    if bad:
+        raise ConfigError(
+            f"{path}: layer_types has {bad[0]!r}; supported: {', '.join(GPT_OSS_LAYER_TYPES)}"
+        )
+    sliding = "sliding_attention" in layer_types
+    if sliding and (isinstance(window, bool) or not isinstance(window, int) or window < 1):
+        raise ConfigError(
+            f"{path}: sliding_window={window!r} must be an integer >= 1 "
+            "(layer_types has sliding_attention layers)"
+        )
+    alpha = _number(cfg, "swiglu_alpha", 1.702, path)
+    limit = _number(cfg, "swiglu_limit", 7.0, path)
+    for name, value in (("swiglu_alpha", alpha), ("swiglu_limit", limit)):
+        if not (math.isfinite(value) and value > 0):
+            raise ConfigError(f"{path}: {name}={value} must be a finite number > 0")
+    return GptOssParts(
+        layer_windows=tuple(window if t == "sliding_attention" else None for t in layer_types),
+        attention_bias=bool(cfg.get("attention_bias", True)),
+        swiglu_alpha=alpha,
+        swiglu_limit=limit,
+    )
+
+
+def _check_quantization(cfg: dict[str, Any], model_type: str, path: Path) -> None:
+    """Only gpt_oss's MXFP4 experts are read (dequantised at load); any other quantised
+    checkpoint is refused here rather than failing on a missing tensor later."""
+    qc = cfg.get("quantization_config")
+    if qc is None:
+        return
+    method = qc.get("quant_method") if isinstance(qc, dict) else None
+    if method != "mxfp4" or model_type != "gpt_oss":
+        raise ConfigError(
+            f"{path}: quantization_config.quant_method={method!r} is not supported for "
+            f"model_type={model_type!r}; supported: 'mxfp4' (gpt_oss); dequantize the "
+            "checkpoint to bf16 first"
+        )
 
 
 def _require(cfg: dict[str, Any], key: str, path: Path) -> Any:
@@ -320,7 +463,14 @@ def parse_config(cfg: dict[str, Any], path: Path | str = "config.json") -> MoEMo
     norm_topk = bool(cfg.get("norm_topk_prob", False))
     sliding_window = None
     routing: dict[str, Any] = {}
-    if model_type == "mixtral":
+    gpt_oss = None
+    _check_quantization(cfg, model_type, path)
+    if model_type == "gpt_oss":
+        expert_inter = int(_require(cfg, "intermediate_size", path))
+        gpt_oss = _gpt_oss_parts(cfg, num_layers, path)
+        qkv_bias = gpt_oss.attention_bias
+        intermediate = 0  # every layer is MoE; intermediate_size is the experts' width
+    elif model_type == "mixtral":
         expert_inter = int(_require(cfg, "intermediate_size", path))
         norm_topk = True  # mixtral always renormalises the top-k weights
         sliding_window = cfg.get("sliding_window")
@@ -397,6 +547,7 @@ def parse_config(cfg: dict[str, Any], path: Path | str = "config.json") -> MoEMo
         moe_layers=moe_layers,
         bos_token_id=cfg.get("bos_token_id"),
         eos_token_ids=_as_tuple(cfg.get("eos_token_id")),
+        gpt_oss=gpt_oss,
         raw=cfg,
         **extra,
         **routing,
@@ -417,13 +568,6 @@ def _deepseek_v3_fields(cfg: dict[str, Any], path: Path, num_layers: int) -> dic
     and a multiple of moe_layer_freq (DeepSeek's own modeling code; every real checkpoint
     has freq 1, which is what transformers assumes).
     """
-    quant = cfg.get("quantization_config")
-    if quant:
-        method = quant.get("quant_method") if isinstance(quant, dict) else quant
-        raise ConfigError(
-            f"{path}: quantization_config.quant_method={method!r} is not supported for "
-            "deepseek_v3; dequantize the checkpoint to bf16 first"
-        )
     topk_method = cfg.get("topk_method") or "noaux_tc"
     if topk_method not in DEEPSEEK_TOPK_METHODS:
         raise ConfigError(

@@ -81,3 +81,17 @@ def grouped_topk_sigmoid_gate(
         weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
     weights = weights * scaling_factor
     return GateOutput(weights.to(out_dtype), indices, _count(indices, num_experts))
+
+
+def topk_logits_softmax_gate(
+    router_logits: torch.Tensor, top_k: int, out_dtype: torch.dtype
+) -> GateOutput:
+    """Keep the top k logits, then softmax over those k in fp32 (gpt_oss's router).
+
+    The router's bias is already in ``router_logits``; the weights of a token's k experts
+    sum to one by construction.
+    """
+    num_experts = router_logits.shape[-1]
+    top, indices = torch.topk(router_logits.float(), top_k, dim=-1)
+    weights = torch.softmax(top, dim=-1)
+    return GateOutput(weights.to(out_dtype), indices, _count(indices, num_experts))

@@ -23,7 +23,15 @@ from safetensors.torch import save_file
 
 __all__ = ["ARCHS", "PRESETS", "build_config", "expert_count_key", "init_model"]
 
-ARCHS: tuple[str, ...] = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "glm4_moe")
+ARCHS: tuple[str, ...] = (
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "olmoe",
+    "deepseek_v3",
+    "glm4_moe",
+    "gpt_oss",
+)
 PRESETS: tuple[str, ...] = ("tiny", "small")
 
 _ARCHITECTURES = {
@@ -33,6 +41,7 @@ _ARCHITECTURES = {
     "olmoe": "OlmoeForCausalLM",
     "deepseek_v3": "DeepseekV3ForCausalLM",
     "glm4_moe": "Glm4MoeForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
 }
 
 # transformers names the expert count differently per family; the config key that its config
@@ -45,6 +54,7 @@ _EXPERT_COUNT_KEY = {
     "olmoe": "num_experts",
     "deepseek_v3": "n_routed_experts",
     "glm4_moe": "n_routed_experts",
+    "gpt_oss": "num_local_experts",
 }
 
 # deepseek_v3's multi-head latent attention and routing at each preset size (the rest comes
@@ -196,6 +206,26 @@ def build_config(arch: str, preset: str, **overrides: Any) -> dict[str, Any]:
             # no multi-token-prediction layers are written
             num_nextn_predict_layers=0,
         )
+    elif arch == "gpt_oss":
+        # YaRN as gpt-oss ships it (truncate off), extending a quarter of the context 4x
+        original = p["max_position_embeddings"] // 4
+        cfg.update(
+            intermediate_size=p["expert_intermediate_size"],
+            attention_bias=True,
+            sliding_window=128,
+            layer_types=_gpt_oss_layer_types(layers),
+            swiglu_alpha=1.702,
+            swiglu_limit=7.0,
+            rope_parameters={
+                "rope_type": "yarn",
+                "rope_theta": 150_000.0,
+                "factor": p["max_position_embeddings"] / original,
+                "original_max_position_embeddings": original,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+            },
+        )
     elif arch == "olmoe":
         cfg.update(
             intermediate_size=p["expert_intermediate_size"],
@@ -274,10 +304,49 @@ def build_config(arch: str, preset: str, **overrides: Any) -> dict[str, Any]:
         rope["rope_theta"] = float(overrides.pop("rope_theta"))
         overrides["rope_parameters"] = rope
     cfg.update(overrides)
+    if arch == "gpt_oss" and "layer_types" not in overrides:
+        cfg["layer_types"] = _gpt_oss_layer_types(cfg["num_hidden_layers"])
     if arch == "qwen2_moe" and "layer_types" not in overrides:
         cfg["layer_types"] = ["full_attention"] * cfg["num_hidden_layers"]
         cfg["max_window_layers"] = cfg["num_hidden_layers"]
     return cfg
+
+
+def _gpt_oss_layer_types(num_layers: int) -> list[str]:
+    # transformers' GptOssConfig default: even layers slide, odd layers attend to everything
+    return ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(num_layers)]
+
+
+def _gpt_oss_layer_specs(
+    cfg: dict[str, Any], pre: str
+) -> Iterator[tuple[str, tuple[int, ...], str]]:
+    """One gpt_oss layer: biased attention with sinks, a biased router, stacked experts."""
+    h = cfg["hidden_size"]
+    n_heads = cfg["num_attention_heads"]
+    n_kv = cfg["num_key_value_heads"]
+    head_dim = cfg.get("head_dim") or h // n_heads
+    n_experts = cfg["num_local_experts"]
+    inter = cfg["intermediate_size"]
+    attn = f"{pre}.self_attn"
+    for proj, out_dim in (
+        ("q", n_heads * head_dim),
+        ("k", n_kv * head_dim),
+        ("v", n_kv * head_dim),
+    ):
+        yield f"{attn}.{proj}_proj.weight", (out_dim, h), "linear"
+        yield f"{attn}.{proj}_proj.bias", (out_dim,), "bias"
+    yield f"{attn}.o_proj.weight", (h, n_heads * head_dim), "linear"
+    yield f"{attn}.o_proj.bias", (h,), "bias"
+    yield f"{attn}.sinks", (n_heads,), "bias"
+    yield f"{pre}.mlp.router.weight", (n_experts, h), "router"
+    yield f"{pre}.mlp.router.bias", (n_experts,), "bias"
+    experts = f"{pre}.mlp.experts"
+    yield f"{experts}.gate_up_proj", (n_experts, h, 2 * inter), "linear"
+    yield f"{experts}.gate_up_proj_bias", (n_experts, 2 * inter), "bias"
+    yield f"{experts}.down_proj", (n_experts, inter, h), "linear"
+    yield f"{experts}.down_proj_bias", (n_experts, h), "bias"
+    yield f"{pre}.input_layernorm.weight", (h,), "norm"
+    yield f"{pre}.post_attention_layernorm.weight", (h,), "norm"
 
 
 def _tensor_specs(arch: str, cfg: dict[str, Any]) -> Iterator[tuple[str, tuple[int, ...], str]]:
@@ -288,7 +357,9 @@ def _tensor_specs(arch: str, cfg: dict[str, Any]) -> Iterator[tuple[str, tuple[i
     head_dim = cfg.get("head_dim") or h // n_heads
     n_experts = cfg[_EXPERT_COUNT_KEY[arch]]
     inter = (
-        cfg["intermediate_size"] if arch in ("mixtral", "olmoe") else cfg["moe_intermediate_size"]
+        cfg["intermediate_size"]
+        if arch in ("mixtral", "olmoe", "gpt_oss")
+        else cfg["moe_intermediate_size"]
     )
     qkv_bias = (arch == "qwen2_moe" and cfg.get("qkv_bias", True)) or (
         arch == "glm4_moe" and cfg.get("attention_bias", False)
@@ -303,6 +374,9 @@ def _tensor_specs(arch: str, cfg: dict[str, Any]) -> Iterator[tuple[str, tuple[i
         return
     for i in range(cfg["num_hidden_layers"]):
         pre = f"model.layers.{i}"
+        if arch == "gpt_oss":
+            yield from _gpt_oss_layer_specs(cfg, pre)
+            continue
         attn = f"{pre}.self_attn"
         for proj, out_dim in (
             ("q", n_heads * head_dim),

@@ -1,5 +1,5 @@
-"""The MoE decoder (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, glm4_moe) over a
-paged KV cache.
+"""The MoE decoder (mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3, glm4_moe, gpt_oss)
+over a paged KV cache.
 
 Module and parameter names mirror the Hugging Face checkpoints, so loading is
 a name-for-name copy. Routed experts are not parameters of this module: each
@@ -24,7 +24,12 @@ from elasticmoe.model.attention import (
 )
 from elasticmoe.model.checkpoint import CheckpointReader
 from elasticmoe.model.config import MoEModelConfig, load_config
-from elasticmoe.model.gate import GateOutput, grouped_topk_sigmoid_gate, topk_softmax_gate
+from elasticmoe.model.gate import (
+    GateOutput,
+    grouped_topk_sigmoid_gate,
+    topk_logits_softmax_gate,
+    topk_softmax_gate,
+)
 from elasticmoe.model.moe import ExpertBackend
 from elasticmoe.model.rope import (
     apply_rotary,
@@ -53,16 +58,19 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """GQA attention with optional qkv bias and q/k norm (per head or full width)."""
+    """GQA attention with optional qkv bias and q/k norm (per head or full width); gpt_oss adds
+    an o_proj bias, learned sinks and a per-layer sliding window."""
 
-    def __init__(self, config: MoEModelConfig) -> None:
+    def __init__(self, config: MoEModelConfig, layer: int = 0) -> None:
         super().__init__()
         c = config
         self.config = c
+        self.sliding_window = c.layer_sliding_window(layer)
         self.q_proj = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=c.qkv_bias)
         self.k_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
         self.v_proj = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=c.qkv_bias)
-        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        self.o_proj = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=c.o_bias)
+        self.sinks = nn.Parameter(torch.zeros(c.num_heads)) if c.attention_sinks else None
         if c.qk_norm == "per_head":
             self.q_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.rms_norm_eps)
@@ -93,7 +101,9 @@ class Attention(nn.Module):
         if c.qk_norm == "per_head":
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = paged_attention(q, k, v, k_cache, v_cache, meta, self.scale, c.sliding_window)
+        out = paged_attention(
+            q, k, v, k_cache, v_cache, meta, self.scale, self.sliding_window, self.sinks
+        )
         return self.o_proj(out.flatten(1))
 
 
@@ -187,7 +197,7 @@ class SparseMoE(nn.Module):
         super().__init__()
         self.config = config
         self.layer = layer
-        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=False)
+        self.gate = nn.Linear(config.hidden_size, config.num_experts, bias=config.router_bias)
         if config.scoring_func == "sigmoid":
             # selection-only bias of the sigmoid router (`mlp.gate.e_score_correction_bias`)
             self.gate.register_buffer(
@@ -219,6 +229,8 @@ class SparseMoE(nn.Module):
                 c.routed_scaling_factor,
                 x.dtype,
             )
+        if c.softmax_after_topk:
+            return topk_logits_softmax_gate(self.gate(x), c.top_k, x.dtype)
         return topk_softmax_gate(self.gate(x), c.top_k, c.norm_topk_prob, x.dtype)
 
     def forward(
@@ -249,7 +261,9 @@ class DecoderLayer(nn.Module):
 
     def __init__(self, config: MoEModelConfig, layer: int) -> None:
         super().__init__()
-        self.self_attn: nn.Module = MLAttention(config) if config.is_mla else Attention(config)
+        self.self_attn: nn.Module = (
+            MLAttention(config) if config.is_mla else Attention(config, layer)
+        )
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.is_moe = config.is_moe_layer(layer)
@@ -313,6 +327,8 @@ class MoEForCausalLM(nn.Module):
         """The checkpoint tensor holding a parameter of this module."""
         if self.config.model_type == "mixtral":
             return param_name.replace(".mlp.gate.", ".block_sparse_moe.gate.")
+        if self.config.model_type == "gpt_oss":
+            return param_name.replace(".mlp.gate.", ".mlp.router.")
         return param_name
 
     def load_weights(self, reader: CheckpointReader) -> None:

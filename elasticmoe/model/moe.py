@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 import torch.nn.functional as F
 
+from elasticmoe.model.config import SILU, ExpertActivation
 from elasticmoe.model.gate import GateOutput
 
 
@@ -57,6 +58,17 @@ class ExpertGroups:
             if count:
                 yield expert, start, start + count
             start += count
+
+
+def activate(h: torch.Tensor, activation: ExpertActivation = SILU) -> torch.Tensor:
+    """The expert activation on ``h`` [..., 2I] (gate then up halves) -> [..., I]."""
+    g, u = h.chunk(2, dim=-1)
+    if activation.name == "silu":
+        return F.silu(g) * u
+    # gpt_oss (transformers' GptOssExperts._apply_gate, with gate and up de-interleaved)
+    g = g.clamp(max=activation.limit)
+    u = u.clamp(-activation.limit, activation.limit)
+    return (u + 1) * (g * torch.sigmoid(g * activation.alpha))
 
 
 def combine_expert_outputs(
@@ -134,11 +146,18 @@ def _use_grouped_mm(x: torch.Tensor, counts: torch.Tensor, num_pairs: int) -> tu
 
 
 def fused_experts(
-    hidden: torch.Tensor, gate: GateOutput, w13: torch.Tensor, w2: torch.Tensor
+    hidden: torch.Tensor,
+    gate: GateOutput,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    activation: ExpertActivation = SILU,
 ) -> torch.Tensor:
     """All routed experts of one layer in one batched call, no Python loop over experts.
 
-    hidden: [T, H]; w13: [E, 2I, H] (gate and up stacked); w2: [E, H, I]. Pairs are sorted
+    hidden: [T, H]; w13: [E, 2I, H] (gate and up stacked); w2: [E, H, I]; optional biases
+    b13: [E, 2I], b2: [E, H] and the experts' :class:`ExpertActivation`. Pairs are sorted
     by expert (as :func:`group_by_expert` does) and combined by the same
     :func:`combine_expert_outputs` arithmetic, so the result matches the per-expert path and
     the remote backend.
@@ -161,8 +180,11 @@ def fused_experts(
     if grouped:
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         h = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)
-        g, u = h.chunk(2, dim=-1)
-        y = torch._grouped_mm(F.silu(g) * u, w2.transpose(1, 2), offs=offs)
+        if b13 is not None:
+            h = h + b13.index_select(0, flat[order])
+        y = torch._grouped_mm(activate(h, activation), w2.transpose(1, 2), offs=offs)
+        if b2 is not None:
+            y = y + b2.index_select(0, flat[order])
         return _combine(token_idx, weights, y, torch.zeros_like(hidden))
 
     sorted_experts = flat[order]
@@ -173,6 +195,10 @@ def fused_experts(
     xp = hidden.new_empty(num_experts * max_rows, hidden.shape[1])
     xp.index_copy_(0, row, x)
     h = torch.bmm(xp.view(num_experts, max_rows, -1), w13.transpose(1, 2))
-    g, u = h.chunk(2, dim=-1)
-    y = torch.bmm(F.silu(g) * u, w2.transpose(1, 2)).view(num_experts * max_rows, -1)
+    if b13 is not None:
+        h = h + b13[:, None, :]
+    y = torch.bmm(activate(h, activation), w2.transpose(1, 2))
+    if b2 is not None:
+        y = y + b2[:, None, :]
+    y = y.view(num_experts * max_rows, -1)
     return _combine(token_idx, weights, y.index_select(0, row), torch.zeros_like(hidden))
