@@ -35,7 +35,10 @@ def _fail(message: str) -> typer.Exit:
 def init_model_cmd(
     out_dir: Annotated[Path, typer.Argument(help="directory to write the checkpoint to")],
     arch: Annotated[
-        str, typer.Option(help="mixtral | qwen2_moe | qwen3_moe | olmoe | glm4_moe")
+        str,
+        typer.Option(
+            help="mixtral | qwen2_moe | qwen3_moe | olmoe | deepseek_v3 | glm4_moe | gpt_oss"
+        ),
     ] = "mixtral",
     preset: Annotated[str, typer.Option(help="tiny | small")] = "tiny",
     seed: Annotated[int, typer.Option(help="random seed of the weights")] = 0,
