@@ -423,12 +423,15 @@ class Controller:
         return self.config.resolved_dtype(self.model)
 
     def _expert_bytes(self) -> int:
-        """Bytes of one expert's weights on a worker (gate, up and down projections)."""
+        """Bytes of one expert's weights on a worker (gate, up and down projections, and
+        their biases where the model has them: gpt_oss)."""
         itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}[
             self.config.resolved_dtype(self.model)
         ]
         m = self.model
-        return 3 * m.hidden_size * m.expert_intermediate_size * itemsize
+        hidden, inter = m.hidden_size, m.expert_intermediate_size
+        biases = 2 * inter + hidden if m.expert_bias else 0
+        return (3 * hidden * inter + biases) * itemsize
 
     def instance_id(self) -> str:
         """Differs after every restart of this actor."""
