@@ -29,7 +29,7 @@ from elasticmoe.experts.rpc import StubCache
 from elasticmoe.experts.wire import WireError, tensor_from_proto, tensor_to_proto
 from elasticmoe.model.gate import GateOutput
 from elasticmoe.model.moe import ExpertGroups, combine_expert_outputs, group_by_expert
-from elasticmoe.router.dispatch import NoLiveReplicaError, RowSlice, plan_dispatch
+from elasticmoe.router.dispatch import DispatchTable, NoLiveReplicaError, RowSlice
 
 logger = logging.getLogger(__name__)
 
@@ -141,6 +141,7 @@ class ExpertRouter:
         self._in_step = False
         self.latency = WorkerLatency(self.config.slow_worker_factor)
         self.stats = RouterStats()
+        self._table: DispatchTable | None = None
 
     # ----------------------------------------------------------- expert map
     def update_map(self, new_map: ExpertMap) -> None:
@@ -172,10 +173,21 @@ class ExpertRouter:
         for worker, since in list(self.down.items()):
             if now - since >= self.config.probe_down_after_s:
                 self._probe(worker)
+        self._table = self._new_table()
+
+    def _new_table(self) -> DispatchTable:
+        """The dispatch table for the map, down set and latency costs as they are now."""
+        return DispatchTable(
+            self.expert_map,
+            self.down,
+            self.latency.costs(),
+            min_split_rows=self.config.min_split_rows,
+        )
 
     def end_step(self) -> None:
         """The step is over: its epoch is no longer in use."""
         self._in_step = False
+        self._table = None
 
     def active_epoch(self) -> int | None:
         """Epoch of the step running now, or None between steps.
@@ -203,6 +215,8 @@ class ExpertRouter:
         # The router only routes around a down worker; the controller's own health
         # loop decides that a worker is dead and replaces it (one channel per fact).
         self.down[worker] = time.monotonic()
+        if self._table is not None:
+            self._table.mark_down(worker)
 
     # -------------------------------------------------------------- forward
     def forward(self, layer: int, hidden: torch.Tensor, gate: GateOutput) -> torch.Tensor:
@@ -214,16 +228,11 @@ class ExpertRouter:
         )
         pending = list(groups.ranges())
         deadline: float | None = None
+        if self._table is None:  # called outside a step (tools, tests)
+            self._table = self._new_table()
         while pending:
             try:
-                plan = plan_dispatch(
-                    layer,
-                    pending,
-                    self.expert_map,
-                    self.down,
-                    worker_cost=self.latency.costs(),
-                    min_split_rows=self.config.min_split_rows,
-                )
+                plan = self._table.plan(layer, pending)
             except NoLiveReplicaError as e:
                 deadline = deadline or time.monotonic() + self.config.expert_wait_timeout_s
                 if time.monotonic() > deadline:
@@ -311,6 +320,7 @@ class ExpertRouter:
         with self._lock:
             if self._pending_map is not None:
                 self.expert_map, self._pending_map = self._pending_map, None
+        self._table = self._new_table()
 
     def begin_step_probe_all(self) -> None:
         """Probe every down worker now (used while waiting for replicas)."""
