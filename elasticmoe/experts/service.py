@@ -718,6 +718,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         self._io = ThreadPoolExecutor(1, "expert-io", initializer=init)
         self._num_threads = num_threads
         self._loop_threads = threading.local()  # whether torch's threads are set there
+        self._stream_tasks: dict[asyncio.Task, bool] = {}  # ForwardStream handler -> idle
         # Executors of a servicer nobody closed still end their threads once it is collected.
         self._finalizer = weakref.finalize(self, _shutdown, self._compute, self._io)
 
@@ -791,25 +792,42 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
     ) -> AsyncIterator[expert_pb2.TokenResult]:
         """One TokenResult per TokenFrame, in order; a failed frame answers with its
         status code and message and the stream goes on."""
-        async for frame in request_iterator:
-            if isinstance(frame, _Undecodable):
-                yield expert_pb2.TokenResult(
-                    code=grpc.StatusCode.INVALID_ARGUMENT.value[0], error=frame.message()
-                )
-                continue
-            try:
-                yield await self._frame(frame)
-            except (ExpertStoreError, WireError, CheckpointError) as e:
-                yield expert_pb2.TokenResult(
-                    seq=frame.seq, code=_status_of(e).value[0], error=str(e)
-                )
-            except Exception as e:
-                logger.exception("worker %s: ForwardStream frame failed", self.store.worker_id)
-                yield expert_pb2.TokenResult(
-                    seq=frame.seq,
-                    code=grpc.StatusCode.INTERNAL.value[0],
-                    error=f"{type(e).__name__}: {e}",
-                )
+        task = asyncio.current_task()
+        self._stream_tasks[task] = True  # idle: waiting for a frame
+        try:
+            async for frame in request_iterator:
+                self._stream_tasks[task] = False
+                yield await self._stream_result(frame)
+                if self.status != SERVING:  # stopping: end after the frame in flight
+                    return
+                self._stream_tasks[task] = True
+        finally:
+            self._stream_tasks.pop(task, None)
+
+    def end_idle_streams(self) -> None:
+        """End the ForwardStreams waiting for a frame (a stopping worker: the routers see the
+        stream end and use other replicas); busy ones end after their frame."""
+        for task, idle in list(self._stream_tasks.items()):
+            if idle:
+                task.cancel()
+
+    async def _stream_result(self, frame: Any) -> expert_pb2.TokenResult:
+        """One frame's TokenResult; a failure is reported in it, never raised."""
+        if isinstance(frame, _Undecodable):
+            return expert_pb2.TokenResult(
+                code=grpc.StatusCode.INVALID_ARGUMENT.value[0], error=frame.message()
+            )
+        try:
+            return await self._frame(frame)
+        except (ExpertStoreError, WireError, CheckpointError) as e:
+            return expert_pb2.TokenResult(seq=frame.seq, code=_status_of(e).value[0], error=str(e))
+        except Exception as e:
+            logger.exception("worker %s: ForwardStream frame failed", self.store.worker_id)
+            return expert_pb2.TokenResult(
+                seq=frame.seq,
+                code=grpc.StatusCode.INTERNAL.value[0],
+                error=f"{type(e).__name__}: {e}",
+            )
 
     async def _frame(self, frame: expert_pb2.TokenFrame) -> expert_pb2.TokenResult:
         # Small frames (decode batches) run right here on the event loop: the hop to the
@@ -864,7 +882,9 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         seconds = time.perf_counter() - start
         ids, counts = torch.unique(experts, return_counts=True)
         store.record_forward(frame.layer, ids.tolist(), counts.tolist(), seconds)
-        return expert_pb2.TokenResult(seq=frame.seq, output=tensor_to_proto(out))
+        return expert_pb2.TokenResult(
+            seq=frame.seq, output=tensor_to_proto(out), compute_seconds=seconds
+        )
 
     # -- control plane ----------------------------------------------------
 

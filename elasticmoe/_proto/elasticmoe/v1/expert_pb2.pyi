@@ -61,16 +61,18 @@ class TokenFrame(_message.Message):
     def __init__(self, seq: _Optional[int] = ..., layer: _Optional[int] = ..., epoch: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., pair_rows: _Optional[bytes] = ..., pair_experts: _Optional[bytes] = ..., pair_weights: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class TokenResult(_message.Message):
-    __slots__ = ("seq", "output", "code", "error")
+    __slots__ = ("seq", "output", "code", "error", "compute_seconds")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FIELD_NUMBER: _ClassVar[int]
     CODE_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     seq: int
     output: Tensor
     code: int
     error: str
-    def __init__(self, seq: _Optional[int] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ..., code: _Optional[int] = ..., error: _Optional[str] = ...) -> None: ...
+    compute_seconds: float
+    def __init__(self, seq: _Optional[int] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ..., code: _Optional[int] = ..., error: _Optional[str] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
 
 class ExpertRef(_message.Message):
     __slots__ = ("layer", "expert")
