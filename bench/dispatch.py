@@ -62,6 +62,10 @@ class TimedBackend:
         self.seconds += time.perf_counter() - start
         return out
 
+    @property
+    def lost_rows(self):
+        return getattr(self.inner, "lost_rows", ())
+
     def begin_step(self) -> None:
         self.inner.begin_step()
 

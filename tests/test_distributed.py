@@ -95,7 +95,17 @@ def test_logits_through_workers_allclose_to_local(hf_family_models, family):
             torch.testing.assert_close(
                 torch.stack(got[request_id]), torch.stack(steps), rtol=1e-5, atol=1e-5
             )
-        engine.model.experts.close()
+        # the asynchronous form: two layers in flight at once, waited for out of order
+        router, experts = engine.model.experts, local.engine.model.experts
+        layer = engine.model.config.moe_layers[0]
+        gate_of = engine.model.model.layers[layer].mlp.route
+        xs = [torch.randn(n, engine.model.config.hidden_size) for n in (5, 9)]
+        with torch.inference_mode():
+            handles = [router.submit(layer, x, gate_of(x)) for x in xs]
+            for x, handle in reversed(list(zip(xs, handles, strict=True))):
+                want_x = experts.forward(layer, x, gate_of(x))
+                torch.testing.assert_close(router.wait(handle), want_x, rtol=1e-5, atol=1e-5)
+        router.close()
 
 
 def test_worker_killed_mid_batch_loses_nothing(hf_family_models):

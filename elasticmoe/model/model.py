@@ -19,7 +19,7 @@ from elasticmoe.model.attention import AttentionMetadata, PagedKVCache, paged_at
 from elasticmoe.model.checkpoint import CheckpointReader
 from elasticmoe.model.config import MoEModelConfig, load_config
 from elasticmoe.model.gate import GateOutput, topk_softmax_gate
-from elasticmoe.model.moe import ExpertBackend
+from elasticmoe.model.moe import ExpertBackend, submit_experts, wait_experts
 
 # Called once per MoE layer per step with the gate's tokens_per_expert.
 LoadHook = Callable[[int, torch.Tensor], None]
@@ -151,10 +151,12 @@ class SparseMoE(nn.Module):
                 flat = gate.indices[: x.shape[0] - num_padding].flatten()
                 counts = torch.zeros_like(counts).scatter_add_(0, flat, torch.ones_like(flat))
             load_hook(self.layer, counts)
-        out = experts.forward(self.layer, x, gate)
-        if self.config.has_shared_expert:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        return out
+        if not self.config.has_shared_expert:
+            return experts.forward(self.layer, x, gate)
+        # the shared expert runs here while the routed experts run in the backend
+        handle = submit_experts(experts, self.layer, x, gate)
+        shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        return wait_experts(experts, handle) + shared
 
 
 class DecoderLayer(nn.Module):

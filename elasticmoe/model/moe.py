@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -30,9 +30,42 @@ class ExpertBackend(Protocol):
         """Engine step boundary: a remote backend switches to the newest expert map."""
         ...
 
+    # Optional, asynchronous form (a remote backend has it; see :func:`submit_experts`):
+    # ``submit(layer, hidden, gate) -> handle`` starts the layer and returns at once,
+    # ``wait(handle) -> [T, H]`` gives its result; between the two the caller computes
+    # something else (the shared expert, another micro-batch).
+    # Optional ``lost_rows``: [(rows, error)] of the current step, token rows whose experts
+    # had no live replica (their output lacks those experts); the engine fails the requests
+    # owning them. A wrapper around a remote backend must pass it through.
+
     def end_step(self) -> None:
         """The step's last layer is done."""
         ...
+
+
+@dataclass
+class _Done:
+    """The handle of a backend without ``submit``: the result, computed at once."""
+
+    out: torch.Tensor
+
+
+def submit_experts(
+    backend: ExpertBackend, layer: int, hidden: torch.Tensor, gate: GateOutput
+) -> Any:
+    """Start the layer's routed experts: ``backend.submit`` if it has one (the result comes
+    later, from :func:`wait_experts`), else ``backend.forward`` right now."""
+    submit = getattr(backend, "submit", None)
+    if submit is None:
+        return _Done(backend.forward(layer, hidden, gate))
+    return submit(layer, hidden, gate)
+
+
+def wait_experts(backend: ExpertBackend, handle: Any) -> torch.Tensor:
+    """The result of :func:`submit_experts`."""
+    if isinstance(handle, _Done):
+        return handle.out
+    return backend.wait(handle)  # type: ignore[attr-defined]
 
 
 @dataclass

@@ -134,6 +134,19 @@ class WorkerLatency:
         return sorted(w for w, c in self.costs().items() if c > 1.0)
 
 
+@dataclass
+class _Pending:
+    """A layer submitted to the workers (:meth:`ExpertRouter.submit`), not yet waited for."""
+
+    layer: int
+    hidden: torch.Tensor
+    groups: ExpertGroups
+    started: float
+    pending: list[tuple[int, int, int]]
+    calls: list = field(default_factory=list)
+    partials: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
 class ExpertRouter:
     """An :class:`ExpertBackend` whose experts live in remote expert workers."""
 
@@ -248,16 +261,44 @@ class ExpertRouter:
         pairs' experts and gate weights; each worker returns the weighted partial sum
         per token, and the partial sums are added in worker-id order (deterministic).
         """
-        start_time = time.perf_counter()
-        groups = group_by_expert(gate)
-        out = torch.zeros_like(hidden)
-        pending = list(groups.ranges())
+        return self.wait(self.submit(layer, hidden, gate))
+
+    def submit(self, layer: int, hidden: torch.Tensor, gate: GateOutput) -> _Pending:
+        """Send the layer's frames and return at once; :meth:`wait` gives the result."""
         if self._table is None:  # called outside a step (tools, tests)
             self._table = self._new_table()
-        partials: list[tuple[str, torch.Tensor, torch.Tensor]] = []
-        while pending:
+        groups = group_by_expert(gate)
+        state = _Pending(layer, hidden, groups, time.perf_counter(), list(groups.ranges()))
+        self._dispatch(state)
+        return state
+
+    def wait(self, state: _Pending) -> torch.Tensor:
+        """The result of :meth:`submit`: collects the frames, retries failed rows on other
+        replicas (within the step), adds the partial sums."""
+        while state.calls:
+            pending = self._collect(state)
+            if pending:
+                self.stats.retried_rows += sum(end - start for _, start, end in pending)
+            state.pending = pending
+            self._dispatch(state)
+        out = torch.zeros_like(state.hidden)
+        for _, tokens, partial in sorted(state.partials, key=lambda p: p[0]):
+            out.index_add_(0, tokens, partial)
+        layer = state.layer
+        self.stats.dispatch_seconds[layer] = (
+            self.stats.dispatch_seconds.get(layer, 0.0) + time.perf_counter() - state.started
+        )
+        self.stats.layer_calls[layer] = self.stats.layer_calls.get(layer, 0) + 1
+        return out
+
+    def _dispatch(self, state: _Pending) -> None:
+        """Plan ``state.pending`` and send its frames (``state.calls``); rows of experts
+        without a live replica wait (once per step) for a new map, then are lost."""
+        assert self._table is not None
+        state.calls = []
+        while state.pending:
             try:
-                plan = self._table.plan(layer, pending)
+                plan = self._table.plan(state.layer, state.pending)
             except NoLiveReplicaError as e:
                 # one wait per step: once it has run out, later layers do not wait again
                 if self._step_deadline is None:
@@ -265,18 +306,10 @@ class ExpertRouter:
                 if time.monotonic() <= self._step_deadline:
                     self._wait_for_replicas()
                     continue
-                pending = self._lose(groups, pending, e)
+                state.pending = self._lose(state.groups, state.pending, e)
                 continue
-            pending = self._send(layer, hidden, groups, plan, partials)
-            if pending:
-                self.stats.retried_rows += sum(end - start for _, start, end in pending)
-        for _, tokens, partial in sorted(partials, key=lambda p: p[0]):
-            out.index_add_(0, tokens, partial)
-        self.stats.dispatch_seconds[layer] = (
-            self.stats.dispatch_seconds.get(layer, 0.0) + time.perf_counter() - start_time
-        )
-        self.stats.layer_calls[layer] = self.stats.layer_calls.get(layer, 0) + 1
-        return out
+            state.calls = self._submit_frames(state.layer, state.hidden, state.groups, plan)
+            state.pending = []
 
     def _lose(
         self,
@@ -322,16 +355,14 @@ class ExpertRouter:
         )
         return frame, tokens
 
-    def _send(
+    def _submit_frames(
         self,
         layer: int,
         hidden: torch.Tensor,
         groups: ExpertGroups,
         plan: dict[str, list[RowSlice]],
-        partials: list[tuple[str, torch.Tensor, torch.Tensor]],
-    ) -> list[tuple[int, int, int]]:
-        """One concurrent frame per worker; appends (worker, tokens, partial sums) to
-        ``partials``; returns the ranges of the calls that failed."""
+    ) -> list[tuple[str, list[RowSlice], torch.Tensor, concurrent.futures.Future]]:
+        """One frame per worker of ``plan``, all in flight at once."""
         calls = []
         for worker, slices in plan.items():
             frame, tokens = self._frame(layer, hidden, groups, slices)
@@ -343,10 +374,16 @@ class ExpertRouter:
             calls.append((worker, slices, tokens, future))
             self.stats.rows_sent += len(tokens)
         self.stats.forward_calls += len(calls)
+        return calls
+
+    def _collect(self, state: _Pending) -> list[tuple[int, int, int]]:
+        """Wait for ``state.calls``; appends (worker, tokens, partial sums) to
+        ``state.partials``; returns the ranges of the frames that failed."""
+        layer, hidden = state.layer, state.hidden
         failed: list[tuple[int, int, int]] = []
         slowest = 0.0
         deadline = time.monotonic() + self.config.rpc_timeout_s
-        for worker, slices, tokens, future in calls:
+        for worker, slices, tokens, future in state.calls:
             try:
                 try:
                     response = future.result(timeout=max(0.0, deadline - time.monotonic()))
@@ -357,9 +394,7 @@ class ExpertRouter:
                         f"no result within rpc_timeout_s={self.config.rpc_timeout_s}"
                     ) from None
                 if response.code:
-                    raise WireError(
-                        f"{_code_name(response.code)}: {response.error}"
-                    )
+                    raise WireError(f"{_code_name(response.code)}: {response.error}")
                 y = tensor_from_proto(
                     response.output,
                     self.dtype,
@@ -378,10 +413,11 @@ class ExpertRouter:
                 self._mark_down(worker, f"ForwardStream frame (layer={layer}) failed: {e}")
                 failed.extend((s.expert, s.start, s.end) for s in slices)
                 continue
-            partials.append((worker, tokens.to(hidden.device), y))
+            state.partials.append((worker, tokens, y))
             slowest = max(slowest, response.compute_seconds)
             self.stats.worker_compute_seconds += response.compute_seconds
         self.stats.critical_compute_seconds += slowest
+        state.calls = []
         return failed
 
     def _wait_for_replicas(self) -> None:
