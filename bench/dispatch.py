@@ -1,12 +1,18 @@
-"""Decode step time: experts on 2 remote workers (gRPC) vs in-process, same engine.
+"""Decode step time: experts on remote workers (gRPC) vs in-process, same engine.
 
 Both runs use the same LLMEngine code in this process; only the expert
-backend differs (ExpertRouter to 2 ExpertWorker actors vs LocalExperts). For
-each batch size B, B requests are prefilled, then `--steps` decode steps
-(B tokens each) are timed. Reported per batch size: mean step time of both,
-the ratio distributed/local, the time inside the expert backend per step, the
-workers' own compute time, and the dispatch overhead per MoE layer
-(router time minus worker compute, per layer call).
+backend differs (ExpertRouter to `--num-workers` ExpertWorker actors vs
+LocalExperts). For each batch size B, B requests are prefilled, then `--steps`
+decode steps (B tokens each) are timed. Reported per batch size: mean step
+time of both, the ratio distributed/local, the time inside the expert backend
+per step, the workers' compute time, and the dispatch overhead per MoE layer.
+
+Honest accounting: the workers of a layer run in parallel, so the compute on
+the critical path is that of the SLOWEST worker of each layer call (the router
+records it from each frame's reported compute time); dispatch overhead =
+(router time - critical-path compute) per layer call. Code without those
+figures (before issue 14) falls back to the workers' summed compute / workers.
+`--cluster` runs the workers on a local 3-node ``ray.cluster_utils.Cluster``.
 
 Prints JSON on stdout; progress on stderr.
 """
@@ -56,6 +62,10 @@ class TimedBackend:
         self.seconds += time.perf_counter() - start
         return out
 
+    @property
+    def lost_rows(self):
+        return getattr(self.inner, "lost_rows", ())
+
     def begin_step(self) -> None:
         self.inner.begin_step()
 
@@ -96,6 +106,14 @@ def measure(engine: LLMEngine, batch: int, steps: int, prompt_len: int) -> dict[
     }
 
 
+def router_compute(router) -> tuple[float, float] | None:
+    """(critical-path compute, all workers' compute) so far, if the router records them."""
+    stats = router.stats
+    if not hasattr(stats, "critical_compute_seconds"):
+        return None
+    return stats.critical_compute_seconds, stats.worker_compute_seconds
+
+
 def worker_compute_seconds(handles) -> float:
     return sum(ray.get(h.info.remote())["compute_seconds"] for h in handles)
 
@@ -125,9 +143,24 @@ def run_mode(args: argparse.Namespace) -> dict:
             out["results"][batch] = measure(engine, batch, args.steps, args.prompt_len)
         return out
     experts = [LogicalExpert(layer, e) for layer in mc.moe_layers for e in range(mc.num_experts)]
-    ray.init(
-        address="local", num_cpus=args.num_workers + 1, include_dashboard=False, log_to_driver=False
-    )
+    cluster = None
+    if args.cluster:
+        from ray.cluster_utils import Cluster
+
+        # 3 nodes on this machine; the workers spread over them (one CPU each)
+        per_node = -(-(args.num_workers + 1) // 3)
+        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": per_node})
+        for _ in range(2):
+            cluster.add_node(num_cpus=per_node)
+        ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
+        out["nodes"] = len([n for n in ray.nodes() if n["Alive"]])
+    else:
+        ray.init(
+            address="local",
+            num_cpus=args.num_workers + 1,
+            include_dashboard=False,
+            log_to_driver=False,
+        )
     worker_ids = [f"w{i}" for i in range(args.num_workers)]
     placement = initial_placement(experts, worker_ids, len(experts))
     handles, addresses = {}, {}
@@ -146,19 +179,28 @@ def run_mode(args: argparse.Namespace) -> dict:
                 ExpertRouter(expert_map, d, m.config.hidden_size)
             ),
         )
+        router = engine.model.experts.inner
         for batch in batches:
             measure(engine, batch, 3, args.prompt_len)
             before = worker_compute_seconds(handles.values())
+            before_router = router_compute(router)
             res = measure(engine, batch, args.steps, args.prompt_len)
             res["worker_compute_ms"] = (
                 1e3 * (worker_compute_seconds(handles.values()) - before) / args.steps
             )
+            after_router = router_compute(router)
+            if before_router is not None and after_router is not None:
+                res["critical_compute_ms"] = (
+                    1e3 * (after_router[0] - before_router[0]) / args.steps
+                )
             out["results"][batch] = res
-        engine.model.experts.inner.close()
+        router.close()
     finally:
         for h in handles.values():
             ray.kill(h)
         ray.shutdown()
+        if cluster is not None:
+            cluster.shutdown()
     return out
 
 
@@ -183,6 +225,7 @@ def spawn(mode: str, args: argparse.Namespace, model_dir: Path) -> dict:
         str(args.prompt_len),
         "--num-workers",
         str(args.num_workers),
+        *(["--cluster"] if args.cluster else []),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -198,6 +241,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--num-workers", type=int, default=2)
+    ap.add_argument("--cluster", action="store_true", help="workers on a local 3-node cluster")
     ap.add_argument("--run", choices=["local", "distributed"], help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -217,6 +261,8 @@ def main() -> None:
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         loc, dst = local["results"][str(batch)], dist["results"][str(batch)]
         compute_ms = dst["worker_compute_ms"]
+        # the critical path: the slowest worker of each layer call (else the old estimate)
+        critical_ms = dst.get("critical_compute_ms", compute_ms / args.num_workers)
         row = {
             "batch_size": batch,
             "local_step_ms": round(loc["step_ms"], 3),
@@ -225,8 +271,10 @@ def main() -> None:
             "local_expert_ms_per_step": round(loc["expert_backend_ms"], 3),
             "router_ms_per_step": round(dst["expert_backend_ms"], 3),
             "worker_compute_ms_per_step": round(compute_ms, 3),
+            "critical_path_compute_ms_per_step": round(critical_ms, 3),
+            "critical_path_measured": "critical_compute_ms" in dst,
             "dispatch_overhead_ms_per_layer": round(
-                (dst["expert_backend_ms"] - compute_ms / args.num_workers) / num_moe_layers, 3
+                (dst["expert_backend_ms"] - critical_ms) / num_moe_layers, 3
             ),
         }
         console.print(row)
@@ -243,6 +291,7 @@ def main() -> None:
                 "hidden_size": mc.hidden_size,
             },
             "num_workers": args.num_workers,
+            "cluster_nodes": dist.get("nodes", 1),
             "steps_timed": args.steps,
             "torch_threads": {
                 "local": local["torch_threads"],
@@ -250,8 +299,10 @@ def main() -> None:
                 "worker": 1,
             },
             "note": "each mode runs in its own process (distributed with OMP_WAIT_POLICY=PASSIVE); "
-            "dispatch overhead = (router time per step - worker compute per step / num_workers)"
-            " / moe layers; worker compute is summed over workers, which run in parallel",
+            "dispatch overhead = (router time per step - critical-path compute per step) / moe "
+            "layers; critical path = the slowest worker's compute of each layer call (measured "
+            "when critical_path_measured, else summed worker compute / num_workers); "
+            "worker_compute_ms_per_step is summed over workers, which run in parallel",
             "results": results,
         }
     )

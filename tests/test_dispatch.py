@@ -8,7 +8,7 @@ import pytest
 
 from elasticmoe.core.expert_map import ExpertMap
 from elasticmoe.core.experts import LogicalExpert as LE
-from elasticmoe.router.dispatch import NoLiveReplicaError, plan_dispatch
+from elasticmoe.router.dispatch import NoLiveReplicaError, RowSlice, plan_dispatch
 
 WORKERS = {f"w{i}": f"127.0.0.1:{5000 + i}" for i in range(4)}
 
@@ -83,3 +83,19 @@ def test_expert_map_round_trip_and_changes():
         ExpertMap.from_dict({"epoch": 1, "workers": {}, "replicas": {"0:1": ["nowhere"]}})
     with pytest.raises(ValueError, match="invalid expert map"):
         ExpertMap.from_dict({"epoch": 1, "workers": {}, "replicas": {"zero": []}})
+
+
+def test_dispatch_table_is_fixed_for_the_step_and_drops_a_failed_worker():
+    from elasticmoe.router.dispatch import DispatchTable
+
+    m = ExpertMap(1, {LE(0, 0): ("w0", "w1"), LE(0, 1): ("w1",)}, WORKERS)
+    cost = {"w0": 4.0}
+    table = DispatchTable(m, down={"w2"}, worker_cost=cost, min_split_rows=16)
+    cost["w0"] = 1.0  # the step keeps the costs it began with
+    assert table.candidates(0, 0) == ["w1"]
+    table = DispatchTable(m, min_split_rows=16)
+    assert sorted(table.plan(0, [(0, 0, 64)])) == ["w0", "w1"]
+    table.mark_down("w1")
+    assert table.plan(0, [(0, 0, 64)]) == {"w0": [RowSlice(0, 0, 64)]}
+    with pytest.raises(NoLiveReplicaError, match=r"0:1|\(0, 1\)|1"):
+        table.plan(0, [(1, 0, 3)])

@@ -96,7 +96,17 @@ def test_logits_through_workers_allclose_to_local(hf_family_models, family):
             torch.testing.assert_close(
                 torch.stack(got[request_id]), torch.stack(steps), rtol=1e-5, atol=1e-5
             )
-        engine.model.experts.close()
+        # the asynchronous form: two layers in flight at once, waited for out of order
+        router, experts = engine.model.experts, local.engine.model.experts
+        layer = engine.model.config.moe_layers[0]
+        gate_of = engine.model.model.layers[layer].mlp.route
+        xs = [torch.randn(n, engine.model.config.hidden_size) for n in (5, 9)]
+        with torch.inference_mode():
+            handles = [router.submit(layer, x, gate_of(x)) for x in xs]
+            for x, handle in reversed(list(zip(xs, handles, strict=True))):
+                want_x = experts.forward(layer, x, gate_of(x))
+                torch.testing.assert_close(router.wait(handle), want_x, rtol=1e-5, atol=1e-5)
+        router.close()
 
 
 def test_mxfp4_checkpoint_on_workers_equals_local(hf_family_models, tmp_path):
@@ -184,3 +194,106 @@ def test_bad_deployment_options_name_the_field(hf_family_models):
     with pytest.raises(ValueError, match=r"must be 1\.\.2"):
         LLM(str(path), mode="distributed", num_workers=2, replicas_per_expert=3, progress=False)
     assert no_elasticmoe_actors_left()
+
+
+def _usage(path, prompts, params) -> list[set[tuple[int, int]]]:
+    """Per prompt, the (layer, expert) pairs its tokens are routed to (run alone, locally)."""
+    llm = LLM(str(path), num_kv_blocks=256)
+    experts = llm.engine.model.experts
+    inner, used = experts.forward, set()
+
+    def recording(layer, hidden, gate):
+        used.update((layer, e) for e in gate.indices.flatten().tolist())
+        return inner(layer, hidden, gate)
+
+    experts.forward = recording
+    out = []
+    for prompt in prompts:
+        used.clear()
+        llm.generate([prompt], params)
+        out.append(set(used))
+    return out
+
+
+@pytest.mark.parametrize("rare_replicas", [2, 1], ids=["all-two-replicas", "one-lone-expert"])
+def test_worker_killed_mid_step_fails_only_requests_without_a_replica(
+    hf_family_models, rare_replicas
+):
+    """Three real worker actors behind one router; the victim holds a frame of the first
+    step (its fault hook keeps the result back) and is killed while the step waits for it.
+    Its rows are retried on the other replicas within the step; with ``rare_replicas=1``
+    the least-used expert lives only on the victim, and exactly the requests routed to it
+    fail, the others finish with the local tokens."""
+    from elasticmoe.core.expert_map import ExpertMap
+    from elasticmoe.core.experts import LogicalExpert
+    from elasticmoe.experts.worker import ExpertWorker
+    from elasticmoe.model.config import load_config
+    from elasticmoe.router.router import RouterConfig
+
+    path, _ = hf_family_models["mixtral"]
+    mc = load_config(path)
+    prompts = [{"prompt_token_ids": [i, i + 5, i + 9, i + 11]} for i in range(1, 17)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    expected = LLM(str(path), num_kv_blocks=256).generate(prompts, params)
+    usage = _usage(path, prompts, params)
+    experts = [(layer, e) for layer in mc.moe_layers for e in range(mc.num_experts)]
+    rare = min(experts, key=lambda x: (sum(x in u for u in usage), x))
+    users = {i for i, u in enumerate(usage) if rare in u}
+    assert 0 < len(users) < len(prompts)
+    ids = ["w0", "w1", "w2"]
+    placement = {
+        LogicalExpert(*x): (ids[j % 3], ids[(j + 1) % 3]) for j, x in enumerate(experts)
+    }
+    if rare_replicas == 1:
+        placement[LogicalExpert(*rare)] = ("w1",)
+    else:
+        assert "w1" in placement[LogicalExpert(*rare)]
+    handles, addresses = {}, {}
+    actor = ExpertWorker.remote_class(num_cpus=0)
+    try:
+        for wid in ids:
+            handles[wid] = actor.remote(wid, str(path), len(experts), fault_injection=True)
+        for wid, h in handles.items():
+            mine = [tuple(x) for x, ws in placement.items() if wid in ws]
+            addresses[wid] = ray.get(h.start.remote(mine), timeout=120)["address"]
+        victim = handles["w1"]
+        ray.get(victim.set_fault.remote(delay_ms=600_000))  # results held until killed
+        expert_map = ExpertMap(1, placement, addresses)
+        config = RouterConfig(expert_wait_timeout_s=0, probe_down_after_s=600)
+        engine = LLMEngine(
+            EngineConfig(model=str(path), num_kv_blocks=256),
+            expert_backend=lambda reader, model, dtype, device: ExpertRouter(
+                expert_map, dtype, model.config.hidden_size, config
+            ),
+        )
+        remote = LLM.__new__(LLM)
+        remote.engine, remote.deployment, remote.mode = engine, None, "local"
+        result: dict = {}
+        thread = threading.Thread(
+            target=lambda: result.setdefault("out", remote.generate(prompts, params))
+        )
+        thread.start()
+        deadline = time.monotonic() + 120
+        # the condition: the victim has computed a frame (its result is being held)
+        while ray.get(victim.info.remote())["forward_calls"] == 0:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.02)
+        ray.kill(victim)
+        thread.join(120)
+        assert not thread.is_alive()
+        router = engine.model.experts
+        assert router.stats.failed_calls >= 1 and router.stats.retried_rows >= 1
+        router.close()
+    finally:
+        for h in handles.values():
+            ray.kill(h)
+    out = result["out"]
+    failed = {i for i, o in enumerate(out) if o.outputs[0].finish_reason == "error"}
+    assert failed == (users if rare_replicas == 1 else set())
+    for i, (got, want) in enumerate(zip(out, expected, strict=True)):
+        if i in failed:
+            assert "no live replica of expert" in got.outputs[0].stop_reason
+            assert str(LogicalExpert(*rare)) in got.outputs[0].stop_reason
+        else:
+            assert got.outputs[0].finish_reason == "length"
+            assert got.outputs[0].token_ids == want.outputs[0].token_ids, i

@@ -405,6 +405,32 @@ def test_store_full_and_checksum_errors_directly(model_dir: Path) -> None:
     assert store.install(LogicalExpert(0, 1), w, w.checksum()) == (replica, False)
 
 
+def test_layer_stack_holds_the_weights_once(model_dir: Path) -> None:
+    # After the batched path stacks a layer, the replicas are views of the stack (the
+    # weights are not held twice) with the same values and checksums; a change re-stacks.
+    store = ExpertStore(model_dir, num_slots=3)
+    before = {}
+    for e in (0, 2):
+        replica, _ = store.load_from_checkpoint(LogicalExpert(0, e))
+        before[e] = (replica.checksum, replica.weights.checksum())
+    hidden = torch.randn(4, store.hidden_size)
+    rows, experts = torch.tensor([0, 1, 2, 3]), torch.tensor([0, 2, 2, 0])
+    out = store.forward_pairs(0, hidden, rows, experts, torch.ones(4))
+    stack = store.layer_stack(0)
+    for position, e in enumerate((0, 2)):
+        replica = store.get(LogicalExpert(0, e))
+        assert replica.weights.gate_up.untyped_storage().data_ptr() == (
+            stack.w13.untyped_storage().data_ptr()
+        )
+        assert torch.equal(replica.weights.gate_up, stack.w13[position])
+        assert (replica.checksum, replica.weights.checksum()) == before[e]
+    for row, e in enumerate(experts.tolist()):
+        want = store.get(LogicalExpert(0, e)).weights.forward(hidden[row : row + 1])
+        torch.testing.assert_close(out[row : row + 1], want)
+    store.load_from_checkpoint(LogicalExpert(0, 1))
+    assert store.layer_stack(0) is not stack and store.layer_stack(0).w13.shape[0] == 3
+
+
 # ---------------------------------------------------------------------------
 # Peer-to-peer copies
 
@@ -553,3 +579,101 @@ def test_wire_errors() -> None:
         tensor_from_proto(ok, expected_shape_suffix=(8,))
     with pytest.raises(WireError, match="expected 'bfloat16'"):
         tensor_from_proto(ok, expected_dtype=torch.bfloat16)
+
+
+# ---------------------------------------------------------------------------
+# Token frames: each token once, the worker's pairs in one batched call
+
+
+def token_frame(
+    layer: int, hidden: torch.Tensor, pairs: list[tuple[int, int, float]], seq: int = 0
+) -> expert_pb2.TokenFrame:
+    """A frame for (row, expert, weight) pairs over the rows of ``hidden``."""
+    rows = torch.tensor([p[0] for p in pairs], dtype=torch.int32)
+    experts = torch.tensor([p[1] for p in pairs], dtype=torch.int32)
+    weights = torch.tensor([p[2] for p in pairs], dtype=hidden.dtype)
+    return expert_pb2.TokenFrame(
+        seq=seq,
+        layer=layer,
+        epoch=3,
+        hidden=tensor_to_proto(hidden),
+        pair_rows=rows.numpy().tobytes(),
+        pair_experts=experts.numpy().tobytes(),
+        pair_weights=tensor_to_proto(weights),
+    )
+
+
+def frame_reference(
+    model_dir: Path, layer: int, hidden: torch.Tensor, pairs: list[tuple[int, int, float]]
+) -> torch.Tensor:
+    want = torch.zeros_like(hidden)
+    for row, e, w in sorted(pairs, key=lambda p: p[1]):
+        want[row] += w * reference(model_dir, LogicalExpert(layer, e), hidden.dtype).forward(
+            hidden[row : row + 1]
+        )[0]
+    return want
+
+
+FRAME_PAIRS = [(0, 5, 0.25), (0, 1, 0.75), (1, 1, 1.0), (2, 5, 0.5), (3, 1, 0.1), (3, 5, 0.9)]
+
+
+def test_forward_tokens_and_stream_match_the_per_expert_reference(
+    start: Callable[..., Server], model_dir: Path
+) -> None:
+    s = start()
+    s.load((0, 1), (0, 5))
+    torch.manual_seed(1)
+    hidden = torch.randn(4, load_config(model_dir).hidden_size)
+    want = frame_reference(model_dir, 0, hidden, FRAME_PAIRS)
+    result = s.stub.ForwardTokens(token_frame(0, hidden, FRAME_PAIRS, seq=9), timeout=30)
+    assert result.seq == 9 and result.code == 0
+    torch.testing.assert_close(tensor_from_proto(result.output), want, rtol=1e-6, atol=1e-6)
+    stats = s.stats()
+    assert dict(stats.rows_per_expert) == {"0:1": 3, "0:5": 3}
+
+    # the stream: several frames in, one result per frame out, a bad frame does not end it
+    frames = [
+        token_frame(0, hidden, FRAME_PAIRS, seq=1),
+        token_frame(0, hidden, [(0, 2, 1.0)], seq=2),  # 0:2 is not hosted here
+        token_frame(0, hidden[:1], [(3, 1, 1.0)], seq=3),  # row out of range
+        token_frame(0, hidden[:2], [(1, 5, 0.5)], seq=4),
+    ]
+    results = list(s.stub.ForwardStream(iter(frames), timeout=30))
+    assert [r.seq for r in results] == [1, 2, 3, 4]
+    assert [r.code for r in results] == [
+        0,
+        Code.NOT_FOUND.value[0],
+        Code.INVALID_ARGUMENT.value[0],
+        0,
+    ]
+    assert "0:2" in results[1].error or "(0, 2)" in results[1].error, results[1].error
+    assert "pair_rows" in results[2].error
+    torch.testing.assert_close(tensor_from_proto(results[0].output), want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        tensor_from_proto(results[3].output),
+        frame_reference(model_dir, 0, hidden[:2], [(1, 5, 0.5)]),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+
+
+def test_bad_token_frames_name_the_field(start: Callable[..., Server], model_dir: Path) -> None:
+    s = start()
+    s.load((0, 1))
+    hidden = torch.zeros(2, load_config(model_dir).hidden_size)
+    frame = token_frame(0, hidden, [(0, 1, 1.0)])
+    frame.pair_rows = b"\x00\x00\x00"
+    expect_error(
+        Code.INVALID_ARGUMENT, lambda: s.stub.ForwardTokens(frame, timeout=10), "pair_rows"
+    )
+    frame = token_frame(0, hidden, [(0, 1, 1.0)])
+    frame.pair_weights.CopyFrom(tensor_to_proto(torch.zeros(3)))
+    expect_error(
+        Code.INVALID_ARGUMENT, lambda: s.stub.ForwardTokens(frame, timeout=10), "pair_weights"
+    )
+    frame = token_frame(0, hidden, [(0, 99, 1.0)])
+    expect_error(
+        Code.INVALID_ARGUMENT, lambda: s.stub.ForwardTokens(frame, timeout=10), "pair_experts"
+    )
+    empty = s.stub.ForwardTokens(token_frame(0, hidden, []), timeout=10)
+    assert torch.equal(tensor_from_proto(empty.output), hidden)

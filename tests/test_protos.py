@@ -48,6 +48,8 @@ def test_generated_modules_import_from_the_package() -> None:
     assert sorted(service.methods_by_name) == [
         "FetchExpert",
         "Forward",
+        "ForwardStream",
+        "ForwardTokens",
         "Health",
         "LoadExperts",
         "Stats",

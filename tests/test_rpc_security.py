@@ -54,6 +54,10 @@ def calls(stub: expert_pb2_grpc.ExpertServiceStub) -> dict[str, object]:
         "UnloadExperts": lambda: stub.UnloadExperts(
             expert_pb2.UnloadExpertsRequest(experts=[ref]), timeout=10
         ),
+        # the router's bidirectional stream: refused before any frame is read
+        "ForwardStream": lambda: list(
+            stub.ForwardStream(iter([expert_pb2.TokenFrame(seq=1)]), timeout=10)
+        ),
     }
 
 
@@ -73,6 +77,8 @@ def test_every_rpc_needs_the_deployment_token(loop, model_dir):
             ok["LoadExperts"]()
             assert len(ok["FetchExpert"]()) >= 2  # gate_up and down chunks
             assert ok["UnloadExperts"]().num_unloaded == 1
+            (result,) = ok["ForwardStream"]()  # an empty frame: answered, not refused
+            assert result.seq == 1 and "hidden" in result.error
     finally:
         loop.run(server.stop(grace=1))
         servicer.close()

@@ -282,6 +282,7 @@ class LLMEngine:
         try:
             experts.begin_step()
             logits = self.runner.execute(sched, self.load_recorder.record)
+            lost = _requests_of_rows(sched, getattr(experts, "lost_rows", ()))
             completing = [s.request for s in sched.scheduled if s.completes_sequence]
             prompt_rows = getattr(self.runner, "prompt_logit_rows", None)
             if prompt_rows:
@@ -304,7 +305,14 @@ class LLMEngine:
         for s in sched.scheduled:
             s.request.num_computed_tokens += s.num_new_tokens
         touched = []
+        for s in sched.scheduled:  # rows whose experts had no live replica: only those fail
+            if s.request.request_id in lost:
+                s.request.error = lost[s.request.request_id]
+                self._finish(s.request, RequestStatus.FINISHED_ERROR)
+                touched.append(s.request)
         for request, token, lp in zip(completing, tokens, logprobs, strict=True):
+            if request.request_id in lost:
+                continue
             request.output_token_ids.append(token)
             if lp is not None:
                 request.output_logprobs.append(lp)
@@ -478,3 +486,22 @@ class LLMEngine:
             prefix_cache_hit_rate=self.kv_manager.stats.hit_rate,
             num_preemptions=self.scheduler.num_preemptions,
         )
+
+
+def _requests_of_rows(sched, lost_rows) -> dict[str, str]:
+    """request id -> error, for the requests owning any of ``lost_rows`` ((rows, error)
+    pairs an expert backend reports for the step; rows index the step's flat tokens, which
+    the runner lays out request by request in ``sched.scheduled`` order)."""
+    if not lost_rows:
+        return {}
+    bounds, offset = [], 0
+    for s in sched.scheduled:
+        bounds.append((offset, offset + s.num_new_tokens, s.request.request_id))
+        offset += s.num_new_tokens
+    failed: dict[str, str] = {}
+    for rows, error in lost_rows:
+        for row in rows.tolist():
+            for start, end, request_id in bounds:
+                if start <= row < end:
+                    failed.setdefault(request_id, error)
+    return failed

@@ -1,9 +1,11 @@
 """Fault injection on an expert worker's gRPC server (chaos tests, drills).
 
 A server interceptor, installed only when a worker is started with fault
-injection enabled (off by default), that delays and/or fails ``Forward``
-calls and can delay ``LoadExperts`` (so a drill can catch a scaling operation
-half-way). The settings can be changed while the worker runs
+injection enabled (off by default), that delays and/or fails ``Forward`` and
+``ForwardTokens`` calls and ``ForwardStream`` frames (a failed frame answers
+UNAVAILABLE in its TokenResult; the stream goes on) and can delay
+``LoadExperts`` (so a drill can catch a scaling operation half-way). The settings
+can be changed while the worker runs
 (``ExpertWorker.set_fault``).
 """
 
@@ -44,10 +46,14 @@ class FaultInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or not method.endswith(("/Forward", "/LoadExperts")):
+        if handler is None:
+            return handler
+        if method.endswith("/ForwardStream"):
+            return self._faulty_stream(handler)
+        if not method.endswith(("/Forward", "/ForwardTokens", "/LoadExperts")):
             return handler
         inner = handler.unary_unary
-        forward = method.endswith("/Forward")
+        forward = not method.endswith("/LoadExperts")
 
         async def faulty(request, context):
             cfg = self.config
@@ -59,6 +65,28 @@ class FaultInterceptor(grpc.aio.ServerInterceptor):
             return await inner(request, context)
 
         return grpc.unary_unary_rpc_method_handler(
+            faulty,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _faulty_stream(self, handler):
+        inner = handler.stream_stream
+
+        async def faulty(requests, context):
+            async for result in inner(requests, context):
+                cfg = self.config
+                if cfg.delay_ms:
+                    await asyncio.sleep(cfg.delay_ms / 1e3)
+                if cfg.fail_rate and self._rng.random() < cfg.fail_rate:
+                    seq = result.seq
+                    result.Clear()
+                    result.code = grpc.StatusCode.UNAVAILABLE.value[0]
+                    result.error = "injected fault"
+                    result.seq = seq
+                yield result
+
+        return grpc.stream_stream_rpc_method_handler(
             faulty,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,

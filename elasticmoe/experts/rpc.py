@@ -249,14 +249,23 @@ class TokenServerInterceptor(grpc.aio.ServerInterceptor):
                 f"every caller needs the deployment's {TOKEN_ENV}",
             )
 
-        self._refuse_unary = grpc.unary_unary_rpc_method_handler(refuse)
-        self._refuse_stream = grpc.unary_stream_rpc_method_handler(refuse)
+        async def refuse_stream(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            await refuse(None, context)
+
+        # one refusal per call kind: a bidirectional stream (ForwardStream) is refused
+        # before the server reads any of its frames
+        self._refuse = {
+            (False, False): grpc.unary_unary_rpc_method_handler(refuse),
+            (False, True): grpc.unary_stream_rpc_method_handler(refuse),
+            (True, False): grpc.stream_unary_rpc_method_handler(refuse_stream),
+            (True, True): grpc.stream_stream_rpc_method_handler(refuse_stream),
+        }
 
     async def intercept_service(self, continuation: Callable, details: Any) -> Any:
         handler = await continuation(details)
         if self._security.accepts(details.invocation_metadata) or handler is None:
             return handler
-        return self._refuse_stream if handler.response_streaming else self._refuse_unary
+        return self._refuse[(handler.request_streaming, handler.response_streaming)]
 
 
 def server_credentials(security: RpcSecurity) -> grpc.ServerCredentials | None:

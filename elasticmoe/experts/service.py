@@ -60,6 +60,7 @@ from elasticmoe.experts.wire import (
 )
 from elasticmoe.model.checkpoint import CheckpointError, CheckpointReader
 from elasticmoe.model.config import MoEModelConfig, load_config
+from elasticmoe.model.moe import fused_expert_pairs
 
 __all__ = [
     "CHUNK_BYTES",
@@ -89,6 +90,8 @@ logger = logging.getLogger(__name__)
 # far below this.
 MAX_CONCURRENT_RPCS = 256
 CHUNK_BYTES = 1 << 20  # FetchExpert payload per message
+# A TokenFrame with at most this many (token, expert) pairs computes on the event loop.
+INLINE_MAX_PAIRS = 512
 # Every tensor name a FetchExpert chunk may carry; which of them one expert has follows
 # from the model (ExpertStore.weight_shapes: biases only for gpt_oss).
 WEIGHT_NAMES = TENSOR_NAMES
@@ -184,6 +187,55 @@ class StoreStats:
     rows_per_expert: dict[LogicalExpert, int] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class LayerStack:
+    """One layer's held experts stacked: ``w13`` [S, 2I, H], ``w2`` [S, H, I] (on CPU as
+    transposed views of row-major buffers, as :class:`LocalExperts` keeps them), their
+    biases ``b13`` [S, 2I] / ``b2`` [S, H] where the model has them (gpt_oss), and
+    ``index`` [num_experts]: the stack position of each logical expert, -1 if not held."""
+
+    index: torch.Tensor
+    w13: torch.Tensor | None
+    w2: torch.Tensor | None
+    b13: torch.Tensor | None = None
+    b2: torch.Tensor | None = None
+
+    @classmethod
+    def of(
+        cls,
+        experts: Sequence[int],
+        weights: Sequence[ExpertWeights],
+        num_experts: int,
+        device: torch.device,
+    ) -> LayerStack:
+        index = torch.full((num_experts,), -1, dtype=torch.long, device=device)
+        if not experts:
+            return cls(index, None, None)
+        index[torch.tensor(list(experts), device=device)] = torch.arange(
+            len(experts), device=device
+        )
+        w13 = torch.stack([w.gate_up for w in weights])
+        w2 = torch.stack([w.down for w in weights])
+        if w13.device.type == "cpu":
+            w13 = w13.transpose(1, 2).contiguous().transpose(1, 2)
+            w2 = w2.transpose(1, 2).contiguous().transpose(1, 2)
+        biased = weights[0].gate_up_bias is not None
+        b13 = torch.stack([w.gate_up_bias for w in weights]) if biased else None
+        b2 = torch.stack([w.down_bias for w in weights]) if biased else None
+        return cls(index, w13, w2, b13, b2)
+
+    def weights_of(self, position: int, like: ExpertWeights) -> ExpertWeights:
+        """The expert at ``position`` as views into the stack (same values as ``like``)."""
+        assert self.w13 is not None and self.w2 is not None
+        return ExpertWeights(
+            self.w13[position],
+            self.w2[position],
+            None if self.b13 is None else self.b13[position],
+            None if self.b2 is None else self.b2[position],
+            like.activation,
+        )
+
+
 class ExpertStore:
     """The slots of one worker: up to ``num_slots`` replicas of logical experts.
 
@@ -218,6 +270,8 @@ class ExpertStore:
         # Opened on first use: a worker filled only from peers never reads the checkpoint.
         self._reader: CheckpointReader | None = None
         self.stats = StoreStats()
+        # layer -> its held experts stacked for one batched call; dropped on load/unload
+        self._stacks: dict[int, LayerStack] = {}
 
     # -- queries ----------------------------------------------------------
 
@@ -344,6 +398,7 @@ class ExpertStore:
             if replica is None:
                 return False
             self._slots[replica.slot] = None
+            self._stacks.pop(expert.layer, None)
             return True
 
     def _check_free(self, needed: int) -> None:
@@ -358,6 +413,7 @@ class ExpertStore:
         replica = Replica(expert, slot, weights, checksum, weights.nbytes())
         self._slots[slot] = replica
         self._replicas[expert] = replica
+        self._stacks.pop(expert.layer, None)
         return replica
 
     # -- compute ----------------------------------------------------------
@@ -374,6 +430,80 @@ class ExpertStore:
                     out[start : start + n] = w.forward(hidden[start : start + n])
                 start += n
         return out
+
+    def layer_stack(self, layer: int) -> LayerStack:
+        """The experts of ``layer`` held here, stacked (built on first use after a change).
+
+        Building it copies the layer's replicas into the stack once; the replicas are then
+        re-pointed at views of the stack (same values, same checksums), so the weights are
+        held once. The previous stack's memory goes when no replica or in-flight forward
+        pass refers to it any more (a change re-stacks only its own layer).
+        """
+        stack = self._stacks.get(layer)
+        if stack is not None:
+            return stack
+        with self._lock:
+            stack = self._stacks.get(layer)
+            if stack is None:
+                held = sorted(
+                    (r for r in self._replicas.values() if r.expert.layer == layer),
+                    key=lambda r: r.expert.expert,
+                )
+                stack = self._stacks[layer] = LayerStack.of(
+                    [r.expert.expert for r in held],
+                    [r.weights for r in held],
+                    self.config.num_experts,
+                    self.device,
+                )
+                for position, r in enumerate(held):
+                    viewed = replace(r, weights=stack.weights_of(position, r.weights))
+                    self._slots[r.slot] = viewed
+                    self._replicas[r.expert] = viewed
+        return stack
+
+    def forward_pairs(
+        self,
+        layer: int,
+        hidden: torch.Tensor,
+        pair_rows: torch.Tensor,
+        pair_experts: torch.Tensor,
+        pair_weights: torch.Tensor,
+        epoch: int | None = None,
+    ) -> torch.Tensor:
+        """Per token row of ``hidden``, the weighted sum of its (row, expert, weight) pairs.
+
+        One batched call over the layer's stacked experts (:func:`fused_expert_pairs`);
+        raises :class:`ExpertNotFoundError` for a pair naming an expert not held here.
+        """
+        num_rows = hidden.shape[0]
+        if pair_rows.numel() and not (
+            int(pair_rows.min()) >= 0 and int(pair_rows.max()) < num_rows
+        ):
+            raise InvalidRequestError(f"pair_rows must be in 0..{num_rows - 1}")
+        num_experts = self.config.num_experts
+        if pair_experts.numel() and not (
+            int(pair_experts.min()) >= 0 and int(pair_experts.max()) < num_experts
+        ):
+            raise InvalidRequestError(f"pair_experts must be in 0..{num_experts - 1}")
+        stack = self.layer_stack(layer)
+        local = stack.index[pair_experts.long()]
+        if pair_experts.numel() and int(local.min()) < 0:
+            missing = int(pair_experts[local < 0][0])
+            raise self.not_hosted_error(LogicalExpert(layer, missing), epoch)
+        if stack.w13 is None:  # nothing held in this layer and no pairs
+            return torch.zeros_like(hidden)
+        with torch.inference_mode():
+            return fused_expert_pairs(
+                hidden,
+                pair_rows.long(),
+                local,
+                pair_weights,
+                stack.w13,
+                stack.w2,
+                stack.b13,
+                stack.b2,
+                self.activation,
+            )
 
     def record_forward(
         self, layer: int, experts: Sequence[int], counts: Sequence[int], seconds: float
@@ -412,6 +542,13 @@ def _info(replica: Replica) -> expert_pb2.ExpertInfo:
 
 def _format_ints(values: Sequence[int]) -> str:
     return ", ".join(str(v) for v in values) or "none"
+
+
+def _int32_count(data: bytes, what: str) -> int:
+    """How many int32 values ``data`` holds; its length must be a multiple of 4."""
+    if len(data) % 4:
+        raise InvalidRequestError(f"{what} has {len(data)} bytes, not a whole number of int32")
+    return len(data) // 4
 
 
 def _format_experts(experts: Any, limit: int = 16) -> str:
@@ -624,6 +761,9 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         init = (lambda: torch.set_num_threads(num_threads)) if num_threads else None
         self._compute = ThreadPoolExecutor(1, "expert-compute", initializer=init)
         self._io = ThreadPoolExecutor(1, "expert-io", initializer=init)
+        self._num_threads = num_threads
+        self._loop_threads = threading.local()  # whether torch's threads are set there
+        self._stream_tasks: dict[asyncio.Task, bool] = {}  # ForwardStream handler -> idle
         # Executors of a servicer nobody closed still end their threads once it is collected.
         self._finalizer = weakref.finalize(self, _shutdown, self._compute, self._io)
 
@@ -684,6 +824,112 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             torch.cuda.synchronize(out.device)  # count the kernels, not just their launch
         store.record_forward(request.layer, experts, counts, time.perf_counter() - start)
         return expert_pb2.ForwardResponse(output=tensor_to_proto(out))
+
+    @_rpc
+    async def ForwardTokens(
+        self, request: expert_pb2.TokenFrame, context: grpc.aio.ServicerContext
+    ) -> expert_pb2.TokenResult:
+        """One frame: each token once, its pairs here computed in one batched call."""
+        return await self._frame(request)
+
+    async def ForwardStream(
+        self, request_iterator: AsyncIterator[Any], context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[expert_pb2.TokenResult]:
+        """One TokenResult per TokenFrame, in order; a failed frame answers with its
+        status code and message and the stream goes on."""
+        task = asyncio.current_task()
+        self._stream_tasks[task] = True  # idle: waiting for a frame
+        try:
+            async for frame in request_iterator:
+                self._stream_tasks[task] = False
+                yield await self._stream_result(frame)
+                if self.status != SERVING:  # stopping: end after the frame in flight
+                    return
+                self._stream_tasks[task] = True
+        finally:
+            self._stream_tasks.pop(task, None)
+
+    def end_idle_streams(self) -> None:
+        """End the ForwardStreams waiting for a frame (a stopping worker: the routers see the
+        stream end and use other replicas); busy ones end after their frame."""
+        for task, idle in list(self._stream_tasks.items()):
+            if idle:
+                task.cancel()
+
+    async def _stream_result(self, frame: Any) -> expert_pb2.TokenResult:
+        """One frame's TokenResult; a failure is reported in it, never raised."""
+        if isinstance(frame, _Undecodable):
+            return expert_pb2.TokenResult(
+                code=grpc.StatusCode.INVALID_ARGUMENT.value[0], error=frame.message()
+            )
+        try:
+            return await self._frame(frame)
+        except (ExpertStoreError, WireError, CheckpointError) as e:
+            return expert_pb2.TokenResult(seq=frame.seq, code=_status_of(e).value[0], error=str(e))
+        except Exception as e:
+            logger.exception("worker %s: ForwardStream frame failed", self.store.worker_id)
+            return expert_pb2.TokenResult(
+                seq=frame.seq,
+                code=grpc.StatusCode.INTERNAL.value[0],
+                error=f"{type(e).__name__}: {e}",
+            )
+
+    async def _frame(self, frame: expert_pb2.TokenFrame) -> expert_pb2.TokenResult:
+        # Small frames (decode batches) run right here on the event loop: the hop to the
+        # compute thread and back costs more than they do. Large ones go to the thread so
+        # health checks stay answered while they compute.
+        if len(frame.pair_experts) <= 4 * INLINE_MAX_PAIRS:
+            if not getattr(self._loop_threads, "set", False):
+                if self._num_threads:
+                    torch.set_num_threads(self._num_threads)
+                self._loop_threads.set = True
+            return self._frame_sync(frame)
+        return await self._run(self._compute, self._frame_sync, frame)
+
+    def _frame_sync(self, frame: expert_pb2.TokenFrame) -> expert_pb2.TokenResult:
+        store = self.store
+        hidden = tensor_from_proto(
+            frame.hidden,
+            expected_dtype=store.dtype,
+            expected_shape_suffix=(store.hidden_size,),
+            device=store.device,
+            readonly_ok=True,  # the experts only read their input
+            what="hidden",
+        )
+        if hidden.dim() != 2:
+            raise InvalidRequestError(
+                f"hidden.shape {list(hidden.shape)} must be [rows, {store.hidden_size}]"
+            )
+        num_pairs = _int32_count(frame.pair_experts, "pair_experts")
+        if _int32_count(frame.pair_rows, "pair_rows") != num_pairs:
+            raise InvalidRequestError(
+                f"pair_rows has {len(frame.pair_rows) // 4} entries, pair_experts {num_pairs}"
+            )
+        rows = bytes_to_tensor(frame.pair_rows, torch.int32, (num_pairs,), readonly_ok=True)
+        experts = bytes_to_tensor(frame.pair_experts, torch.int32, (num_pairs,), readonly_ok=True)
+        weights = tensor_from_proto(
+            frame.pair_weights,
+            expected_dtype=store.dtype,
+            device=store.device,
+            readonly_ok=True,
+            what="pair_weights",
+        )
+        if tuple(weights.shape) != (num_pairs,):
+            raise InvalidRequestError(
+                f"pair_weights.shape {list(weights.shape)} must be [{num_pairs}] (one per pair)"
+            )
+        start = time.perf_counter()
+        if store.device.type != "cpu":
+            rows, experts = rows.to(store.device), experts.to(store.device)
+        out = store.forward_pairs(frame.layer, hidden, rows, experts, weights, frame.epoch)
+        if out.device.type == "cuda":
+            torch.cuda.synchronize(out.device)  # count the kernels, not just their launch
+        seconds = time.perf_counter() - start
+        ids, counts = torch.unique(experts, return_counts=True)
+        store.record_forward(frame.layer, ids.tolist(), counts.tolist(), seconds)
+        return expert_pb2.TokenResult(
+            seq=frame.seq, output=tensor_to_proto(out), compute_seconds=seconds
+        )
 
     # -- control plane ----------------------------------------------------
 

@@ -251,6 +251,7 @@ class ExpertWorker:
         if self._servicer is None:
             return
         self._servicer.status = NOT_SERVING
+        self._servicer.end_idle_streams()
         await self._server.stop(grace)
         self._servicer.close()
         self._servicer = self._server = None

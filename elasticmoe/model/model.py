@@ -30,7 +30,7 @@ from elasticmoe.model.gate import (
     topk_logits_softmax_gate,
     topk_softmax_gate,
 )
-from elasticmoe.model.moe import ExpertBackend
+from elasticmoe.model.moe import ExpertBackend, submit_experts, wait_experts
 from elasticmoe.model.rope import (
     apply_rotary,
     apply_rotary_interleaved,
@@ -248,12 +248,15 @@ class SparseMoE(nn.Module):
                 flat = gate.indices[: x.shape[0] - num_padding].flatten()
                 counts = torch.zeros_like(counts).scatter_add_(0, flat, torch.ones_like(flat))
             load_hook(self.layer, counts)
-        out = experts.forward(self.layer, x, gate)
+        if not (self.config.has_shared_expert or self.config.n_shared_experts):
+            return experts.forward(self.layer, x, gate)
+        # the shared expert(s) run here while the routed experts run in the backend
+        handle = submit_experts(experts, self.layer, x, gate)
         if self.config.has_shared_expert:
-            out = out + torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        if self.config.n_shared_experts:
-            out = out + self.shared_experts(x)
-        return out
+            shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
+        else:
+            shared = self.shared_experts(x)
+        return wait_experts(experts, handle) + shared
 
 
 class DecoderLayer(nn.Module):

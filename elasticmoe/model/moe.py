@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -31,9 +31,42 @@ class ExpertBackend(Protocol):
         """Engine step boundary: a remote backend switches to the newest expert map."""
         ...
 
+    # Optional, asynchronous form (a remote backend has it; see :func:`submit_experts`):
+    # ``submit(layer, hidden, gate) -> handle`` starts the layer and returns at once,
+    # ``wait(handle) -> [T, H]`` gives its result; between the two the caller computes
+    # something else (the shared expert, another micro-batch).
+    # Optional ``lost_rows``: [(rows, error)] of the current step, token rows whose experts
+    # had no live replica (their output lacks those experts); the engine fails the requests
+    # owning them. A wrapper around a remote backend must pass it through.
+
     def end_step(self) -> None:
         """The step's last layer is done."""
         ...
+
+
+@dataclass
+class _Done:
+    """The handle of a backend without ``submit``: the result, computed at once."""
+
+    out: torch.Tensor
+
+
+def submit_experts(
+    backend: ExpertBackend, layer: int, hidden: torch.Tensor, gate: GateOutput
+) -> Any:
+    """Start the layer's routed experts: ``backend.submit`` if it has one (the result comes
+    later, from :func:`wait_experts`), else ``backend.forward`` right now."""
+    submit = getattr(backend, "submit", None)
+    if submit is None:
+        return _Done(backend.forward(layer, hidden, gate))
+    return submit(layer, hidden, gate)
+
+
+def wait_experts(backend: ExpertBackend, handle: Any) -> torch.Tensor:
+    """The result of :func:`submit_experts`."""
+    if isinstance(handle, _Done):
+        return handle.out
+    return backend.wait(handle)  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -83,7 +116,11 @@ def combine_expert_outputs(
 
 
 def _combine(
-    token_idx: torch.Tensor, weights: torch.Tensor, outputs: torch.Tensor, out: torch.Tensor
+    token_idx: torch.Tensor,
+    weights: torch.Tensor,
+    outputs: torch.Tensor,
+    out: torch.Tensor,
+    uniform: bool = True,
 ) -> torch.Tensor:
     """The one place pairs are summed into tokens, in ascending expert order per token.
 
@@ -91,11 +128,12 @@ def _combine(
     regrouped by token and added slot by slot: the same additions, in the same order, as
     ``out.index_add_(0, token_idx, weighted)`` (bit for bit), but in k wide vector adds
     instead of one serial loop over pairs, which is slow on CPU for large batches.
+    ``uniform=False`` says tokens may have different numbers of pairs (a worker's share).
     """
     weighted = outputs * weights[:, None]
     num_tokens = out.shape[0]
     num_pairs = token_idx.numel()
-    if num_tokens == 0 or num_pairs % num_tokens:
+    if not uniform or num_tokens == 0 or num_pairs % num_tokens:
         return out.index_add_(0, token_idx, weighted)
     top_k = num_pairs // num_tokens
     # stable: a token's pairs keep their (ascending expert) order
@@ -167,27 +205,89 @@ def fused_experts(
     the busiest expert's count and run as one ``torch.bmm`` over the stacked weights (one
     host read of that count per layer, free on CPU).
     """
-    num_experts = w13.shape[0]
     top_k = gate.indices.shape[1]
     flat = gate.indices.flatten()
-    num_pairs = flat.numel()
     order = torch.argsort(flat, stable=True)
-    token_idx = order // top_k
-    weights = gate.weights.flatten()[order]
+    return _fused_sorted(
+        hidden,
+        order // top_k,
+        flat[order],
+        gate.weights.flatten()[order],
+        gate.tokens_per_expert,
+        w13,
+        w2,
+        uniform=True,
+        b13=b13,
+        b2=b2,
+        activation=activation,
+    )
+
+
+def fused_expert_pairs(
+    hidden: torch.Tensor,
+    token_idx: torch.Tensor,
+    expert_idx: torch.Tensor,
+    weights: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    activation: ExpertActivation = SILU,
+) -> torch.Tensor:
+    """:func:`fused_experts` for any set of (token row, expert, weight) pairs.
+
+    A worker's share of a layer: ``expert_idx`` indexes the stacked ``w13``/``w2`` of the
+    experts it holds, a token may have any number of pairs (>= 0). Returns [T, H], per
+    token the weighted sum over its pairs, added in ascending expert order.
+    """
+    order = torch.argsort(expert_idx, stable=True)
+    sorted_experts = expert_idx[order]
+    counts = torch.bincount(sorted_experts, minlength=w13.shape[0])
+    return _fused_sorted(
+        hidden,
+        token_idx[order],
+        sorted_experts,
+        weights[order],
+        counts,
+        w13,
+        w2,
+        uniform=False,
+        b13=b13,
+        b2=b2,
+        activation=activation,
+    )
+
+
+def _fused_sorted(
+    hidden: torch.Tensor,
+    token_idx: torch.Tensor,
+    sorted_experts: torch.Tensor,
+    weights: torch.Tensor,
+    counts: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    uniform: bool,
+    b13: torch.Tensor | None = None,
+    b2: torch.Tensor | None = None,
+    activation: ExpertActivation = SILU,
+) -> torch.Tensor:
+    """The batched FFN over pairs already sorted by expert, then the combine."""
+    num_experts = w13.shape[0]
+    num_pairs = token_idx.numel()
+    if num_pairs == 0:
+        return torch.zeros_like(hidden)
     x = hidden.index_select(0, token_idx)  # [N, H] rows in expert order
-    counts = gate.tokens_per_expert
     grouped, max_rows = _use_grouped_mm(hidden, counts, num_pairs)
     if grouped:
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
         h = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)
         if b13 is not None:
-            h = h + b13.index_select(0, flat[order])
+            h = h + b13.index_select(0, sorted_experts)
         y = torch._grouped_mm(activate(h, activation), w2.transpose(1, 2), offs=offs)
         if b2 is not None:
-            y = y + b2.index_select(0, flat[order])
-        return _combine(token_idx, weights, y, torch.zeros_like(hidden))
+            y = y + b2.index_select(0, sorted_experts)
+        return _combine(token_idx, weights, y, torch.zeros_like(hidden), uniform)
 
-    sorted_experts = flat[order]
     starts = torch.cumsum(counts, 0) - counts
     rank = torch.arange(num_pairs, device=hidden.device) - starts[sorted_experts]
     row = sorted_experts * max_rows + rank
@@ -201,4 +301,6 @@ def fused_experts(
     if b2 is not None:
         y = y + b2[:, None, :]
     y = y.view(num_experts * max_rows, -1)
-    return _combine(token_idx, weights, y.index_select(0, row), torch.zeros_like(hidden))
+    return _combine(
+        token_idx, weights, y.index_select(0, row), torch.zeros_like(hidden), uniform
+    )

@@ -42,6 +42,95 @@ class NoLiveReplicaError(RuntimeError):
 DispatchPlan = dict[str, list[RowSlice]]
 
 
+class DispatchTable:
+    """One step's dispatch inputs, fixed at the step's start.
+
+    Live replicas (``down`` removed), the slow/normal split and the costs are
+    taken once (per layer on first use, from the map, down set and costs the
+    step began with); each layer then only splits its rows (:meth:`plan`).
+    A worker that fails during the step is taken out with :meth:`mark_down`.
+    """
+
+    def __init__(
+        self,
+        expert_map: ExpertMap,
+        down: Collection[str] = (),
+        worker_cost: Mapping[str, float] | None = None,
+        min_split_rows: int = 16,
+    ) -> None:
+        self.expert_map = expert_map
+        self.down = set(down)
+        self.cost = dict(worker_cost or {})
+        self.min_split_rows = max(min_split_rows, 1)
+        # layer -> expert -> candidate replicas (live; normal ones only, if any)
+        self._rows: dict[int, dict[int, list[str]]] = {}
+
+    def mark_down(self, worker: str) -> None:
+        """``worker`` failed during the step: no more rows go there."""
+        if worker not in self.down:
+            self.down.add(worker)
+            self._rows.clear()
+
+    def candidates(self, layer: int, expert: int) -> list[str]:
+        """The replicas rows of ``expert`` may go to (empty: none is live)."""
+        row = self._rows.get(layer)
+        if row is None:
+            row = self._rows[layer] = {}
+        live = row.get(expert)
+        if live is None:
+            live = [
+                w for w in self.expert_map.replicas_of(LogicalExpert(layer, expert))
+                if w not in self.down
+            ]
+            # a slow worker's delay is per call, not per row: any rows sent there hold up the
+            # whole layer, so it gets none while the expert has a replica on a normal worker
+            normal = [w for w in live if self.cost.get(w, 1.0) <= 1.0]
+            live = row[expert] = normal or live
+        return live
+
+    def plan(self, layer: int, ranges: list[tuple[int, int, int]]) -> DispatchPlan:
+        """Assign each expert's row range to live replicas.
+
+        ranges: (expert, start, end) for every expert with rows, as from
+        :meth:`ExpertGroups.ranges`. Raises :class:`NoLiveReplicaError` naming every
+        expert left without a replica.
+        """
+        cost = self.cost
+        load: dict[str, float] = {}
+        plan: DispatchPlan = {}
+        missing: list[LogicalExpert] = []
+        # biggest first so the heavy experts claim the emptiest workers
+        for expert, start, end in sorted(ranges, key=lambda r: r[1] - r[2]):
+            live = self.candidates(layer, expert)
+            if not live:
+                missing.append(LogicalExpert(layer, expert))
+                continue
+            rows = end - start
+            if len(live) == 1:
+                worker = live[0]
+                plan.setdefault(worker, []).append(RowSlice(expert, start, end))
+                load[worker] = load.get(worker, 0.0) + rows * cost.get(worker, 1.0)
+                continue
+            parts = max(1, min(len(live), rows // self.min_split_rows))
+            # the `parts` least-loaded replicas share the rows, level-filling them
+            # projected load if this worker took all the rows: cost counts as well as load
+            chosen = sorted(live, key=lambda w: (load.get(w, 0.0) + rows * cost.get(w, 1.0), w))
+            chosen = chosen[:parts]
+            share = _level_fill(
+                rows, [load.get(w, 0.0) for w in chosen], [cost.get(w, 1.0) for w in chosen]
+            )
+            offset = start
+            for worker, n in zip(chosen, share, strict=True):
+                if n == 0:
+                    continue
+                plan.setdefault(worker, []).append(RowSlice(expert, offset, offset + n))
+                load[worker] = load.get(worker, 0.0) + n * cost.get(worker, 1.0)
+                offset += n
+        if missing:
+            raise NoLiveReplicaError(missing)
+        return plan
+
+
 def plan_dispatch(
     layer: int,
     ranges: list[tuple[int, int, int]],
@@ -50,45 +139,8 @@ def plan_dispatch(
     worker_cost: Mapping[str, float] | None = None,
     min_split_rows: int = 16,
 ) -> DispatchPlan:
-    """Assign each expert's row range to live replicas.
-
-    ranges: (expert, start, end) for every expert with rows, as from
-    :meth:`ExpertGroups.ranges`. ``down`` lists workers not to use. Raises
-    :class:`NoLiveReplicaError` naming every expert left without a replica.
-    """
-    cost = worker_cost or {}
-    load: dict[str, float] = {}
-    plan: DispatchPlan = {}
-    missing: list[LogicalExpert] = []
-    # biggest first so the heavy experts claim the emptiest workers
-    for expert, start, end in sorted(ranges, key=lambda r: r[1] - r[2]):
-        live = [w for w in expert_map.replicas_of(LogicalExpert(layer, expert)) if w not in down]
-        if not live:
-            missing.append(LogicalExpert(layer, expert))
-            continue
-        # a slow worker's delay is per call, not per row: any rows sent there hold up the
-        # whole layer, so it gets none while the expert has a replica on a normal worker
-        normal = [w for w in live if cost.get(w, 1.0) <= 1.0]
-        live = normal or live
-        rows = end - start
-        parts = max(1, min(len(live), rows // max(min_split_rows, 1)))
-        # the `parts` least-loaded replicas share the rows, level-filling them
-        # projected load if this worker took all the rows: cost counts as well as load
-        live.sort(key=lambda w: (load.get(w, 0.0) + rows * cost.get(w, 1.0), w))
-        chosen = live[:parts]
-        share = _level_fill(
-            rows, [load.get(w, 0.0) for w in chosen], [cost.get(w, 1.0) for w in chosen]
-        )
-        offset = start
-        for worker, n in zip(chosen, share, strict=True):
-            if n == 0:
-                continue
-            plan.setdefault(worker, []).append(RowSlice(expert, offset, offset + n))
-            load[worker] = load.get(worker, 0.0) + n * cost.get(worker, 1.0)
-            offset += n
-    if missing:
-        raise NoLiveReplicaError(missing)
-    return plan
+    """:meth:`DispatchTable.plan` with a table made for this one call."""
+    return DispatchTable(expert_map, down, worker_cost, min_split_rows).plan(layer, ranges)
 
 
 def _level_fill(rows: int, loads: list[float], costs: list[float]) -> list[int]:

@@ -1,9 +1,14 @@
 """The engine-side router: sends each MoE layer's rows to expert workers over gRPC.
 
-Per layer: group rows by logical expert, plan which replica computes which
-rows (:func:`plan_dispatch`), send one ``Forward`` call per worker, all
-concurrent, and combine the results with the gate weights in expert order
-(the same order as :class:`LocalExperts`, so results match it exactly).
+Per step: a :class:`DispatchTable` fixes live replicas, down workers and costs.
+Per layer: group (token, expert) pairs by logical expert, split them over
+replicas, and send each worker one frame, all concurrent: every token it needs
+once, with the pairs (expert, gate weight) it serves there. The worker runs all
+its experts for those rows in one batched call and returns the weighted sum per
+token; the router adds the partial sums in worker-id order. With top-2 routing
+that is bit-identical to :class:`LocalExperts`' combine (a + b = b + a); with
+k > 2 the additions are grouped per worker, so results differ from it by
+rounding only (deterministically).
 
 A call that fails or times out marks its worker down and its rows are
 re-planned onto other replicas of the same experts within the same step. If
@@ -13,6 +18,7 @@ and then fails with :class:`ExpertUnavailableError`.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 import time
@@ -26,12 +32,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from elasticmoe._proto.elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 from elasticmoe.core.expert_map import ExpertMap
 from elasticmoe.experts.rpc import StubCache
-from elasticmoe.experts.wire import WireError, tensor_from_proto, tensor_to_proto
+from elasticmoe.experts.wire import WireError, tensor_from_proto, tensor_to_bytes, tensor_to_proto
 from elasticmoe.model.gate import GateOutput
-from elasticmoe.model.moe import ExpertGroups, combine_expert_outputs, group_by_expert
-from elasticmoe.router.dispatch import NoLiveReplicaError, RowSlice, plan_dispatch
+from elasticmoe.model.moe import ExpertGroups, group_by_expert
+from elasticmoe.router.dispatch import DispatchTable, NoLiveReplicaError, RowSlice
+from elasticmoe.router.stream import StreamBrokenError, WorkerStream
 
 logger = logging.getLogger(__name__)
+
+def _code_name(code: int) -> str:
+    """The name of a gRPC status code number (as a TokenResult carries it)."""
+    return next((c.name for c in grpc.StatusCode if c.value[0] == code), str(code))
+
 
 class ExpertUnavailableError(RuntimeError):
     """An expert had no live replica for longer than the configured wait."""
@@ -70,6 +82,10 @@ class RouterStats:
     rows_sent: int = 0
     dispatch_seconds: dict[int, float] = field(default_factory=dict)
     layer_calls: dict[int, int] = field(default_factory=dict)
+    # per layer call, the compute time the slowest worker reported (the critical path),
+    # summed over calls; and the compute time of all workers, summed
+    critical_compute_seconds: float = 0.0
+    worker_compute_seconds: float = 0.0
 
 
 class WorkerLatency:
@@ -118,6 +134,19 @@ class WorkerLatency:
         return sorted(w for w, c in self.costs().items() if c > 1.0)
 
 
+@dataclass
+class _Pending:
+    """A layer submitted to the workers (:meth:`ExpertRouter.submit`), not yet waited for."""
+
+    layer: int
+    hidden: torch.Tensor
+    groups: ExpertGroups
+    started: float
+    pending: list[tuple[int, int, int]]
+    calls: list = field(default_factory=list)
+    partials: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+
+
 class ExpertRouter:
     """An :class:`ExpertBackend` whose experts live in remote expert workers."""
 
@@ -141,6 +170,11 @@ class ExpertRouter:
         self._in_step = False
         self.latency = WorkerLatency(self.config.slow_worker_factor)
         self.stats = RouterStats()
+        self._table: DispatchTable | None = None
+        self._streams: dict[str, WorkerStream] = {}
+        # rows of this step whose experts had no live replica (their requests fail), with why
+        self.lost_rows: list[tuple[torch.Tensor, str]] = []
+        self._step_deadline: float | None = None
 
     # ----------------------------------------------------------- expert map
     def update_map(self, new_map: ExpertMap) -> None:
@@ -172,10 +206,23 @@ class ExpertRouter:
         for worker, since in list(self.down.items()):
             if now - since >= self.config.probe_down_after_s:
                 self._probe(worker)
+        self._table = self._new_table()
+        self.lost_rows = []
+        self._step_deadline = None
+
+    def _new_table(self) -> DispatchTable:
+        """The dispatch table for the map, down set and latency costs as they are now."""
+        return DispatchTable(
+            self.expert_map,
+            self.down,
+            self.latency.costs(),
+            min_split_rows=self.config.min_split_rows,
+        )
 
     def end_step(self) -> None:
         """The step is over: its epoch is no longer in use."""
         self._in_step = False
+        self._table = None
 
     def active_epoch(self) -> int | None:
         """Epoch of the step running now, or None between steps.
@@ -203,97 +250,174 @@ class ExpertRouter:
         # The router only routes around a down worker; the controller's own health
         # loop decides that a worker is dead and replaces it (one channel per fact).
         self.down[worker] = time.monotonic()
+        if self._table is not None:
+            self._table.mark_down(worker)
 
     # -------------------------------------------------------------- forward
     def forward(self, layer: int, hidden: torch.Tensor, gate: GateOutput) -> torch.Tensor:
-        """Compute the layer's routed experts remotely; [T, H] -> [T, H]."""
-        start_time = time.perf_counter()
+        """Compute the layer's routed experts remotely; [T, H] -> [T, H].
+
+        Each token goes once to each worker that serves any of its pairs, with those
+        pairs' experts and gate weights; each worker returns the weighted partial sum
+        per token, and the partial sums are added in worker-id order (deterministic).
+        """
+        return self.wait(self.submit(layer, hidden, gate))
+
+    def submit(self, layer: int, hidden: torch.Tensor, gate: GateOutput) -> _Pending:
+        """Send the layer's frames and return at once; :meth:`wait` gives the result."""
+        if self._table is None:  # called outside a step (tools, tests)
+            self._table = self._new_table()
         groups = group_by_expert(gate)
-        outputs = torch.empty(
-            (groups.token_idx.numel(), hidden.shape[1]), dtype=hidden.dtype, device=hidden.device
-        )
-        pending = list(groups.ranges())
-        deadline: float | None = None
-        while pending:
-            try:
-                plan = plan_dispatch(
-                    layer,
-                    pending,
-                    self.expert_map,
-                    self.down,
-                    worker_cost=self.latency.costs(),
-                    min_split_rows=self.config.min_split_rows,
-                )
-            except NoLiveReplicaError as e:
-                deadline = deadline or time.monotonic() + self.config.expert_wait_timeout_s
-                if time.monotonic() > deadline:
-                    raise ExpertUnavailableError(
-                        f"{e} for {self.config.expert_wait_timeout_s:.0f}s (epoch "
-                        f"{self.expert_map.epoch}); the affected requests fail"
-                    ) from e
-                self._wait_for_replicas()
-                continue
-            pending = self._send(layer, hidden, groups, plan, outputs)
+        state = _Pending(layer, hidden, groups, time.perf_counter(), list(groups.ranges()))
+        self._dispatch(state)
+        return state
+
+    def wait(self, state: _Pending) -> torch.Tensor:
+        """The result of :meth:`submit`: collects the frames, retries failed rows on other
+        replicas (within the step), adds the partial sums."""
+        while state.calls:
+            pending = self._collect(state)
             if pending:
                 self.stats.retried_rows += sum(end - start for _, start, end in pending)
-        combined = combine_expert_outputs(groups, outputs, torch.zeros_like(hidden))
+            state.pending = pending
+            self._dispatch(state)
+        out = torch.zeros_like(state.hidden)
+        for _, tokens, partial in sorted(state.partials, key=lambda p: p[0]):
+            out.index_add_(0, tokens, partial)
+        layer = state.layer
         self.stats.dispatch_seconds[layer] = (
-            self.stats.dispatch_seconds.get(layer, 0.0) + time.perf_counter() - start_time
+            self.stats.dispatch_seconds.get(layer, 0.0) + time.perf_counter() - state.started
         )
         self.stats.layer_calls[layer] = self.stats.layer_calls.get(layer, 0) + 1
-        return combined
+        return out
 
-    def _send(
+    def _dispatch(self, state: _Pending) -> None:
+        """Plan ``state.pending`` and send its frames (``state.calls``); rows of experts
+        without a live replica wait (once per step) for a new map, then are lost."""
+        assert self._table is not None
+        state.calls = []
+        while state.pending:
+            try:
+                plan = self._table.plan(state.layer, state.pending)
+            except NoLiveReplicaError as e:
+                # one wait per step: once it has run out, later layers do not wait again
+                if self._step_deadline is None:
+                    self._step_deadline = time.monotonic() + self.config.expert_wait_timeout_s
+                if time.monotonic() <= self._step_deadline:
+                    self._wait_for_replicas()
+                    continue
+                state.pending = self._lose(state.groups, state.pending, e)
+                continue
+            state.calls = self._submit_frames(state.layer, state.hidden, state.groups, plan)
+            state.pending = []
+
+    def _lose(
+        self,
+        groups: ExpertGroups,
+        pending: list[tuple[int, int, int]],
+        error: NoLiveReplicaError,
+    ) -> list[tuple[int, int, int]]:
+        """Give up on the rows of experts without a live replica (only their requests fail:
+        see ``lost_rows``); return the ranges still to send."""
+        missing = {e.expert for e in error.experts}
+        lost = [r for r in pending if r[0] in missing]
+        rows = torch.unique(torch.cat([groups.token_idx[a:b] for _, a, b in lost]))
+        why = ExpertUnavailableError(
+            f"{error} for {self.config.expert_wait_timeout_s:.0f}s (epoch "
+            f"{self.expert_map.epoch}); the affected requests fail"
+        )
+        self.lost_rows.append((rows, f"{type(why).__name__}: {why}"))
+        logger.warning("%s (%d token rows)", why, rows.numel())
+        return [r for r in pending if r[0] not in missing]
+
+    def _frame(
+        self, layer: int, hidden: torch.Tensor, groups: ExpertGroups, slices: list[RowSlice]
+    ) -> tuple[expert_pb2.TokenFrame, torch.Tensor]:
+        """One worker's frame for ``slices`` and the token rows it carries (ascending)."""
+        slices = sorted(slices, key=lambda s: s.expert)
+        if len(slices) == 1:
+            s = slices[0]
+            pair_tokens = groups.token_idx[s.start : s.end]
+            pair_weights = groups.weights[s.start : s.end]
+        else:
+            pair_tokens = torch.cat([groups.token_idx[s.start : s.end] for s in slices])
+            pair_weights = torch.cat([groups.weights[s.start : s.end] for s in slices])
+        pair_experts = torch.tensor([s.expert for s in slices], dtype=torch.int32)
+        pair_experts = pair_experts.repeat_interleave(torch.tensor([s.num_rows for s in slices]))
+        tokens, rows = torch.unique(pair_tokens, sorted=True, return_inverse=True)
+        frame = expert_pb2.TokenFrame(
+            layer=layer,
+            epoch=self.expert_map.epoch,
+            hidden=tensor_to_proto(hidden.index_select(0, tokens)),
+            pair_rows=tensor_to_bytes(rows.to(torch.int32)),
+            pair_experts=tensor_to_bytes(pair_experts),
+            pair_weights=tensor_to_proto(pair_weights),
+        )
+        return frame, tokens
+
+    def _submit_frames(
         self,
         layer: int,
         hidden: torch.Tensor,
         groups: ExpertGroups,
         plan: dict[str, list[RowSlice]],
-        outputs: torch.Tensor,
-    ) -> list[tuple[int, int, int]]:
-        """One concurrent Forward per worker; fills ``outputs``; returns failed ranges."""
+    ) -> list[tuple[str, list[RowSlice], torch.Tensor, concurrent.futures.Future]]:
+        """One frame per worker of ``plan``, all in flight at once."""
         calls = []
         for worker, slices in plan.items():
-            idx = torch.cat([groups.token_idx[s.start : s.end] for s in slices])
-            request = expert_pb2.ForwardRequest(
-                layer=layer,
-                experts=[
-                    expert_pb2.ExpertRows(expert=s.expert, num_rows=s.num_rows) for s in slices
-                ],
-                hidden=tensor_to_proto(hidden[idx]),
-                epoch=self.expert_map.epoch,
-            )
-            future = self._stub(worker).Forward.future(request, timeout=self.config.rpc_timeout_s)
+            frame, tokens = self._frame(layer, hidden, groups, slices)
+            future = self._stream(worker).submit(frame)
             sent = time.monotonic()
             future.add_done_callback(
                 lambda f, w=worker, t=sent: self.latency.observe(w, time.monotonic() - t)
             )
-            calls.append((worker, slices, future))
-            self.stats.rows_sent += len(idx)
+            calls.append((worker, slices, tokens, future))
+            self.stats.rows_sent += len(tokens)
         self.stats.forward_calls += len(calls)
+        return calls
+
+    def _collect(self, state: _Pending) -> list[tuple[int, int, int]]:
+        """Wait for ``state.calls``; appends (worker, tokens, partial sums) to
+        ``state.partials``; returns the ranges of the frames that failed."""
+        layer, hidden = state.layer, state.hidden
         failed: list[tuple[int, int, int]] = []
-        for worker, slices, future in calls:
+        slowest = 0.0
+        deadline = time.monotonic() + self.config.rpc_timeout_s
+        for worker, slices, tokens, future in state.calls:
             try:
-                response = future.result()
-                num_rows = sum(s.num_rows for s in slices)
+                try:
+                    response = future.result(timeout=max(0.0, deadline - time.monotonic()))
+                except concurrent.futures.TimeoutError:
+                    # results come back in order: nothing behind this frame can arrive
+                    self._close_stream(worker, "a frame timed out")
+                    raise StreamBrokenError(
+                        f"no result within rpc_timeout_s={self.config.rpc_timeout_s}"
+                    ) from None
+                if response.code:
+                    raise WireError(f"{_code_name(response.code)}: {response.error}")
                 y = tensor_from_proto(
                     response.output,
                     self.dtype,
-                    (num_rows, self.hidden_size),
-                    device=outputs.device,
+                    (len(tokens), self.hidden_size),
+                    device=hidden.device,
                     readonly_ok=True,
-                    what="ForwardResponse.output",
+                    what="TokenResult.output",
                 )
-            except (grpc.RpcError, WireError) as e:
+                if y.shape[0] != len(tokens) or y.dim() != 2:
+                    raise WireError(
+                        f"TokenResult.output.shape {list(y.shape)} must be "
+                        f"[{len(tokens)}, {self.hidden_size}]"
+                    )
+            except (StreamBrokenError, WireError) as e:
                 self.stats.failed_calls += 1
-                detail = e.details() if isinstance(e, grpc.RpcError) else str(e)
-                self._mark_down(worker, f"Forward(layer={layer}) failed: {detail}")
+                self._mark_down(worker, f"ForwardStream frame (layer={layer}) failed: {e}")
                 failed.extend((s.expert, s.start, s.end) for s in slices)
                 continue
-            offset = 0
-            for s in slices:
-                outputs[s.start : s.end] = y[offset : offset + s.num_rows]
-                offset += s.num_rows
+            state.partials.append((worker, tokens, y))
+            slowest = max(slowest, response.compute_seconds)
+            self.stats.worker_compute_seconds += response.compute_seconds
+        self.stats.critical_compute_seconds += slowest
+        state.calls = []
         return failed
 
     def _wait_for_replicas(self) -> None:
@@ -311,6 +435,7 @@ class ExpertRouter:
         with self._lock:
             if self._pending_map is not None:
                 self.expert_map, self._pending_map = self._pending_map, None
+        self._table = self._new_table()
 
     def begin_step_probe_all(self) -> None:
         """Probe every down worker now (used while waiting for replicas)."""
@@ -318,6 +443,25 @@ class ExpertRouter:
             if worker in self.expert_map.workers:
                 self._probe(worker)
 
+    def _stream(self, worker: str) -> WorkerStream:
+        """The open ForwardStream to ``worker`` (a new one after a break or a move)."""
+        address = self.expert_map.workers[worker]
+        stream = self._streams.get(worker)
+        if stream is None or stream.broken or stream.address != address:
+            if stream is not None:
+                stream.close("replaced")
+            stream = self._streams[worker] = WorkerStream(
+                self._stub(worker), worker, address
+            )
+        return stream
+
+    def _close_stream(self, worker: str, reason: str) -> None:
+        stream = self._streams.pop(worker, None)
+        if stream is not None:
+            stream.close(reason)
+
     def close(self) -> None:
-        """Close all gRPC channels."""
+        """Close all streams and gRPC channels."""
+        for worker in list(self._streams):
+            self._close_stream(worker, "the router closed")
         self._stubs.close()

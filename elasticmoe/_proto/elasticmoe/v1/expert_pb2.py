@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65lasticmoe/v1/expert.proto\x12\relasticmoe.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\".\n\nExpertRows\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\x05\x12\x10\n\x08num_rows\x18\x02 \x01(\x05\"\x81\x01\n\x0e\x46orwardRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12*\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x19.elasticmoe.v1.ExpertRows\x12%\n\x06hidden\x18\x03 \x01(\x0b\x32\x15.elasticmoe.v1.Tensor\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\"8\n\x0f\x46orwardResponse\x12%\n\x06output\x18\x01 \x01(\x0b\x32\x15.elasticmoe.v1.Tensor\"*\n\tExpertRef\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\"M\n\nExpertInfo\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\"b\n\x12LoadExpertsRequest\x12)\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x18.elasticmoe.v1.ExpertRef\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x11\n\tchecksums\x18\x03 \x03(\t\"A\n\x13LoadExpertsResponse\x12*\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x19.elasticmoe.v1.ExpertInfo\"A\n\x14UnloadExpertsRequest\x12)\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x18.elasticmoe.v1.ExpertRef\"-\n\x15UnloadExpertsResponse\x12\x14\n\x0cnum_unloaded\x18\x01 \x01(\x05\"i\n\x0b\x45xpertChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x06 \x01(\t\"\x0f\n\rHealthRequest\"H\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x13\n\x0bnum_experts\x18\x03 \x01(\x04\"\x0e\n\x0cStatsRequest\"\xa6\x02\n\rStatsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12*\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x19.elasticmoe.v1.ExpertInfo\x12\x11\n\tnum_slots\x18\x03 \x01(\x05\x12\x15\n\rforward_calls\x18\x04 \x01(\x03\x12\x13\n\x0brows_served\x18\x05 \x01(\x03\x12\x17\n\x0f\x63ompute_seconds\x18\x06 \x01(\x01\x12H\n\x0frows_per_expert\x18\x07 \x03(\x0b\x32/.elasticmoe.v1.StatsResponse.RowsPerExpertEntry\x1a\x34\n\x12RowsPerExpertEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\xdd\x03\n\rExpertService\x12H\n\x07\x46orward\x12\x1d.elasticmoe.v1.ForwardRequest\x1a\x1e.elasticmoe.v1.ForwardResponse\x12T\n\x0bLoadExperts\x12!.elasticmoe.v1.LoadExpertsRequest\x1a\".elasticmoe.v1.LoadExpertsResponse\x12Z\n\rUnloadExperts\x12#.elasticmoe.v1.UnloadExpertsRequest\x1a$.elasticmoe.v1.UnloadExpertsResponse\x12\x45\n\x0b\x46\x65tchExpert\x12\x18.elasticmoe.v1.ExpertRef\x1a\x1a.elasticmoe.v1.ExpertChunk0\x01\x12\x45\n\x06Health\x12\x1c.elasticmoe.v1.HealthRequest\x1a\x1d.elasticmoe.v1.HealthResponse\x12\x42\n\x05Stats\x12\x1b.elasticmoe.v1.StatsRequest\x1a\x1c.elasticmoe.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x65lasticmoe/v1/expert.proto\x12\relasticmoe.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\".\n\nExpertRows\x12\x0e\n\x06\x65xpert\x18\x01 \x01(\x05\x12\x10\n\x08num_rows\x18\x02 \x01(\x05\"\x81\x01\n\x0e\x46orwardRequest\x12\r\n\x05layer\x18\x01 \x01(\x05\x12*\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x19.elasticmoe.v1.ExpertRows\x12%\n\x06hidden\x18\x03 \x01(\x0b\x32\x15.elasticmoe.v1.Tensor\x12\r\n\x05\x65poch\x18\x04 \x01(\x04\"8\n\x0f\x46orwardResponse\x12%\n\x06output\x18\x01 \x01(\x0b\x32\x15.elasticmoe.v1.Tensor\"\xb4\x01\n\nTokenFrame\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12\r\n\x05layer\x18\x02 \x01(\x05\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12%\n\x06hidden\x18\x04 \x01(\x0b\x32\x15.elasticmoe.v1.Tensor\x12\x11\n\tpair_rows\x18\x05 \x01(\x0c\x12\x14\n\x0cpair_experts\x18\x06 \x01(\x0c\x12+\n\x0cpair_weights\x18\x07 \x01(\x0b\x32\x15.elasticmoe.v1.Tensor\"w\n\x0bTokenResult\x12\x0b\n\x03seq\x18\x01 \x01(\x04\x12%\n\x06output\x18\x02 \x01(\x0b\x32\x15.elasticmoe.v1.Tensor\x12\x0c\n\x04\x63ode\x18\x03 \x01(\x05\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x17\n\x0f\x63ompute_seconds\x18\x05 \x01(\x01\"*\n\tExpertRef\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\"M\n\nExpertInfo\x12\r\n\x05layer\x18\x01 \x01(\x05\x12\x0e\n\x06\x65xpert\x18\x02 \x01(\x05\x12\x10\n\x08\x63hecksum\x18\x03 \x01(\t\x12\x0e\n\x06nbytes\x18\x04 \x01(\x03\"b\n\x12LoadExpertsRequest\x12)\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x18.elasticmoe.v1.ExpertRef\x12\x0e\n\x06source\x18\x02 \x01(\t\x12\x11\n\tchecksums\x18\x03 \x03(\t\"A\n\x13LoadExpertsResponse\x12*\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x19.elasticmoe.v1.ExpertInfo\"A\n\x14UnloadExpertsRequest\x12)\n\x07\x65xperts\x18\x01 \x03(\x0b\x32\x18.elasticmoe.v1.ExpertRef\"-\n\x15UnloadExpertsResponse\x12\x14\n\x0cnum_unloaded\x18\x01 \x01(\x05\"i\n\x0b\x45xpertChunk\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\r\n\x05shape\x18\x03 \x03(\x03\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x05 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x06 \x01(\t\"\x0f\n\rHealthRequest\"H\n\x0eHealthResponse\x12\x0e\n\x06status\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x13\n\x0bnum_experts\x18\x03 \x01(\x04\"\x0e\n\x0cStatsRequest\"\xa6\x02\n\rStatsResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12*\n\x07\x65xperts\x18\x02 \x03(\x0b\x32\x19.elasticmoe.v1.ExpertInfo\x12\x11\n\tnum_slots\x18\x03 \x01(\x05\x12\x15\n\rforward_calls\x18\x04 \x01(\x03\x12\x13\n\x0brows_served\x18\x05 \x01(\x03\x12\x17\n\x0f\x63ompute_seconds\x18\x06 \x01(\x01\x12H\n\x0frows_per_expert\x18\x07 \x03(\x0b\x32/.elasticmoe.v1.StatsResponse.RowsPerExpertEntry\x1a\x34\n\x12RowsPerExpertEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x32\xf1\x04\n\rExpertService\x12H\n\x07\x46orward\x12\x1d.elasticmoe.v1.ForwardRequest\x1a\x1e.elasticmoe.v1.ForwardResponse\x12\x46\n\rForwardTokens\x12\x19.elasticmoe.v1.TokenFrame\x1a\x1a.elasticmoe.v1.TokenResult\x12J\n\rForwardStream\x12\x19.elasticmoe.v1.TokenFrame\x1a\x1a.elasticmoe.v1.TokenResult(\x01\x30\x01\x12T\n\x0bLoadExperts\x12!.elasticmoe.v1.LoadExpertsRequest\x1a\".elasticmoe.v1.LoadExpertsResponse\x12Z\n\rUnloadExperts\x12#.elasticmoe.v1.UnloadExpertsRequest\x1a$.elasticmoe.v1.UnloadExpertsResponse\x12\x45\n\x0b\x46\x65tchExpert\x12\x18.elasticmoe.v1.ExpertRef\x1a\x1a.elasticmoe.v1.ExpertChunk0\x01\x12\x45\n\x06Health\x12\x1c.elasticmoe.v1.HealthRequest\x1a\x1d.elasticmoe.v1.HealthResponse\x12\x42\n\x05Stats\x12\x1b.elasticmoe.v1.StatsRequest\x1a\x1c.elasticmoe.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,30 +41,34 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FORWARDREQUEST']._serialized_end=277
   _globals['_FORWARDRESPONSE']._serialized_start=279
   _globals['_FORWARDRESPONSE']._serialized_end=335
-  _globals['_EXPERTREF']._serialized_start=337
-  _globals['_EXPERTREF']._serialized_end=379
-  _globals['_EXPERTINFO']._serialized_start=381
-  _globals['_EXPERTINFO']._serialized_end=458
-  _globals['_LOADEXPERTSREQUEST']._serialized_start=460
-  _globals['_LOADEXPERTSREQUEST']._serialized_end=558
-  _globals['_LOADEXPERTSRESPONSE']._serialized_start=560
-  _globals['_LOADEXPERTSRESPONSE']._serialized_end=625
-  _globals['_UNLOADEXPERTSREQUEST']._serialized_start=627
-  _globals['_UNLOADEXPERTSREQUEST']._serialized_end=692
-  _globals['_UNLOADEXPERTSRESPONSE']._serialized_start=694
-  _globals['_UNLOADEXPERTSRESPONSE']._serialized_end=739
-  _globals['_EXPERTCHUNK']._serialized_start=741
-  _globals['_EXPERTCHUNK']._serialized_end=846
-  _globals['_HEALTHREQUEST']._serialized_start=848
-  _globals['_HEALTHREQUEST']._serialized_end=863
-  _globals['_HEALTHRESPONSE']._serialized_start=865
-  _globals['_HEALTHRESPONSE']._serialized_end=937
-  _globals['_STATSREQUEST']._serialized_start=939
-  _globals['_STATSREQUEST']._serialized_end=953
-  _globals['_STATSRESPONSE']._serialized_start=956
-  _globals['_STATSRESPONSE']._serialized_end=1250
-  _globals['_STATSRESPONSE_ROWSPEREXPERTENTRY']._serialized_start=1198
-  _globals['_STATSRESPONSE_ROWSPEREXPERTENTRY']._serialized_end=1250
-  _globals['_EXPERTSERVICE']._serialized_start=1253
-  _globals['_EXPERTSERVICE']._serialized_end=1730
+  _globals['_TOKENFRAME']._serialized_start=338
+  _globals['_TOKENFRAME']._serialized_end=518
+  _globals['_TOKENRESULT']._serialized_start=520
+  _globals['_TOKENRESULT']._serialized_end=639
+  _globals['_EXPERTREF']._serialized_start=641
+  _globals['_EXPERTREF']._serialized_end=683
+  _globals['_EXPERTINFO']._serialized_start=685
+  _globals['_EXPERTINFO']._serialized_end=762
+  _globals['_LOADEXPERTSREQUEST']._serialized_start=764
+  _globals['_LOADEXPERTSREQUEST']._serialized_end=862
+  _globals['_LOADEXPERTSRESPONSE']._serialized_start=864
+  _globals['_LOADEXPERTSRESPONSE']._serialized_end=929
+  _globals['_UNLOADEXPERTSREQUEST']._serialized_start=931
+  _globals['_UNLOADEXPERTSREQUEST']._serialized_end=996
+  _globals['_UNLOADEXPERTSRESPONSE']._serialized_start=998
+  _globals['_UNLOADEXPERTSRESPONSE']._serialized_end=1043
+  _globals['_EXPERTCHUNK']._serialized_start=1045
+  _globals['_EXPERTCHUNK']._serialized_end=1150
+  _globals['_HEALTHREQUEST']._serialized_start=1152
+  _globals['_HEALTHREQUEST']._serialized_end=1167
+  _globals['_HEALTHRESPONSE']._serialized_start=1169
+  _globals['_HEALTHRESPONSE']._serialized_end=1241
+  _globals['_STATSREQUEST']._serialized_start=1243
+  _globals['_STATSREQUEST']._serialized_end=1257
+  _globals['_STATSRESPONSE']._serialized_start=1260
+  _globals['_STATSRESPONSE']._serialized_end=1554
+  _globals['_STATSRESPONSE_ROWSPEREXPERTENTRY']._serialized_start=1502
+  _globals['_STATSRESPONSE_ROWSPEREXPERTENTRY']._serialized_end=1554
+  _globals['_EXPERTSERVICE']._serialized_start=1557
+  _globals['_EXPERTSERVICE']._serialized_end=2182
 # @@protoc_insertion_point(module_scope)

@@ -42,6 +42,38 @@ class ForwardResponse(_message.Message):
     output: Tensor
     def __init__(self, output: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
+class TokenFrame(_message.Message):
+    __slots__ = ("seq", "layer", "epoch", "hidden", "pair_rows", "pair_experts", "pair_weights")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    LAYER_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    HIDDEN_FIELD_NUMBER: _ClassVar[int]
+    PAIR_ROWS_FIELD_NUMBER: _ClassVar[int]
+    PAIR_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    PAIR_WEIGHTS_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    layer: int
+    epoch: int
+    hidden: Tensor
+    pair_rows: bytes
+    pair_experts: bytes
+    pair_weights: Tensor
+    def __init__(self, seq: _Optional[int] = ..., layer: _Optional[int] = ..., epoch: _Optional[int] = ..., hidden: _Optional[_Union[Tensor, _Mapping]] = ..., pair_rows: _Optional[bytes] = ..., pair_experts: _Optional[bytes] = ..., pair_weights: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class TokenResult(_message.Message):
+    __slots__ = ("seq", "output", "code", "error", "compute_seconds")
+    SEQ_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_FIELD_NUMBER: _ClassVar[int]
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    seq: int
+    output: Tensor
+    code: int
+    error: str
+    compute_seconds: float
+    def __init__(self, seq: _Optional[int] = ..., output: _Optional[_Union[Tensor, _Mapping]] = ..., code: _Optional[int] = ..., error: _Optional[str] = ..., compute_seconds: _Optional[float] = ...) -> None: ...
+
 class ExpertRef(_message.Message):
     __slots__ = ("layer", "expert")
     LAYER_FIELD_NUMBER: _ClassVar[int]

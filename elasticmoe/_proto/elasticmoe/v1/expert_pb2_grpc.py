@@ -39,6 +39,16 @@ class ExpertServiceStub:
                 request_serializer=elasticmoe_dot_v1_dot_expert__pb2.ForwardRequest.SerializeToString,
                 response_deserializer=elasticmoe_dot_v1_dot_expert__pb2.ForwardResponse.FromString,
                 _registered_method=True)
+        self.ForwardTokens = channel.unary_unary(
+                '/elasticmoe.v1.ExpertService/ForwardTokens',
+                request_serializer=elasticmoe_dot_v1_dot_expert__pb2.TokenFrame.SerializeToString,
+                response_deserializer=elasticmoe_dot_v1_dot_expert__pb2.TokenResult.FromString,
+                _registered_method=True)
+        self.ForwardStream = channel.stream_stream(
+                '/elasticmoe.v1.ExpertService/ForwardStream',
+                request_serializer=elasticmoe_dot_v1_dot_expert__pb2.TokenFrame.SerializeToString,
+                response_deserializer=elasticmoe_dot_v1_dot_expert__pb2.TokenResult.FromString,
+                _registered_method=True)
         self.LoadExperts = channel.unary_unary(
                 '/elasticmoe.v1.ExpertService/LoadExperts',
                 request_serializer=elasticmoe_dot_v1_dot_expert__pb2.LoadExpertsRequest.SerializeToString,
@@ -71,6 +81,21 @@ class ExpertServiceServicer:
 
     def Forward(self, request, context):
         """Run the listed experts on their rows of `hidden`.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForwardTokens(self, request, context):
+        """Compute one frame's pairs and return the weighted partial sum per token.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ForwardStream(self, request_iterator, context):
+        """A long-lived stream per (engine, worker): one TokenFrame per MoE layer call in,
+        one TokenResult (same seq) per frame out, in order.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -116,6 +141,16 @@ def add_ExpertServiceServicer_to_server(servicer, server):
                     servicer.Forward,
                     request_deserializer=elasticmoe_dot_v1_dot_expert__pb2.ForwardRequest.FromString,
                     response_serializer=elasticmoe_dot_v1_dot_expert__pb2.ForwardResponse.SerializeToString,
+            ),
+            'ForwardTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ForwardTokens,
+                    request_deserializer=elasticmoe_dot_v1_dot_expert__pb2.TokenFrame.FromString,
+                    response_serializer=elasticmoe_dot_v1_dot_expert__pb2.TokenResult.SerializeToString,
+            ),
+            'ForwardStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.ForwardStream,
+                    request_deserializer=elasticmoe_dot_v1_dot_expert__pb2.TokenFrame.FromString,
+                    response_serializer=elasticmoe_dot_v1_dot_expert__pb2.TokenResult.SerializeToString,
             ),
             'LoadExperts': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadExperts,
@@ -170,6 +205,60 @@ class ExpertService:
             '/elasticmoe.v1.ExpertService/Forward',
             elasticmoe_dot_v1_dot_expert__pb2.ForwardRequest.SerializeToString,
             elasticmoe_dot_v1_dot_expert__pb2.ForwardResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/elasticmoe.v1.ExpertService/ForwardTokens',
+            elasticmoe_dot_v1_dot_expert__pb2.TokenFrame.SerializeToString,
+            elasticmoe_dot_v1_dot_expert__pb2.TokenResult.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ForwardStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/elasticmoe.v1.ExpertService/ForwardStream',
+            elasticmoe_dot_v1_dot_expert__pb2.TokenFrame.SerializeToString,
+            elasticmoe_dot_v1_dot_expert__pb2.TokenResult.FromString,
             options,
             channel_credentials,
             insecure,
