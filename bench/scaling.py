@@ -24,6 +24,7 @@ Prints one JSON document on stdout; progress on stderr.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -48,6 +49,39 @@ def p99(values: list[float]) -> float:
     """99th percentile (nearest rank, :func:`elasticmoe.core.stats.percentile`); nan if none."""
     value = percentile(values, 99)
     return float("nan") if value is None else value
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """Busy CPU seconds since boot: ``(whole machine, this benchmark's process tree)``.
+
+    The tree is this process and its descendants (Ray's raylet, GCS and every actor
+    process of a local instance); a reaped child's time is in its parent's
+    ``cutime``. The difference is other people's load on a shared machine, which
+    each window reports so that a dip from noise is not taken for one from scaling.
+    """
+    hz = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    machine = (sum(fields) - fields[3] - fields[4]) / hz  # all but idle and iowait
+    parent: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        parent[int(entry)] = int(stat[1])
+        ticks[int(entry)] = sum(int(x) for x in stat[11:15])  # utime stime cutime cstime
+    mine = {os.getpid()}
+    grew = True
+    while grew:
+        new = {p for p, pp in parent.items() if pp in mine and p not in mine}
+        mine |= new
+        grew = bool(new)
+    return machine, sum(ticks.get(p, 0) for p in mine) / hz
 
 
 class StreamingLoad:
@@ -282,26 +316,32 @@ def part_b(base: DeploymentConfig, args) -> dict[str, Any]:
     load = StreamingLoad(dep.engines, args.clients, args.max_tokens, args.prompt_len)
     ops: list[dict[str, Any]] = []
     windows: list[tuple[str, float, float]] = []
+    others: list[float] = []  # cores busy with other people's processes, per window
     try:
         if base.spare_workers and args.worker_ops:
             wait_for_spare(dep)
         load.start()
         time.sleep(args.warmup_s)
         for cycle in range(args.cycles):
-            start = time.monotonic()
+            start, cpu0 = time.monotonic(), cpu_seconds()
             time.sleep(args.steady_s)
-            windows.append(("steady", start, time.monotonic()))
-            start = time.monotonic()
+            end, cpu1 = time.monotonic(), cpu_seconds()
+            windows.append(("steady", start, end))
+            others.append((cpu1[0] - cpu1[1] - cpu0[0] + cpu0[1]) / (end - start))
+            start, cpu0 = end, cpu1
             failed_before = load.failed
             ops.extend(_operations_window(dep, args, cycle))
             # the window ends no earlier than steady_s, and not before the spare is back
             spare_back = not (base.spare_workers and args.worker_ops) or wait_for_spare(dep)
             time.sleep(max(0.0, start + args.steady_s - time.monotonic()))
-            windows.append(("during", start, time.monotonic()))
+            end, cpu1 = time.monotonic(), cpu_seconds()
+            windows.append(("during", start, end))
+            others.append((cpu1[0] - cpu1[1] - cpu0[0] + cpu0[1]) / (end - start))
             console.print(
                 f"cycle {cycle}: steady {load.window(*windows[-2][1:])}, "
                 f"during {load.window(*windows[-1][1:])}, "
-                f"failed {load.failed - failed_before}, spare back {spare_back}"
+                f"failed {load.failed - failed_before}, spare back {spare_back}, "
+                f"other processes' cores {others[-2]:.2f} / {others[-1]:.2f}"
             )
     finally:
         load.stop()
@@ -322,20 +362,25 @@ def part_b(base: DeploymentConfig, args) -> dict[str, Any]:
         "steady": steady,
         "during": during,
         "per_cycle": [
-            {k: load.window(a, b) for k, (a, b) in zip(("steady", "during"), pair, strict=True)}
-            for pair in zip(
-                [(a, b) for k, a, b in windows if k == "steady"],
-                [(a, b) for k, a, b in windows if k == "during"],
-                strict=True,
-            )
+            {
+                kind: {**load.window(a, b), "other_processes_cores": round(other, 2)}
+                for (kind, a, b), other in zip(windows[i : i + 2], others[i : i + 2], strict=True)
+            }
+            for i in range(0, len(windows), 2)
         ],
+        "other_processes_cores": {
+            kind: round(statistics.mean(others[first::2]), 2)
+            for first, kind in enumerate(("steady", "during"))
+        },
         "throughput_during_over_steady": round(
             during["output_tokens_per_s"] / max(steady["output_tokens_per_s"], 1e-9), 3
         ),
         "p99_itl_during_over_steady": round(during["p99_itl_ms"] / steady["p99_itl_ms"], 3),
         "baseline": "the same deployment, clients and load in a steady window of the same "
         "length right before each operations window; the operations window lasts until the "
-        "spare is back (its refill counts); requests_failed counts every failed request",
+        "spare is back (its refill counts); requests_failed counts every failed request; "
+        "other_processes_cores: the machine's busy cores outside this benchmark's processes "
+        "(a shared machine: compare windows with like values)",
     }
 
 
