@@ -186,13 +186,16 @@ def hottest_experts(dep: Deployment, n: int) -> list[str]:
     return [e for e, _ in sorted(load.items(), key=lambda kv: -kv[1])[:n]]
 
 
-def wait_for_spare(dep: Deployment, timeout_s: float = 600.0) -> bool:
-    """Wait until the controller reports a started spare worker (True), or give up."""
+def wait_for_spare(dep: Deployment, timeout_s: float = 600.0, poll_s: float = 0.5) -> bool:
+    """Wait until the controller reports a started spare worker (True), or give up.
+
+    Polls gently: in (b) it runs inside the measured window, and status() is not free.
+    """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if ray.get(dep.controller.status.remote())["spare_workers"]:
             return True
-        time.sleep(0.2)
+        time.sleep(poll_s)
     return False
 
 
