@@ -94,20 +94,24 @@ def test_servicer_loads_on_a_lowered_thread_and_computes_on_a_normal_one(
 ) -> None:
     async def run() -> tuple[Any, Any]:
         store = ExpertStore(model_dir, 2, torch.float32, worker_id="w0")
-        servicer = ExpertServicer(store, num_threads=1, background_priority="idle")
+        servicer = ExpertServicer(store, num_threads=2, background_priority="idle")
         try:
-            await servicer.load_experts([LogicalExpert(0, 1)])
+            await servicer._run(servicer._compute, torch.get_num_threads)  # started first
+            await servicer.load_experts([LogicalExpert(0, 1)])  # the loader's 1 stays its own
             loader = await servicer._run(
                 servicer._io, lambda: (thread_priority()[0], torch.get_num_threads())
             )
-            compute = await servicer._run(servicer._compute, thread_priority)
+            compute = await servicer._run(
+                servicer._compute, lambda: (thread_priority(), torch.get_num_threads())
+            )
             return loader, compute
         finally:
             servicer.close()
 
     loader, compute = asyncio.run(run())
     assert loader == ("idle", 1)  # one torch thread for loads and copies
-    assert compute == thread_priority()  # the compute thread keeps the process's priority
+    # the compute thread keeps the process's priority and its torch threads
+    assert compute == (thread_priority(), 2)
 
 
 def test_background_priority_is_validated_with_its_name(model_dir: Path) -> None:
