@@ -19,7 +19,17 @@ serves at full priority without a restart.
 
 Levels (``DeploymentConfig.background_priority``): ``idle`` (``SCHED_IDLE``:
 runs on cores serving leaves idle, with a small share under saturation),
-``low`` (nice 19) and ``normal`` (unchanged).
+``low`` (nice 19) and ``normal`` (unchanged). Ray already runs every worker's
+Python threads at nice 15 (its ``worker_niceness``; measured: the main thread
+and the threads it starts are at 15, Ray's C++ threads at 0), so nice 19 is
+only ~2.4x below serving in CFS weight, ``SCHED_IDLE`` ~12x.
+
+Caveat: the loader thread shares the GIL with the serving threads of its
+process. While it holds the GIL (Python glue between torch/hashlib calls, which
+release it) and other processes keep every core busy, a very low priority delays
+its release: a short priority inversion. With idle cores (the normal case for a
+closed-loop server, whose engines and workers wait on each other) it runs at once;
+``low`` bounds the delay on machines saturated by foreign load.
 
 No torch or grpc here: :func:`warm_up` runs in a fresh worker process before
 they are imported.
