@@ -6,8 +6,13 @@
     and adding a full second deployment (engine + all experts), which is how
     replica-level systems scale.
 (b) a series of scaling operations under steady closed-loop streaming load:
-    failed requests, output throughput during vs before, p99 inter-token
-    latency during vs before.
+    failed requests, output throughput and p99 inter-token latency in windows of
+    operations vs steady windows of the same length right before them (same
+    clients, same load). With worker operations the window includes adding a
+    worker (it takes the spare), replica loads onto it, removing it, and the
+    spare's refill (a process start) until the spare is ready again.
+    ``--background-priority normal`` runs the old behaviour (loads, copies and
+    worker start-up at serving's priority) for a before/after comparison.
 (c) a replay of the Azure conversation trace, time-compressed and scaled
     down, with the autoscaler on vs a fixed placement of the same average size:
     SLO attainment and worker-seconds (every running worker process counts,
@@ -19,6 +24,7 @@ Prints one JSON document on stdout; progress on stderr.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -43,6 +49,39 @@ def p99(values: list[float]) -> float:
     """99th percentile (nearest rank, :func:`elasticmoe.core.stats.percentile`); nan if none."""
     value = percentile(values, 99)
     return float("nan") if value is None else value
+
+
+def cpu_seconds() -> tuple[float, float]:
+    """Busy CPU seconds since boot: ``(whole machine, this benchmark's process tree)``.
+
+    The tree is this process and its descendants (Ray's raylet, GCS and every actor
+    process of a local instance); a reaped child's time is in its parent's
+    ``cutime``. The difference is other people's load on a shared machine, which
+    each window reports so that a dip from noise is not taken for one from scaling.
+    """
+    hz = os.sysconf("SC_CLK_TCK")
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    machine = (sum(fields) - fields[3] - fields[4]) / hz  # all but idle and iowait
+    parent: dict[int, int] = {}
+    ticks: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read().rsplit(")", 1)[1].split()
+        except OSError:  # exited meanwhile
+            continue
+        parent[int(entry)] = int(stat[1])
+        ticks[int(entry)] = sum(int(x) for x in stat[11:15])  # utime stime cutime cstime
+    mine = {os.getpid()}
+    grew = True
+    while grew:
+        new = {p for p, pp in parent.items() if pp in mine and p not in mine}
+        mine |= new
+        grew = bool(new)
+    return machine, sum(ticks.get(p, 0) for p in mine) / hz
 
 
 class StreamingLoad:
@@ -111,12 +150,21 @@ class StreamingLoad:
 
     def window(self, start: float, end: float) -> dict[str, float]:
         """Throughput and latency within [start, end)."""
+        return self.windows([(start, end)])
+
+    def windows(self, spans: list[tuple[float, float]]) -> dict[str, float]:
+        """Throughput and latency over the union of disjoint [start, end) spans."""
+
+        def inside(t: float) -> bool:
+            return any(a <= t < b for a, b in spans)
+
         with self._lock:
-            toks = sum(1 for t in self.tokens if start <= t < end)
-            gaps = [g for t, g in self.gaps if start <= t < end]
+            toks = sum(1 for t in self.tokens if inside(t))
+            gaps = [g for t, g in self.gaps if inside(t)]
+        seconds = sum(b - a for a, b in spans)
         return {
-            "seconds": round(end - start, 2),
-            "output_tokens_per_s": round(toks / max(end - start, 1e-9), 2),
+            "seconds": round(seconds, 2),
+            "output_tokens_per_s": round(toks / max(seconds, 1e-9), 2),
             "p99_itl_ms": round(1e3 * p99(gaps), 2),
             "mean_itl_ms": round(1e3 * statistics.mean(gaps), 2) if gaps else None,
         }
@@ -138,13 +186,16 @@ def hottest_experts(dep: Deployment, n: int) -> list[str]:
     return [e for e, _ in sorted(load.items(), key=lambda kv: -kv[1])[:n]]
 
 
-def wait_for_spare(dep: Deployment, timeout_s: float = 600.0) -> bool:
-    """Wait until the controller reports a started spare worker (True), or give up."""
+def wait_for_spare(dep: Deployment, timeout_s: float = 600.0, poll_s: float = 0.5) -> bool:
+    """Wait until the controller reports a started spare worker (True), or give up.
+
+    Polls gently: in (b) it runs inside the measured window, and status() is not free.
+    """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if ray.get(dep.controller.status.remote())["spare_workers"]:
             return True
-        time.sleep(0.2)
+        time.sleep(poll_s)
     return False
 
 
@@ -216,58 +267,123 @@ def part_a(base: DeploymentConfig, args) -> dict[str, Any]:
     }
 
 
+def _operations_window(dep: Deployment, args, cycle: int) -> list[dict[str, Any]]:
+    """One series of scaling operations, spread over the first half of a window.
+
+    With worker operations: add a worker first (it takes the spare, so the spare's
+    refill, a process start, runs inside the window), replicate/migrate/evict
+    (replica loads onto the new worker are peer-to-peer copies), remove the worker
+    again (its replicas move off it), and wait until the spare is back.
+    """
+    c = dep.controller
+    ops: list[dict[str, Any]] = []
+    experts = sorted(dep.expert_map.replicas, key=str)
+    steps = 3 * args.rounds + (2 if args.worker_ops else 0)
+    gap = args.steady_s / 2 / max(steps, 1)
+    added = None
+    if args.worker_ops:
+        added = ray.get(c.add_worker.remote())
+        ops.append(added)
+        time.sleep(gap)
+    for i in range(args.rounds):
+        j = 3 * (i + cycle * args.rounds)
+        x1, x2 = experts[j % len(experts)], experts[(j + 1) % len(experts)]
+        ops.append(ray.get(c.replicate.remote(str(x1))))
+        time.sleep(gap)
+        ops.append(ray.get(c.migrate.remote(str(x2), dep.expert_map.replicas_of(x2)[0])))
+        time.sleep(gap)
+        ops.append(ray.get(c.evict.remote(str(x1), dep.expert_map.replicas_of(x1)[0])))
+        time.sleep(gap)
+    if added is not None:
+        ops.append(ray.get(c.remove_worker.remote(added["add_workers"][0])))
+    return ops
+
+
 def part_b(base: DeploymentConfig, args) -> dict[str, Any]:
-    """Throughput and ITL before vs during a series of scaling operations."""
-    dep, _ = start_deployment(base.model_copy(update={"name": "load", "max_workers": 8}))
+    """Throughput and ITL in a steady window vs an equally long window of scaling operations.
+
+    The same closed-loop clients run throughout; each cycle is a steady window of
+    ``steady_s`` followed by an operations window of ``steady_s`` (longer only if the
+    spare is not back by then: the window always ends with the deployment in its
+    steady shape again, spare included). Figures pool the cycles.
+    """
+    dep, _ = start_deployment(
+        base.model_copy(
+            update={
+                "name": "load",
+                "max_workers": 8,
+                "background_priority": args.background_priority,
+            }
+        )
+    )
     load = StreamingLoad(dep.engines, args.clients, args.max_tokens, args.prompt_len)
     ops: list[dict[str, Any]] = []
+    windows: list[tuple[str, float, float]] = []
+    others: list[float] = []  # cores busy with other people's processes, per window
     try:
+        if base.spare_workers and args.worker_ops:
+            wait_for_spare(dep)
         load.start()
         time.sleep(args.warmup_s)
-        before_start = time.monotonic()
-        time.sleep(args.steady_s)
-        during_start = time.monotonic()
-        c = dep.controller
-        experts = sorted(dep.expert_map.replicas, key=str)
-        for i in range(args.rounds):
-            e1, e2 = str(experts[(3 * i) % len(experts)]), str(experts[(3 * i + 1) % len(experts)])
-            ops.append(ray.get(c.replicate.remote(e1)))
-            m = dep.expert_map
-            src = m.replicas_of(experts[(3 * i + 1) % len(experts)])[0]
-            ops.append(ray.get(c.migrate.remote(e2, src)))
-            ops.append(
-                ray.get(
-                    c.evict.remote(
-                        e1, dep.expert_map.replicas_of(experts[(3 * i) % len(experts)])[0]
-                    )
-                )
+        for cycle in range(args.cycles):
+            start, cpu0 = time.monotonic(), cpu_seconds()
+            time.sleep(args.steady_s)
+            end, cpu1 = time.monotonic(), cpu_seconds()
+            windows.append(("steady", start, end))
+            others.append((cpu1[0] - cpu1[1] - cpu0[0] + cpu0[1]) / (end - start))
+            start, cpu0 = end, cpu1
+            failed_before = load.failed
+            ops.extend(_operations_window(dep, args, cycle))
+            # the window ends no earlier than steady_s, and not before the spare is back
+            spare_back = not (base.spare_workers and args.worker_ops) or wait_for_spare(dep)
+            time.sleep(max(0.0, start + args.steady_s - time.monotonic()))
+            end, cpu1 = time.monotonic(), cpu_seconds()
+            windows.append(("during", start, end))
+            others.append((cpu1[0] - cpu1[1] - cpu0[0] + cpu0[1]) / (end - start))
+            console.print(
+                f"cycle {cycle}: steady {load.window(*windows[-2][1:])}, "
+                f"during {load.window(*windows[-1][1:])}, "
+                f"failed {load.failed - failed_before}, spare back {spare_back}, "
+                f"other processes' cores {others[-2]:.2f} / {others[-1]:.2f}"
             )
-        if args.worker_ops:
-            added = ray.get(c.add_worker.remote())
-            ops.append(added)
-            ops.append(ray.get(c.remove_worker.remote(added["add_workers"][0])))
-        during_end = time.monotonic()
-        time.sleep(1.0)
     finally:
         load.stop()
         dep.shutdown()
-    before = load.window(before_start, during_start)
-    during = load.window(during_start, during_end)
+    steady = load.windows([(a, b) for k, a, b in windows if k == "steady"])
+    during = load.windows([(a, b) for k, a, b in windows if k == "during"])
     return {
         "clients": args.clients,
+        "cycles": args.cycles,
+        "background_priority": args.background_priority,
+        "worker_ops": args.worker_ops,
         "operations": [
             {"kind": o["kind"], "seconds": o["seconds"], "epoch": o["epoch"]} for o in ops
         ],
         "requests_completed": load.completed,
         "requests_failed": load.failed,
         "errors": load.errors[:5],
-        "before": before,
+        "steady": steady,
         "during": during,
-        "throughput_during_over_before": round(
-            during["output_tokens_per_s"] / max(before["output_tokens_per_s"], 1e-9), 3
+        "per_cycle": [
+            {
+                kind: {**load.window(a, b), "other_processes_cores": round(other, 2)}
+                for (kind, a, b), other in zip(windows[i : i + 2], others[i : i + 2], strict=True)
+            }
+            for i in range(0, len(windows), 2)
+        ],
+        "other_processes_cores": {
+            kind: round(statistics.mean(others[first::2]), 2)
+            for first, kind in enumerate(("steady", "during"))
+        },
+        "throughput_during_over_steady": round(
+            during["output_tokens_per_s"] / max(steady["output_tokens_per_s"], 1e-9), 3
         ),
-        "p99_itl_during_over_before": round(during["p99_itl_ms"] / before["p99_itl_ms"], 3),
-        "baseline": "the same deployment and load in the steady window before the operations",
+        "p99_itl_during_over_steady": round(during["p99_itl_ms"] / steady["p99_itl_ms"], 3),
+        "baseline": "the same deployment, clients and load in a steady window of the same "
+        "length right before each operations window; the operations window lasts until the "
+        "spare is back (its refill counts); requests_failed counts every failed request; "
+        "other_processes_cores: the machine's busy cores outside this benchmark's processes "
+        "(a shared machine: compare windows with like values)",
     }
 
 
@@ -484,8 +600,17 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--prompt-len", type=int, default=24)
     ap.add_argument("--warmup-s", type=float, default=5)
-    ap.add_argument("--steady-s", type=float, default=20)
+    ap.add_argument(
+        "--steady-s", type=float, default=20, help="(b): length of each steady and ops window"
+    )
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--cycles", type=int, default=2, help="(b): steady + operations window pairs")
+    ap.add_argument(
+        "--background-priority",
+        default="idle",
+        choices=["idle", "low", "normal"],
+        help="(b): the deployment's background_priority (normal: the old behaviour)",
+    )
     ap.add_argument(
         "--no-worker-ops",
         dest="worker_ops",

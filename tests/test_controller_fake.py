@@ -209,6 +209,23 @@ def test_add_worker_takes_the_ready_spare_then_replaces_it(cluster: FakeCluster)
         c.shutdown()
 
 
+def test_workers_and_spares_start_with_the_configured_background_priority(
+    cluster: FakeCluster,
+) -> None:
+    c = Controller(
+        config(slots_per_worker=40, spare_workers=1, background_priority="low"), cluster=cluster
+    )
+    try:
+        c.bootstrap()
+        assert {w: spec.launch.background_priority for w, spec in cluster.workers.items()} == {
+            "w0": "low",
+            "w1": "low",
+            "w2": "low",  # the spare: its start-up and loads run below serving
+        }
+    finally:
+        c.shutdown()
+
+
 def test_registry_lifecycle_and_old_entries() -> None:
     from elasticmoe.control.workers import Lifecycle, WorkerRecord, WorkerRegistry
 

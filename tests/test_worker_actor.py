@@ -172,3 +172,41 @@ def test_device_and_resources() -> None:
             resolve_device("cuda")
     with pytest.raises(ValueError, match="num_threads"):
         ExpertWorker("x", "/nonexistent", 1, num_threads=0)
+
+
+def test_a_spare_starts_below_serving_and_serves_at_full_priority(
+    actors: list[Any], model_dir: Path
+) -> None:
+    """Only background threads are lowered: the start-up imports and the loader thread.
+
+    A worker started empty (how a spare starts) imported torch on a SCHED_IDLE helper
+    thread; once it loads and serves (how a spare joins the map), its loader thread is
+    SCHED_IDLE and every other thread, the compute thread included, keeps the priority
+    Ray gave the process, so nothing has to be raised back (which an unprivileged
+    process could not do).
+    """
+    handle, address = start_worker("spare", model_dir, num_slots=2, background_priority="idle")
+    actors.append(handle)
+
+    def priorities(worker: ExpertWorker) -> dict[str, Any]:
+        import os
+
+        from elasticmoe.experts.priority import thread_priority
+
+        servicer = worker._servicer
+        return {
+            "start_up": worker.start_up_priority,
+            "main": thread_priority(os.getpid()),
+            "loader": servicer._io.submit(thread_priority).result(),
+            "compute": servicer._compute.submit(thread_priority).result(),
+            "threads": [thread_priority(int(t)) for t in os.listdir("/proc/self/task")],
+        }
+
+    ray.get(handle.start.remote([(0, 1)]))  # a load, as when the spare joins the map
+    x = torch.randn(3, load_config(model_dir).hidden_size)
+    forward(address, 0, 1, x)
+    seen = ray.get(handle.__ray_call__.remote(priorities))
+    assert seen["start_up"] == "idle"
+    assert seen["loader"][0] == "idle"
+    assert seen["compute"] == seen["main"] and seen["compute"][0] != "idle"
+    assert [p for p in seen["threads"] if p[0] == "idle"] == [seen["loader"]]

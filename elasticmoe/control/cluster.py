@@ -55,6 +55,8 @@ class WorkerLaunch:
     port: int = 0  # every worker's gRPC port; 0: any free one
     fault_injection: bool = False
     start_timeout_s: float = 120.0
+    # loads, copies and the process start-up run below serving (elasticmoe.experts.priority)
+    background_priority: str = "idle"
 
 
 class Cluster(Protocol):
@@ -176,6 +178,7 @@ class RayCluster:
                 num_threads=launch.num_threads,
                 port=launch.port,
                 fault_injection=launch.fault_injection,
+                background_priority=launch.background_priority,
             )
         refs = {
             handles[w].start.remote([tuple(e) for e in es]): w

@@ -404,6 +404,7 @@ class Controller:
             port=c.worker_grpc_port,
             fault_injection=c.fault_injection,
             start_timeout_s=c.worker_start_timeout_s,
+            background_priority=c.background_priority,
         )
         infos = self.cluster.start_workers(launch, experts_by_worker)
         addresses = {}

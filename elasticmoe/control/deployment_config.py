@@ -104,6 +104,12 @@ class DeploymentConfig(BaseModel):
     spare_workers: int = Field(
         0, ge=0, description="started, empty workers kept ready so add_worker is instant"
     )
+    background_priority: Literal["idle", "low", "normal"] = Field(
+        "idle",
+        description="CPU priority of a worker's background threads (replica loads, peer "
+        "copies, its process start-up): idle = SCHED_IDLE, low = nice 19, normal = unchanged; "
+        "serving threads are never lowered",
+    )
     drain_timeout_s: float = Field(60.0, gt=0)
     rpc_timeout_s: float = Field(120.0, gt=0)
     worker_start_timeout_s: float = Field(600.0, gt=0)

@@ -35,6 +35,7 @@ import torch
 
 from elasticmoe._proto.elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 from elasticmoe.core.experts import LogicalExpert
+from elasticmoe.experts.priority import BackgroundPriority, lower_current_thread
 from elasticmoe.experts.rpc import (
     GRPC_OPTIONS,
     RpcSecurity,
@@ -753,14 +754,24 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
     peer transfers run on a separate thread so they never stall forwards.
     """
 
-    def __init__(self, store: ExpertStore, num_threads: int | None = None) -> None:
+    def __init__(
+        self,
+        store: ExpertStore,
+        num_threads: int | None = None,
+        background_priority: BackgroundPriority = "idle",
+    ) -> None:
         self.store = store
         self.status = SERVING
         # torch.set_num_threads only affects the calling thread under OpenMP,
         # so each executor thread sets it for itself.
         init = (lambda: torch.set_num_threads(num_threads)) if num_threads else None
         self._compute = ThreadPoolExecutor(1, "expert-compute", initializer=init)
-        self._io = ThreadPoolExecutor(1, "expert-io", initializer=init)
+        # Loads and peer copies are background work: their thread runs below the compute
+        # thread (see elasticmoe.experts.priority) with one torch thread, so a replica
+        # load or a copy sent to a peer never takes cores from Forward calls.
+        self._io = ThreadPoolExecutor(
+            1, "expert-io", initializer=_background_thread, initargs=(background_priority,)
+        )
         self._num_threads = num_threads
         self._loop_threads = threading.local()  # whether torch's threads are set there
         self._stream_tasks: dict[asyncio.Task, bool] = {}  # ForwardStream handler -> idle
@@ -1108,6 +1119,12 @@ def _request_type(method: str) -> str:
         .methods_by_name[method]
         .input_type.full_name
     )
+
+
+def _background_thread(level: BackgroundPriority) -> None:
+    """Initializer of the loader thread: one torch thread, below serving's priority."""
+    torch.set_num_threads(1)
+    lower_current_thread(level)
 
 
 def _shutdown(*executors: ThreadPoolExecutor) -> None:

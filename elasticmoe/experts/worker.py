@@ -8,6 +8,15 @@ instead of a Ray task plus object-store round trips.
 
 The actor is asynchronous: the gRPC server lives on the actor's event loop and
 keeps serving between (and during) Ray method calls.
+
+Start-up runs below serving's priority: this module imports nothing heavy, and
+the constructor imports torch and the expert service on a helper thread at the
+deployment's ``background_priority`` (:func:`elasticmoe.experts.priority.warm_up`),
+so a spare refilled under load takes the cores serving leaves idle. The threads
+that serve (the event loop, gRPC's, the compute thread) are created by threads
+at the priority Ray gave the process, so a spare that joins the map serves at
+full priority; only its loader thread stays low (see
+:class:`~elasticmoe.experts.service.ExpertServicer`).
 """
 
 from __future__ import annotations
@@ -15,21 +24,15 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from elasticmoe.core.experts import LogicalExpert
-from elasticmoe.experts.faults import FaultConfig, FaultInterceptor
-from elasticmoe.experts.service import (
-    NOT_SERVING,
-    ExpertServicer,
-    ExpertStore,
-    Replica,
-    format_address,
-    serve,
-)
-from elasticmoe.experts.wire import dtype_from_name
+from elasticmoe.experts.priority import BACKGROUND_PRIORITIES, BackgroundPriority, warm_up
+
+if TYPE_CHECKING:  # imported at run time by ExpertWorker.__init__, below serving (see above)
+    import torch
+
+    from elasticmoe.experts.service import ExpertServicer, ExpertStore, Replica
 
 __all__ = [
     "DEVICES",
@@ -65,6 +68,8 @@ def resolve_device(device: str) -> torch.device:
     (``CUDA_VISIBLE_DEVICES`` for ``num_gpus``, ``ASCEND_RT_VISIBLE_DEVICES``
     for the ``NPU`` resource), so the worker always uses index 0.
     """
+    import torch
+
     kind = device.split(":", 1)[0]
     if kind == "cpu":
         return torch.device("cpu")
@@ -153,9 +158,24 @@ class ExpertWorker:
         port: int = 0,
         bind_all: bool = False,
         fault_injection: bool = False,
+        background_priority: BackgroundPriority = "idle",
     ) -> None:
         if num_threads < 1:
             raise ValueError(f"num_threads={num_threads} must be >= 1")
+        if background_priority not in BACKGROUND_PRIORITIES:
+            raise ValueError(
+                f"background_priority={background_priority!r} is not one of "
+                f"{', '.join(BACKGROUND_PRIORITIES)}"
+            )
+        self.background_priority = background_priority
+        # the heavy imports of a fresh process, on a thread below serving's priority
+        # ("unchanged" where they were imported already, e.g. in-process)
+        self.start_up_priority = warm_up(level=background_priority)
+        import torch
+
+        from elasticmoe.experts.faults import FaultInterceptor
+        from elasticmoe.experts.wire import dtype_from_name
+
         self.worker_id = worker_id
         self.model_dir = Path(model_dir)
         self.num_slots = num_slots
@@ -205,11 +225,22 @@ class ExpertWorker:
         """
         experts = [LogicalExpert(int(layer), int(e)) for layer, e in experts_to_load]
         if self._servicer is None:
+            from elasticmoe.experts.service import (
+                ExpertServicer,
+                ExpertStore,
+                format_address,
+                serve,
+            )
+
             device = resolve_device(self.device_kind)
             store = ExpertStore(
                 self.model_dir, self.num_slots, self.dtype, device, worker_id=self.worker_id
             )
-            servicer = ExpertServicer(store, num_threads=self.num_threads)
+            servicer = ExpertServicer(
+                store,
+                num_threads=self.num_threads,
+                background_priority=self.background_priority,
+            )
             advertise = self.host or _default_host()
             bind = "0.0.0.0" if self.bind_all else advertise
             server, port = await serve(
@@ -243,6 +274,8 @@ class ExpertWorker:
                 f"worker {self.worker_id} was started without fault_injection; "
                 "set fault_injection: true in the deployment config"
             )
+        from elasticmoe.experts.faults import FaultConfig
+
         self._faults.config = FaultConfig(delay_ms, fail_rate, load_delay_ms)
         return {"delay_ms": delay_ms, "fail_rate": fail_rate, "load_delay_ms": load_delay_ms}
 
@@ -250,6 +283,8 @@ class ExpertWorker:
         """Stop serving: refuse new calls, let in-flight ones finish for ``grace`` seconds."""
         if self._servicer is None:
             return
+        from elasticmoe.experts.service import NOT_SERVING
+
         self._servicer.status = NOT_SERVING
         self._servicer.end_idle_streams()
         await self._server.stop(grace)
@@ -318,6 +353,7 @@ def start_worker(
     named: bool = True,
     host: str | None = None,
     bind_all: bool = False,
+    background_priority: BackgroundPriority = "idle",
     timeout: float = 300.0,
 ) -> tuple[Any, str]:
     """Create an :class:`ExpertWorker` actor, start it, and return ``(handle, address)``.
@@ -341,6 +377,7 @@ def start_worker(
         num_threads=num_threads,
         host=host,
         bind_all=bind_all,
+        background_priority=background_priority,
     )
     try:
         info = ray.get(handle.start.remote(list(experts_to_load)), timeout=timeout)
