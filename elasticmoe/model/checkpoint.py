@@ -82,6 +82,14 @@ class CheckpointReader:
         """Whether the checkpoint holds a tensor called ``name``."""
         return name in self.name_to_file
 
+    def _file_of(self, name: str) -> Path:
+        path = self.name_to_file.get(name)
+        if path is None:
+            raise CheckpointError(
+                f"{self.model_dir}: tensor '{name}' is missing from the checkpoint"
+            )
+        return path
+
     def get(
         self,
         name: str,
@@ -90,11 +98,7 @@ class CheckpointReader:
         device: torch.device | str = "cpu",
     ) -> torch.Tensor:
         """Load one tensor, checking its shape, and cast/move it as asked."""
-        path = self.name_to_file.get(name)
-        if path is None:
-            raise CheckpointError(
-                f"{self.model_dir}: tensor '{name}' is missing from the checkpoint"
-            )
+        path = self._file_of(name)
         try:
             tensor = self._open(path).get_tensor(name)  # type: ignore[attr-defined]
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
@@ -114,11 +118,7 @@ class CheckpointReader:
         device: torch.device | str = "cpu",
     ) -> torch.Tensor:
         """``tensor[index]`` of a stacked tensor, reading only that slice from the file."""
-        path = self.name_to_file.get(name)
-        if path is None:
-            raise CheckpointError(
-                f"{self.model_dir}: tensor '{name}' is missing from the checkpoint"
-            )
+        path = self._file_of(name)
         try:
             stacked = self._open(path).get_slice(name)  # type: ignore[attr-defined]
             num = stacked.get_shape()[0] if stacked.get_shape() else 0
