@@ -532,6 +532,23 @@ class ExpertStore:
         return [_info(r) for r in self.replicas()]
 
 
+def _decode_hidden(store: ExpertStore, proto: Any) -> torch.Tensor:
+    """A request's token rows [rows, H] in the store's dtype and device (read-only view)."""
+    hidden = tensor_from_proto(
+        proto,
+        expected_dtype=store.dtype,
+        expected_shape_suffix=(store.hidden_size,),
+        device=store.device,
+        readonly_ok=True,  # the experts only read their input
+        what="hidden",
+    )
+    if hidden.dim() != 2:
+        raise InvalidRequestError(
+            f"hidden.shape {list(hidden.shape)} must be [rows, {store.hidden_size}]"
+        )
+    return hidden
+
+
 def _info(replica: Replica) -> expert_pb2.ExpertInfo:
     return expert_pb2.ExpertInfo(
         layer=replica.expert.layer,
@@ -810,18 +827,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             if replica is None:
                 raise store.not_hosted_error(LogicalExpert(request.layer, e), request.epoch)
             weights.append(replica.weights)
-        hidden = tensor_from_proto(
-            request.hidden,
-            expected_dtype=store.dtype,
-            expected_shape_suffix=(store.hidden_size,),
-            device=store.device,
-            readonly_ok=True,  # the experts only read their input
-            what="hidden",
-        )
-        if hidden.dim() != 2:
-            raise InvalidRequestError(
-                f"hidden.shape {list(hidden.shape)} must be [rows, {store.hidden_size}]"
-            )
+        hidden = _decode_hidden(store, request.hidden)
         num_rows = hidden.shape[0]
         if not experts and num_rows:
             raise InvalidRequestError(f"experts is empty but hidden has {num_rows} rows")
@@ -899,18 +905,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
 
     def _frame_sync(self, frame: expert_pb2.TokenFrame) -> expert_pb2.TokenResult:
         store = self.store
-        hidden = tensor_from_proto(
-            frame.hidden,
-            expected_dtype=store.dtype,
-            expected_shape_suffix=(store.hidden_size,),
-            device=store.device,
-            readonly_ok=True,  # the experts only read their input
-            what="hidden",
-        )
-        if hidden.dim() != 2:
-            raise InvalidRequestError(
-                f"hidden.shape {list(hidden.shape)} must be [rows, {store.hidden_size}]"
-            )
+        hidden = _decode_hidden(store, frame.hidden)
         num_pairs = _int32_count(frame.pair_experts, "pair_experts")
         if _int32_count(frame.pair_rows, "pair_rows") != num_pairs:
             raise InvalidRequestError(
