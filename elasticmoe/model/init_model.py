@@ -21,17 +21,12 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from elasticmoe.model.config import SUPPORTED_MODEL_TYPES
+
 __all__ = ["ARCHS", "PRESETS", "build_config", "expert_count_key", "init_model"]
 
-ARCHS: tuple[str, ...] = (
-    "mixtral",
-    "qwen2_moe",
-    "qwen3_moe",
-    "olmoe",
-    "deepseek_v3",
-    "glm4_moe",
-    "gpt_oss",
-)
+# init-model writes every family the engine reads (one list: model/config.py's)
+ARCHS: tuple[str, ...] = SUPPORTED_MODEL_TYPES
 PRESETS: tuple[str, ...] = ("tiny", "small")
 
 _ARCHITECTURES = {
