@@ -99,11 +99,12 @@ def test_preemption_without_prefix_cache(hf_family_models):
         assert tokens == hf_greedy(hf, prompt, tokens)
 
 
-def test_bfloat16_runs_close_to_fp32(hf_family_models):
-    path, _ = hf_family_models["qwen3_moe"]
+@pytest.mark.parametrize("family", FAMILIES)
+def test_bfloat16_runs_close_to_fp32(hf_family_models, family):
+    path, _ = hf_family_models[family]
     fp32 = LLM(str(path), dtype="float32", num_kv_blocks=64)
     bf16 = LLM(str(path), dtype="bfloat16", num_kv_blocks=64)
-    assert bf16.engine.kv_cache.k[0].dtype == torch.bfloat16
+    assert all(t.dtype == torch.bfloat16 for t in bf16.engine.kv_cache.layers[0])
     logits32, logits16 = capture_logits(fp32), capture_logits(bf16)
     params = SamplingParams(max_tokens=1, temperature=0)
     prompt = {"prompt_token_ids": PROMPTS[2]}
