@@ -199,7 +199,7 @@ def test_checkpoint_bias_is_fp32_and_changes_the_selection(hf_family_models):
     llm = LLM(str(path), dtype="bfloat16", num_kv_blocks=16)
     moe = llm.engine.model.model.layers[1].mlp
     bias = moe.gate.e_score_correction_bias
-    assert bias.dtype == torch.float32
+    assert bias.dtype == torch.float32 and moe.gate.weight.dtype == torch.float32
     assert torch.equal(bias, hf.model.layers[1].mlp.gate.e_score_correction_bias)
     assert bias.abs().min() > 0
     with torch.no_grad():

@@ -370,6 +370,12 @@ class MoEForCausalLM(nn.Module):
         with torch.device("meta"):
             model = cls(config)
         model = model.to_empty(device=device).to(dtype)
+        if config.scoring_func == "sigmoid":
+            # the sigmoid router runs in fp32 (as transformers computes it): keep its weight
+            # in fp32 rather than casting it up at every layer of every step
+            for module in model.modules():
+                if isinstance(module, SparseMoE):
+                    module.gate.float()
         model.load_weights(reader)
         model.eval()
         return model
