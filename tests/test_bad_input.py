@@ -10,11 +10,11 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
-import time
 
 import httpx
 import pytest
 from test_serve_e2e import ADMIN_KEY, API_KEY, Server
+from waiting import wait_for
 
 from elasticmoe.engine.request import CompletionDelta, SamplingParams
 from elasticmoe.model.init_model import init_model
@@ -232,11 +232,6 @@ def engine_requests(srv: Server) -> float:
     return sum(values)
 
 
-def wait_for(condition, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.2)
 
 
 def test_engine_queue_is_bounded_with_429_and_400(tight, model):

@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from waiting import wait_for
 
 from elasticmoe.control.cluster import FakeCluster, fake_checksum
 from elasticmoe.control.controller import Controller, ControllerError
@@ -180,13 +181,6 @@ def test_a_restarted_controller_adopts_what_runs(
         again.shutdown()
 
 
-def wait_for(condition, what: str, timeout_s: float = 30.0) -> None:
-    import time
-
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def test_add_worker_takes_the_ready_spare_then_replaces_it(cluster: FakeCluster) -> None:

@@ -8,12 +8,12 @@ restart, and background loops that survive a failing iteration.
 from __future__ import annotations
 
 import json
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
 from test_controller_fake import MODEL
+from waiting import wait_for
 
 from elasticmoe.control.cluster import FakeCluster
 from elasticmoe.control.controller import ChangesPausedError, Controller
@@ -58,11 +58,6 @@ def redis() -> Iterator[RedisServer]:
         yield server
 
 
-def wait_for(condition: Callable[[], bool], what: str, timeout_s: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
 
 
 def assert_consistent(c: Controller, cluster: FakeCluster) -> None:

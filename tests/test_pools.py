@@ -10,6 +10,7 @@ import time
 import pytest
 import ray
 from test_controller import PARAMS, PROMPTS, Load, assert_consistent
+from waiting import wait_for
 
 from elasticmoe import LLM
 from elasticmoe.model.init_model import init_model
@@ -41,12 +42,6 @@ def expected(ckpt):
     return [o.outputs[0].token_ids for o in LLM(str(ckpt)).generate(PROMPTS, PARAMS)]
 
 
-def wait_for(condition, what: str, timeout: float = 60.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.2)
 
 
 def pools_of(status: dict) -> dict[str, str]:
