@@ -8,6 +8,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from elasticmoe.core.experts import LogicalExpert, parse_expert
+from elasticmoe.experts.priority import BackgroundPriority
 from elasticmoe.model.config import MoEModelConfig
 
 
@@ -104,7 +105,7 @@ class DeploymentConfig(BaseModel):
     spare_workers: int = Field(
         0, ge=0, description="started, empty workers kept ready so add_worker is instant"
     )
-    background_priority: Literal["idle", "low", "normal"] = Field(
+    background_priority: BackgroundPriority = Field(
         "idle",
         description="CPU priority of a worker's background threads (replica loads, peer "
         "copies, its process start-up): idle = SCHED_IDLE, low = nice 19, normal = unchanged; "

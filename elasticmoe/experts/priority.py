@@ -43,7 +43,7 @@ import os
 import sys
 import threading
 from collections.abc import Sequence
-from typing import Literal
+from typing import Literal, get_args
 
 __all__ = [
     "BACKGROUND_PRIORITIES",
@@ -57,7 +57,7 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 BackgroundPriority = Literal["idle", "low", "normal"]
-BACKGROUND_PRIORITIES: tuple[str, ...] = ("idle", "low", "normal")
+BACKGROUND_PRIORITIES: tuple[str, ...] = get_args(BackgroundPriority)
 # The heavy imports of an expert worker (torch alone is about a CPU-second).
 WARM_UP_MODULES: tuple[str, ...] = (
     "torch",

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from elasticmoe.core.experts import LogicalExpert
-from elasticmoe.experts.priority import BACKGROUND_PRIORITIES, BackgroundPriority, warm_up
+from elasticmoe.experts.priority import BackgroundPriority, warm_up
 
 if TYPE_CHECKING:  # imported at run time by ExpertWorker.__init__, below serving (see above)
     import torch
@@ -162,14 +162,10 @@ class ExpertWorker:
     ) -> None:
         if num_threads < 1:
             raise ValueError(f"num_threads={num_threads} must be >= 1")
-        if background_priority not in BACKGROUND_PRIORITIES:
-            raise ValueError(
-                f"background_priority={background_priority!r} is not one of "
-                f"{', '.join(BACKGROUND_PRIORITIES)}"
-            )
         self.background_priority = background_priority
         # the heavy imports of a fresh process, on a thread below serving's priority
-        # ("unchanged" where they were imported already, e.g. in-process)
+        # ("unchanged" where they were imported already, e.g. in-process); a bad level is
+        # a ValueError naming background_priority
         self.start_up_priority = warm_up(level=background_priority)
         import torch
 
