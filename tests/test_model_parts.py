@@ -54,7 +54,7 @@ def test_one_expert_moe_equals_dense_ffn():
 @pytest.mark.parametrize("num_tokens", [1, 3, 8, 33, 200, 1100])
 @pytest.mark.parametrize("top_k", [1, 2, 4])
 def test_fused_experts_match_one_call_per_expert(dtype, num_tokens, top_k):
-    """The stacked one-call-per-layer path equals the per-expert loop (bf16: bit for bit)."""
+    """The stacked one-call-per-layer path equals the per-expert loop (to rounding)."""
     torch.manual_seed(num_tokens * 10 + top_k)
     num_experts, hidden, inter = 16, 64, 48
     experts = {
@@ -71,7 +71,9 @@ def test_fused_experts_match_one_call_per_expert(dtype, num_tokens, top_k):
     fused = local.forward(0, x, gate)
     loop = local.forward_per_expert(0, x, gate)
     if dtype == torch.bfloat16:
-        assert torch.equal(fused, loop)
+        # oneDNN runs a one-row matmul as a GEMV, whose bf16 rounding may differ from the
+        # same row inside a padded bmm: at most one bf16 step (2**-8 relative)
+        torch.testing.assert_close(fused, loop, rtol=2**-7, atol=2**-8)
     else:  # BLAS may block an fp32 batched matmul differently from a single one
         torch.testing.assert_close(fused, loop, rtol=1e-5, atol=1e-5)
 

@@ -42,3 +42,22 @@ def test_seeded_row_does_not_depend_on_batch_mates():
         logits.clone(), [_req(0, seed=5), _req(1, temperature=1.0), _req(2, seed=9)]
     )[0]
     assert mixed[0] == alone[0]
+
+
+def test_draws_follow_the_distribution_and_never_pick_a_dropped_token():
+    """Inverse-CDF sampling: frequencies match softmax(logits / T); top-k's dropped tokens
+    (zero probability, an empty CDF interval) are never drawn."""
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05, 1e-9]]))
+    sampler = Sampler(torch.device("cpu"), seed=0)
+    counts = torch.zeros(5)
+    n = 4000
+    batch = [_req(i, temperature=1.0, top_k=4) for i in range(50)]
+    for _ in range(n // len(batch)):
+        tokens, _ = sampler.sample(logits.expand(len(batch), -1).clone(), batch)
+        for t in tokens:
+            counts[t] += 1
+    assert counts[4] == 0  # outside the top 4
+    freq = counts[:4] / n
+    expected = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    # 4000 draws: a binomial's standard deviation is at most 0.008
+    assert (freq - expected).abs().max() < 0.04, freq

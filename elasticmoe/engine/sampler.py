@@ -35,7 +35,7 @@ class Sampler:
     ) -> tuple[list[int], list[dict[int, float] | None]]:
         """logits: [B, V] fp32. Returns the tokens and, where asked, their logprobs."""
         if all(r.params.greedy for r in requests):
-            tokens = logits.argmax(dim=-1)
+            tokens = _greedy(logits)
         else:
             tokens = self._sample_random(logits, requests)
         token_list = tokens.tolist()
@@ -55,7 +55,6 @@ class Sampler:
 
     def _sample_random(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         dev = logits.device
-        greedy_rows = torch.tensor([r.params.greedy for r in requests], device=dev)
         temps = torch.tensor([r.params.temperature or 1.0 for r in requests], device=dev)
         scaled = logits / temps[:, None]
         vocab = logits.shape[-1]
@@ -76,20 +75,35 @@ class Sampler:
             drop = (sorted_probs.cumsum(dim=-1) - sorted_probs) >= top_p[:, None]
             sorted_probs = sorted_probs.masked_fill(drop, 0.0)
             probs = torch.zeros_like(probs).scatter_(-1, sorted_idx, sorted_probs)
-        # Gumbel-style race: argmax(p / E) with E ~ Exp(1) samples from p; one
-        # draw per seeded row so a seeded request never depends on its batch-mates,
-        # one draw for all the unseeded rows together.
-        noise = torch.empty_like(probs)
+        # Inverse-CDF sampling: one uniform draw per row, located in the row's cumulative
+        # distribution (what FlashInfer's samplers do). A draw per element (the Gumbel or
+        # exponential race) costs B x V serial generator calls: 3 ms of a 5 ms decode step
+        # at batch 32 on CPU. The draw is scaled by the row's total mass, so rounding in the
+        # fp32 cumsum can never land past the last token, and ``right=True`` never picks a
+        # token of zero probability (its interval is empty). Seeded rows draw from their own
+        # generator, so they never depend on their batch-mates; the unseeded rows share one.
+        cdf = probs.cumsum(dim=-1)
+        draws = torch.empty(len(requests), dtype=cdf.dtype, device=dev)
         unseeded = [i for i, r in enumerate(requests) if r.params.seed is None]
         if len(unseeded) == len(requests):
-            noise.exponential_(generator=self.generator)
+            draws.uniform_(generator=self.generator)
         else:
             if unseeded:
                 rows = torch.tensor(unseeded, device=dev)
-                drawn = torch.empty((len(unseeded), vocab), dtype=probs.dtype, device=dev)
-                noise[rows] = drawn.exponential_(generator=self.generator)
+                drawn = torch.empty(len(unseeded), dtype=cdf.dtype, device=dev)
+                draws[rows] = drawn.uniform_(generator=self.generator)
             for i, r in enumerate(requests):
                 if r.params.seed is not None:
-                    noise[i].exponential_(generator=self._generator(r))
-        sampled = (probs / noise).argmax(dim=-1)
-        return torch.where(greedy_rows, logits.argmax(dim=-1), sampled)
+                    draws[i : i + 1].uniform_(generator=self._generator(r))
+        targets = (draws * cdf[:, -1])[:, None]
+        sampled = torch.searchsorted(cdf, targets, right=True)[:, 0].clamp_(max=vocab - 1)
+        if not any(r.params.greedy for r in requests):
+            return sampled
+        greedy_rows = torch.tensor([r.params.greedy for r in requests], device=dev)
+        return torch.where(greedy_rows, _greedy(logits), sampled)
+
+
+def _greedy(logits: torch.Tensor) -> torch.Tensor:
+    """The first index of each row's maximum: ``argmax``'s answer, but ``max``'s kernel is
+    vectorised on CPU (57 instead of 167 us for [64, 4096] fp32)."""
+    return logits.max(dim=-1).indices

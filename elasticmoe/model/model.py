@@ -78,6 +78,34 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.num_heads * c.head_dim, c.rms_norm_eps)
             self.k_norm = RMSNorm(c.num_kv_heads * c.head_dim, c.rms_norm_eps)
         self.scale = c.head_dim**-0.5
+        self.qkv_proj: nn.Linear | None = None
+
+    def fuse_projections(self) -> None:
+        """After loading: one [q; k; v] matmul instead of three, and q and k rotated together.
+
+        ``q_proj``/``k_proj``/``v_proj`` keep their names (checkpoints, the controller's
+        accounting) but become views of the fused weight, so nothing is stored twice.
+        Only without q/k norms, which sit between the projection and the rotation.
+        """
+        if self.config.qk_norm != "none" or self.qkv_proj is not None:
+            return
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        weight = torch.cat([p.weight.detach() for p in projs])
+        bias = None if self.q_proj.bias is None else torch.cat([p.bias.detach() for p in projs])
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
+        fused.to(device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            fused.weight.copy_(weight)
+            if bias is not None:
+                fused.bias.copy_(bias)
+        start = 0
+        for p in projs:
+            end = start + p.weight.shape[0]
+            p.weight = nn.Parameter(fused.weight.detach()[start:end], requires_grad=False)
+            if bias is not None:
+                p.bias = nn.Parameter(fused.bias.detach()[start:end], requires_grad=False)
+            start = end
+        self.qkv_proj = fused
 
     def forward(
         self,
@@ -90,6 +118,18 @@ class Attention(nn.Module):
         """x: [T, H]; cache: this layer's (k, v) block tensors."""
         c = self.config
         k_cache, v_cache = cache
+        if self.qkv_proj is not None:
+            qkv = self.qkv_proj(x)
+            if c.clip_qkv is not None:
+                qkv = qkv.clamp(-c.clip_qkv, c.clip_qkv)
+            nq, nkv = c.num_heads, c.num_kv_heads
+            qkv = qkv.view(-1, nq + 2 * nkv, c.head_dim)
+            qk = apply_rotary(qkv[:, : nq + nkv], cos, sin)
+            out = paged_attention(
+                qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv :], k_cache, v_cache, meta,
+                self.scale, self.sliding_window, self.sinks,
+            )  # fmt: skip
+            return self.o_proj(out.flatten(1))
         q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         if c.qk_norm == "full":
             q, k = self.q_norm(q), self.k_norm(k)
@@ -377,5 +417,8 @@ class MoEForCausalLM(nn.Module):
                 if isinstance(module, SparseMoE):
                     module.gate.float()
         model.load_weights(reader)
+        for module in model.modules():
+            if isinstance(module, Attention):
+                module.fuse_projections()
         model.eval()
         return model

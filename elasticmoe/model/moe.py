@@ -155,20 +155,23 @@ def group_by_expert(gate: GateOutput) -> ExpertGroups:
     )
 
 
-# Padding every expert's rows to the busiest expert's count costs up to E * max_rows rows of
-# matmul for num_pairs useful ones; past this ratio one matmul per expert (grouped_mm) wins on
-# CPU (measured with bf16 on the issue-13 Mixtral, where random-weight gates route unevenly).
+# Padding every expert's rows to the busiest expert's count costs E * max_rows rows of matmul
+# for num_pairs useful ones. While the rows per expert are few, a padded bmm costs what reading
+# the stacked weights costs whatever the padding (measured on CPU, bf16, issue-13 Mixtral:
+# 0.7 ms per layer from 1 to 32 rows per expert), so padding is only "wasteful" past both
+# limits below.
 PAD_WASTE_LIMIT = 2.0
+PAD_FREE_ROWS = 64
 
 
 def _use_grouped_mm(x: torch.Tensor, counts: torch.Tensor, num_pairs: int) -> tuple[bool, int]:
     """``(use torch._grouped_mm, max rows per expert)`` for one layer's pairs.
 
     On CUDA (bf16, sm90+) always grouped_mm: it needs no host synchronisation (the row count
-    is then not read, 0). On CPU torch runs grouped_mm as one matmul per expert in C++;
-    that beats one padded bmm when there are fewer pairs than experts (decode at batch 1-4:
-    the bmm would read every expert), when padding would more than double the rows (uneven
-    routing), and for large prefills; one bmm wins for evenly routed decode batches.
+    is then not read, 0). On CPU torch runs grouped_mm as one matmul per expert in C++, each
+    about twice as slow per row as the same rows in one bmm; it wins only when there are
+    fewer pairs than experts (decode at batch 1-4: the bmm would read every expert's weights)
+    and when routing is so uneven that padding multiplies a large row count.
     """
     has_gmm = hasattr(torch, "_grouped_mm")
     cuda_gmm = x.is_cuda and has_gmm and x.dtype == torch.bfloat16
@@ -178,9 +181,8 @@ def _use_grouped_mm(x: torch.Tensor, counts: torch.Tensor, num_pairs: int) -> tu
     if not has_gmm or x.device.type != "cpu":
         return False, max_rows
     num_experts = counts.numel()
-    padded = num_experts * max_rows
-    wasteful = padded > PAD_WASTE_LIMIT * num_pairs
-    return num_pairs < num_experts or num_pairs >= 2048 or wasteful, max_rows
+    wasteful = max_rows > PAD_FREE_ROWS and num_experts * max_rows > PAD_WASTE_LIMIT * num_pairs
+    return num_pairs < num_experts or wasteful, max_rows
 
 
 def fused_experts(
