@@ -734,3 +734,39 @@ def test_a_chunked_body_is_held_to_the_size_limit(server):
         timeout=120,
     )  # fmt: skip
     assert r.status_code == 200, r.text
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc's parent links)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except OSError:
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def test_serving_actors_run_at_normal_priority(server):
+    """Ray starts worker processes at nice 15 unless told; the deployment's own Ray
+    instance runs its engines, HTTP front and expert workers at nice 0."""
+    actors = {}
+    for pid in _descendants(server.proc.pid):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                name = f.read().split(b"\0")[0].decode()
+        except OSError:
+            continue
+        if name.startswith(("ray::EngineActor", "ray::ProxyActor", "ray::ServeReplica")):
+            actors[pid] = (name, os.getpriority(os.PRIO_PROCESS, pid))
+    names = {name.split(".")[0] for name, _ in actors.values()}
+    assert {"ray::EngineActor", "ray::ProxyActor"} <= names, actors
+    assert all(nice == 0 for _, nice in actors.values()), actors

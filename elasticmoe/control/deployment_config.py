@@ -97,6 +97,14 @@ class DeploymentConfig(BaseModel):
     engine: dict[str, Any] = Field(default_factory=dict)
     router: dict[str, Any] = Field(default_factory=dict)
     ray_address: str | None = None
+    ray_worker_niceness: int = Field(
+        0,
+        ge=0,
+        le=19,
+        description="nice value of the worker processes of a Ray instance the deployment "
+        "starts itself (engines, HTTP front, expert workers); Ray's own default, 15, lets "
+        "any other process on the machine take the CPU from serving first",
+    )
     state_store: str | None = Field(None, description="None/'memory://' or 'redis://host:port/db'")
     policy: str | None = Field(None, description="autoscaling policy YAML file")
     fault_injection: bool = Field(

@@ -431,6 +431,9 @@ def _common_env(name: str) -> list[Obj]:
         {"name": "HOME", "value": HOME_DIR},
         {"name": "ELASTICMOE_HOME", "value": HOME_DIR},
         {"name": "RAY_AUTH_MODE", "value": "token"},
+        # Ray starts worker processes (engines, HTTP front, expert workers) at nice 15
+        # by default; in a serving pod they are the workload.
+        {"name": "RAY_worker_niceness", "value": "0"},
         _secret_env("RAY_AUTH_TOKEN", token),
         _secret_env("ELASTICMOE_GRPC_TOKEN", token),
     ]
