@@ -33,6 +33,23 @@ class EngineConfig(BaseModel):
         "shapes; None: no padding (the CPU default: padding is only extra work there)",
     )
 
+    micro_batches: int = Field(
+        2,
+        ge=1,
+        le=2,
+        description="split a step into this many micro-batches that ping-pong when the "
+        "expert backend is asynchronous (distributed mode): one's routed experts run on the "
+        "workers while the engine computes the other's attention; 1: never split (in-process "
+        "experts never split: nothing would overlap)",
+    )
+    micro_batch_min_seqs: int = Field(
+        8,
+        ge=1,
+        le=4096,
+        description="split only steps with at least this many sequences per micro-batch "
+        "(below it the second round trip per layer costs more than the overlap saves)",
+    )
+
     @model_validator(mode="after")
     def _check_buckets(self) -> EngineConfig:
         b = self.decode_buckets
