@@ -306,9 +306,10 @@ PINGPONG_PROMPTS = [[i, i + 5, i + 9, i + 11][: 1 + i % 4] for i in range(1, 13)
 
 @pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
 def test_pingpong_through_workers_equals_local_and_transformers(hf_family_models, family):
-    """16 sequences, default knobs (2 micro-batches of >= 8): the engine actor's tokens are
-    the local engine's and transformers' (uncached forward); an engine on the same workers
-    submits each MoE layer twice per step, its logits close to the local ones."""
+    """16 sequences in 2 micro-batches of 8 (micro_batch_min_seqs' default): the engine
+    actor's tokens are the local engine's and transformers' (uncached forward); an engine on
+    the same workers submits each MoE layer twice per step, its logits close to the local
+    ones."""
     from test_engine_vs_hf import GREEDY as GREEDY_32
     from test_engine_vs_hf import hf_greedy
 
@@ -317,11 +318,13 @@ def test_pingpong_through_workers_equals_local_and_transformers(hf_family_models
     local = LLM(str(path), num_kv_blocks=256, block_size=4)
     want_logits = capture_logits(local)
     want = local.generate(prompts, GREEDY_32)
-    with LLM(str(path), mode="distributed", num_workers=2, progress=False) as dist:
+    with LLM(
+        str(path), mode="distributed", num_workers=2, micro_batches=2, progress=False
+    ) as dist:
         got = dist.generate(prompts, GREEDY_32)
         deployment = dist.deployment
         engine = LLMEngine(
-            EngineConfig(model=str(path), num_kv_blocks=256, block_size=4),
+            EngineConfig(model=str(path), num_kv_blocks=256, block_size=4, micro_batches=2),
             expert_backend=lambda reader, model, dtype, device: ExpertRouter(
                 deployment.expert_map, dtype, model.config.hidden_size
             ),

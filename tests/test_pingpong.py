@@ -57,7 +57,7 @@ class ThreadedExperts:
 
 
 def pingpong_llm(path, **kwargs) -> LLM:
-    llm = LLM(str(path), num_kv_blocks=256, block_size=4, micro_batch_min_seqs=2, **kwargs)
+    llm = LLM(str(path), num_kv_blocks=256, block_size=4, micro_batches=2, **kwargs)
     llm.engine.model.experts = ThreadedExperts(llm.engine.model.experts)
     return llm
 
@@ -69,7 +69,7 @@ def test_pingpong_equals_one_batch_and_transformers(hf_family_models, family):
     path, hf = hf_family_models[family]
     prompts = [{"prompt_token_ids": p} for p in MIXED]
     one = LLM(str(path), num_kv_blocks=256, block_size=4)
-    two = pingpong_llm(path)
+    two = pingpong_llm(path, micro_batch_min_seqs=2)
     want_logits, got_logits = capture_logits(one), capture_logits(two)
     want, got = one.generate(prompts, GREEDY), two.generate(prompts, GREEDY)
     moe_layers = two.engine.model_config.moe_layers
@@ -94,24 +94,24 @@ def test_pingpong_with_padded_decode_buckets(hf_family_models):
     prompts = [{"prompt_token_ids": p} for p in MIXED[:10]]  # decode 10 -> bucket 16
     params = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
     one = LLM(str(path), num_kv_blocks=256, block_size=4)
-    two = pingpong_llm(path, decode_buckets=[4, 16])
+    two = pingpong_llm(path, micro_batch_min_seqs=2, decode_buckets=[4, 16])
     want, got = one.generate(prompts, params), two.generate(prompts, params)
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in want]
     assert (two.engine.load_recorder.total == one.engine.load_recorder.total).all()
 
 
 def test_small_steps_and_local_experts_run_one_batch(hf_family_models):
-    """Below 2 x micro_batch_min_seqs sequences, with micro_batches=1, and with in-process
-    (synchronous) experts, a step is one batch: one submit per layer and step."""
+    """Below 2 x micro_batch_min_seqs sequences, with micro_batches=1 (the default), and with
+    in-process (synchronous) experts, a step is one batch: one submit per layer and step."""
     path, _ = hf_family_models["mixtral"]
     params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
     prompts = [{"prompt_token_ids": p} for p in MIXED]
-    for kwargs in ({"micro_batch_min_seqs": 7}, {"micro_batches": 1}):
+    for kwargs in ({"micro_batches": 2, "micro_batch_min_seqs": 7}, {}):
         llm = LLM(str(path), num_kv_blocks=256, block_size=4, **kwargs)
         llm.engine.model.experts = backend = ThreadedExperts(llm.engine.model.experts)
         llm.generate(prompts, params)
         assert set(backend.submits.values()) == {3}, kwargs
-    local = LLM(str(path), num_kv_blocks=256, block_size=4, micro_batch_min_seqs=1)
+    local = LLM(str(path), num_kv_blocks=256, block_size=4, micro_batches=2, micro_batch_min_seqs=1)
     calls: list = []
     forward = local.engine.model.forward
     local.engine.model.forward = lambda *a, **k: calls.append(a[2]) or forward(*a, **k)

@@ -34,13 +34,17 @@ class EngineConfig(BaseModel):
     )
 
     micro_batches: int = Field(
-        2,
+        1,
         ge=1,
         le=2,
-        description="split a step into this many micro-batches that ping-pong when the "
-        "expert backend is asynchronous (distributed mode): one's routed experts run on the "
-        "workers while the engine computes the other's attention; 1: never split (in-process "
-        "experts never split: nothing would overlap)",
+        description="2: split a step into two micro-batches that ping-pong when the expert "
+        "backend is asynchronous (distributed mode): one's routed experts run on the workers "
+        "while the engine computes the other's attention and shared experts; in-process "
+        "experts never split (nothing would overlap). Default 1: with decode-sized batches "
+        "an expert's compute is its weight reads, which the second micro-batch repeats; "
+        "bench/dispatch.py measured 2 slower than 1 (x0.6-0.75, batch 8-128) where the engine "
+        "and the workers share the cores. Try 2 when they have their own cores or devices "
+        "and batches are large",
     )
     micro_batch_min_seqs: int = Field(
         8,
