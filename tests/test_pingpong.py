@@ -100,6 +100,44 @@ def test_pingpong_with_padded_decode_buckets(hf_family_models):
     assert (two.engine.load_recorder.total == one.engine.load_recorder.total).all()
 
 
+@pytest.mark.parametrize(
+    ("max_num_batched_tokens", "prompt_logprobs"),
+    [(1024, None), (24, 1)],
+    ids=["shared-prefix-one-step", "chunked-prompt-logprobs"],
+)
+def test_pingpong_shared_prefix_chunked_prefill_and_prompt_logprobs(
+    hf_family_models, max_num_batched_tokens, prompt_logprobs
+):
+    """Eight prompts with a common 12-token prefix arrive together. In one step, the later
+    ones take the first one's prefix blocks from the cache in the step that writes them,
+    across the micro-batches (the second reads what the first wrote). Chunked, prefill
+    chunks and decodes mix in both halves, and prompt logprobs (which turn prefix hits off)
+    add rows after the sampling rows. Tokens equal the one-batch engine's and
+    transformers'; prompt logprobs match."""
+    path, hf = hf_family_models["qwen3_moe"]
+    shared = list(range(100, 112))
+    prompts = [shared + [i + 1, 2 * i + 3][: 1 + i % 2] for i in range(8)]
+    params = SamplingParams(
+        max_tokens=32, temperature=0, ignore_eos=True, prompt_logprobs=prompt_logprobs
+    )
+    kwargs = {"max_num_batched_tokens": max_num_batched_tokens}
+    one = LLM(str(path), num_kv_blocks=256, block_size=4, **kwargs)
+    two = pingpong_llm(path, micro_batch_min_seqs=2, **kwargs)
+    ids = [{"prompt_token_ids": p} for p in prompts]
+    want, got = one.generate(ids, params), two.generate(ids, params)
+    if prompt_logprobs is None:
+        assert two.engine.kv_manager.stats.hits >= 7 * 12  # the 12-token prefix
+    assert max(two.engine.model.experts.submits.values()) > params.max_tokens
+    for prompt, a, b in zip(prompts, want, got, strict=True):
+        assert b.outputs[0].token_ids == a.outputs[0].token_ids
+        assert b.outputs[0].token_ids == hf_greedy(hf, prompt, b.outputs[0].token_ids)
+        if prompt_logprobs is not None:
+            assert len(b.prompt_logprobs) == len(prompt)
+            for x, y in zip(a.prompt_logprobs[1:], b.prompt_logprobs[1:], strict=True):
+                assert x.keys() == y.keys()
+                assert all(abs(x[t] - y[t]) <= 1e-5 for t in x)
+
+
 def test_small_steps_and_local_experts_run_one_batch(hf_family_models):
     """Below 2 x micro_batch_min_seqs sequences, with micro_batches=1 (the default), and with
     in-process (synchronous) experts, a step is one batch: one submit per layer and step."""
