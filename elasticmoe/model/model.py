@@ -409,8 +409,9 @@ class MoEForCausalLM(nn.Module):
         shared; A waits for its layer i only when it starts layer i + 1. So while one
         micro-batch's rows are at the expert workers, the engine computes the other's.
         Every row sees the same operations as in the one-batch loop; results differ only by
-        rounding where a kernel depends on the batch shape (CPU GEMMs over one or two rows
-        take another path: ~1e-7 on the logits, greedy tokens the same in the tests).
+        rounding where a kernel's path depends on the batch shape (e.g. CPU GEMMs over one
+        or two rows, the expert kernel's bmm/grouped_mm choice): ~1e-7 on the logits here,
+        greedy tokens the same in the tests.
 
         A micro-batch's attention only reads K/V of its own sequences, written by the same
         layer earlier, or of a prefix-cache block another request allocated in this step:
