@@ -321,8 +321,15 @@ def test_pingpong_through_workers_equals_local_and_transformers(hf_family_models
     with LLM(
         str(path), mode="distributed", num_workers=2, micro_batches=2, progress=False
     ) as dist:
-        got = dist.generate(prompts, GREEDY_32)
         deployment = dist.deployment
+        actor = deployment.engines[0]
+        before = ray.get(actor.stats.remote())["dispatch_calls"]
+        got = dist.generate(prompts, GREEDY_32)
+        after = ray.get(actor.stats.remote())["dispatch_calls"]
+        # the engine actor ran every step in two micro-batches
+        assert {k: after[k] - before.get(k, 0) for k in after} == {
+            layer: 2 * GREEDY_32.max_tokens for layer in load_config(path).moe_layers
+        }
         engine = LLMEngine(
             EngineConfig(model=str(path), num_kv_blocks=256, block_size=4, micro_batches=2),
             expert_backend=lambda reader, model, dtype, device: ExpertRouter(
