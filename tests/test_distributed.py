@@ -304,16 +304,16 @@ def test_worker_killed_mid_step_fails_only_requests_without_a_replica(
 PINGPONG_PROMPTS = [[i, i + 5, i + 9, i + 11][: 1 + i % 4] for i in range(1, 13)] + PROMPTS
 
 
-@pytest.mark.parametrize("family", ["mixtral", "qwen2_moe"])
-def test_pingpong_through_workers_equals_local_and_transformers(hf_family_models, family):
-    """16 sequences in 2 micro-batches of 8 (micro_batch_min_seqs' default): the engine
+def test_pingpong_through_workers_equals_local_and_transformers(hf_family_models):
+    """qwen2_moe (a shared expert computed while the routed ones are away, a dense layer),
+    16 sequences in 2 micro-batches of 8 (micro_batch_min_seqs' default): the engine
     actor's tokens are the local engine's and transformers' (uncached forward); an engine on
     the same workers submits each MoE layer twice per step, its logits close to the local
     ones."""
     from test_engine_vs_hf import GREEDY as GREEDY_32
     from test_engine_vs_hf import hf_greedy
 
-    path, hf = hf_family_models[family]
+    path, hf = hf_family_models["qwen2_moe"]
     prompts = [{"prompt_token_ids": p} for p in PINGPONG_PROMPTS]
     local = LLM(str(path), num_kv_blocks=256, block_size=4)
     want_logits = capture_logits(local)
