@@ -7,6 +7,12 @@ decode steps (B tokens each) are timed. Reported per batch size: mean step
 time of both, the ratio distributed/local, the time inside the expert backend
 per step, the workers' compute time, and the dispatch overhead per MoE layer.
 
+The distributed engine runs each batch size once per ``--micro-batches`` value on the same
+workers (1: one batch per step; 2: two micro-batches in ping-pong, while one's rows are at
+the workers the engine computes the other's attention), so both are measured in the same
+run against the same local baseline. A step splits only with at least
+``--micro-batch-min-seqs`` sequences per micro-batch (EngineConfig's default unless given).
+
 Honest accounting: the workers of a layer run in parallel, so the compute on
 the critical path is that of the SLOWEST worker of each layer call (the router
 records it from each frame's reported compute time); dispatch overhead =
@@ -50,17 +56,36 @@ from elasticmoe.router.router import ExpertRouter
 
 
 class TimedBackend:
-    """Wraps an expert backend and accumulates the time spent in it."""
+    """Wraps an expert backend and accumulates the time spent in it (and counts the layer
+    calls: forward or submit)."""
 
     def __init__(self, inner) -> None:
         self.inner = inner
         self.seconds = 0.0
+        self.calls = 0
 
     def forward(self, layer, hidden, gate):
+        self.calls += 1
         start = time.perf_counter()
         out = self.inner.forward(layer, hidden, gate)
         self.seconds += time.perf_counter() - start
         return out
+
+    def __getattr__(self, name):
+        # the asynchronous form only where the inner backend has it (the runner splits
+        # steps into micro-batches only for a backend with ``submit``)
+        if name in ("submit", "wait"):
+            inner = getattr(self.inner, name)
+
+            def timed(*args):
+                self.calls += name == "submit"
+                start = time.perf_counter()
+                out = inner(*args)
+                self.seconds += time.perf_counter() - start
+                return out
+
+            return timed
+        raise AttributeError(name)
 
     @property
     def lost_rows(self):
@@ -91,11 +116,13 @@ def measure(engine: LLMEngine, batch: int, steps: int, prompt_len: int) -> dict[
         engine.step()
     times = []
     backend.seconds = 0.0
+    backend.calls = 0
     for _ in range(steps):
         start = time.perf_counter()
         engine.step()
         times.append(time.perf_counter() - start)
     expert_s = backend.seconds / steps
+    num_moe_layers = len(engine.model_config.moe_layers)
     for request_id in ids:
         engine.abort_request(request_id)
         engine.forget_request(request_id)
@@ -103,6 +130,8 @@ def measure(engine: LLMEngine, batch: int, steps: int, prompt_len: int) -> dict[
         "step_ms": 1e3 * statistics.mean(times),
         "p50_step_ms": 1e3 * statistics.median(times),
         "expert_backend_ms": 1e3 * expert_s,
+        # expert backend calls per MoE layer and step: 2 when the steps ran in ping-pong
+        "calls_per_layer_step": backend.calls / (steps * num_moe_layers),
     }
 
 
@@ -128,9 +157,16 @@ def run_mode(args: argparse.Namespace) -> dict:
         num_kv_blocks=4096,
         max_num_seqs=256,
         max_num_batched_tokens=4096,
+        **(
+            {"micro_batch_min_seqs": args.micro_batch_min_seqs} if args.micro_batch_min_seqs else {}
+        ),
     )
     batches = [int(b) for b in args.batch_sizes.split(",")]
-    out: dict = {"torch_threads": torch.get_num_threads(), "results": {}}
+    out: dict = {
+        "torch_threads": torch.get_num_threads(),
+        "micro_batch_min_seqs": cfg.micro_batch_min_seqs,
+        "results": {},
+    }
     if args.run == "local":
         engine = LLMEngine(
             cfg,
@@ -181,19 +217,23 @@ def run_mode(args: argparse.Namespace) -> dict:
         )
         router = engine.model.experts.inner
         for batch in batches:
-            measure(engine, batch, 3, args.prompt_len)
-            before = worker_compute_seconds(handles.values())
-            before_router = router_compute(router)
-            res = measure(engine, batch, args.steps, args.prompt_len)
-            res["worker_compute_ms"] = (
-                1e3 * (worker_compute_seconds(handles.values()) - before) / args.steps
-            )
-            after_router = router_compute(router)
-            if before_router is not None and after_router is not None:
-                res["critical_compute_ms"] = (
-                    1e3 * (after_router[0] - before_router[0]) / args.steps
+            out["results"][batch] = {}
+            for micro_batches in [int(m) for m in args.micro_batches.split(",")]:
+                # the same engine and workers: only the runner's split changes
+                engine.runner.micro_batches = micro_batches
+                measure(engine, batch, 3, args.prompt_len)
+                before = worker_compute_seconds(handles.values())
+                before_router = router_compute(router)
+                res = measure(engine, batch, args.steps, args.prompt_len)
+                res["worker_compute_ms"] = (
+                    1e3 * (worker_compute_seconds(handles.values()) - before) / args.steps
                 )
-            out["results"][batch] = res
+                after_router = router_compute(router)
+                if before_router is not None and after_router is not None:
+                    res["critical_compute_ms"] = (
+                        1e3 * (after_router[0] - before_router[0]) / args.steps
+                    )
+                out["results"][batch][micro_batches] = res
         router.close()
     finally:
         for h in handles.values():
@@ -225,6 +265,10 @@ def spawn(mode: str, args: argparse.Namespace, model_dir: Path) -> dict:
         str(args.prompt_len),
         "--num-workers",
         str(args.num_workers),
+        "--micro-batches",
+        args.micro_batches,
+        "--micro-batch-min-seqs",
+        str(args.micro_batch_min_seqs),
         *(["--cluster"] if args.cluster else []),
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -242,6 +286,17 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--num-workers", type=int, default=2)
     ap.add_argument("--cluster", action="store_true", help="workers on a local 3-node cluster")
+    ap.add_argument(
+        "--micro-batches",
+        default="1,2",
+        help="distributed runs: micro-batches per step to measure (1, 2 or 1,2)",
+    )
+    ap.add_argument(
+        "--micro-batch-min-seqs",
+        type=int,
+        default=0,
+        help="split only with this many sequences per micro-batch (0: EngineConfig's default)",
+    )
     ap.add_argument("--run", choices=["local", "distributed"], help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -259,24 +314,31 @@ def main() -> None:
     num_moe_layers = len(mc.moe_layers)
     results = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
-        loc, dst = local["results"][str(batch)], dist["results"][str(batch)]
-        compute_ms = dst["worker_compute_ms"]
-        # the critical path: the slowest worker of each layer call (else the old estimate)
-        critical_ms = dst.get("critical_compute_ms", compute_ms / args.num_workers)
-        row = {
-            "batch_size": batch,
-            "local_step_ms": round(loc["step_ms"], 3),
-            "distributed_step_ms": round(dst["step_ms"], 3),
-            "ratio_distributed_over_local": round(dst["step_ms"] / loc["step_ms"], 3),
-            "local_expert_ms_per_step": round(loc["expert_backend_ms"], 3),
-            "router_ms_per_step": round(dst["expert_backend_ms"], 3),
-            "worker_compute_ms_per_step": round(compute_ms, 3),
-            "critical_path_compute_ms_per_step": round(critical_ms, 3),
-            "critical_path_measured": "critical_compute_ms" in dst,
-            "dispatch_overhead_ms_per_layer": round(
-                (dst["expert_backend_ms"] - critical_ms) / num_moe_layers, 3
-            ),
-        }
+        loc = local["results"][str(batch)]
+        row: dict = {"batch_size": batch, "local_step_ms": round(loc["step_ms"], 3)}
+        row["local_expert_ms_per_step"] = round(loc["expert_backend_ms"], 3)
+        for mb, dst in dist["results"][str(batch)].items():
+            compute_ms = dst["worker_compute_ms"]
+            # the critical path: the slowest worker of each layer call (else the old estimate)
+            critical_ms = dst.get("critical_compute_ms", compute_ms / args.num_workers)
+            row[f"micro_batches_{mb}"] = {
+                "distributed_step_ms": round(dst["step_ms"], 3),
+                "p50_distributed_step_ms": round(dst["p50_step_ms"], 3),
+                "ratio_distributed_over_local": round(dst["step_ms"] / loc["step_ms"], 3),
+                "expert_calls_per_layer_step": round(dst["calls_per_layer_step"], 3),
+                "router_ms_per_step": round(dst["expert_backend_ms"], 3),
+                "worker_compute_ms_per_step": round(compute_ms, 3),
+                "critical_path_compute_ms_per_step": round(critical_ms, 3),
+                "critical_path_measured": "critical_compute_ms" in dst,
+                "dispatch_overhead_ms_per_layer": round(
+                    (dst["expert_backend_ms"] - critical_ms) / num_moe_layers, 3
+                ),
+            }
+        one, two = row.get("micro_batches_1"), row.get("micro_batches_2")
+        if one and two:
+            row["pingpong_speedup"] = round(
+                one["distributed_step_ms"] / two["distributed_step_ms"], 3
+            )
         console.print(row)
         results.append(row)
     emit_json(
@@ -291,6 +353,7 @@ def main() -> None:
                 "hidden_size": mc.hidden_size,
             },
             "num_workers": args.num_workers,
+            "micro_batch_min_seqs": dist["micro_batch_min_seqs"],
             "cluster_nodes": dist.get("nodes", 1),
             "steps_timed": args.steps,
             "torch_threads": {
@@ -302,7 +365,11 @@ def main() -> None:
             "dispatch overhead = (router time per step - critical-path compute per step) / moe "
             "layers; critical path = the slowest worker's compute of each layer call (measured "
             "when critical_path_measured, else summed worker compute / num_workers); "
-            "worker_compute_ms_per_step is summed over workers, which run in parallel",
+            "worker_compute_ms_per_step is summed over workers, which run in parallel; "
+            "micro_batches_N: the distributed engine with N micro-batches per step (same "
+            "workers, same run); with 2, router_ms_per_step is the time the engine spends in "
+            "submit and wait (blocked), so overlap shows as a smaller figure; "
+            "pingpong_speedup = step time with 1 / step time with 2",
             "results": results,
         }
     )

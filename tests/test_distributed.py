@@ -297,3 +297,153 @@ def test_worker_killed_mid_step_fails_only_requests_without_a_replica(
         else:
             assert got.outputs[0].finish_reason == "length"
             assert got.outputs[0].token_ids == want.outputs[0].token_ids, i
+
+
+# --- two micro-batches in ping-pong (the runner splits steps for the router) ---------------
+
+PINGPONG_PROMPTS = [[i, i + 5, i + 9, i + 11][: 1 + i % 4] for i in range(1, 13)] + PROMPTS
+
+
+def test_pingpong_through_workers_equals_local_and_transformers(hf_family_models):
+    """qwen2_moe (a shared expert computed while the routed ones are away, a dense layer),
+    16 sequences in 2 micro-batches of 8 (micro_batch_min_seqs' default): the engine
+    actor's tokens are the local engine's and transformers' (uncached forward); an engine on
+    the same workers submits each MoE layer twice per step, its logits close to the local
+    ones."""
+    from test_engine_vs_hf import GREEDY as GREEDY_32
+    from test_engine_vs_hf import hf_greedy
+
+    path, hf = hf_family_models["qwen2_moe"]
+    prompts = [{"prompt_token_ids": p} for p in PINGPONG_PROMPTS]
+    local = LLM(str(path), num_kv_blocks=256, block_size=4)
+    want_logits = capture_logits(local)
+    want = local.generate(prompts, GREEDY_32)
+    with LLM(
+        str(path), mode="distributed", num_workers=2, micro_batches=2, progress=False
+    ) as dist:
+        deployment = dist.deployment
+        actor = deployment.engines[0]
+        before = ray.get(actor.stats.remote())["dispatch_calls"]
+        got = dist.generate(prompts, GREEDY_32)
+        after = ray.get(actor.stats.remote())["dispatch_calls"]
+        # the engine actor ran every step in two micro-batches
+        assert {k: after[k] - before.get(k, 0) for k in after} == {
+            layer: 2 * GREEDY_32.max_tokens for layer in load_config(path).moe_layers
+        }
+        engine = LLMEngine(
+            EngineConfig(model=str(path), num_kv_blocks=256, block_size=4, micro_batches=2),
+            expert_backend=lambda reader, model, dtype, device: ExpertRouter(
+                deployment.expert_map, dtype, model.config.hidden_size
+            ),
+        )
+        remote = LLM.__new__(LLM)
+        remote.engine, remote.deployment, remote.mode = engine, None, "local"
+        got_logits = capture_logits(remote)
+        again = remote.generate(prompts, GREEDY_32)
+        router = engine.model.experts
+        router.close()
+    steps = GREEDY_32.max_tokens  # every step has all 16 sequences
+    moe_layers = engine.model_config.moe_layers
+    assert router.stats.layer_calls == {layer: 2 * steps for layer in moe_layers}
+    for prompt, a, b, c in zip(PINGPONG_PROMPTS, want, got, again, strict=True):
+        assert b.outputs[0].token_ids == a.outputs[0].token_ids == c.outputs[0].token_ids
+        assert b.outputs[0].token_ids == hf_greedy(hf, prompt, b.outputs[0].token_ids)
+        torch.testing.assert_close(
+            torch.stack(got_logits[c.request_id]),
+            torch.stack(want_logits[a.request_id]),
+            rtol=1e-5,
+            atol=1e-5,
+        )
+    assert no_elasticmoe_actors_left()
+
+
+def test_pingpong_worker_killed_mid_step_fails_the_right_requests(hf_family_models):
+    """Both micro-batches' frames are held by the victim when it is killed: both are retried
+    on other replicas within the step, and the rows of the one expert that lived only on the
+    victim, in either micro-batch, fail exactly the requests routed to it (the second
+    micro-batch's rows are mapped back by its first token, not taken as the first's)."""
+    from elasticmoe.core.expert_map import ExpertMap
+    from elasticmoe.core.experts import LogicalExpert
+    from elasticmoe.experts.worker import ExpertWorker
+    from elasticmoe.router.router import RouterConfig
+
+    path, _ = hf_family_models["mixtral"]
+    mc = load_config(path)
+    prompts = [{"prompt_token_ids": [i, i + 5, i + 9, i + 11]} for i in range(1, 17)]
+    params = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    expected = LLM(str(path), num_kv_blocks=256).generate(prompts, params)
+    usage = _usage(path, prompts, params)
+    # the first step's (the prefill's) experts: that step runs all 16 in two micro-batches
+    first_step = _usage(path, prompts, SamplingParams(max_tokens=1, temperature=0))
+    experts = [(layer, e) for layer in mc.moe_layers for e in range(mc.num_experts)]
+
+    def users_of(x, of=usage):
+        return {i for i, u in enumerate(of) if x in u}
+
+    # the least-used expert that a request of the second micro-batch (8..15) needs in the
+    # first step: its rows there are lost as rows of that micro-batch
+    rare = min(
+        (
+            x
+            for x in experts
+            if len(users_of(x)) < len(prompts) and max(users_of(x, first_step), default=0) >= 8
+        ),
+        key=lambda x: (len(users_of(x)), x),
+    )
+    users = users_of(rare)
+    ids = ["w0", "w1", "w2"]
+    placement = {LogicalExpert(*x): (ids[j % 3], ids[(j + 1) % 3]) for j, x in enumerate(experts)}
+    placement[LogicalExpert(*rare)] = ("w1",)
+    handles, addresses = {}, {}
+    actor = ExpertWorker.remote_class(num_cpus=0)
+    try:
+        for wid in ids:
+            handles[wid] = actor.remote(wid, str(path), len(experts), fault_injection=True)
+        for wid, h in handles.items():
+            mine = [tuple(x) for x, ws in placement.items() if wid in ws]
+            addresses[wid] = ray.get(h.start.remote(mine), timeout=120)["address"]
+        victim = handles["w1"]
+        ray.get(victim.set_fault.remote(delay_ms=600_000))  # results held until killed
+        expert_map = ExpertMap(1, placement, addresses)
+        config = RouterConfig(expert_wait_timeout_s=0, probe_down_after_s=600)
+        engine = LLMEngine(
+            EngineConfig(model=str(path), num_kv_blocks=256, micro_batches=2),
+            expert_backend=lambda reader, model, dtype, device: ExpertRouter(
+                expert_map, dtype, model.config.hidden_size, config
+            ),
+        )
+        remote = LLM.__new__(LLM)
+        remote.engine, remote.deployment, remote.mode = engine, None, "local"
+        result: dict = {}
+        thread = threading.Thread(
+            target=lambda: result.setdefault("out", remote.generate(prompts, params))
+        )
+        thread.start()
+        deadline = time.monotonic() + 120
+        # the condition: the victim holds both micro-batches' frames of the first layer
+        # (A's held at the worker, B's queued behind it on the same stream)
+        while engine.model.experts.frames_in_flight("w1") < 2:
+            assert time.monotonic() < deadline and thread.is_alive()
+            time.sleep(0.02)
+        ray.kill(victim)
+        thread.join(120)
+        assert not thread.is_alive()
+        router = engine.model.experts
+        assert router.stats.failed_calls >= 2 and router.stats.retried_rows >= 1
+        # the first step (16 sequences) ran in two micro-batches
+        assert router.stats.layer_calls[mc.moe_layers[0]] > params.max_tokens
+        router.close()
+    finally:
+        for h in handles.values():
+            ray.kill(h)
+    out = result["out"]
+    failed = {i for i, o in enumerate(out) if o.outputs[0].finish_reason == "error"}
+    assert failed == users
+    for i, (got, want) in enumerate(zip(out, expected, strict=True)):
+        if i in failed:
+            assert str(LogicalExpert(*rare)) in got.outputs[0].stop_reason
+            if i in users_of(rare, first_step):  # failed in the first step, not later
+                assert got.outputs[0].token_ids == [], i
+        else:
+            assert got.outputs[0].finish_reason == "length"
+            assert got.outputs[0].token_ids == want.outputs[0].token_ids, i

@@ -119,7 +119,13 @@ class LLMEngine:
             self.kv_manager, config.max_num_seqs, config.max_num_batched_tokens
         )
         self.runner = ModelRunner(
-            self.model, self.kv_cache, self.kv_manager, self.device, config.decode_buckets
+            self.model,
+            self.kv_cache,
+            self.kv_manager,
+            self.device,
+            config.decode_buckets,
+            config.micro_batches,
+            config.micro_batch_min_seqs,
         )
         self.sampler = Sampler(self.device, config.seed)
         self.load_recorder = ExpertLoadRecorder(mc.moe_layers, mc.num_experts, self.device)

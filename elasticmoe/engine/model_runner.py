@@ -7,6 +7,8 @@ loops over tokens in Python.
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import torch
 
@@ -70,6 +72,8 @@ class ModelRunner:
         kv_manager: KVCacheManager,
         device: torch.device,
         decode_buckets: list[int] | None = None,
+        micro_batches: int = 1,
+        micro_batch_min_seqs: int = 8,
     ) -> None:
         self.model = model
         self.kv_cache = kv_cache
@@ -79,12 +83,33 @@ class ModelRunner:
         # the sampling rows in the last ``execute``'s logits
         self.prompt_logit_rows: list[tuple[object, int, int]] = []
         self.decode_buckets = sorted(decode_buckets) if decode_buckets else None
+        self.micro_batches = micro_batches
+        self.micro_batch_min_seqs = micro_batch_min_seqs
 
     def _bucket(self, num_seqs: int) -> int | None:
         """The padded batch size of a decode-only step of ``num_seqs`` (None: no padding)."""
         if self.decode_buckets is None:
             return None
         return next((b for b in self.decode_buckets if b >= num_seqs), None)
+
+    def _split(self, num_new: np.ndarray, num_real: int) -> list[int]:
+        """Sequence boundaries [0, s, B] of the step's micro-batches ([0, B]: one batch).
+
+        Two micro-batches only when the expert backend is asynchronous (it has ``submit``:
+        only then can one micro-batch's experts run while the other's attention does) and
+        each half gets at least ``micro_batch_min_seqs`` real sequences. The split point
+        balances tokens (a long prefill chunk would otherwise make one half all the work);
+        padding rows stay at the end of the last micro-batch.
+        """
+        num_seqs = len(num_new)
+        min_seqs = self.micro_batch_min_seqs
+        asynchronous = getattr(self.model.experts, "submit", None) is not None
+        if self.micro_batches < 2 or not asynchronous or num_real < 2 * min_seqs:
+            return [0, num_seqs]
+        cu_end = np.cumsum(num_new[:num_real])
+        # first s whose first s sequences hold at least half the tokens
+        s = int(np.searchsorted(cu_end, cu_end[-1] / 2)) + 1
+        return [0, min(max(s, min_seqs), num_real - min_seqs), num_seqs]
 
     def execute(self, step: SchedulerOutput, load_hook: LoadHook | None = None) -> torch.Tensor:
         """Run the step; return logits [num_completing, V] for the requests that
@@ -116,6 +141,7 @@ class ModelRunner:
                 self.prompt_logit_rows.append((request, start, num))
             offset += sched.num_new_tokens
         num_padding = 0
+        num_real = num_seqs
         bucket = self._bucket(num_seqs) if bool((num_new == 1).all()) else None
         if bucket is not None and bucket > num_seqs:
             # Dummy decode rows: token 0 at position 0, K/V into the scratch block.
@@ -143,19 +169,25 @@ class ModelRunner:
         slots = tables[seq_of_token, positions // bs] * bs + positions % bs
         logits_indices = (cu_end - 1)[completes]
 
-        decode = np.flatnonzero(num_new == 1)
-        prefill = np.flatnonzero(num_new > 1)
         dev = self.device
-        groups = [
-            _group(rows, cu_start, starts, num_new, tables, num_blocks, dev)
-            for rows in (decode, prefill)
-            if rows.size
-        ]
-        meta = AttentionMetadata(torch.from_numpy(slots).to(dev), groups, num_padding)
+        bounds = self._split(num_new, num_real)
+        metas = []
+        for lo, hi in pairwise(bounds):
+            rows = np.arange(lo, hi)
+            first_token = int(cu_start[lo])
+            groups = [
+                # token rows relative to the micro-batch's first token
+                _group(r, cu_start - first_token, starts, num_new, tables, num_blocks, dev)
+                for r in (rows[num_new[rows] == 1], rows[num_new[rows] > 1])
+                if r.size
+            ]
+            slot_rows = slots[first_token : int(cu_end[hi - 1])]
+            padding = num_padding if hi == num_seqs else 0
+            metas.append(AttentionMetadata(torch.from_numpy(slot_rows).to(dev), groups, padding))
         return self.model(
             torch.tensor(input_ids, device=dev),
             torch.from_numpy(positions).to(dev),
-            meta,
+            metas[0] if len(metas) == 1 else metas,
             self.kv_cache,
             torch.from_numpy(
                 np.concatenate([logits_indices, np.asarray(prompt_indices, np.int64)])

@@ -9,8 +9,10 @@ may compute them in-process or on remote expert workers.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -281,6 +283,15 @@ class SparseMoE(nn.Module):
         num_padding: int = 0,
     ) -> torch.Tensor:
         """x: [T, H]; the last ``num_padding`` rows only pad the batch (not counted as load)."""
+        if not (self.config.has_shared_expert or self.config.n_shared_experts):
+            gate = self.route_and_count(x, load_hook, num_padding)
+            return experts.forward(self.layer, x, gate)
+        return self.finish(experts, self.start(x, experts, load_hook, num_padding))
+
+    def route_and_count(
+        self, x: torch.Tensor, load_hook: LoadHook | None, num_padding: int = 0
+    ) -> GateOutput:
+        """Gate x [T, H] and report the layer's load (without the ``num_padding`` last rows)."""
         gate = self.route(x)
         if load_hook is not None:
             counts = gate.tokens_per_expert
@@ -288,15 +299,62 @@ class SparseMoE(nn.Module):
                 flat = gate.indices[: x.shape[0] - num_padding].flatten()
                 counts = torch.zeros_like(counts).scatter_add_(0, flat, torch.ones_like(flat))
             load_hook(self.layer, counts)
-        if not (self.config.has_shared_expert or self.config.n_shared_experts):
-            return experts.forward(self.layer, x, gate)
-        # the shared expert(s) run here while the routed experts run in the backend
+        return gate
+
+    def start(
+        self,
+        x: torch.Tensor,
+        experts: ExpertBackend,
+        load_hook: LoadHook | None,
+        num_padding: int = 0,
+        row_offset: int = 0,
+    ) -> PendingMoE:
+        """Gate x [T, H], submit its routed experts to the backend and run the shared
+        expert(s) meanwhile; :meth:`finish` gives the layer's output.
+
+        ``row_offset``: the step-flat row of ``x[0]`` (x is a micro-batch), so that the
+        backend's ``lost_rows`` of this call index the step's tokens.
+        """
+        gate = self.route_and_count(x, load_hook, num_padding)
+        num_lost = _num_lost_rows(experts)
         handle = submit_experts(experts, self.layer, x, gate)
+        _shift_lost_rows(experts, num_lost, row_offset)
+        shared = None
+        # the shared expert(s) run here while the routed experts run in the backend
         if self.config.has_shared_expert:
             shared = torch.sigmoid(self.shared_expert_gate(x)) * self.shared_expert(x)
-        else:
+        elif self.config.n_shared_experts:
             shared = self.shared_experts(x)
-        return wait_experts(experts, handle) + shared
+        return PendingMoE(handle, shared, row_offset)
+
+    def finish(self, experts: ExpertBackend, pending: PendingMoE) -> torch.Tensor:
+        """Wait for what :meth:`start` submitted; returns the layer's output [T, H]."""
+        num_lost = _num_lost_rows(experts)
+        out = wait_experts(experts, pending.handle)
+        _shift_lost_rows(experts, num_lost, pending.row_offset)
+        return out if pending.shared is None else out + pending.shared
+
+
+@dataclass
+class PendingMoE:
+    """An MoE layer whose routed experts are at the backend (:meth:`SparseMoE.start`)."""
+
+    handle: Any
+    shared: torch.Tensor | None  # the shared expert(s)' output, added by finish
+    row_offset: int = 0
+
+
+def _num_lost_rows(experts: ExpertBackend) -> int:
+    return len(getattr(experts, "lost_rows", ()))
+
+
+def _shift_lost_rows(experts: ExpertBackend, since: int, row_offset: int) -> None:
+    """The rows a backend reported lost since entry ``since`` of its ``lost_rows`` index the
+    micro-batch it was given; shift them by ``row_offset`` to index the step's flat tokens
+    (what the engine maps back to requests)."""
+    lost = getattr(experts, "lost_rows", None)
+    if row_offset and lost is not None and len(lost) > since:
+        lost[since:] = [(rows + row_offset, why) for rows, why in lost[since:]]
 
 
 class DecoderLayer(nn.Module):
@@ -342,29 +400,96 @@ class MoEForCausalLM(nn.Module):
         self,
         input_ids: torch.Tensor,
         positions: torch.Tensor,
-        meta: AttentionMetadata,
+        meta: AttentionMetadata | Sequence[AttentionMetadata],
         kv_cache: PagedKVCache,
         logits_indices: torch.Tensor,
         load_hook: LoadHook | None = None,
     ) -> torch.Tensor:
-        """Run T flat tokens; return fp32 logits [len(logits_indices), V]."""
+        """Run T flat tokens; return fp32 logits [len(logits_indices), V].
+
+        ``meta`` may be a list, one :class:`AttentionMetadata` per micro-batch: consecutive
+        token ranges of the flat batch (each as long as its ``slot_mapping``), run in
+        ping-pong (:meth:`_micro_batched_layers`).
+        """
         assert self.experts is not None, "set model.experts before running the model"
         c = self.config
         h = self.model.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(positions, c.rotary_dim, c.rope_theta, h.dtype, c.rope_scaling)
-        for i, layer in enumerate(self.model.layers):
-            residual = h
-            h = layer.input_layernorm(h)
-            h = residual + layer.self_attn(h, cos, sin, kv_cache.layers[i], meta)
-            residual = h
-            h = layer.post_attention_layernorm(h)
-            if layer.is_moe:
-                h = layer.mlp(h, self.experts, load_hook, meta.num_padding_tokens)
-            else:
-                h = layer.mlp(h)
-            h = residual + h
+        metas = [meta] if isinstance(meta, AttentionMetadata) else list(meta)
+        if len(metas) > 1:
+            h = self._micro_batched_layers(h, cos, sin, metas, kv_cache, load_hook)
+        else:
+            for i, layer in enumerate(self.model.layers):
+                residual = h
+                h = layer.input_layernorm(h)
+                h = residual + layer.self_attn(h, cos, sin, kv_cache.layers[i], metas[0])
+                residual = h
+                h = layer.post_attention_layernorm(h)
+                if layer.is_moe:
+                    h = layer.mlp(h, self.experts, load_hook, metas[0].num_padding_tokens)
+                else:
+                    h = layer.mlp(h)
+                h = residual + h
         h = self.model.norm(h[logits_indices])
         return self.lm_head(h).float()
+
+    def _micro_batched_layers(
+        self,
+        h: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        metas: list[AttentionMetadata],
+        kv_cache: PagedKVCache,
+        load_hook: LoadHook | None,
+    ) -> torch.Tensor:
+        """All layers over micro-batches in ping-pong (dual-batch overlap); h: [T, H].
+
+        Per MoE layer i: A's attention and gate, submit A's routed experts, A's shared
+        experts; then B's attention (its layer i-1 experts waited for first), gate, submit,
+        shared; A waits for its layer i only when it starts layer i + 1. So while one
+        micro-batch's rows are at the expert workers, the engine computes the other's.
+        Every row sees the same operations as in the one-batch loop; results differ only by
+        rounding where a kernel's path depends on the batch shape (e.g. CPU GEMMs over one
+        or two rows, the expert kernel's bmm/grouped_mm choice): ~1e-7 on the logits here,
+        greedy tokens the same in the tests.
+
+        A micro-batch's attention only reads K/V of its own sequences, written by the same
+        layer earlier, or of a prefix-cache block another request allocated in this step:
+        the scheduler lists that request first, so it is in the same or an earlier
+        micro-batch, whose layer i has written the block before this one's layer i reads it.
+        """
+        experts = self.experts
+        assert experts is not None
+        sizes = [int(m.slot_mapping.shape[0]) for m in metas]
+        offsets = [sum(sizes[:j]) for j in range(len(sizes))]
+        hs = list(h.split(sizes))
+        coss, sins = cos.split(sizes), sin.split(sizes)
+        # per micro-batch: (its MoE layer at the backend, the residual to add), or None
+        pending: list[tuple[SparseMoE, PendingMoE, torch.Tensor] | None] = [None] * len(metas)
+        for i, layer in enumerate(self.model.layers):
+            for j, m in enumerate(metas):
+                x = hs[j]
+                if pending[j] is not None:
+                    moe, handle, residual = pending[j]  # type: ignore[misc]
+                    x = residual + moe.finish(experts, handle)
+                    pending[j] = None
+                residual = x
+                x = layer.input_layernorm(x)
+                x = residual + layer.self_attn(x, coss[j], sins[j], kv_cache.layers[i], m)
+                residual = x
+                x = layer.post_attention_layernorm(x)
+                if layer.is_moe:
+                    handle = layer.mlp.start(
+                        x, experts, load_hook, m.num_padding_tokens, offsets[j]
+                    )
+                    pending[j] = (layer.mlp, handle, residual)
+                else:
+                    hs[j] = residual + layer.mlp(x)
+        for j, p in enumerate(pending):
+            if p is not None:
+                moe, handle, residual = p
+                hs[j] = residual + moe.finish(experts, handle)
+        return torch.cat(hs)
 
     def checkpoint_name(self, param_name: str) -> str:
         """The checkpoint tensor holding a parameter of this module."""

@@ -455,6 +455,12 @@ class ExpertRouter:
             )
         return stream
 
+    def frames_in_flight(self, worker: str) -> int:
+        """Frames sent to ``worker`` on its open stream that have no result yet (several
+        when micro-batches or layers are in flight at once)."""
+        stream = self._streams.get(worker)
+        return 0 if stream is None else stream.num_in_flight
+
     def _close_stream(self, worker: str, reason: str) -> None:
         stream = self._streams.pop(worker, None)
         if stream is not None:

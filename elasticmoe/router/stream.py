@@ -48,6 +48,12 @@ class WorkerStream:
         """Whether the stream ended (no further frame can be sent on it)."""
         return self._broken is not None
 
+    @property
+    def num_in_flight(self) -> int:
+        """Frames sent whose result has not come back yet."""
+        with self._lock:
+            return len(self._pending)
+
     def submit(self, frame: expert_pb2.TokenFrame) -> Future:
         """Send ``frame`` (its ``seq`` is set here); the future gets its TokenResult."""
         future: Future = Future()
