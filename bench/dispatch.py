@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import console, emit_json
 
+from elasticmoe.control.deployment import RAY_WORKER_NICENESS
 from elasticmoe.core.expert_map import ExpertMap
 from elasticmoe.core.experts import LogicalExpert
 from elasticmoe.core.placement import initial_placement
@@ -180,6 +181,9 @@ def run_mode(args: argparse.Namespace) -> dict:
         return out
     experts = [LogicalExpert(layer, e) for layer in mc.moe_layers for e in range(mc.num_experts)]
     cluster = None
+    # the workers run at the priority a deployment gives them (Ray's default is nice 15,
+    # under which this process's engine would take the cores from them)
+    os.environ[RAY_WORKER_NICENESS] = "0"
     if args.cluster:
         from ray.cluster_utils import Cluster
 
