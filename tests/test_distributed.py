@@ -70,6 +70,55 @@ def test_distributed_greedy_equals_local(hf_family_models, family, num_workers):
     assert no_elasticmoe_actors_left()
 
 
+def router_llm(path, expert_map, router_config=None, **engine_kw) -> LLM:
+    """A local-mode ``LLM`` whose engine reaches its experts through an ExpertRouter on
+    ``expert_map`` (the deployment's workers, or workers a test started itself)."""
+    engine = LLMEngine(
+        EngineConfig(model=str(path), **engine_kw),
+        expert_backend=lambda reader, model, dtype, device: ExpertRouter(
+            expert_map, dtype, model.config.hidden_size, router_config
+        ),
+    )
+    llm = LLM.__new__(LLM)
+    llm.engine, llm.deployment, llm.mode = engine, None, "local"
+    llm._tokenizer = engine.tokenizer
+    return llm
+
+
+def start_held_workers(path, num_experts: int, placement: dict, victim: str) -> tuple[dict, dict]:
+    """Three fault-injectable ExpertWorker actors serving ``placement``; ``victim`` holds
+    back every result (until it is killed). Returns (handles, addresses)."""
+    from elasticmoe.experts.worker import ExpertWorker
+
+    handles, addresses = {}, {}
+    actor = ExpertWorker.remote_class(num_cpus=0)
+    for wid in sorted({w for ws in placement.values() for w in ws}):
+        handles[wid] = actor.remote(wid, str(path), num_experts, fault_injection=True)
+    for wid, h in handles.items():
+        mine = [tuple(x) for x, ws in placement.items() if wid in ws]
+        addresses[wid] = ray.get(h.start.remote(mine), timeout=120)["address"]
+    ray.get(handles[victim].set_fault.remote(delay_ms=600_000))
+    return handles, addresses
+
+
+def generate_killing(llm: LLM, prompts, params, victim, holds) -> list:
+    """``llm.generate`` on a thread; once ``holds()`` (the victim holds frames of the step),
+    kill the victim and return the outputs."""
+    result: dict = {}
+    thread = threading.Thread(
+        target=lambda: result.setdefault("out", llm.generate(prompts, params))
+    )
+    thread.start()
+    deadline = time.monotonic() + 120
+    while not holds():
+        assert time.monotonic() < deadline and thread.is_alive()
+        time.sleep(0.02)
+    ray.kill(victim)
+    thread.join(120)
+    assert not thread.is_alive()
+    return result["out"]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_logits_through_workers_allclose_to_local(hf_family_models, family):
     """The same engine, experts over gRPC on worker actors vs in-process."""
@@ -77,16 +126,9 @@ def test_logits_through_workers_allclose_to_local(hf_family_models, family):
     with LLM(
         str(path), mode="distributed", num_workers=2, replicas_per_expert=2, progress=False
     ) as dist:
-        deployment = dist.deployment
-        engine = LLMEngine(
-            EngineConfig(model=str(path), num_kv_blocks=64, block_size=4),
-            expert_backend=lambda reader, model, dtype, device: ExpertRouter(
-                deployment.expert_map, dtype, model.config.hidden_size
-            ),
-        )
+        remote = router_llm(path, dist.deployment.expert_map, num_kv_blocks=64, block_size=4)
+        engine = remote.engine
         local = LLM(str(path), num_kv_blocks=64, block_size=4)
-        remote = LLM.__new__(LLM)
-        remote.engine, remote.deployment, remote.mode = engine, None, "local"
         got, want = capture_logits(remote), capture_logits(local)
         prompts = [{"prompt_token_ids": p} for p in PROMPTS]
         remote.generate(prompts, GREEDY)
@@ -226,7 +268,6 @@ def test_worker_killed_mid_step_fails_only_requests_without_a_replica(
     fail, the others finish with the local tokens."""
     from elasticmoe.core.expert_map import ExpertMap
     from elasticmoe.core.experts import LogicalExpert
-    from elasticmoe.experts.worker import ExpertWorker
     from elasticmoe.model.config import load_config
     from elasticmoe.router.router import RouterConfig
 
@@ -241,53 +282,30 @@ def test_worker_killed_mid_step_fails_only_requests_without_a_replica(
     users = {i for i, u in enumerate(usage) if rare in u}
     assert 0 < len(users) < len(prompts)
     ids = ["w0", "w1", "w2"]
-    placement = {
-        LogicalExpert(*x): (ids[j % 3], ids[(j + 1) % 3]) for j, x in enumerate(experts)
-    }
+    placement = {LogicalExpert(*x): (ids[j % 3], ids[(j + 1) % 3]) for j, x in enumerate(experts)}
     if rare_replicas == 1:
         placement[LogicalExpert(*rare)] = ("w1",)
     else:
         assert "w1" in placement[LogicalExpert(*rare)]
-    handles, addresses = {}, {}
-    actor = ExpertWorker.remote_class(num_cpus=0)
+    handles, addresses = start_held_workers(path, len(experts), placement, "w1")
     try:
-        for wid in ids:
-            handles[wid] = actor.remote(wid, str(path), len(experts), fault_injection=True)
-        for wid, h in handles.items():
-            mine = [tuple(x) for x, ws in placement.items() if wid in ws]
-            addresses[wid] = ray.get(h.start.remote(mine), timeout=120)["address"]
         victim = handles["w1"]
-        ray.get(victim.set_fault.remote(delay_ms=600_000))  # results held until killed
-        expert_map = ExpertMap(1, placement, addresses)
         config = RouterConfig(expert_wait_timeout_s=0, probe_down_after_s=600)
-        engine = LLMEngine(
-            EngineConfig(model=str(path), num_kv_blocks=256),
-            expert_backend=lambda reader, model, dtype, device: ExpertRouter(
-                expert_map, dtype, model.config.hidden_size, config
-            ),
-        )
-        remote = LLM.__new__(LLM)
-        remote.engine, remote.deployment, remote.mode = engine, None, "local"
-        result: dict = {}
-        thread = threading.Thread(
-            target=lambda: result.setdefault("out", remote.generate(prompts, params))
-        )
-        thread.start()
-        deadline = time.monotonic() + 120
+        remote = router_llm(path, ExpertMap(1, placement, addresses), config, num_kv_blocks=256)
         # the condition: the victim has computed a frame (its result is being held)
-        while ray.get(victim.info.remote())["forward_calls"] == 0:
-            assert time.monotonic() < deadline and thread.is_alive()
-            time.sleep(0.02)
-        ray.kill(victim)
-        thread.join(120)
-        assert not thread.is_alive()
-        router = engine.model.experts
+        out = generate_killing(
+            remote,
+            prompts,
+            params,
+            victim,
+            lambda: ray.get(victim.info.remote())["forward_calls"] > 0,
+        )
+        router = remote.engine.model.experts
         assert router.stats.failed_calls >= 1 and router.stats.retried_rows >= 1
         router.close()
     finally:
         for h in handles.values():
             ray.kill(h)
-    out = result["out"]
     failed = {i for i, o in enumerate(out) if o.outputs[0].finish_reason == "error"}
     assert failed == (users if rare_replicas == 1 else set())
     for i, (got, want) in enumerate(zip(out, expected, strict=True)):
@@ -318,9 +336,7 @@ def test_pingpong_through_workers_equals_local_and_transformers(hf_family_models
     local = LLM(str(path), num_kv_blocks=256, block_size=4)
     want_logits = capture_logits(local)
     want = local.generate(prompts, GREEDY_32)
-    with LLM(
-        str(path), mode="distributed", num_workers=2, micro_batches=2, progress=False
-    ) as dist:
+    with LLM(str(path), mode="distributed", num_workers=2, micro_batches=2, progress=False) as dist:
         deployment = dist.deployment
         actor = deployment.engines[0]
         before = ray.get(actor.stats.remote())["dispatch_calls"]
@@ -330,14 +346,10 @@ def test_pingpong_through_workers_equals_local_and_transformers(hf_family_models
         assert {k: after[k] - before.get(k, 0) for k in after} == {
             layer: 2 * GREEDY_32.max_tokens for layer in load_config(path).moe_layers
         }
-        engine = LLMEngine(
-            EngineConfig(model=str(path), num_kv_blocks=256, block_size=4, micro_batches=2),
-            expert_backend=lambda reader, model, dtype, device: ExpertRouter(
-                deployment.expert_map, dtype, model.config.hidden_size
-            ),
+        remote = router_llm(
+            path, deployment.expert_map, num_kv_blocks=256, block_size=4, micro_batches=2
         )
-        remote = LLM.__new__(LLM)
-        remote.engine, remote.deployment, remote.mode = engine, None, "local"
+        engine = remote.engine
         got_logits = capture_logits(remote)
         again = remote.generate(prompts, GREEDY_32)
         router = engine.model.experts
@@ -364,7 +376,6 @@ def test_pingpong_worker_killed_mid_step_fails_the_right_requests(hf_family_mode
     micro-batch's rows are mapped back by its first token, not taken as the first's)."""
     from elasticmoe.core.expert_map import ExpertMap
     from elasticmoe.core.experts import LogicalExpert
-    from elasticmoe.experts.worker import ExpertWorker
     from elasticmoe.router.router import RouterConfig
 
     path, _ = hf_family_models["mixtral"]
@@ -394,41 +405,18 @@ def test_pingpong_worker_killed_mid_step_fails_the_right_requests(hf_family_mode
     ids = ["w0", "w1", "w2"]
     placement = {LogicalExpert(*x): (ids[j % 3], ids[(j + 1) % 3]) for j, x in enumerate(experts)}
     placement[LogicalExpert(*rare)] = ("w1",)
-    handles, addresses = {}, {}
-    actor = ExpertWorker.remote_class(num_cpus=0)
+    handles, addresses = start_held_workers(path, len(experts), placement, "w1")
     try:
-        for wid in ids:
-            handles[wid] = actor.remote(wid, str(path), len(experts), fault_injection=True)
-        for wid, h in handles.items():
-            mine = [tuple(x) for x, ws in placement.items() if wid in ws]
-            addresses[wid] = ray.get(h.start.remote(mine), timeout=120)["address"]
-        victim = handles["w1"]
-        ray.get(victim.set_fault.remote(delay_ms=600_000))  # results held until killed
-        expert_map = ExpertMap(1, placement, addresses)
         config = RouterConfig(expert_wait_timeout_s=0, probe_down_after_s=600)
-        engine = LLMEngine(
-            EngineConfig(model=str(path), num_kv_blocks=256, micro_batches=2),
-            expert_backend=lambda reader, model, dtype, device: ExpertRouter(
-                expert_map, dtype, model.config.hidden_size, config
-            ),
+        remote = router_llm(
+            path, ExpertMap(1, placement, addresses), config, num_kv_blocks=256, micro_batches=2
         )
-        remote = LLM.__new__(LLM)
-        remote.engine, remote.deployment, remote.mode = engine, None, "local"
-        result: dict = {}
-        thread = threading.Thread(
-            target=lambda: result.setdefault("out", remote.generate(prompts, params))
-        )
-        thread.start()
-        deadline = time.monotonic() + 120
+        router = remote.engine.model.experts
         # the condition: the victim holds both micro-batches' frames of the first layer
         # (A's held at the worker, B's queued behind it on the same stream)
-        while engine.model.experts.frames_in_flight("w1") < 2:
-            assert time.monotonic() < deadline and thread.is_alive()
-            time.sleep(0.02)
-        ray.kill(victim)
-        thread.join(120)
-        assert not thread.is_alive()
-        router = engine.model.experts
+        out = generate_killing(
+            remote, prompts, params, handles["w1"], lambda: router.frames_in_flight("w1") >= 2
+        )
         assert router.stats.failed_calls >= 2 and router.stats.retried_rows >= 1
         # the first step (16 sequences) ran in two micro-batches
         assert router.stats.layer_calls[mc.moe_layers[0]] > params.max_tokens
@@ -436,7 +424,6 @@ def test_pingpong_worker_killed_mid_step_fails_the_right_requests(hf_family_mode
     finally:
         for h in handles.values():
             ray.kill(h)
-    out = result["out"]
     failed = {i for i, o in enumerate(out) if o.outputs[0].finish_reason == "error"}
     assert failed == users
     for i, (got, want) in enumerate(zip(out, expected, strict=True)):
