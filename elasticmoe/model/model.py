@@ -83,30 +83,31 @@ class Attention(nn.Module):
         self.qkv_proj: nn.Linear | None = None
 
     def fuse_projections(self) -> None:
-        """After loading: one [q; k; v] matmul instead of three, and q and k rotated together.
+        """After loading: one [q; k; v] matmul instead of three.
 
         ``q_proj``/``k_proj``/``v_proj`` keep their names (checkpoints, the controller's
         accounting) but become views of the fused weight, so nothing is stored twice.
-        Only without q/k norms, which sit between the projection and the rotation.
         """
-        if self.config.qk_norm != "none" or self.qkv_proj is not None:
+        if self.qkv_proj is not None:
             return
         projs = (self.q_proj, self.k_proj, self.v_proj)
-        weight = torch.cat([p.weight.detach() for p in projs])
-        bias = None if self.q_proj.bias is None else torch.cat([p.bias.detach() for p in projs])
-        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-        fused.to(device=weight.device, dtype=weight.dtype)
-        with torch.no_grad():
-            fused.weight.copy_(weight)
-            if bias is not None:
-                fused.bias.copy_(bias)
+        fused = nn.Linear(
+            self.q_proj.in_features,
+            sum(p.out_features for p in projs),
+            bias=self.q_proj.bias is not None,
+            device=self.q_proj.weight.device,
+            dtype=self.q_proj.weight.dtype,
+        )
         start = 0
-        for p in projs:
-            end = start + p.weight.shape[0]
-            p.weight = nn.Parameter(fused.weight.detach()[start:end], requires_grad=False)
-            if bias is not None:
-                p.bias = nn.Parameter(fused.bias.detach()[start:end], requires_grad=False)
-            start = end
+        with torch.no_grad():
+            for p in projs:
+                end = start + p.out_features
+                fused.weight[start:end] = p.weight
+                p.weight = nn.Parameter(fused.weight.detach()[start:end], requires_grad=False)
+                if p.bias is not None:
+                    fused.bias[start:end] = p.bias
+                    p.bias = nn.Parameter(fused.bias.detach()[start:end], requires_grad=False)
+                start = end
         self.qkv_proj = fused
 
     def forward(
@@ -118,35 +119,42 @@ class Attention(nn.Module):
         meta: AttentionMetadata,
     ) -> torch.Tensor:
         """x: [T, H]; cache: this layer's (k, v) block tensors."""
-        c = self.config
         k_cache, v_cache = cache
-        if self.qkv_proj is not None:
-            qkv = self.qkv_proj(x)
-            if c.clip_qkv is not None:
-                qkv = qkv.clamp(-c.clip_qkv, c.clip_qkv)
-            nq, nkv = c.num_heads, c.num_kv_heads
-            qkv = qkv.view(-1, nq + 2 * nkv, c.head_dim)
-            qk = apply_rotary(qkv[:, : nq + nkv], cos, sin)
-            out = paged_attention(
-                qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv :], k_cache, v_cache, meta,
-                self.scale, self.sliding_window, self.sinks,
-            )  # fmt: skip
-            return self.o_proj(out.flatten(1))
-        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        if c.qk_norm == "full":
-            q, k = self.q_norm(q), self.k_norm(k)
-        if c.clip_qkv is not None:
-            q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
-        q = q.view(-1, c.num_heads, c.head_dim)
-        k = k.view(-1, c.num_kv_heads, c.head_dim)
-        v = v.view(-1, c.num_kv_heads, c.head_dim)
-        if c.qk_norm == "per_head":
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        q, k, v = self._rotated_qkv(x, cos, sin)
         out = paged_attention(
             q, k, v, k_cache, v_cache, meta, self.scale, self.sliding_window, self.sinks
         )
         return self.o_proj(out.flatten(1))
+
+
+    def _rotated_qkv(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q [T, Hq, D], k and v [T, Hkv, D], q and k rotated."""
+        c = self.config
+        nq, nkv = c.num_heads, c.num_kv_heads
+        if self.qkv_proj is not None and c.qk_norm == "none":
+            # q and k lie side by side in the fused output: one rotation for both
+            qkv = self.qkv_proj(x)
+            if c.clip_qkv is not None:
+                qkv = qkv.clamp(-c.clip_qkv, c.clip_qkv)
+            qkv = qkv.view(-1, nq + 2 * nkv, c.head_dim)
+            qk = apply_rotary(qkv[:, : nq + nkv], cos, sin)
+            return qk[:, :nq], qk[:, nq:], qkv[:, nq + nkv :]
+        if self.qkv_proj is None:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        else:
+            q, k, v = self.qkv_proj(x).split([nq * c.head_dim, *(2 * [nkv * c.head_dim])], -1)
+        if c.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if c.clip_qkv is not None:
+            q, k, v = (t.clamp(-c.clip_qkv, c.clip_qkv) for t in (q, k, v))
+        q = q.view(-1, nq, c.head_dim)
+        k = k.view(-1, nkv, c.head_dim)
+        v = v.view(-1, nkv, c.head_dim)
+        if c.qk_norm == "per_head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
 
 class MLAttention(nn.Module):
