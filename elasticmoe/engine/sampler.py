@@ -81,20 +81,13 @@ class Sampler:
         # at batch 32 on CPU. The draw is scaled by the row's total mass, so rounding in the
         # fp32 cumsum can never land past the last token, and ``right=True`` never picks a
         # token of zero probability (its interval is empty). Seeded rows draw from their own
-        # generator, so they never depend on their batch-mates; the unseeded rows share one.
+        # generator, so they never depend on their batch-mates; the other rows share one.
         cdf = probs.cumsum(dim=-1)
         draws = torch.empty(len(requests), dtype=cdf.dtype, device=dev)
-        unseeded = [i for i, r in enumerate(requests) if r.params.seed is None]
-        if len(unseeded) == len(requests):
-            draws.uniform_(generator=self.generator)
-        else:
-            if unseeded:
-                rows = torch.tensor(unseeded, device=dev)
-                drawn = torch.empty(len(unseeded), dtype=cdf.dtype, device=dev)
-                draws[rows] = drawn.uniform_(generator=self.generator)
-            for i, r in enumerate(requests):
-                if r.params.seed is not None:
-                    draws[i : i + 1].uniform_(generator=self._generator(r))
+        draws.uniform_(generator=self.generator)
+        for i, r in enumerate(requests):
+            if r.params.seed is not None:
+                draws[i : i + 1].uniform_(generator=self._generator(r))
         targets = (draws * cdf[:, -1])[:, None]
         sampled = torch.searchsorted(cdf, targets, right=True)[:, 0].clamp_(max=vocab - 1)
         if not any(r.params.greedy for r in requests):
