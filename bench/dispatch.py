@@ -42,7 +42,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import console, emit_json
 
-from elasticmoe.control.deployment import RAY_WORKER_NICENESS
 from elasticmoe.core.expert_map import ExpertMap
 from elasticmoe.core.experts import LogicalExpert
 from elasticmoe.core.placement import initial_placement
@@ -183,13 +182,14 @@ def run_mode(args: argparse.Namespace) -> dict:
     cluster = None
     # the workers run at the priority a deployment gives them (Ray's default is nice 15,
     # under which this process's engine would take the cores from them)
-    os.environ[RAY_WORKER_NICENESS] = "0"
+    nice0 = {"worker_niceness": 0}
     if args.cluster:
         from ray.cluster_utils import Cluster
 
         # 3 nodes on this machine; the workers spread over them (one CPU each)
         per_node = -(-(args.num_workers + 1) // 3)
-        cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": per_node})
+        head = {"num_cpus": per_node, "_system_config": nice0}
+        cluster = Cluster(initialize_head=True, head_node_args=head)
         for _ in range(2):
             cluster.add_node(num_cpus=per_node)
         ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
@@ -200,6 +200,7 @@ def run_mode(args: argparse.Namespace) -> dict:
             num_cpus=args.num_workers + 1,
             include_dashboard=False,
             log_to_driver=False,
+            _system_config=nice0,
         )
     worker_ids = [f"w{i}" for i in range(args.num_workers)]
     placement = initial_placement(experts, worker_ids, len(experts))

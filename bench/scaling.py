@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_TRACE, LengthScaling, console, emit_json, load_trace, select_rows
 
 from elasticmoe import SamplingParams
-from elasticmoe.control.deployment import RAY_WORKER_NICENESS, Deployment, DeploymentConfig
+from elasticmoe.control.deployment import Deployment, DeploymentConfig
 from elasticmoe.core.stats import percentile
 from elasticmoe.model.init_model import init_model
 
@@ -637,14 +637,14 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = init_model(args.arch, args.preset, Path(tmp) / "m")
-        # the actors run at the priority a deployment's own Ray gives them (nice 0)
-        os.environ[RAY_WORKER_NICENESS] = "0"
         ray.init(
             address="local",
             num_cpus=16,
             include_dashboard=False,
             namespace="elasticmoe",
             log_to_driver=False,
+            # the actors at the priority a deployment's own Ray gives them
+            _system_config={"worker_niceness": 0},
         )
         base = DeploymentConfig(
             model=str(model_dir),

@@ -13,7 +13,6 @@ import logging
 import math
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -34,24 +33,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["Deployment", "DeploymentConfig"]
 
-
-RAY_WORKER_NICENESS = "RAY_worker_niceness"
-
-
-@contextlib.contextmanager
-def _environment(values: dict[str, str]) -> Iterator[None]:
-    """Set ``values`` in the environment for the block (what a raylet started inside it
-    inherits), then restore what was there."""
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
 
 
 class Deployment:
@@ -91,11 +72,7 @@ class Deployment:
             needed += c.num_engines * c.engine_num_cpus
             # This Ray instance is ours: every actor inherits the raylet's environment,
             # so a token made for it authenticates the deployment's gRPC.
-            # Ray starts its worker processes (our engines, HTTP front and expert workers)
-            # at nice 15 unless told otherwise: then any other process on the machine, a
-            # load generator included, takes the CPU from serving first.
-            niceness = {RAY_WORKER_NICENESS: str(c.ray_worker_niceness)}
-            with fresh_token_in_environment(), _environment(niceness):
+            with fresh_token_in_environment():
                 ray.init(
                     # a new instance even if another Ray cluster on this machine was
                     # started last
@@ -107,6 +84,10 @@ class Deployment:
                     namespace=NAMESPACE,
                     include_dashboard=False,
                     log_to_driver=False,
+                    # Ray starts its worker processes (our engines, HTTP front and expert
+                    # workers) at nice 15 unless told otherwise: then any other process on
+                    # the machine, a load generator included, takes the CPU from serving.
+                    _system_config={"worker_niceness": c.ray_worker_niceness},
                 )
             self._started_ray = True
 
