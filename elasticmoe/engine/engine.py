@@ -9,6 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from elasticmoe.engine.config import EngineConfig
@@ -500,14 +501,9 @@ def _requests_of_rows(sched, lost_rows) -> dict[str, str]:
     the runner lays out request by request in ``sched.scheduled`` order)."""
     if not lost_rows:
         return {}
-    bounds, offset = [], 0
-    for s in sched.scheduled:
-        bounds.append((offset, offset + s.num_new_tokens, s.request.request_id))
-        offset += s.num_new_tokens
+    ends = np.cumsum([s.num_new_tokens for s in sched.scheduled])
     failed: dict[str, str] = {}
     for rows, error in lost_rows:
-        for row in rows.tolist():
-            for start, end, request_id in bounds:
-                if start <= row < end:
-                    failed.setdefault(request_id, error)
+        for i in np.searchsorted(ends, rows.tolist(), side="right").tolist():
+            failed.setdefault(sched.scheduled[i].request.request_id, error)
     return failed
