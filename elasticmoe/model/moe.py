@@ -200,7 +200,8 @@ def fused_experts(
     b13: [E, 2I], b2: [E, H] and the experts' :class:`ExpertActivation`. Pairs are sorted
     by expert (as :func:`group_by_expert` does) and combined by the same
     :func:`combine_expert_outputs` arithmetic, so the result matches the per-expert path and
-    the remote backend.
+    the remote backend up to matmul rounding (oneDNN runs a one-row matmul as a GEMV,
+    which may round a bf16 result one step differently from the same row in a bmm).
 
     Either ``torch._grouped_mm`` over the sorted pairs with per-expert offsets (no host
     synchronisation; see :func:`_use_grouped_mm` for when), or each expert's rows padded to
