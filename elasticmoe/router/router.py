@@ -6,9 +6,10 @@ replicas, and send each worker one frame, all concurrent: every token it needs
 once, with the pairs (expert, gate weight) it serves there. The worker runs all
 its experts for those rows in one batched call and returns the weighted sum per
 token; the router adds the partial sums in worker-id order. With top-2 routing
-that is bit-identical to :class:`LocalExperts`' combine (a + b = b + a); with
-k > 2 the additions are grouped per worker, so results differ from it by
-rounding only (deterministically).
+those are :class:`LocalExperts`' additions (a + b = b + a); with k > 2 they are
+grouped per worker. Either way results differ from it by rounding only
+(deterministically): the additions' grouping, and matmuls whose kernel depends on
+the row count a worker sees (a one-row GEMV rounds bf16 differently from a bmm).
 
 A call that fails or times out marks its worker down and its rows are
 re-planned onto other replicas of the same experts within the same step. If
