@@ -476,16 +476,14 @@ class ExpertStore:
         One batched call over the layer's stacked experts (:func:`fused_expert_pairs`);
         raises :class:`ExpertNotFoundError` for a pair naming an expert not held here.
         """
-        num_rows = hidden.shape[0]
-        if pair_rows.numel() and not (
-            int(pair_rows.min()) >= 0 and int(pair_rows.max()) < num_rows
+        for name, values, bound in (
+            ("pair_rows", pair_rows, hidden.shape[0]),
+            ("pair_experts", pair_experts, self.config.num_experts),
         ):
-            raise InvalidRequestError(f"pair_rows must be in 0..{num_rows - 1}")
-        num_experts = self.config.num_experts
-        if pair_experts.numel() and not (
-            int(pair_experts.min()) >= 0 and int(pair_experts.max()) < num_experts
-        ):
-            raise InvalidRequestError(f"pair_experts must be in 0..{num_experts - 1}")
+            if values.numel():
+                lo, hi = values.aminmax()
+                if int(lo) < 0 or int(hi) >= bound:
+                    raise InvalidRequestError(f"{name} must be in 0..{bound - 1}")
         stack = self.layer_stack(layer)
         local = stack.index[pair_experts.long()]
         if pair_experts.numel() and int(local.min()) < 0:
