@@ -126,7 +126,6 @@ class Attention(nn.Module):
         )
         return self.o_proj(out.flatten(1))
 
-
     def _rotated_qkv(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
