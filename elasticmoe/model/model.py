@@ -416,31 +416,18 @@ class MoEForCausalLM(nn.Module):
 
         ``meta`` may be a list, one :class:`AttentionMetadata` per micro-batch: consecutive
         token ranges of the flat batch (each as long as its ``slot_mapping``), run in
-        ping-pong (:meth:`_micro_batched_layers`).
+        ping-pong (:meth:`_layers`).
         """
         assert self.experts is not None, "set model.experts before running the model"
         c = self.config
         h = self.model.embed_tokens(input_ids)
         cos, sin = rotary_cos_sin(positions, c.rotary_dim, c.rope_theta, h.dtype, c.rope_scaling)
         metas = [meta] if isinstance(meta, AttentionMetadata) else list(meta)
-        if len(metas) > 1:
-            h = self._micro_batched_layers(h, cos, sin, metas, kv_cache, load_hook)
-        else:
-            for i, layer in enumerate(self.model.layers):
-                residual = h
-                h = layer.input_layernorm(h)
-                h = residual + layer.self_attn(h, cos, sin, kv_cache.layers[i], metas[0])
-                residual = h
-                h = layer.post_attention_layernorm(h)
-                if layer.is_moe:
-                    h = layer.mlp(h, self.experts, load_hook, metas[0].num_padding_tokens)
-                else:
-                    h = layer.mlp(h)
-                h = residual + h
+        h = self._layers(h, cos, sin, metas, kv_cache, load_hook)
         h = self.model.norm(h[logits_indices])
         return self.lm_head(h).float()
 
-    def _micro_batched_layers(
+    def _layers(
         self,
         h: torch.Tensor,
         cos: torch.Tensor,
@@ -449,7 +436,8 @@ class MoEForCausalLM(nn.Module):
         kv_cache: PagedKVCache,
         load_hook: LoadHook | None,
     ) -> torch.Tensor:
-        """All layers over micro-batches in ping-pong (dual-batch overlap); h: [T, H].
+        """All layers over the step's micro-batches (one, or two in ping-pong: dual-batch
+        overlap); h: [T, H].
 
         Per MoE layer i: A's attention and gate, submit A's routed experts, A's shared
         experts; then B's attention (its layer i-1 experts waited for first), gate, submit,
@@ -467,10 +455,13 @@ class MoEForCausalLM(nn.Module):
         """
         experts = self.experts
         assert experts is not None
-        sizes = [int(m.slot_mapping.shape[0]) for m in metas]
-        offsets = [sum(sizes[:j]) for j in range(len(sizes))]
-        hs = list(h.split(sizes))
-        coss, sins = cos.split(sizes), sin.split(sizes)
+        if len(metas) == 1:
+            hs, coss, sins, offsets = [h], [cos], [sin], [0]
+        else:
+            sizes = [int(m.slot_mapping.shape[0]) for m in metas]
+            offsets = [sum(sizes[:j]) for j in range(len(sizes))]
+            hs = list(h.split(sizes))
+            coss, sins = cos.split(sizes), sin.split(sizes)
         # per micro-batch: (its MoE layer at the backend, the residual to add), or None
         pending: list[tuple[SparseMoE, PendingMoE, torch.Tensor] | None] = [None] * len(metas)
         for i, layer in enumerate(self.model.layers):
@@ -496,7 +487,7 @@ class MoEForCausalLM(nn.Module):
             if p is not None:
                 moe, handle, residual = p
                 hs[j] = residual + moe.finish(experts, handle)
-        return torch.cat(hs)
+        return hs[0] if len(hs) == 1 else torch.cat(hs)
 
     def checkpoint_name(self, param_name: str) -> str:
         """The checkpoint tensor holding a parameter of this module."""
