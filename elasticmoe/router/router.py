@@ -20,26 +20,48 @@ and then fails with :class:`ExpertUnavailableError`.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import grpc
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from elasticmoe._proto.elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 from elasticmoe.core.expert_map import ExpertMap
 from elasticmoe.experts.rpc import StubCache
-from elasticmoe.experts.wire import WireError, tensor_from_proto, tensor_to_bytes, tensor_to_proto
+from elasticmoe.experts.wire import WireError, array_to_proto, host_array, tensor_from_proto
 from elasticmoe.model.gate import GateOutput
 from elasticmoe.model.moe import ExpertGroups, group_by_expert
 from elasticmoe.router.dispatch import DispatchTable, NoLiveReplicaError, RowSlice
 from elasticmoe.router.stream import StreamBrokenError, WorkerStream
 
 logger = logging.getLogger(__name__)
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run the enclosed torch ops on the calling thread alone.
+
+    CPU ``index_add_`` starts an OpenMP region whatever its size; under
+    ``OMP_WAIT_POLICY=PASSIVE`` (which a distributed engine runs with, so that it leaves the
+    cores to the workers while it waits) waking the sleeping OpenMP thread costs 260-400 us
+    for a [8..128, 256] add that takes 3-6 us on one thread.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
 
 def _code_name(code: int) -> str:
     """The name of a gRPC status code number (as a TokenResult carries it)."""
@@ -146,6 +168,18 @@ class _Pending:
     pending: list[tuple[int, int, int]]
     calls: list = field(default_factory=list)
     partials: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
+    _host: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+
+    def host(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Host views (:func:`host_array`) of the pairs' token rows and weights and of
+        ``hidden``, made once per layer call (retries reuse them)."""
+        if self._host is None:
+            self._host = (
+                host_array(self.groups.token_idx),
+                host_array(self.groups.weights),
+                host_array(self.hidden),
+            )
+        return self._host
 
 
 class ExpertRouter:
@@ -283,8 +317,9 @@ class ExpertRouter:
             state.pending = pending
             self._dispatch(state)
         out = torch.zeros_like(state.hidden)
-        for _, tokens, partial in sorted(state.partials, key=lambda p: p[0]):
-            out.index_add_(0, tokens, partial)
+        with one_torch_thread():
+            for _, tokens, partial in sorted(state.partials, key=lambda p: p[0]):
+                out.index_add_(0, tokens, partial)
         layer = state.layer
         self.stats.dispatch_seconds[layer] = (
             self.stats.dispatch_seconds.get(layer, 0.0) + time.perf_counter() - state.started
@@ -309,7 +344,7 @@ class ExpertRouter:
                     continue
                 state.pending = self._lose(state.groups, state.pending, e)
                 continue
-            state.calls = self._submit_frames(state.layer, state.hidden, state.groups, plan)
+            state.calls = self._submit_frames(state, plan)
             state.pending = []
 
     def _lose(
@@ -332,41 +367,48 @@ class ExpertRouter:
         return [r for r in pending if r[0] not in missing]
 
     def _frame(
-        self, layer: int, hidden: torch.Tensor, groups: ExpertGroups, slices: list[RowSlice]
+        self, state: _Pending, slices: list[RowSlice]
     ) -> tuple[expert_pb2.TokenFrame, torch.Tensor]:
-        """One worker's frame for ``slices`` and the token rows it carries (ascending)."""
+        """One worker's frame for ``slices`` and the token rows it carries (ascending).
+
+        Built with numpy on host views of the layer's tensors: a frame is a handful of
+        small index operations, each about 1 us in numpy against 2-10 us as a torch op
+        (some of which start OpenMP threads for a few hundred elements).
+        """
+        token_idx, weights, hidden = state.host()
         slices = sorted(slices, key=lambda s: s.expert)
         if len(slices) == 1:
             s = slices[0]
-            pair_tokens = groups.token_idx[s.start : s.end]
-            pair_weights = groups.weights[s.start : s.end]
+            pair_tokens = token_idx[s.start : s.end]
+            pair_weights = weights[s.start : s.end]
         else:
-            pair_tokens = torch.cat([groups.token_idx[s.start : s.end] for s in slices])
-            pair_weights = torch.cat([groups.weights[s.start : s.end] for s in slices])
-        pair_experts = torch.tensor([s.expert for s in slices], dtype=torch.int32)
-        pair_experts = pair_experts.repeat_interleave(torch.tensor([s.num_rows for s in slices]))
-        tokens, rows = torch.unique(pair_tokens, sorted=True, return_inverse=True)
-        frame = expert_pb2.TokenFrame(
-            layer=layer,
-            epoch=self.expert_map.epoch,
-            hidden=tensor_to_proto(hidden.index_select(0, tokens)),
-            pair_rows=tensor_to_bytes(rows.to(torch.int32)),
-            pair_experts=tensor_to_bytes(pair_experts),
-            pair_weights=tensor_to_proto(pair_weights),
+            pair_tokens = np.concatenate([token_idx[s.start : s.end] for s in slices])
+            pair_weights = np.concatenate([weights[s.start : s.end] for s in slices])
+        pair_experts = np.repeat(
+            np.array([s.expert for s in slices], dtype=np.int32), [s.num_rows for s in slices]
         )
-        return frame, tokens
+        tokens, rows = np.unique(pair_tokens, return_inverse=True)
+        dtype = state.hidden.dtype
+        frame = expert_pb2.TokenFrame(
+            layer=state.layer,
+            epoch=self.expert_map.epoch,
+            hidden=array_to_proto(hidden[tokens], dtype),
+            pair_rows=rows.astype(np.int32).tobytes(),
+            pair_experts=pair_experts.tobytes(),
+            pair_weights=array_to_proto(pair_weights, dtype),
+        )
+        return frame, torch.from_numpy(tokens).to(state.hidden.device)
 
     def _submit_frames(
-        self,
-        layer: int,
-        hidden: torch.Tensor,
-        groups: ExpertGroups,
-        plan: dict[str, list[RowSlice]],
+        self, state: _Pending, plan: dict[str, list[RowSlice]]
     ) -> list[tuple[str, list[RowSlice], torch.Tensor, concurrent.futures.Future]]:
-        """One frame per worker of ``plan``, all in flight at once."""
+        """One frame per worker of ``plan``, all in flight at once.
+
+        Every frame is built before the first is sent: a sent frame wakes its stream's
+        gRPC thread, which would take the GIL from the building of the next one."""
         calls = []
-        for worker, slices in plan.items():
-            frame, tokens = self._frame(layer, hidden, groups, slices)
+        frames = [(worker, slices, *self._frame(state, slices)) for worker, slices in plan.items()]
+        for worker, slices, frame, tokens in frames:
             future = self._stream(worker).submit(frame)
             sent = time.monotonic()
             future.add_done_callback(
