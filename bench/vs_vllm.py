@@ -43,7 +43,7 @@ if __package__ in (None, ""):  # run as `python bench/vs_vllm.py`
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import REPO_ROOT, console, emit_json
-from bench.vllm_setup import ensure_aiperf, vllm_env
+from bench.vllm_setup import ensure_aiperf, ensure_tcmalloc, vllm_env
 
 # The checkpoint of issue 13's offline table.
 ISSUE_MIXTRAL = {
@@ -140,6 +140,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=[],
         metavar="KEY=VALUE",
         help="environment for elasticmoe's processes (repeatable), e.g. OMP_WAIT_POLICY=PASSIVE",
+    )
+    p.add_argument(
+        "--elasticmoe-malloc",
+        choices=("tcmalloc", "system"),
+        default="tcmalloc",
+        help="the allocator elasticmoe's processes run with: tcmalloc (the library vLLM is "
+        "given, preloaded the same way) or glibc's malloc",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-timeout", type=float, default=600.0)
@@ -355,6 +362,12 @@ def _run_served(
 
 def _elasticmoe_env(args: argparse.Namespace) -> dict[str, str]:
     env = dict(os.environ)
+    if args.elasticmoe_malloc == "tcmalloc":
+        # the same allocator as vLLM's processes (bench/vllm_setup.py): a fair pair, and what
+        # README recommends for CPU serving
+        tc = ensure_tcmalloc()
+        if tc is not None:
+            env["LD_PRELOAD"] = ":".join([str(tc), env.get("LD_PRELOAD", "")]).rstrip(":")
     for item in args.elasticmoe_env:
         key, sep, value = item.partition("=")
         if not sep:
@@ -473,6 +486,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "loadavg_at_start": os.getloadavg(),
         },
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "ld_preload": {
+            "vllm": env.env.get("LD_PRELOAD"),
+            "elasticmoe": _elasticmoe_env(args).get("LD_PRELOAD"),
+        },
     }
     if "offline" in parts:
         result["offline"] = offline_part(args, modes)
