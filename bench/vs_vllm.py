@@ -124,6 +124,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--requests", type=int, default=128, help="served: requests per run")
     p.add_argument("--concurrency", type=int, default=32, help="served: AIPerf concurrency")
     p.add_argument("--warmup-requests", type=int, default=8, help="served: AIPerf warm-up")
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="served: both servers' --stream-interval (tokens per streamed chunk after the first)",
+    )
     p.add_argument("--vllm-threads", default="0-1", help="VLLM_CPU_OMP_THREADS_BIND")
     p.add_argument(
         "--vllm-build", choices=("cpu", "cuda"), default="cpu", help="cuda: see bench/gpu.sh"
@@ -430,6 +436,7 @@ def served_part(args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
         "--model", str(model), "--served-model-name", model.name,
         "--host", "127.0.0.1", "--port", str(port), "--dtype", args.dtype,
         "--max-num-seqs", str(args.max_num_seqs), "--seed", str(args.seed),
+        "--stream-interval", str(args.stream_interval),
     ]  # fmt: skip
     result["vllm"] = _run_served("vllm", vllm_cmd, venv.env, port, args, model)
     elasticmoe = Path(sys.executable).parent / "elasticmoe"
@@ -446,6 +453,8 @@ def served_part(args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
             "127.0.0.1",
             "--port",
             str(port),
+            "--stream-interval",
+            str(args.stream_interval),
         ]
         if mode == "distributed":
             cmd += ["--workers", str(args.workers)]

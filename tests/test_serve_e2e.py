@@ -474,6 +474,54 @@ def test_64_concurrent_streams_get_every_token_once_in_order(local_server, model
         assert finishes[-1] == "length" and all(f is None for f in finishes[:-1])
 
 
+@pytest.fixture(scope="module")
+def interval_server(model, tmp_path_factory):
+    srv = Server(
+        model,
+        tmp_path_factory.mktemp("interval"),
+        "--mode",
+        "local",
+        "--name",
+        "interval",
+        "--stream-interval",
+        "4",
+    )
+    yield srv
+    srv.stop()
+
+
+def test_stream_interval_sends_fewer_larger_chunks_and_every_token(interval_server, model):
+    """--stream-interval 4: after a completion's first tokens, a chunk waits until 4 new
+    tokens are there (the last chunk takes what is left); the tokens and text are still
+    exactly offline greedy's, once each, in order."""
+    prompts = [[5, 9, 14], [40, 41, 42, 43]]
+    want = reference(model, prompts, 13)
+    tok = LLM(str(model)).tokenizer
+    c = openai.OpenAI(base_url=f"{interval_server.url}/v1", api_key="x", max_retries=0)
+    for p, w in zip(prompts, want, strict=True):
+        stream = c.completions.create(
+            model=str(model),
+            prompt=p,
+            max_tokens=13,
+            temperature=0,
+            stream=True,
+            logprobs=0,
+            extra_body={"ignore_eos": True},
+        )
+        per_chunk, tokens, text = [], [], ""
+        for chunk in stream:
+            ch = chunk.choices[0]
+            text += ch.text
+            got = ch.logprobs.tokens if ch.logprobs is not None else []
+            tokens.extend(got)
+            if got:
+                per_chunk.append(len(got))
+        assert tokens == [tok.decode([t], skip_special_tokens=False) for t in w]
+        assert text == tok.decode(w)
+        assert all(n >= 4 for n in per_chunk[1:-1]), per_chunk
+        assert len(per_chunk) <= 1 + -(-12 // 4), per_chunk
+
+
 def engine_prompt_logprobs(model: Path, ids: list[int]) -> list[dict[int, float] | None]:
     out = LLM(str(model)).generate(
         [{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1)

@@ -171,6 +171,9 @@ def serve_cmd(
         ),
     ] = None,
     name: Annotated[str | None, typer.Option(help="deployment name")] = None,
+    stream_interval: Annotated[
+        int | None, typer.Option(help="stream a completion's tokens once this many are new")
+    ] = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (Ctrl-C stops it cleanly)."""
     from pydantic import ValidationError
@@ -187,6 +190,7 @@ def serve_cmd(
         "host": host,
         "port": port,
         "name": name,
+        "stream_interval": stream_interval,
     }
     # Keys never on the command line (Ray shows a driver's argv on its dashboard):
     # a file, or the environment, which load_serve_config reads.

@@ -73,6 +73,7 @@ class ServeSettings(BaseModel):
     max_in_flight: int = Field(256, ge=1)
     max_queued_per_engine: int = Field(1024, ge=1)
     request_timeout_s: float = Field(600.0, gt=0)
+    stream_interval: int = Field(1, ge=1, le=1024)
     max_body_bytes: int = Field(1 << 20, ge=1024)
     max_model_len: int | None = None
 
@@ -266,6 +267,43 @@ def _param_of(message: str, fields: dict[str, Any] | None) -> str | None:
 
 def _logprob_token(tokenizer: Tokenizer | None, token_id: int) -> str:
     return tokenizer.decode([token_id], skip_special_tokens=False) if tokenizer else str(token_id)
+
+
+async def _take(q: asyncio.Queue, items: list[Any], deadline: float, timeout: float) -> None:
+    """Append the next engine step's item of one request, and any that arrived meanwhile
+    (they go out as one answer); 504 once the request runs past ``deadline``."""
+    left = deadline - time.monotonic()
+    try:
+        items.append(await asyncio.wait_for(q.get(), max(left, 0.0)))
+    except TimeoutError:
+        # the caller's finally aborts it in the engine
+        raise APIError(
+            504,
+            f"the request ran past request_timeout_s={timeout:g} and was "
+            "aborted; ask for fewer tokens or raise request_timeout_s",
+            "timeout_error",
+        ) from None
+    while not q.empty():
+        items.append(q.get_nowait())
+
+
+def _flush_now(items: list[Any], started: set[int], interval: int) -> bool:
+    """Whether the deltas held so far go out now (``stream_interval``, as vLLM's): a
+    completion's first tokens, an error, a finished completion, or a completion holding
+    ``interval`` new tokens go out at once; fewer wait for the next engine step."""
+    if interval <= 1:
+        return True
+    held: dict[int, int] = {}
+    for item in items:
+        if (
+            not isinstance(item, CompletionDelta)
+            or item.finish_reason is not None
+            or item.finished
+            or item.index not in started
+        ):
+            return True
+        held[item.index] = held.get(item.index, 0) + len(item.token_ids)
+    return max(held.values(), default=0) >= interval
 
 
 def _coalesce(items: list[Any]) -> list[Any]:
@@ -476,6 +514,7 @@ class OpenAIServer:
         from ray.exceptions import ActorUnavailableError, RayActorError
 
         replay = Replay(params)
+        interval = self.settings.stream_interval
         first = next(self._rr)
         timeout = self.settings.request_timeout_s
         deadline = time.monotonic() + timeout
@@ -484,22 +523,14 @@ class OpenAIServer:
             client = self.clients[(first + attempt) % len(self.clients)]
             finished = False
             seen: dict[int, list[int]] = {}  # completion -> [tokens, chars] of this attempt
+            started: set[int] = set()  # completions whose first tokens went out
             try:
                 q = await client.submit(prompt_ids, params, request_id)
                 while not finished:
-                    left = deadline - time.monotonic()
-                    try:
-                        items = [await asyncio.wait_for(q.get(), max(left, 0.0))]
-                    except TimeoutError:
-                        # the finally below aborts it in the engine
-                        raise APIError(
-                            504,
-                            f"the request ran past request_timeout_s={timeout:g} and was "
-                            "aborted; ask for fewer tokens or raise request_timeout_s",
-                            "timeout_error",
-                        ) from None
-                    while not q.empty():  # steps that arrived while we were busy: one answer
-                        items.append(q.get_nowait())
+                    items: list[Any] = []
+                    await _take(q, items, deadline, timeout)
+                    while not _flush_now(items, started, interval):
+                        await _take(q, items, deadline, timeout)
                     for item in _coalesce(items):
                         if isinstance(item, BaseException):
                             raise item
@@ -508,6 +539,7 @@ class OpenAIServer:
                                 503, f"engine failed: {item.message}", "service_unavailable"
                             )
                         finished = item.finished
+                        started.add(item.index)
                         pos = seen.get(item.index)
                         if pos is None:
                             pos = seen[item.index] = [0, 0]
