@@ -43,6 +43,7 @@ from elasticmoe.router.stream import StreamBrokenError, WorkerStream
 
 logger = logging.getLogger(__name__)
 
+
 @contextlib.contextmanager
 def one_torch_thread() -> Iterator[None]:
     """Run the enclosed torch ops on the calling thread alone.
