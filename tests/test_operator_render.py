@@ -133,6 +133,8 @@ def test_example_resources_validate_against_the_crd(kind):
         (lambda s: s["stateStore"].update(type="etcd"), "spec.stateStore.type", "is not one of"),
         (lambda s: s["autoscaling"].update(policy={"kind": "AutoscalingPolicy"}),
          "spec.autoscaling", "at most one"),
+        (lambda s: s.setdefault("serve", {}).update(streamInterval=0),
+         "spec.serve.streamInterval", "less than the minimum"),
     ],
 )  # fmt: skip
 def test_bad_spec_names_the_field(mutate, field, words):
@@ -417,6 +419,9 @@ def test_serve_config_values():
     assert cfg["policy"] == "/etc/elasticmoe/policy.yaml"
     cpu = validate_spec(load_cr("cpu")["spec"])
     assert render.render_serve_config("x", cpu)["model"] == "default"
+    assert "stream_interval" not in render.render_serve_config("x", cpu)
+    cpu = validate_spec({**cpu, "serve": {**cpu.get("serve", {}), "streamInterval": 8}})
+    assert render.render_serve_config("x", cpu)["stream_interval"] == 8
 
 
 def test_every_pool_gets_its_own_workers_and_resources(tmp_path):

@@ -254,6 +254,12 @@ def spec_schema() -> Schema:
         {
             "port": _int("HTTP port (OpenAI API, /admin, /metrics).", minimum=1, maximum=65535),
             "maxInFlight": _int("Concurrent requests before 429.", minimum=1),
+            "streamInterval": _int(
+                "Tokens a stream gathers per chunk after a completion's first (ServeConfig "
+                "stream_interval; 1 sends every engine step's tokens).",
+                minimum=1,
+                maximum=1024,
+            ),
             "apiKeySecret": _secret_key_ref(
                 "Secret key holding the Bearer API key clients send to /v1 (none: /v1 is open)."
             ),

@@ -348,6 +348,7 @@ def render_serve_config(name: str, spec: Obj) -> Obj:
         cfg["served_model_name"] = spec["model"]["name"]
     for key, target in (
         ("maxInFlight", "max_in_flight"),
+        ("streamInterval", "stream_interval"),
         ("replicasPerExpert", "replicas_per_expert"),
         ("slotsPerWorker", "slots_per_worker"),
         ("spareWorkers", "spare_workers"),
