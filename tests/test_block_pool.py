@@ -21,6 +21,13 @@ class Req:
     def all_token_ids(self) -> list[int]:
         return self.tokens + self.extra
 
+    @property
+    def num_tokens(self) -> int:
+        return len(self.tokens) + len(self.extra)
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        return self.all_token_ids[start:end]
+
 
 def ids(blocks) -> list[int]:
     return [b.block_id for b in blocks]

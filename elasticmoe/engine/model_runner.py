@@ -12,22 +12,10 @@ from itertools import pairwise
 import numpy as np
 import torch
 
-from elasticmoe.engine.request import Request
 from elasticmoe.engine.scheduler import SchedulerOutput
 from elasticmoe.kv.manager import KVCacheManager
 from elasticmoe.model.attention import AttentionGroup, AttentionMetadata, PagedKVCache
 from elasticmoe.model.model import LoadHook, MoEForCausalLM
-
-
-def _token_ids(request: Request, start: int, end: int) -> list[int]:
-    """``request.all_token_ids[start:end]`` without building the whole list."""
-    prompt, output = request.prompt_token_ids, request.output_token_ids
-    n = len(prompt)
-    if start >= n:
-        return output[start - n : end - n]
-    if end <= n:
-        return prompt[start:end]
-    return prompt[start:] + output[: end - n]
 
 
 def _group(
@@ -132,7 +120,7 @@ class ModelRunner:
             starts[i] = start
             num_new[i] = sched.num_new_tokens
             completes[i] = start + sched.num_new_tokens == request.num_tokens
-            input_ids.extend(_token_ids(request, start, start + sched.num_new_tokens))
+            input_ids.extend(request.token_ids(start, start + sched.num_new_tokens))
             block_lists.append(self.kv_manager.block_ids(request.request_id))
             last_prompt_pos = len(request.prompt_token_ids) - 1
             if request.params.prompt_logprobs is not None and start < last_prompt_pos:

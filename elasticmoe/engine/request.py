@@ -130,6 +130,17 @@ class Request:
         """Prompt plus output length."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """``all_token_ids[start:end]`` without building the whole list (which costs
+        O(context) per call)."""
+        prompt, output = self.prompt_token_ids, self.output_token_ids
+        n = len(prompt)
+        if start >= n:
+            return output[start - n : end - n]
+        if end <= n:
+            return prompt[start:end]
+        return prompt[start:] + output[: end - n]
+
 
 @dataclass
 class CompletionOutput:

@@ -22,7 +22,9 @@ class KVRequest(Protocol):
     num_computed_tokens: int
 
     @property
-    def all_token_ids(self) -> Sequence[int]: ...
+    def num_tokens(self) -> int: ...
+
+    def token_ids(self, start: int, end: int) -> Sequence[int]: ...
 
 
 @dataclass
@@ -63,13 +65,14 @@ class KVCacheManager:
         return self.pool.usage
 
     def _hashes(self, request: KVRequest, state: _RequestBlocks) -> list[BlockHash]:
-        """Chained hashes of the request's full blocks, extended incrementally."""
-        tokens = request.all_token_ids
+        """Chained hashes of the request's full blocks, extended incrementally: only the
+        tokens of blocks filled since the last call are read."""
         bs = self.block_size
-        while (len(state.hashes) + 1) * bs <= len(tokens):
+        num_tokens = request.num_tokens
+        while (len(state.hashes) + 1) * bs <= num_tokens:
             start = len(state.hashes) * bs
             parent = state.hashes[-1] if state.hashes else None
-            state.hashes.append(hash_block_tokens(parent, tokens[start : start + bs]))
+            state.hashes.append(hash_block_tokens(parent, request.token_ids(start, start + bs)))
         return state.hashes
 
     def get_computed_blocks(self, request: KVRequest) -> tuple[list[KVCacheBlock], int]:
@@ -81,7 +84,7 @@ class KVCacheManager:
         if not self.enable_prefix_caching:
             return [], 0
         state = self.requests.setdefault(request.request_id, _RequestBlocks())
-        num_tokens = len(request.all_token_ids)
+        num_tokens = request.num_tokens
         max_blocks = (num_tokens - 1) // self.block_size
         hits: list[KVCacheBlock] = []
         for block_hash in self._hashes(request, state)[:max_blocks]:
@@ -122,7 +125,7 @@ class KVCacheManager:
         state.blocks.extend(new_blocks)
         if self.enable_prefix_caching:
             # this step writes the KV of these tokens, so their full blocks are cacheable now
-            num_full = min(total_tokens, len(request.all_token_ids)) // bs
+            num_full = min(total_tokens, request.num_tokens) // bs
             hashes = self._hashes(request, state)
             for i in range(state.num_cached, num_full):
                 self.pool.cache_full_block(state.blocks[i], hashes[i])
