@@ -43,6 +43,7 @@ class PrefixCacheStats:
 @dataclass
 class _RequestBlocks:
     blocks: list[KVCacheBlock] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)  # of ``blocks``, kept alongside
     hashes: list[BlockHash] = field(default_factory=list)
     num_cached: int = 0  # leading blocks already registered in the prefix cache
 
@@ -120,9 +121,11 @@ class KVCacheManager:
         if num_needed + num_evictable_hits > self.pool.num_free_blocks:
             return None
         self.pool.touch(new_computed_blocks)
-        state.blocks.extend(new_computed_blocks)
         new_blocks = self.pool.get_new_blocks(max(num_needed, 0))
-        state.blocks.extend(new_blocks)
+        for blocks in (new_computed_blocks, new_blocks):
+            if blocks:
+                state.blocks.extend(blocks)
+                state.block_ids.extend([b.block_id for b in blocks])
         if self.enable_prefix_caching:
             # this step writes the KV of these tokens, so their full blocks are cacheable now
             num_full = min(total_tokens, request.num_tokens) // bs
@@ -133,8 +136,9 @@ class KVCacheManager:
         return new_blocks
 
     def block_ids(self, request_id: str) -> list[int]:
-        """The request's block table."""
-        return [b.block_id for b in self.requests[request_id].blocks]
+        """The request's block table (the manager's own list, kept as blocks are added:
+        read it, do not change it)."""
+        return self.requests[request_id].block_ids
 
     def free(self, request_id: str) -> None:
         """Release a finished or preempted request's blocks, tail first."""
