@@ -18,15 +18,11 @@ class Req:
     extra: list[int] = field(default_factory=list)
 
     @property
-    def all_token_ids(self) -> list[int]:
-        return self.tokens + self.extra
-
-    @property
     def num_tokens(self) -> int:
         return len(self.tokens) + len(self.extra)
 
     def token_ids(self, start: int, end: int) -> list[int]:
-        return self.all_token_ids[start:end]
+        return (self.tokens + self.extra)[start:end]
 
 
 def ids(blocks) -> list[int]:

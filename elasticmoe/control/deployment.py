@@ -34,7 +34,6 @@ logger = logging.getLogger(__name__)
 __all__ = ["Deployment", "DeploymentConfig"]
 
 
-
 class Deployment:
     """The Ray actors of one model: controller, expert workers and engines."""
 

@@ -121,18 +121,13 @@ class Request:
     prompt_logprobs: list[dict[int, float] | None] | None = None
 
     @property
-    def all_token_ids(self) -> list[int]:
-        """Prompt followed by the tokens generated so far."""
-        return self.prompt_token_ids + self.output_token_ids
-
-    @property
     def num_tokens(self) -> int:
         """Prompt plus output length."""
         return len(self.prompt_token_ids) + len(self.output_token_ids)
 
     def token_ids(self, start: int, end: int) -> list[int]:
-        """``all_token_ids[start:end]`` without building the whole list (which costs
-        O(context) per call)."""
+        """Tokens ``start:end`` of the prompt followed by the output so far, without
+        building that whole list (O(context) per call)."""
         prompt, output = self.prompt_token_ids, self.output_token_ids
         n = len(prompt)
         if start >= n:

@@ -48,10 +48,12 @@ logger = logging.getLogger(__name__)
 def one_torch_thread() -> Iterator[None]:
     """Run the enclosed torch ops on the calling thread alone.
 
-    CPU ``index_add_`` starts an OpenMP region whatever its size; under
+    CPU ``index_add_`` starts an OpenMP region whatever its size. Under
     ``OMP_WAIT_POLICY=PASSIVE`` (which a distributed engine runs with, so that it leaves the
-    cores to the workers while it waits) waking the sleeping OpenMP thread costs 260-400 us
-    for a [8..128, 256] add that takes 3-6 us on one thread.
+    cores to the workers while it waits), waking the sleeping OpenMP thread costs 260-400 us
+    for a [8..128, 256] add that takes 3-6 us on one thread. This matters only where the
+    engine runs more than one torch thread (``engine_threads`` >= 2, an in-process router);
+    an engine actor with the default one CPU already runs on one.
     """
     threads = torch.get_num_threads()
     if threads == 1:
