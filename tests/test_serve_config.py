@@ -1,4 +1,5 @@
-"""Who may do what: keys for /v1 and /admin, secrets from the environment or files."""
+"""Who may do what: keys for /v1 and /admin, secrets from the environment or files; and
+the bounds of the serving settings."""
 
 from __future__ import annotations
 
@@ -73,19 +74,3 @@ def test_stream_interval_is_bounded(value):
     with pytest.raises(ValueError, match="stream_interval"):
         load(stream_interval=value)
     assert load(stream_interval=8).stream_interval == 8
-
-
-def test_flush_now_holds_deltas_until_stream_interval_tokens():
-    from elasticmoe.engine.request import CompletionDelta, StreamError
-    from elasticmoe.serve.app import _flush_now
-
-    def delta(n, index=0, finish=None):
-        return CompletionDelta("r", index, list(range(n)), "x" * n, finish_reason=finish)
-
-    assert _flush_now([delta(1)], set(), 4)  # the first tokens go out at once
-    assert not _flush_now([delta(1), delta(2)], {0}, 4)
-    assert _flush_now([delta(1), delta(3)], {0}, 4)
-    assert _flush_now([delta(1, finish="stop")], {0}, 4)  # the last ones too
-    assert _flush_now([delta(1), StreamError("r", "engine died")], {0}, 4)
-    assert _flush_now([delta(1, index=1)], {0}, 4)  # completion 1's first tokens
-    assert _flush_now([delta(1)], {0}, 1)

@@ -74,6 +74,12 @@ class Server:
         self.stop()
         raise RuntimeError(f"server did not become healthy:\n{self.log.read_text()[-3000:]}")
 
+    def __enter__(self) -> Server:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self, timeout: float = 90) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGINT)
@@ -92,24 +98,29 @@ def model(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def server(model, tmp_path_factory):
-    srv = Server(
-        model,
-        tmp_path_factory.mktemp("srv"),
-        "--workers",
-        "2",
-        "--engines",
-        "2",
-        "--name",
-        "e2e",
-        env={"ELASTICMOE_API_KEYS": API_KEY, "ELASTICMOE_ADMIN_API_KEYS": ADMIN_KEY},
-    )
-    yield srv
-    srv.stop()
+    keys = {"ELASTICMOE_API_KEYS": API_KEY, "ELASTICMOE_ADMIN_API_KEYS": ADMIN_KEY}
+    args = ("--workers", "2", "--engines", "2", "--name", "e2e")
+    with Server(model, tmp_path_factory.mktemp("srv"), *args, env=keys) as srv:
+        yield srv
 
 
 @pytest.fixture(scope="module")
 def client(server, model):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0)
+
+
+def greedy_stream(model: Path, prompt: list[int], max_tokens: int) -> dict:
+    """A streamed greedy /v1/completions request of exactly ``max_tokens`` tokens, each with
+    its logprob entry (so a client can count the tokens of every chunk)."""
+    return {
+        "model": str(model),
+        "prompt": prompt,
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+        "logprobs": 0,
+        "extra_body": {"ignore_eos": True},
+    }
 
 
 def reference(model: Path, prompts: list[list[int]], max_tokens: int) -> list[list[int]]:
@@ -426,9 +437,9 @@ def total(metrics: dict[str, float], name: str) -> float:
 
 @pytest.fixture(scope="module")
 def local_server(model, tmp_path_factory):
-    srv = Server(model, tmp_path_factory.mktemp("local"), "--mode", "local", "--name", "fuzz")
-    yield srv
-    srv.stop()
+    args = ("--mode", "local", "--name", "fuzz")
+    with Server(model, tmp_path_factory.mktemp("local"), *args) as srv:
+        yield srv
 
 
 def test_64_concurrent_streams_get_every_token_once_in_order(local_server, model):
@@ -443,15 +454,7 @@ def test_64_concurrent_streams_get_every_token_once_in_order(local_server, model
     client = openai.AsyncOpenAI(base_url=f"{local_server.url}/v1", api_key="x", max_retries=0)
 
     async def one(p: list[int]) -> tuple[list[str], str, list[str | None]]:
-        stream = await client.completions.create(
-            model=str(model),
-            prompt=p,
-            max_tokens=16,
-            temperature=0,
-            stream=True,
-            logprobs=0,
-            extra_body={"ignore_eos": True},
-        )
+        stream = await client.completions.create(**greedy_stream(model, p, 16))
         tokens, text, finishes = [], "", []
         async for c in stream:
             ch = c.choices[0]
@@ -476,18 +479,9 @@ def test_64_concurrent_streams_get_every_token_once_in_order(local_server, model
 
 @pytest.fixture(scope="module")
 def interval_server(model, tmp_path_factory):
-    srv = Server(
-        model,
-        tmp_path_factory.mktemp("interval"),
-        "--mode",
-        "local",
-        "--name",
-        "interval",
-        "--stream-interval",
-        "4",
-    )
-    yield srv
-    srv.stop()
+    args = ("--mode", "local", "--name", "interval", "--stream-interval", "4")
+    with Server(model, tmp_path_factory.mktemp("interval"), *args) as srv:
+        yield srv
 
 
 def test_stream_interval_sends_fewer_larger_chunks_and_every_token(interval_server, model):
@@ -499,15 +493,7 @@ def test_stream_interval_sends_fewer_larger_chunks_and_every_token(interval_serv
     tok = LLM(str(model)).tokenizer
     c = openai.OpenAI(base_url=f"{interval_server.url}/v1", api_key="x", max_retries=0)
     for p, w in zip(prompts, want, strict=True):
-        stream = c.completions.create(
-            model=str(model),
-            prompt=p,
-            max_tokens=13,
-            temperature=0,
-            stream=True,
-            logprobs=0,
-            extra_body={"ignore_eos": True},
-        )
+        stream = c.completions.create(**greedy_stream(model, p, 13))
         per_chunk, tokens, text = [], [], ""
         for chunk in stream:
             ch = chunk.choices[0]
