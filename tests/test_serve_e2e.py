@@ -508,6 +508,23 @@ def test_stream_interval_sends_fewer_larger_chunks_and_every_token(interval_serv
         assert len(per_chunk) <= 1 + -(-12 // 4), per_chunk
 
 
+def test_flush_now_holds_deltas_until_stream_interval_tokens():
+    """The hold rule behind --stream-interval, on its own."""
+    from elasticmoe.engine.request import CompletionDelta, StreamError
+    from elasticmoe.serve.app import _flush_now
+
+    def delta(n, index=0, finish=None):
+        return CompletionDelta("r", index, list(range(n)), "x" * n, finish_reason=finish)
+
+    assert _flush_now([delta(1)], set(), 4)  # the first tokens go out at once
+    assert not _flush_now([delta(1), delta(2)], {0}, 4)
+    assert _flush_now([delta(1), delta(3)], {0}, 4)
+    assert _flush_now([delta(1, finish="stop")], {0}, 4)  # the last ones too
+    assert _flush_now([delta(1), StreamError("r", "engine died")], {0}, 4)
+    assert _flush_now([delta(1, index=1)], {0}, 4)  # completion 1's first tokens
+    assert _flush_now([delta(1)], {0}, 1)
+
+
 def engine_prompt_logprobs(model: Path, ids: list[int]) -> list[dict[int, float] | None]:
     out = LLM(str(model)).generate(
         [{"prompt_token_ids": ids}], SamplingParams(max_tokens=1, temperature=0, prompt_logprobs=1)
