@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import console, emit_json
 
+from elasticmoe.control.cluster import start_local_ray
 from elasticmoe.core.expert_map import ExpertMap
 from elasticmoe.core.experts import LogicalExpert
 from elasticmoe.core.placement import initial_placement
@@ -195,8 +196,7 @@ def run_mode(args: argparse.Namespace) -> dict:
         ray.init(address=cluster.address, include_dashboard=False, log_to_driver=False)
         out["nodes"] = len([n for n in ray.nodes() if n["Alive"]])
     else:
-        ray.init(
-            address="local",
+        start_local_ray(
             num_cpus=args.num_workers + 1,
             include_dashboard=False,
             log_to_driver=False,

@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import DEFAULT_TRACE, LengthScaling, console, emit_json, load_trace, select_rows
 
 from elasticmoe import SamplingParams
+from elasticmoe.control.cluster import start_local_ray
 from elasticmoe.control.deployment import Deployment, DeploymentConfig
 from elasticmoe.core.stats import percentile
 from elasticmoe.model.init_model import init_model
@@ -637,8 +638,7 @@ def main() -> None:
     }
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = init_model(args.arch, args.preset, Path(tmp) / "m")
-        ray.init(
-            address="local",
+        start_local_ray(
             num_cpus=16,
             include_dashboard=False,
             namespace="elasticmoe",

@@ -10,6 +10,8 @@ import ray
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from elasticmoe.control.cluster import start_local_ray
+
 from hf_models import FAMILIES, make_hf_model
 
 
@@ -33,22 +35,11 @@ def _elasticmoe_home(tmp_path_factory, monkeypatch):
 def ray_instance():
     """One local Ray instance per test module that asks for it (stopped at module end).
 
-    Starting Ray's GCS can time out on a loaded 2-core machine (seen once in a full run);
-    a second attempt after a clean shutdown succeeds.
+    A new instance, never another session's cluster (e.g. the chaos drill's); its start is
+    retried, since on a loaded 2-core machine it can time out (seen in full runs).
     """
-    for attempt in range(3):
-        try:
-            ray.init(
-                address="local",  # never another session's cluster (e.g. the chaos drill's)
-                num_cpus=12,
-                include_dashboard=False,
-                namespace="elasticmoe",
-                log_to_driver=False,
-            )
-            break
-        except RuntimeError:
-            ray.shutdown()
-            if attempt == 2:
-                raise
+    start_local_ray(
+        num_cpus=12, include_dashboard=False, namespace="elasticmoe", log_to_driver=False
+    )
     yield
     ray.shutdown()

@@ -13,6 +13,7 @@ from test_controller import PARAMS, PROMPTS, Load, assert_consistent
 from waiting import wait_for
 
 from elasticmoe import LLM
+from elasticmoe.control.cluster import start_local_ray
 from elasticmoe.model.init_model import init_model
 
 
@@ -20,8 +21,7 @@ from elasticmoe.model.init_model import init_model
 def pools_ray():
     """A Ray instance of its own, with the two pools' custom resources."""
     ray.shutdown()
-    ray.init(
-        address="local",
+    start_local_ray(
         num_cpus=12,
         resources={"cpu_a": 4, "cpu_b": 4},
         include_dashboard=False,

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from elasticmoe._proto.elasticmoe.v1 import expert_pb2, expert_pb2_grpc
+from elasticmoe.control.cluster import start_local_ray
 from elasticmoe.core.experts import LogicalExpert
 from elasticmoe.experts.rpc import GRPC_OPTIONS
 from elasticmoe.experts.weights import load_expert_weights
@@ -40,7 +41,7 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def ray_local() -> Iterator[None]:
-    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    start_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield
     ray.shutdown()
 

@@ -7,12 +7,15 @@ real node loss. Every node binds 127.0.0.1, so no traffic leaves the machine.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
 from unittest import mock
 
-from elasticmoe.control.cluster import NAMESPACE
+from elasticmoe.control.cluster import NAMESPACE, ray_node_starts
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["DRILL_DEPLOYMENT", "drill", "local_cluster", "node_remover"]
 
@@ -26,23 +29,11 @@ def local_cluster(num_nodes: int = 3, cpus_per_node: int = 4) -> Iterator[Any]:
     """Start ``num_nodes`` Ray nodes (a head and workers), connect this process, yield the
     ``Cluster``; disconnect and stop every node at the end."""
     import ray
-    from ray.cluster_utils import Cluster
 
     # a raylet gives up on its node's agents after 30 s by default: too short on a busy machine
     os.environ.setdefault("RAY_agent_register_timeout_ms", "180000")
-    cluster = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": cpus_per_node,
-            "include_dashboard": False,
-            "_system_config": _FAST_NODE_FAILURE,
-            **_LOCAL,
-        },
-    )
+    cluster = _start_cluster(num_nodes, cpus_per_node)
     try:
-        for _ in range(num_nodes - 1):
-            cluster.add_node(num_cpus=cpus_per_node, **_LOCAL)
-        cluster.wait_for_nodes()
         # ray.init turns a 127.0.0.1 address into this machine's outward IP, where
         # nothing of this cluster listens; keep it on the loopback address
         with mock.patch.object(ray._private.services, "resolve_ip_for_localhost", str):
@@ -58,6 +49,39 @@ def local_cluster(num_nodes: int = 3, cpus_per_node: int = 4) -> Iterator[Any]:
         cluster.shutdown()
 
 
+def _start_cluster(num_nodes: int, cpus_per_node: int, attempts: int = 3) -> Any:
+    """A started ``Cluster`` of ``num_nodes`` nodes, the whole start tried up to ``attempts``
+    times: a node's start can time out on a loaded machine (``ray_node_starts``)."""
+    from ray.cluster_utils import Cluster
+
+    for attempt in range(1, attempts + 1):
+        cluster = None
+        with ray_node_starts() as failed_starts:
+            try:
+                cluster = Cluster(
+                    initialize_head=True,
+                    head_node_args={
+                        "num_cpus": cpus_per_node,
+                        "include_dashboard": False,
+                        "_system_config": _FAST_NODE_FAILURE,
+                        **_LOCAL,
+                    },
+                )
+                for _ in range(num_nodes - 1):
+                    cluster.add_node(num_cpus=cpus_per_node, **_LOCAL)
+                cluster.wait_for_nodes()
+                return cluster
+            except Exception as e:
+                if cluster is not None:
+                    cluster.shutdown()
+                if not failed_starts or attempt == attempts:
+                    raise
+                logger.warning(
+                    "Ray cluster did not start (attempt %d of %d): %s", attempt, attempts, e
+                )
+    raise AssertionError("attempts must be at least 1")
+
+
 def node_remover(cluster: Any, replace_cpus: int = 0) -> Callable[[str], None]:
     """``remove_node(node_id)`` for :class:`~elasticmoe.chaos.faults.FaultInjector`: stops
     that node's raylet; with ``replace_cpus``, then adds a fresh node with that many CPUs
@@ -69,7 +93,8 @@ def node_remover(cluster: Any, replace_cpus: int = 0) -> Callable[[str], None]:
             raise ValueError(f"no removable node {node_id} in this cluster")
         cluster.remove_node(node, allow_graceful=False)
         if replace_cpus:
-            cluster.add_node(num_cpus=replace_cpus, **_LOCAL)
+            with ray_node_starts():
+                cluster.add_node(num_cpus=replace_cpus, **_LOCAL)
 
     return remove
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+from unittest import mock
 
 from elasticmoe.core.experts import LogicalExpert
 
@@ -33,6 +34,56 @@ ENGINE_PREFIX = "elasticmoe-engine-"
 def worker_actor_name(deployment: str, worker_id: str) -> str:
     """The detached Ray actor name of one expert worker."""
     return f"elasticmoe-worker-{deployment}-{worker_id}"
+
+
+def start_local_ray(attempts: int = 3, **init_kwargs: Any) -> None:
+    """``ray.init(address="local", **init_kwargs)``: a new Ray instance on this machine.
+
+    A start that fails while Ray's own processes come up (see :func:`ray_node_starts`) is
+    tried again, up to ``attempts`` times in all; any other error (bad arguments) is raised
+    at once.
+    """
+    import ray
+
+    for attempt in range(1, attempts + 1):
+        with ray_node_starts() as failed_starts:
+            try:
+                ray.init(address="local", **init_kwargs)
+                return
+            except Exception as e:
+                if not failed_starts or attempt == attempts:
+                    raise
+                ray.shutdown()
+                logger.warning("Ray did not start (attempt %d of %d): %s", attempt, attempts, e)
+
+
+@contextlib.contextmanager
+def ray_node_starts() -> Iterator[list[BaseException]]:
+    """Within this block, a Ray node that fails to start stops the processes it started;
+    the block's list gathers those failures.
+
+    Ray gives a new node's raylet a fixed 30 s to register with the GCS, and the GCS a
+    bounded time to come up; on a loaded machine either can run out. The failed start
+    would leave its GCS and raylet running: ``ray.init`` and ``Cluster.add_node`` drop
+    the half-built node, so ``ray.shutdown`` and ``Cluster.shutdown`` cannot reach them.
+    """
+    from ray._private import node as ray_node
+
+    failures: list[BaseException] = []
+
+    class _NodeThatCleansUp(ray_node.Node):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            try:
+                super().__init__(*args, **kwargs)
+            except BaseException as e:
+                failures.append(e)
+                # the start's own error is the one to raise, whatever the clean-up meets
+                with contextlib.suppress(Exception):
+                    self.kill_all_processes(check_alive=False, allow_graceful=False, wait=True)
+                raise
+
+    with mock.patch.object(ray_node, "Node", _NodeThatCleansUp):
+        yield failures
 
 
 class ClusterError(RuntimeError):

@@ -23,6 +23,7 @@ from elasticmoe.control.cluster import (
     CONTROLLER_NAME,
     ENGINE_PREFIX,
     NAMESPACE,
+    start_local_ray,
     worker_actor_name,
 )
 from elasticmoe.control.deployment_config import DeploymentConfig
@@ -72,10 +73,8 @@ class Deployment:
             # This Ray instance is ours: every actor inherits the raylet's environment,
             # so a token made for it authenticates the deployment's gRPC.
             with fresh_token_in_environment():
-                ray.init(
-                    # a new instance even if another Ray cluster on this machine was
-                    # started last
-                    address="local",
+                # a new instance even if another Ray cluster on this machine was started last
+                start_local_ray(
                     num_cpus=max(os.cpu_count() or 1, math.ceil(needed) + 4),
                     # a pool's custom labels (not accelerators) exist on this one
                     # machine, room for every pool's max_workers

@@ -21,6 +21,7 @@ from typing import Any
 
 import torch
 
+from elasticmoe.control.cluster import start_local_ray
 from elasticmoe.model.config import ConfigError, load_config, parse_config
 from elasticmoe.model.init_model import build_config
 from elasticmoe.model.registry import resolve_model
@@ -186,9 +187,12 @@ def run_training(
     started_ray = False
     if not ray.is_initialized():
         address = ray_address or os.environ.get("RAY_ADDRESS")
-        # "local" starts a fresh instance: a bare ray.init() would join any cluster whose
-        # address a previous `ray start` left in /tmp/ray, even a dead one.
-        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
+        if address:
+            ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        else:
+            # a fresh instance: a bare ray.init() would join any cluster whose address a
+            # previous `ray start` left in /tmp/ray, even a dead one
+            start_local_ray(include_dashboard=False, log_to_driver=False)
         started_ray = True
     progress = run_dir / "progress.jsonl"
     # a resumed run prints only what it adds to the progress file
