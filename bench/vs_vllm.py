@@ -154,6 +154,13 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="the allocator elasticmoe's processes run with: tcmalloc (the library vLLM is "
         "given, preloaded the same way) or glibc's malloc",
     )
+    p.add_argument(
+        "--elasticmoe-ingress",
+        choices=("auto", "direct", "proxy"),
+        default="auto",
+        help="served: elasticmoe serve's --ingress (auto: the front listens itself, as "
+        "vLLM's API server does; proxy: through Ray Serve's HTTP proxy)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--server-timeout", type=float, default=600.0)
     p.add_argument(
@@ -429,6 +436,7 @@ def served_part(args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
     result: dict[str, Any] = {
         "model": args.served_model,
         "aiperf_flags": _aiperf_flags(args, "<served name>", model),
+        "elasticmoe_ingress": args.elasticmoe_ingress,
     }
     port = _free_port()
     vllm_cmd = [
@@ -455,6 +463,8 @@ def served_part(args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
             str(port),
             "--stream-interval",
             str(args.stream_interval),
+            "--ingress",
+            args.elasticmoe_ingress,
         ]
         if mode == "distributed":
             cmd += ["--workers", str(args.workers)]

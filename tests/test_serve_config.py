@@ -3,11 +3,19 @@ the bounds of the serving settings."""
 
 from __future__ import annotations
 
+import socket
+
 import pytest
 import redis
 
 from elasticmoe.serve.app import key_matches
-from elasticmoe.serve.server import is_loopback, load_serve_config
+from elasticmoe.serve.server import (
+    check_port_free,
+    direct_ingress,
+    direct_ingress_environment,
+    is_loopback,
+    load_serve_config,
+)
 
 
 def load(environ=None, **settings):
@@ -74,3 +82,38 @@ def test_stream_interval_is_bounded(value):
     with pytest.raises(ValueError, match="stream_interval"):
         load(stream_interval=value)
     assert load(stream_interval=8).stream_interval == 8
+
+
+def test_ingress_is_direct_only_on_a_ray_instance_serve_starts_itself():
+    with pytest.raises(ValueError, match="ingress"):
+        load(ingress="both")
+    # direct on a cluster someone else runs is refused at load, naming the setting
+    with pytest.raises(ValueError, match=r"ingress: direct.*ray_address"):
+        load(ingress="direct", ray_address="ray://head:10001")
+    with pytest.raises(ValueError, match=r"ingress: direct.*RAY_ADDRESS"):
+        load({"RAY_ADDRESS": "head:6379"}, ingress="direct")
+    # auto is direct where serve starts Ray, the proxy where it joins a cluster
+    assert direct_ingress(load(), {}) is True
+    assert direct_ingress(load(ray_address="auto"), {}) is False
+    assert direct_ingress(load(), {"RAY_ADDRESS": "head:6379"}) is False
+    assert direct_ingress(load(ingress="proxy"), {}) is False
+
+
+def test_direct_ingress_gives_the_front_the_configured_port():
+    env = direct_ingress_environment(8123)
+    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    # Serve hands out ports from [min, max): exactly the one asked for
+    assert (
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"],
+        env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"],
+    ) == ("8123", "8124")
+
+
+def test_a_port_in_use_is_refused_before_anything_starts():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ValueError, match=f"port: cannot listen on 127.0.0.1:{port}"):
+            check_port_free("127.0.0.1", port)
+    check_port_free("127.0.0.1", port)  # closed: free again

@@ -18,6 +18,7 @@ import httpx
 import openai
 import pytest
 import schemathesis
+from waiting import wait_for
 
 from elasticmoe import LLM, SamplingParams
 from elasticmoe.model.init_model import init_model
@@ -30,6 +31,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def listener_of(port: int) -> str:
+    """The name of the process listening on 127.0.0.1:``port`` (from /proc)."""
+    inodes = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, state, inode = line.split()[1], line.split()[3], line.split()[9]
+        if state == "0A" and int(local.split(":")[1], 16) == port:  # 0A: LISTEN
+            inodes.add(f"socket:[{inode}]")
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            if any(os.readlink(fd) in inodes for fd in fd_dir.iterdir()):
+                return (fd_dir.parent / "comm").read_text().strip()
+        except OSError:  # gone, or not ours to read
+            continue
+    raise AssertionError(f"nothing listens on port {port}")
 
 
 class Server:
@@ -479,9 +496,26 @@ def test_64_concurrent_streams_get_every_token_once_in_order(local_server, model
 
 @pytest.fixture(scope="module")
 def interval_server(model, tmp_path_factory):
-    args = ("--mode", "local", "--name", "interval", "--stream-interval", "4")
+    # through Ray Serve's proxy: the other tests' servers take the default, direct ingress
+    args = ("--mode", "local", "--name", "interval", "--stream-interval", "4", "--ingress", "proxy")
     with Server(model, tmp_path_factory.mktemp("interval"), *args) as srv:
         yield srv
+
+
+def test_the_front_listens_itself_unless_told_to_use_the_proxy(server, interval_server):
+    """Default (auto, on a Ray instance serve starts): the ingress replica holds the port;
+    --ingress proxy: Ray Serve's proxy does. Both serve the same API (the tests around)."""
+
+    def said(srv: Server) -> str:  # the log, with rich's line wrapping undone
+        return " ".join(srv.log.read_text().split())
+
+    # the ready line comes once serve.run returns, which can be after /health answers
+    wait_for(lambda: "elasticmoe is serving" in said(server), "the direct server's ready line")
+    wait_for(lambda: "elasticmoe is serving" in said(interval_server), "the proxied one's")
+    assert "direct ingress" in said(server)
+    assert "through Ray Serve's proxy" in said(interval_server)
+    assert listener_of(server.port).startswith("ray::ServeRepli")
+    assert listener_of(interval_server.port).startswith("ray::ProxyActor")
 
 
 def test_stream_interval_sends_fewer_larger_chunks_and_every_token(interval_server, model):

@@ -174,11 +174,15 @@ def serve_cmd(
     stream_interval: Annotated[
         int | None, typer.Option(help="stream a completion's tokens once this many are new")
     ] = None,
+    ingress: Annotated[
+        str | None,
+        typer.Option(help="auto | direct (the front listens itself) | proxy (Ray Serve's proxy)"),
+    ] = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API (Ctrl-C stops it cleanly)."""
     from pydantic import ValidationError
 
-    from elasticmoe.serve.server import load_serve_config, run_server
+    from elasticmoe.serve.server import check_port_free, load_serve_config, run_server
 
     overrides = {
         "model": model,
@@ -191,6 +195,7 @@ def serve_cmd(
         "port": port,
         "name": name,
         "stream_interval": stream_interval,
+        "ingress": ingress,
     }
     # Keys never on the command line (Ray shows a driver's argv on its dashboard):
     # a file, or the environment, which load_serve_config reads.
@@ -202,6 +207,7 @@ def serve_cmd(
             environ.pop(env, None)
     try:
         cfg = load_serve_config(config, overrides, environ)
+        check_port_free(cfg.host, cfg.port)
     except (ValidationError, ValueError) as e:
         raise _fail(str(e)) from None
     run_server(cfg)

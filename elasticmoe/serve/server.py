@@ -5,11 +5,13 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
+import socket
 import threading
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from unittest import mock
 from urllib.parse import quote, urlsplit, urlunsplit
 
 import yaml
@@ -69,6 +71,14 @@ class ServeConfig(DeploymentConfig):
         "tokens and its last at once): fewer, larger SSE chunks cost the server less per "
         "token; 1 sends every engine step's tokens (vLLM's --stream-interval)",
     )
+    ingress: Literal["auto", "direct", "proxy"] = Field(
+        "auto",
+        description="direct: the HTTP front itself listens on host:port (Ray Serve's direct "
+        "ingress), so a streamed chunk skips a process; only on a Ray instance "
+        "`elasticmoe serve` starts itself (no ray_address / RAY_ADDRESS). proxy: Ray "
+        "Serve's HTTP proxy listens there and forwards to the front. auto: direct where "
+        "it can be, else proxy",
+    )
     max_body_bytes: int = Field(1 << 20, ge=1024)
     shutdown_timeout_s: float = Field(30.0, ge=0)
 
@@ -107,6 +117,15 @@ class ServeConfig(DeploymentConfig):
                     for err in e.errors()
                 )
                 raise ValueError(errors) from None
+        return self
+
+    @model_validator(mode="after")
+    def _direct_ingress_needs_its_own_ray(self) -> ServeConfig:
+        if self.ingress == "direct" and self.ray_address:
+            raise ValueError(
+                "ingress: direct needs the Ray instance elasticmoe serve starts itself, "
+                f"but ray_address is {self.ray_address!r} (use ingress: proxy or auto)"
+            )
         return self
 
     @model_validator(mode="after")
@@ -195,7 +214,55 @@ def load_serve_config(
             raise ValueError(f"{path}: expected a mapping of settings")
         data.update(loaded)
     data.update({k: v for k, v in overrides.items() if v is not None})
-    return ServeConfig(**secrets_from_env(data, os.environ if environ is None else environ))
+    environ = os.environ if environ is None else environ
+    config = ServeConfig(**secrets_from_env(data, environ))
+    if config.ingress == "direct" and environ.get("RAY_ADDRESS"):
+        raise ValueError(
+            "ingress: direct needs the Ray instance elasticmoe serve starts itself, but "
+            "RAY_ADDRESS is set (use ingress: proxy or auto)"
+        )
+    return config
+
+
+def direct_ingress(config: ServeConfig, environ: Mapping[str, str] | None = None) -> bool:
+    """Whether the HTTP front listens on ``config.port`` itself (see ``ServeConfig.ingress``)."""
+    import ray
+
+    environ = os.environ if environ is None else environ
+    own_ray = not (config.ray_address or environ.get("RAY_ADDRESS") or ray.is_initialized())
+    if config.ingress == "direct" and not own_ray:
+        raise ValueError(
+            "ingress: direct needs the Ray instance elasticmoe serve starts itself: no "
+            "ray_address, no RAY_ADDRESS, and no Ray this process is already connected to"
+        )
+    return config.ingress == "direct" or (config.ingress == "auto" and own_ray)
+
+
+def direct_ingress_environment(port: int) -> dict[str, str]:
+    """What Ray Serve reads, in every process of the Ray instance, to let the one ingress
+    replica listen on ``port`` itself (its proxy still runs, on a port of its own)."""
+    return {
+        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
+        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),  # exclusive
+        # a replica Serve restarts takes the same port at once (default: held back a while)
+        "RAY_SERVE_PORT_QUARANTINE_S": "0",
+        # the front is drained before Serve stops it (run_server); Serve's own floor of
+        # 30 s, for an external load balancer to drop the replica, would only delay the stop
+        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
+    }
+
+
+def check_port_free(host: str, port: int) -> None:
+    """Raise ``ValueError`` naming ``port`` if nothing here could listen on ``host:port``:
+    found before any process starts, not as a failed Serve deployment afterwards."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP server binds
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ValueError(f"port: cannot listen on {host}:{port}: {e.strerror}") from None
 
 
 def run_server(config: ServeConfig, stop: threading.Event | None = None) -> None:
@@ -204,6 +271,7 @@ def run_server(config: ServeConfig, stop: threading.Event | None = None) -> None
 
     from elasticmoe.serve.app import OpenAIServer
 
+    check_port_free(config.host, config.port)
     stop = stop or threading.Event()
     model_dir = resolve_model(config.model)
     deploy_fields = set(DeploymentConfig.model_fields)
@@ -211,11 +279,17 @@ def run_server(config: ServeConfig, stop: threading.Event | None = None) -> None
         **{k: v for k, v in config.model_dump().items() if k in deploy_fields},
     ).model_copy(update={"model": str(model_dir)})
     started = time.monotonic()
-    deployment = Deployment(dep_cfg, progress=True).start()
+    direct = direct_ingress(config)
+    # The Ray instance the deployment starts copies this process's environment to all of
+    # its processes, Serve's controller and the ingress replica among them.
+    with mock.patch.dict(os.environ, direct_ingress_environment(config.port) if direct else {}):
+        deployment = Deployment(dep_cfg, progress=True).start()
     handle = None
     try:
         with console.status("starting the HTTP front (Ray Serve)"):
-            serve.start(http_options={"host": config.host, "port": config.port})
+            # direct: the front takes config.port, and the proxy any free port
+            proxy_port = 0 if direct else config.port
+            serve.start(http_options={"host": config.host, "port": proxy_port})
             settings = ServeSettings(
                 model_name=config.served_model_name or str(config.model),
                 model_dir=str(model_dir),
@@ -244,6 +318,7 @@ def run_server(config: ServeConfig, stop: threading.Event | None = None) -> None
             f"[green]elasticmoe is serving[/green] {settings.model_name!r} at {url}/v1 "
             f"({config.mode}, {config.num_engines} engine(s)"
             + (f", {config.num_workers} expert workers" if config.mode == "distributed" else "")
+            + ("; direct ingress" if direct else "; through Ray Serve's proxy")
             + f"; ready in {time.monotonic() - started:.1f}s)\n"
             f"  try: curl {url}/v1/models   health: {url}/health   metrics: {url}/metrics"
         )
