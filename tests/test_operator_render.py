@@ -16,6 +16,7 @@ import pytest
 import yaml
 from pod_security import hardening_gaps, pod_specs, violations
 
+from elasticmoe.serve.app import MAX_ONGOING_REQUESTS
 from elasticmoe.serve.server import load_serve_config
 from operators.elasticmoe_operator import crd, render
 from operators.elasticmoe_operator.spec import SpecError, validate_name, validate_spec
@@ -135,6 +136,9 @@ def test_example_resources_validate_against_the_crd(kind):
          "spec.autoscaling", "at most one"),
         (lambda s: s.setdefault("serve", {}).update(streamInterval=0),
          "spec.serve.streamInterval", "less than the minimum"),
+        # the ingress replica's own limit
+        (lambda s: s.setdefault("serve", {}).update(maxInFlight=MAX_ONGOING_REQUESTS + 1),
+         "spec.serve.maxInFlight", f"greater than the maximum of {MAX_ONGOING_REQUESTS}"),
     ],
 )  # fmt: skip
 def test_bad_spec_names_the_field(mutate, field, words):

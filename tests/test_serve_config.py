@@ -77,6 +77,14 @@ def test_redis_password_from_the_environment_is_percent_encoded():
     assert load({"ELASTICMOE_REDIS_PASSWORD": "x"}).state_store is None
 
 
+@pytest.mark.parametrize("value", [0, 2049])
+def test_max_in_flight_stays_within_what_the_replica_holds(value):
+    # over 2,048 Ray Serve itself would turn requests away, before our 429
+    with pytest.raises(ValueError, match="max_in_flight"):
+        load(max_in_flight=value)
+    assert load(max_in_flight=2048).max_in_flight == 2048
+
+
 @pytest.mark.parametrize("value", [0, -1, 1025])
 def test_stream_interval_is_bounded(value):
     with pytest.raises(ValueError, match="stream_interval"):

@@ -55,6 +55,8 @@ from elasticmoe.serve.protocol import (
 
 logger = logging.getLogger(__name__)
 NAMESPACE = "elasticmoe"
+# what Ray Serve lets the ingress replica hold; max_in_flight (our 429) stays within it
+MAX_ONGOING_REQUESTS = 2048
 
 
 class ServeSettings(BaseModel):
@@ -70,7 +72,7 @@ class ServeSettings(BaseModel):
     controller_name: str | None = None
     api_keys: list[str] = Field(default_factory=list)
     admin_api_keys: list[str] = Field(default_factory=list)
-    max_in_flight: int = Field(256, ge=1)
+    max_in_flight: int = Field(256, ge=1, le=MAX_ONGOING_REQUESTS)
     max_queued_per_engine: int = Field(1024, ge=1)
     request_timeout_s: float = Field(600.0, gt=0)
     stream_interval: int = Field(1, ge=1, le=1024)
@@ -351,7 +353,7 @@ class _Timing:
     last: float | None = None
 
 
-@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=2048)
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=MAX_ONGOING_REQUESTS)
 @serve.ingress(app)
 class OpenAIServer:
     """The ingress replica: routes OpenAI requests to the engine actors."""

@@ -22,7 +22,7 @@ from elasticmoe.control.cluster import CONTROLLER_NAME, ENGINE_PREFIX
 from elasticmoe.control.deployment import Deployment
 from elasticmoe.control.deployment_config import DeploymentConfig
 from elasticmoe.model.registry import resolve_model
-from elasticmoe.serve.app import ServeSettings
+from elasticmoe.serve.app import MAX_ONGOING_REQUESTS, ServeSettings
 
 console = Console(stderr=True)
 
@@ -49,7 +49,12 @@ class ServeConfig(DeploymentConfig):
         description="serve /admin without admin_api_keys on a non-loopback host "
         "(anyone who reaches the port can then reconfigure the deployment)",
     )
-    max_in_flight: int = Field(256, ge=1, description="HTTP requests at once; over it: 429")
+    max_in_flight: int = Field(
+        256,
+        ge=1,
+        le=MAX_ONGOING_REQUESTS,
+        description="HTTP requests at once; over it: 429",
+    )
     max_queued_per_engine: int = Field(
         1024,
         ge=1,

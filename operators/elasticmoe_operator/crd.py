@@ -253,7 +253,11 @@ def spec_schema() -> Schema:
     serve = _obj(
         {
             "port": _int("HTTP port (OpenAI API, /admin, /metrics).", minimum=1, maximum=65535),
-            "maxInFlight": _int("Concurrent requests before 429.", minimum=1),
+            "maxInFlight": _int(
+                "Concurrent requests before 429 (at most what the ingress replica holds).",
+                minimum=1,
+                maximum=2048,
+            ),
             "streamInterval": _int(
                 "Tokens a stream gathers per chunk after a completion's first (ServeConfig "
                 "stream_interval; 1 sends every engine step's tokens).",
