@@ -221,11 +221,7 @@ def load_serve_config(
     data.update({k: v for k, v in overrides.items() if v is not None})
     environ = os.environ if environ is None else environ
     config = ServeConfig(**secrets_from_env(data, environ))
-    if config.ingress == "direct" and environ.get("RAY_ADDRESS"):
-        raise ValueError(
-            "ingress: direct needs the Ray instance elasticmoe serve starts itself, but "
-            "RAY_ADDRESS is set (use ingress: proxy or auto)"
-        )
+    direct_ingress(config, environ)  # refuses direct where serve would join a cluster
     return config
 
 
@@ -238,7 +234,8 @@ def direct_ingress(config: ServeConfig, environ: Mapping[str, str] | None = None
     if config.ingress == "direct" and not own_ray:
         raise ValueError(
             "ingress: direct needs the Ray instance elasticmoe serve starts itself: no "
-            "ray_address, no RAY_ADDRESS, and no Ray this process is already connected to"
+            "ray_address, no RAY_ADDRESS, and no Ray this process is already connected to "
+            "(use ingress: proxy or auto)"
         )
     return config.ingress == "direct" or (config.ingress == "auto" and own_ray)
 
