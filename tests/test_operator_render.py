@@ -17,7 +17,8 @@ import yaml
 from pod_security import hardening_gaps, pod_specs, violations
 
 from elasticmoe.serve.app import MAX_ONGOING_REQUESTS
-from elasticmoe.serve.server import load_serve_config
+from elasticmoe.serve.ingress import direct_ingress_environment
+from elasticmoe.serve.server import direct_ingress, load_serve_config
 from operators.elasticmoe_operator import crd, render
 from operators.elasticmoe_operator.spec import SpecError, validate_name, validate_spec
 
@@ -401,6 +402,9 @@ def test_rendered_serve_config_loads(case, tmp_path):
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg))
     loaded = load_serve_config(path, {}, environ)
+    # the front listens on the serve port itself: the pod's Ray is started for that
+    assert loaded.ingress == "direct" and direct_ingress(loaded, environ)
+    assert environ["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == str(loaded.port)
     assert loaded.admin_api_keys == ["secret-of-elasticmoe_admin_api_keys"]
     assert loaded.worker_grpc_port == render.EXPERT_GRPC_PORT
     if "ELASTICMOE_REDIS_PASSWORD" in environ:
@@ -458,7 +462,8 @@ def test_every_pool_gets_its_own_workers_and_resources(tmp_path):
     cfg["policy"] = None
     path = tmp_path / "serve.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    loaded = load_serve_config(path, {}, {"ELASTICMOE_ADMIN_API_KEYS": "admin-key-0123"})
+    head_pod = {"ELASTICMOE_ADMIN_API_KEYS": "x" * 14, **direct_ingress_environment(cfg["port"])}
+    loaded = load_serve_config(path, {}, head_pod)
     assert [p.name for p in loaded.worker_pools()] == ["gpu", "ascend", "cpu"]
     assert loaded.get_pool("ascend").device == "npu"
     assert loaded.num_workers == sum(p["num_workers"] for p in cfg["pools"])

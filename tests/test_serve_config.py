@@ -9,10 +9,10 @@ import pytest
 import redis
 
 from elasticmoe.serve.app import key_matches
+from elasticmoe.serve.ingress import direct_ingress_environment
 from elasticmoe.serve.server import (
     check_port_free,
     direct_ingress,
-    direct_ingress_environment,
     is_loopback,
     load_serve_config,
 )
@@ -92,19 +92,25 @@ def test_stream_interval_is_bounded(value):
     assert load(stream_interval=8).stream_interval == 8
 
 
-def test_ingress_is_direct_only_on_a_ray_instance_serve_starts_itself():
+def test_ingress_is_direct_only_where_the_ray_instance_was_started_for_it():
     with pytest.raises(ValueError, match="ingress"):
         load(ingress="both")
-    # direct on a cluster someone else runs is refused at load, naming the setting
-    with pytest.raises(ValueError, match=r"ingress: direct.*ray_address"):
+    # direct on a cluster started without it is refused at load, naming the setting
+    with pytest.raises(ValueError, match=r"ingress: direct.*port 8000"):
         load(ingress="direct", ray_address="ray://head:10001")
-    with pytest.raises(ValueError, match=r"ingress: direct.*RAY_ADDRESS"):
+    with pytest.raises(ValueError, match=r"ingress: direct.*RAY_SERVE_ENABLE_DIRECT_INGRESS"):
         load({"RAY_ADDRESS": "head:6379"}, ingress="direct")
     # auto is direct where serve starts Ray, the proxy where it joins a cluster
     assert direct_ingress(load(), {}) is True
     assert direct_ingress(load(ray_address="auto"), {}) is False
     assert direct_ingress(load(), {"RAY_ADDRESS": "head:6379"}) is False
     assert direct_ingress(load(ingress="proxy"), {}) is False
+    # ... unless that cluster was started with direct ingress for this port (the
+    # operator's head pod: its `ray start` and `elasticmoe serve` share the variables)
+    head_pod = direct_ingress_environment(8000)
+    assert direct_ingress(load(ray_address="auto"), head_pod) is True
+    assert load(head_pod, ingress="direct", ray_address="auto").ingress == "direct"
+    assert direct_ingress(load(ray_address="auto", port=9000), head_pod) is False
 
 
 def test_direct_ingress_gives_the_front_the_configured_port():

@@ -23,6 +23,12 @@ from elasticmoe.control.deployment import Deployment
 from elasticmoe.control.deployment_config import DeploymentConfig
 from elasticmoe.model.registry import resolve_model
 from elasticmoe.serve.app import MAX_ONGOING_REQUESTS, ServeSettings
+from elasticmoe.serve.ingress import (
+    ENABLE_VAR,
+    MIN_PORT_VAR,
+    direct_ingress_environment,
+    started_with_direct_ingress,
+)
 
 console = Console(stderr=True)
 
@@ -79,10 +85,10 @@ class ServeConfig(DeploymentConfig):
     ingress: Literal["auto", "direct", "proxy"] = Field(
         "auto",
         description="direct: the HTTP front itself listens on host:port (Ray Serve's direct "
-        "ingress), so a streamed chunk skips a process; only on a Ray instance "
-        "`elasticmoe serve` starts itself (no ray_address / RAY_ADDRESS). proxy: Ray "
-        "Serve's HTTP proxy listens there and forwards to the front. auto: direct where "
-        "it can be, else proxy",
+        "ingress), so a streamed chunk skips a process; on a Ray instance `elasticmoe "
+        "serve` starts itself, or a cluster started with direct ingress for this port (the "
+        "operator's head pod). proxy: Ray Serve's HTTP proxy listens there and forwards to "
+        "the front. auto: direct where it can be, else proxy",
     )
     max_body_bytes: int = Field(1 << 20, ge=1024)
     shutdown_timeout_s: float = Field(30.0, ge=0)
@@ -122,15 +128,6 @@ class ServeConfig(DeploymentConfig):
                     for err in e.errors()
                 )
                 raise ValueError(errors) from None
-        return self
-
-    @model_validator(mode="after")
-    def _direct_ingress_needs_its_own_ray(self) -> ServeConfig:
-        if self.ingress == "direct" and self.ray_address:
-            raise ValueError(
-                "ingress: direct needs the Ray instance elasticmoe serve starts itself, "
-                f"but ray_address is {self.ray_address!r} (use ingress: proxy or auto)"
-            )
         return self
 
     @model_validator(mode="after")
@@ -226,33 +223,24 @@ def load_serve_config(
 
 
 def direct_ingress(config: ServeConfig, environ: Mapping[str, str] | None = None) -> bool:
-    """Whether the HTTP front listens on ``config.port`` itself (see ``ServeConfig.ingress``)."""
+    """Whether the HTTP front listens on ``config.port`` itself (see ``ServeConfig.ingress``).
+
+    It can where ``elasticmoe serve`` starts its own Ray instance (and sets Serve's
+    variables first), or where the cluster it joins was started with them for this port
+    (:mod:`elasticmoe.serve.ingress`; the Kubernetes operator's head pod)."""
     import ray
 
     environ = os.environ if environ is None else environ
     own_ray = not (config.ray_address or environ.get("RAY_ADDRESS") or ray.is_initialized())
-    if config.ingress == "direct" and not own_ray:
+    possible = own_ray or started_with_direct_ingress(environ, config.port)
+    if config.ingress == "direct" and not possible:
         raise ValueError(
-            "ingress: direct needs the Ray instance elasticmoe serve starts itself: no "
-            "ray_address, no RAY_ADDRESS, and no Ray this process is already connected to "
-            "(use ingress: proxy or auto)"
+            "ingress: direct needs the Ray instance elasticmoe serve starts itself, or a "
+            f"cluster started with Ray Serve's direct ingress on port {config.port} "
+            f"({ENABLE_VAR}=1, {MIN_PORT_VAR}={config.port}); this one joins "
+            "a cluster without it (use ingress: proxy or auto)"
         )
-    return config.ingress == "direct" or (config.ingress == "auto" and own_ray)
-
-
-def direct_ingress_environment(port: int) -> dict[str, str]:
-    """What Ray Serve reads, in every process of the Ray instance, to let the one ingress
-    replica listen on ``port`` itself (its proxy still runs, on a port of its own)."""
-    return {
-        "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-        "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(port),
-        "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(port + 1),  # exclusive
-        # a replica Serve restarts takes the same port at once (default: held back a while)
-        "RAY_SERVE_PORT_QUARANTINE_S": "0",
-        # the front is drained before Serve stops it (run_server); Serve's own floor of
-        # 30 s, for an external load balancer to drop the replica, would only delay the stop
-        "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "0",
-    }
+    return config.ingress == "direct" or (config.ingress == "auto" and possible)
 
 
 def check_port_free(host: str, port: int) -> None:
@@ -269,6 +257,7 @@ def check_port_free(host: str, port: int) -> None:
 
 def run_server(config: ServeConfig, stop: threading.Event | None = None) -> None:
     """Start everything, print the URL, serve until SIGINT/SIGTERM (or ``stop``), shut down."""
+    import ray
     from ray import serve
 
     from elasticmoe.serve.app import OpenAIServer
@@ -312,8 +301,15 @@ def run_server(config: ServeConfig, stop: threading.Event | None = None) -> None
                 max_body_bytes=config.max_body_bytes,
                 max_model_len=config.engine.get("max_model_len"),
             )
+            front = OpenAIServer
+            if direct:
+                # the port is this node's (the head pod's, on Kubernetes): the front runs here
+                node = {"ray.io/node-id": ray.get_runtime_context().get_node_id()}
+                front = OpenAIServer.options(
+                    ray_actor_options={"num_cpus": 0, "label_selector": node}
+                )
             handle = serve.run(
-                OpenAIServer.bind(settings.model_dump()), name="elasticmoe", route_prefix="/"
+                front.bind(settings.model_dump()), name="elasticmoe", route_prefix="/"
             )
         url = f"http://{config.host}:{config.port}"
         console.print(

@@ -21,6 +21,7 @@ from typing import Any
 
 import yaml
 
+from elasticmoe.serve.ingress import direct_ingress_environment
 from operators.elasticmoe_operator import crd
 
 RAY_API_VERSION = "ray.io/v1"
@@ -342,6 +343,9 @@ def render_serve_config(name: str, spec: Obj) -> Obj:
         "policy": policy_path(spec),
         "host": "0.0.0.0",
         "port": serve_port(spec),
+        # the front listens on the port itself: the head pod's Ray was started for it
+        # (render_head_group puts Serve's direct-ingress variables on the container)
+        "ingress": "direct",
         "worker_grpc_port": EXPERT_GRPC_PORT,
     }
     if spec["model"].get("name"):
@@ -480,6 +484,10 @@ def render_head_group(name: str, spec: Obj) -> Obj:
         volumes.append({"name": "policy", "configMap": {"name": auto["policyConfigMap"]["name"]}})
         mounts.append({"name": "policy", "mountPath": POLICY_DIR, "readOnly": True})
     env = _common_env(name)
+    # read by the head's `ray start` (so by Serve's controller and the front it starts
+    # here) and by `elasticmoe serve`, which then lets the front listen on the serve port
+    direct = direct_ingress_environment(serve_port(spec))
+    env += [{"name": k, "value": v} for k, v in direct.items()]
     env.append(_secret_env("ELASTICMOE_ADMIN_API_KEYS", admin_key_ref(name, spec)))
     if "apiKeySecret" in spec.get("serve", {}):
         env.append(_secret_env("ELASTICMOE_API_KEYS", spec["serve"]["apiKeySecret"]))
