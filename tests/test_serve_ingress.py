@@ -3,9 +3,11 @@ the cluster's nodes are started with Ray Serve's direct-ingress variables for th
 port, and ``elasticmoe serve`` (with the same environment, ``ray_address`` set) lets the
 front listen on that port itself.
 
-The cluster is ``ray.cluster_utils.Cluster`` on 127.0.0.1 (a real raylet and GCS); the
-server is ``run_server`` in this process, since joining that cluster from a child process
-would leave the loopback address (``ray.init`` turns 127.0.0.1 into the outward IP).
+The cluster is ``ray.cluster_utils.Cluster`` on 127.0.0.1, two real raylets and a GCS;
+the server is ``run_server`` in this process, since joining that cluster from a child
+process would leave the loopback address (``ray.init`` turns 127.0.0.1 into the outward
+IP). The front must run on the node ``elasticmoe serve`` runs on (the head pod, which the
+Service targets): unpinned, it landed on the other node in one of two tries.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from unittest import mock
 
 import httpx
 import openai
+import ray
 from test_serve_e2e import free_port, listener_of
 from waiting import wait_for
 
@@ -39,6 +42,12 @@ def test_a_cluster_started_for_direct_ingress_gets_it(tmp_path):
             c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", max_retries=0)
             r = c.completions.create(model=str(ckpt), prompt=[5, 9], max_tokens=4, temperature=0)
             seen["tokens"] = r.usage.completion_tokens
+            # the GCS's actor table (Ray's state API needs the dashboard, off here)
+            seen["front_nodes"] = [
+                a["Address"]["NodeID"]
+                for a in ray._private.state.actors().values()
+                if a["ActorClassName"].endswith("OpenAIServer") and a["State"] == "ALIVE"
+            ]
         except BaseException as e:  # reported by the test below
             seen["error"] = e
         finally:
@@ -46,13 +55,14 @@ def test_a_cluster_started_for_direct_ingress_gets_it(tmp_path):
 
     with (
         mock.patch.dict(os.environ, direct_ingress_environment(port)),
-        local_cluster(num_nodes=1, cpus_per_node=8) as cluster,
+        local_cluster(num_nodes=2, cpus_per_node=4) as cluster,
     ):
         config = load_serve_config(
             None,
             {"model": str(ckpt), "mode": "local", "port": port, "ray_address": cluster.address},
         )
         assert config.ingress == "auto"
+        here = ray.get_runtime_context().get_node_id()
         checker = threading.Thread(target=client, daemon=True)
         checker.start()
         run_server(config, stop)  # the main thread: it installs signal handlers
@@ -60,6 +70,7 @@ def test_a_cluster_started_for_direct_ingress_gets_it(tmp_path):
     assert "error" not in seen, seen.get("error")
     assert seen["listener"].startswith("ray::ServeRepli"), seen["listener"]
     assert seen["tokens"] == 4
+    assert seen["front_nodes"] == [here]
 
 
 def _healthy(url: str) -> bool:
