@@ -7,15 +7,12 @@ real node loss. Every node binds 127.0.0.1, so no traffic leaves the machine.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 from collections.abc import Callable, Iterator
 from typing import Any
 from unittest import mock
 
-from elasticmoe.control.cluster import NAMESPACE, ray_node_starts
-
-logger = logging.getLogger(__name__)
+from elasticmoe.control.cluster import NAMESPACE, ray_node_starts, retry_ray_start
 
 __all__ = ["DRILL_DEPLOYMENT", "drill", "local_cluster", "node_remover"]
 
@@ -49,37 +46,31 @@ def local_cluster(num_nodes: int = 3, cpus_per_node: int = 4) -> Iterator[Any]:
         cluster.shutdown()
 
 
-def _start_cluster(num_nodes: int, cpus_per_node: int, attempts: int = 3) -> Any:
-    """A started ``Cluster`` of ``num_nodes`` nodes, the whole start tried up to ``attempts``
-    times: a node's start can time out on a loaded machine (``ray_node_starts``)."""
+def _start_cluster(num_nodes: int, cpus_per_node: int) -> Any:
+    """A started ``Cluster`` of ``num_nodes`` nodes, the whole start retried when a node's
+    start timed out (``retry_ray_start``: that happens on a loaded machine)."""
     from ray.cluster_utils import Cluster
 
-    for attempt in range(1, attempts + 1):
-        cluster = None
-        with ray_node_starts() as failed_starts:
-            try:
-                cluster = Cluster(
-                    initialize_head=True,
-                    head_node_args={
-                        "num_cpus": cpus_per_node,
-                        "include_dashboard": False,
-                        "_system_config": _FAST_NODE_FAILURE,
-                        **_LOCAL,
-                    },
-                )
-                for _ in range(num_nodes - 1):
-                    cluster.add_node(num_cpus=cpus_per_node, **_LOCAL)
-                cluster.wait_for_nodes()
-                return cluster
-            except Exception as e:
-                if cluster is not None:
-                    cluster.shutdown()
-                if not failed_starts or attempt == attempts:
-                    raise
-                logger.warning(
-                    "Ray cluster did not start (attempt %d of %d): %s", attempt, attempts, e
-                )
-    raise AssertionError("attempts must be at least 1")
+    def start() -> Any:
+        cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": cpus_per_node,
+                "include_dashboard": False,
+                "_system_config": _FAST_NODE_FAILURE,
+                **_LOCAL,
+            },
+        )
+        try:
+            for _ in range(num_nodes - 1):
+                cluster.add_node(num_cpus=cpus_per_node, **_LOCAL)
+            cluster.wait_for_nodes()
+        except BaseException:
+            cluster.shutdown()
+            raise
+        return cluster
+
+    return retry_ray_start(start, "Ray cluster")
 
 
 def node_remover(cluster: Any, replace_cpus: int = 0) -> Callable[[str], None]:

@@ -17,14 +17,15 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 from unittest import mock
 
 from elasticmoe.core.experts import LogicalExpert
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 NAMESPACE = "elasticmoe"
 CONTROLLER_NAME = "elasticmoe-controller"
@@ -37,24 +38,35 @@ def worker_actor_name(deployment: str, worker_id: str) -> str:
 
 
 def start_local_ray(attempts: int = 3, **init_kwargs: Any) -> None:
-    """``ray.init(address="local", **init_kwargs)``: a new Ray instance on this machine.
-
-    A start that fails while Ray's own processes come up (see :func:`ray_node_starts`) is
-    tried again, up to ``attempts`` times in all; any other error (bad arguments) is raised
-    at once.
-    """
+    """``ray.init(address="local", **init_kwargs)``: a new Ray instance on this machine,
+    its start retried as :func:`retry_ray_start` says."""
     import ray
 
+    retry_ray_start(
+        lambda: ray.init(address="local", **init_kwargs), "Ray", attempts, undo=ray.shutdown
+    )
+
+
+def retry_ray_start(
+    start: Callable[[], T],
+    what: str,
+    attempts: int = 3,
+    undo: Callable[[], object] | None = None,
+) -> T:
+    """``start()``, tried again (up to ``attempts`` times in all, ``undo()`` before each
+    retry) when it failed while one of Ray's nodes came up (see :func:`ray_node_starts`);
+    any other error (bad arguments) is raised at once."""
     for attempt in range(1, attempts + 1):
         with ray_node_starts() as failed_starts:
             try:
-                ray.init(address="local", **init_kwargs)
-                return
+                return start()
             except Exception as e:
                 if not failed_starts or attempt == attempts:
                     raise
-                ray.shutdown()
-                logger.warning("Ray did not start (attempt %d of %d): %s", attempt, attempts, e)
+                logger.warning("%s did not start (try %d of %d): %s", what, attempt, attempts, e)
+        if undo is not None:
+            undo()
+    raise ValueError(f"attempts={attempts}: must be at least 1")
 
 
 @contextlib.contextmanager
