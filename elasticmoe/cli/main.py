@@ -207,7 +207,7 @@ def serve_cmd(
             environ.pop(env, None)
     try:
         cfg = load_serve_config(config, overrides, environ)
-        check_port_free(cfg.host, cfg.port)
+        check_port_free(cfg, environ)  # here, where its error is reported like the rest
     except (ValidationError, ValueError) as e:
         raise _fail(str(e)) from None
     run_server(cfg)

@@ -222,17 +222,22 @@ def load_serve_config(
     return config
 
 
+def starts_own_ray(config: ServeConfig, environ: Mapping[str, str]) -> bool:
+    """Whether ``elasticmoe serve`` starts a Ray instance of its own (on this machine),
+    rather than join a cluster."""
+    import ray
+
+    return not (config.ray_address or environ.get("RAY_ADDRESS") or ray.is_initialized())
+
+
 def direct_ingress(config: ServeConfig, environ: Mapping[str, str] | None = None) -> bool:
     """Whether the HTTP front listens on ``config.port`` itself (see ``ServeConfig.ingress``).
 
     It can where ``elasticmoe serve`` starts its own Ray instance (and sets Serve's
     variables first), or where the cluster it joins was started with them for this port
     (:mod:`elasticmoe.serve.ingress`; the Kubernetes operator's head pod)."""
-    import ray
-
     environ = os.environ if environ is None else environ
-    own_ray = not (config.ray_address or environ.get("RAY_ADDRESS") or ray.is_initialized())
-    possible = own_ray or started_with_direct_ingress(environ, config.port)
+    possible = starts_own_ray(config, environ) or started_with_direct_ingress(environ, config.port)
     if config.ingress == "direct" and not possible:
         raise ValueError(
             "ingress: direct needs the Ray instance elasticmoe serve starts itself, or a "
@@ -243,11 +248,16 @@ def direct_ingress(config: ServeConfig, environ: Mapping[str, str] | None = None
     return config.ingress == "direct" or (config.ingress == "auto" and possible)
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Raise ``ValueError`` naming ``port`` if nothing here could listen on ``host:port``:
-    found before any process starts, not as a failed Serve deployment afterwards."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
+def check_port_free(config: ServeConfig, environ: Mapping[str, str] | None = None) -> None:
+    """Raise ``ValueError`` naming ``port`` if the HTTP front (or the proxy) would listen on
+    this machine and nothing here can listen on ``host:port``: found before any process
+    starts, not as a failed Serve deployment afterwards. Where serve joins a cluster
+    through the proxy, the proxy's node may be another, so nothing is checked."""
+    environ = os.environ if environ is None else environ
+    if not (direct_ingress(config, environ) or starts_own_ray(config, environ)):
+        return
+    host, port = config.host, config.port
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the HTTP server binds
         try:
             s.bind((host, port))
@@ -262,7 +272,6 @@ def run_server(config: ServeConfig, stop: threading.Event | None = None) -> None
 
     from elasticmoe.serve.app import OpenAIServer
 
-    check_port_free(config.host, config.port)
     stop = stop or threading.Event()
     model_dir = resolve_model(config.model)
     deploy_fields = set(DeploymentConfig.model_fields)
