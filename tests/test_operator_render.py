@@ -16,8 +16,7 @@ import pytest
 import yaml
 from pod_security import hardening_gaps, pod_specs, violations
 
-from elasticmoe.serve.app import MAX_ONGOING_REQUESTS
-from elasticmoe.serve.ingress import direct_ingress_environment
+from elasticmoe.serve.ingress import MAX_ONGOING_REQUESTS, direct_ingress_environment
 from elasticmoe.serve.server import direct_ingress, load_serve_config
 from operators.elasticmoe_operator import crd, render
 from operators.elasticmoe_operator.spec import SpecError, validate_name, validate_spec

@@ -41,6 +41,7 @@ from elasticmoe.engine.request import (
 from elasticmoe.model.config import load_config
 from elasticmoe.model.tokenizer import Tokenizer
 from elasticmoe.serve.engine_client import EngineClient
+from elasticmoe.serve.ingress import MAX_ONGOING_REQUESTS
 from elasticmoe.serve.metrics import ClusterCollector, RequestMetrics
 from elasticmoe.serve.protocol import (
     AddWorkersRequest,
@@ -55,8 +56,6 @@ from elasticmoe.serve.protocol import (
 
 logger = logging.getLogger(__name__)
 NAMESPACE = "elasticmoe"
-# what Ray Serve lets the ingress replica hold; max_in_flight (our 429) stays within it
-MAX_ONGOING_REQUESTS = 2048
 
 
 class ServeSettings(BaseModel):

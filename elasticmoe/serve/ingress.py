@@ -12,6 +12,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+# what Ray Serve lets the ingress replica hold at once; max_in_flight (our 429) stays within
+# it, in ServeConfig and in the operator's CRD alike
+MAX_ONGOING_REQUESTS = 2048
+
 ENABLE_VAR = "RAY_SERVE_ENABLE_DIRECT_INGRESS"
 MIN_PORT_VAR = "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"
 

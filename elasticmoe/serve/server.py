@@ -22,9 +22,10 @@ from elasticmoe.control.cluster import CONTROLLER_NAME, ENGINE_PREFIX
 from elasticmoe.control.deployment import Deployment
 from elasticmoe.control.deployment_config import DeploymentConfig
 from elasticmoe.model.registry import resolve_model
-from elasticmoe.serve.app import MAX_ONGOING_REQUESTS, ServeSettings
+from elasticmoe.serve.app import ServeSettings
 from elasticmoe.serve.ingress import (
     ENABLE_VAR,
+    MAX_ONGOING_REQUESTS,
     MIN_PORT_VAR,
     direct_ingress_environment,
     started_with_direct_ingress,

@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from elasticmoe.serve.ingress import MAX_ONGOING_REQUESTS
+
 GROUP = "elasticmoe.io"
 VERSION = "v1alpha1"
 API_VERSION = f"{GROUP}/{VERSION}"
@@ -256,7 +258,7 @@ def spec_schema() -> Schema:
             "maxInFlight": _int(
                 "Concurrent requests before 429 (at most what the ingress replica holds).",
                 minimum=1,
-                maximum=2048,
+                maximum=MAX_ONGOING_REQUESTS,
             ),
             "streamInterval": _int(
                 "Tokens a stream gathers per chunk after a completion's first (ServeConfig "
