@@ -51,12 +51,17 @@ def failing_registration(*failing_calls: int):
     return mock.patch.object(ray._private.services, "get_node", get_node)
 
 
+def stop_ray() -> None:
+    # waits for Ray's processes to exit (by default ray.shutdown only signals them)
+    ray.shutdown(wait_for_processes=True)
+
+
 @pytest.fixture
 def no_ray():
-    ray.shutdown()
+    stop_ray()
     assert ray_daemons() == []
     yield
-    ray.shutdown()
+    stop_ray()
 
 
 def test_a_failed_start_is_retried_and_leaves_no_processes(no_ray):
@@ -66,7 +71,7 @@ def test_a_failed_start_is_retried_and_leaves_no_processes(no_ray):
     assert ray.get(ray.remote(lambda: 42).remote()) == 42
     # one GCS and one raylet: the failed start's pair was stopped
     assert len(ray_daemons()) == 2
-    ray.shutdown()
+    stop_ray()
     assert ray_daemons() == []
 
 
