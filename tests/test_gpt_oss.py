@@ -243,7 +243,7 @@ def test_local_experts_stack_biases(hf_family_models, num_tokens):
     path, _ = hf_family_models["gpt_oss"]
     config = load_config(path)
     local = LocalExperts.from_checkpoint(CheckpointReader(path), config, torch.float32, "cpu")
-    _, _, b13, b2, activation = local.stacked[0]
+    _, _, b13, b2, activation, _ = local.stacked[0]
     assert b13.shape == (config.num_experts, 2 * config.expert_intermediate_size)
     assert b2.shape == (config.num_experts, config.hidden_size)
     assert activation.name == "clamped_swiglu"

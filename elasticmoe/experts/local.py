@@ -9,6 +9,7 @@ from elasticmoe.experts.weights import ExpertWeights, load_expert_weights
 from elasticmoe.model.checkpoint import CheckpointReader
 from elasticmoe.model.config import MoEModelConfig
 from elasticmoe.model.gate import GateOutput
+from elasticmoe.model.kernels import pack_experts
 from elasticmoe.model.moe import combine_expert_outputs, fused_experts, group_by_expert
 
 
@@ -27,7 +28,7 @@ class LocalExperts:
         for key in experts:
             by_layer.setdefault(key.layer, []).append(key.expert)
         self.experts = dict(experts)
-        # layer -> (w13, w2, b13, b2, activation), the arguments of fused_experts
+        # layer -> (w13, w2, b13, b2, activation, packed), the arguments of fused_experts
         self.stacked: dict[int, tuple] = {}
         for layer, ids in by_layer.items():
             if sorted(ids) != list(range(len(ids))):
@@ -46,7 +47,8 @@ class LocalExperts:
             if layer_experts[0].down_bias is not None:
                 b2 = torch.stack([w.down_bias for w in layer_experts])
             activation = layer_experts[0].activation
-            self.stacked[layer] = (w13, w2, b13, b2, activation)
+            packed = pack_experts(w13, w2, b13, b2, activation.name)
+            self.stacked[layer] = (w13, w2, b13, b2, activation, packed)
             for e in range(len(ids)):
                 self.experts[LogicalExpert(layer, e)] = ExpertWeights(
                     w13[e],

@@ -61,6 +61,7 @@ from elasticmoe.experts.wire import (
 )
 from elasticmoe.model.checkpoint import CheckpointError, CheckpointReader
 from elasticmoe.model.config import MoEModelConfig, load_config
+from elasticmoe.model.kernels import PackedExperts, pack_experts
 from elasticmoe.model.moe import fused_expert_pairs
 
 __all__ = [
@@ -193,13 +194,15 @@ class LayerStack:
     """One layer's held experts stacked: ``w13`` [S, 2I, H], ``w2`` [S, H, I] (on CPU as
     transposed views of row-major buffers, as :class:`LocalExperts` keeps them), their
     biases ``b13`` [S, 2I] / ``b2`` [S, H] where the model has them (gpt_oss), and
-    ``index`` [num_experts]: the stack position of each logical expert, -1 if not held."""
+    ``index`` [num_experts]: the stack position of each logical expert, -1 if not held, and
+    ``packed``: the same weights packed for the CPU kernel where it applies."""
 
     index: torch.Tensor
     w13: torch.Tensor | None
     w2: torch.Tensor | None
     b13: torch.Tensor | None = None
     b2: torch.Tensor | None = None
+    packed: PackedExperts | None = None
 
     @classmethod
     def of(
@@ -223,7 +226,8 @@ class LayerStack:
         biased = weights[0].gate_up_bias is not None
         b13 = torch.stack([w.gate_up_bias for w in weights]) if biased else None
         b2 = torch.stack([w.down_bias for w in weights]) if biased else None
-        return cls(index, w13, w2, b13, b2)
+        packed = pack_experts(w13, w2, b13, b2, weights[0].activation.name)
+        return cls(index, w13, w2, b13, b2, packed)
 
     def weights_of(self, position: int, like: ExpertWeights) -> ExpertWeights:
         """The expert at ``position`` as views into the stack (same values as ``like``)."""
@@ -502,6 +506,7 @@ class ExpertStore:
                 stack.b13,
                 stack.b2,
                 self.activation,
+                stack.packed,
             )
 
     def record_forward(

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from elasticmoe.model.config import SILU, ExpertActivation
 from elasticmoe.model.gate import GateOutput
+from elasticmoe.model.kernels import PackedExperts, moe_pairs
 
 
 class ExpertBackend(Protocol):
@@ -193,6 +194,7 @@ def fused_experts(
     b13: torch.Tensor | None = None,
     b2: torch.Tensor | None = None,
     activation: ExpertActivation = SILU,
+    packed: PackedExperts | None = None,
 ) -> torch.Tensor:
     """All routed experts of one layer in one batched call, no Python loop over experts.
 
@@ -206,10 +208,14 @@ def fused_experts(
     Either ``torch._grouped_mm`` over the sorted pairs with per-expert offsets (no host
     synchronisation; see :func:`_use_grouped_mm` for when), or each expert's rows padded to
     the busiest expert's count and run as one ``torch.bmm`` over the stacked weights (one
-    host read of that count per layer, free on CPU).
+    host read of that count per layer, free on CPU). ``packed`` (the same weights packed by
+    :func:`elasticmoe.model.kernels.pack_experts`): the CPU kernel, same roundings.
     """
     top_k = gate.indices.shape[1]
     flat = gate.indices.flatten()
+    if _kernel_applies(packed, hidden, gate.weights):
+        token_idx = torch.arange(hidden.shape[0]).repeat_interleave(top_k)
+        return moe_pairs(hidden, token_idx, flat, gate.weights.flatten(), packed, False)
     order = torch.argsort(flat, stable=True)
     return _fused_sorted(
         hidden,
@@ -236,6 +242,7 @@ def fused_expert_pairs(
     b13: torch.Tensor | None = None,
     b2: torch.Tensor | None = None,
     activation: ExpertActivation = SILU,
+    packed: PackedExperts | None = None,
 ) -> torch.Tensor:
     """:func:`fused_experts` for any set of (token row, expert, weight) pairs.
 
@@ -243,6 +250,8 @@ def fused_expert_pairs(
     experts it holds, a token may have any number of pairs (>= 0). Returns [T, H], per
     token the weighted sum over its pairs, added in ascending expert order.
     """
+    if _kernel_applies(packed, hidden, weights):
+        return moe_pairs(hidden, token_idx, expert_idx, weights, packed, True)
     order = torch.argsort(expert_idx, stable=True)
     sorted_experts = expert_idx[order]
     counts = torch.bincount(sorted_experts, minlength=w13.shape[0])
@@ -258,6 +267,19 @@ def fused_expert_pairs(
         b13=b13,
         b2=b2,
         activation=activation,
+    )
+
+
+def _kernel_applies(
+    packed: PackedExperts | None, hidden: torch.Tensor, weights: torch.Tensor
+) -> bool:
+    """Whether the packed CPU kernel computes this call (bf16 rows and gate weights on CPU;
+    anything else, e.g. fp32 gate weights, keeps the torch path and its arithmetic)."""
+    return (
+        packed is not None
+        and hidden.device.type == "cpu"
+        and hidden.dtype == torch.bfloat16
+        and weights.dtype == torch.bfloat16
     )
 
 
@@ -304,6 +326,4 @@ def _fused_sorted(
     if b2 is not None:
         y = y + b2[:, None, :]
     y = y.view(num_experts * max_rows, -1)
-    return _combine(
-        token_idx, weights, y.index_select(0, row), torch.zeros_like(hidden), uniform
-    )
+    return _combine(token_idx, weights, y.index_select(0, row), torch.zeros_like(hidden), uniform)

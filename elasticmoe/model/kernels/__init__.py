@@ -1,0 +1,164 @@
+"""elasticmoe's own CPU kernels (C++ beside this file), built on first use.
+
+``cpu_moe.cpp`` runs a layer's routed experts (bf16, SiLU, no biases) as oneDNN brgemm
+micro-kernels over weights packed once at load, with the same roundings as
+:func:`elasticmoe.model.moe.fused_experts`. ``torch.bmm`` over the stacked weights repacks
+every expert's weights on every call, which is most of its time at decode batch sizes.
+
+The extension is compiled with ``torch.utils.cpp_extension`` (a C++ compiler and ninja)
+into ``$ELASTICMOE_HOME/kernels`` the first time a bf16 model is loaded on a CPU whose
+oneDNN can pack bf16 weights (AVX512-BF16 or AMX), then reused. Where it cannot be built or
+used, or ``ELASTICMOE_CPU_KERNELS=0``, the torch path runs instead: the results are the
+same, only slower.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+ENABLE_VAR = "ELASTICMOE_CPU_KERNELS"
+SOURCE = Path(__file__).with_name("cpu_moe.cpp")
+# The column block of the packed weights (BN in cpu_moe.cpp): packed dims must divide by it.
+BLOCK_N = 32
+
+_lock = threading.Lock()
+_ops: Any = None
+_tried = False
+
+
+def _build_flags() -> list[str]:
+    # at::vec's AVX512 implementations; the matmuls dispatch at run time inside oneDNN.
+    return [
+        "-O3",
+        "-fopenmp",
+        "-mavx512f",
+        "-mavx512bw",
+        "-mavx512vl",
+        "-mavx512dq",
+        "-mfma",
+        "-DCPU_CAPABILITY_AVX512",
+        "-DCPU_CAPABILITY=AVX512",
+    ]
+
+
+def _ninja_on_path() -> Any:
+    """PATH with the ``ninja`` package's binary first, for the build only: torch runs
+    ``ninja`` from PATH, which need not include the virtualenv's ``bin``."""
+    try:
+        import ninja
+
+        bin_dir = str(ninja.BIN_DIR)
+    except (ImportError, AttributeError):
+        return contextlib.nullcontext()
+    path = os.pathsep.join([bin_dir, os.environ.get("PATH", "")])
+    return mock.patch.dict(os.environ, {"PATH": path})
+
+
+def _cpu_supported() -> bool:
+    return torch.backends.cpu.get_cpu_capability() in ("AVX512", "AMX", "AVX512_BF16")
+
+
+def cpu_ops() -> Any:
+    """``torch.ops.elasticmoe_cpu`` once built and usable here, else None (logged once)."""
+    global _ops, _tried
+    if _tried:
+        return _ops
+    with _lock:
+        if _tried:
+            return _ops
+        _tried = True
+        if os.environ.get(ENABLE_VAR, "1") == "0":
+            return None
+        if not _cpu_supported():
+            logger.info("CPU kernels off: this CPU has no AVX512 (torch's path runs)")
+            return None
+        try:
+            from torch.utils.cpp_extension import load
+
+            from elasticmoe.model.registry import home
+
+            flags = _build_flags()
+            digest = hashlib.sha256(
+                SOURCE.read_bytes() + " ".join([torch.__version__, *flags]).encode()
+            ).hexdigest()[:12]
+            build_dir = home() / "kernels" / f"cpu_moe-{digest}"
+            build_dir.mkdir(parents=True, exist_ok=True)
+            with _ninja_on_path():
+                load(
+                    name="elasticmoe_cpu",
+                    sources=[str(SOURCE)],
+                    extra_cflags=flags,
+                    build_directory=str(build_dir),
+                    is_python_module=False,
+                    verbose=False,
+                )
+            ops = torch.ops.elasticmoe_cpu
+            if not ops.can_pack():
+                logger.info("CPU kernels off: oneDNN cannot pack bf16 weights on this CPU")
+                return None
+            _ops = ops
+        except Exception as exc:  # no compiler, no ninja, a failed build: torch's path runs
+            logger.warning("CPU kernels unavailable, using torch's path: %s", exc)
+            _ops = None
+    return _ops
+
+
+@dataclass(frozen=True)
+class PackedExperts:
+    """One layer's stacked experts packed for :func:`moe_pairs`: ``w13`` from [E, 2I, H]
+    (gate rows, then up rows), ``w2`` from [E, H, I]."""
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+
+
+def pack_experts(
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    b13: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    activation: str,
+) -> PackedExperts | None:
+    """The layer's experts packed for the CPU kernel, or None where it does not apply
+    (another device or dtype, biases, an activation other than SiLU, sizes that are not
+    multiples of 32, or no kernel here)."""
+    if w13.device.type != "cpu" or w13.dtype != torch.bfloat16 or w2.dtype != torch.bfloat16:
+        return None
+    if b13 is not None or b2 is not None or activation != "silu":
+        return None
+    hidden, inter = w2.shape[1], w2.shape[2]
+    if hidden % BLOCK_N or inter % BLOCK_N or w13.shape[1] != 2 * inter:
+        return None
+    ops = cpu_ops()
+    if ops is None:
+        return None
+    with torch.inference_mode():
+        return PackedExperts(ops.pack_weight(w13), ops.pack_weight(w2))
+
+
+def moe_pairs(
+    hidden: torch.Tensor,
+    token_idx: torch.Tensor,
+    expert_idx: torch.Tensor,
+    weights: torch.Tensor,
+    packed: PackedExperts,
+    fp32_sum: bool,
+) -> torch.Tensor:
+    """Per token row of ``hidden`` [T, H], the weighted sum over its (row, expert, weight)
+    pairs of the packed experts, added in ascending expert order: rounded to bf16 after each
+    add, or (``fp32_sum``) summed in fp32 and rounded once, as ``index_add_`` does. [T, H]."""
+    return cpu_ops().moe_pairs(
+        hidden, token_idx, expert_idx, weights, packed.w13, packed.w2, fp32_sum
+    )

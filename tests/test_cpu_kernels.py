@@ -1,0 +1,127 @@
+"""The packed CPU expert kernel (elasticmoe/model/kernels): the torch path's results, bit
+for bit, wherever it runs, and the torch path wherever it does not apply."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from elasticmoe.core.experts import LogicalExpert
+from elasticmoe.experts.local import LocalExperts
+from elasticmoe.experts.service import LayerStack
+from elasticmoe.experts.weights import ExpertWeights
+from elasticmoe.model import kernels
+from elasticmoe.model.config import SILU
+from elasticmoe.model.gate import topk_softmax_gate
+from elasticmoe.model.moe import fused_expert_pairs, fused_experts
+
+
+@pytest.fixture
+def needs_kernel():
+    """Built on first use (here under the test's ELASTICMOE_HOME, not at collection)."""
+    if kernels.cpu_ops() is None:
+        pytest.skip(
+            "the CPU kernel is not built here (no AVX512, no compiler, or "
+            f"{kernels.ENABLE_VAR}=0); the torch path runs and the other tests cover it"
+        )
+
+
+E, H, INTER = 8, 64, 96  # multiples of the kernel's 32-column blocks
+BF16 = torch.bfloat16
+
+
+def _stacked(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    w13 = (torch.randn(E, 2 * INTER, H, generator=g) * 0.1).to(BF16)
+    w2 = (torch.randn(E, H, INTER, generator=g) * 0.1).to(BF16)
+    # the layout LocalExperts keeps on CPU: transposed views of row-major buffers
+    return w13.transpose(1, 2).contiguous().transpose(1, 2), w2.transpose(
+        1, 2
+    ).contiguous().transpose(1, 2)
+
+
+def _gate(x: torch.Tensor, top_k: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(x.shape[0], E, generator=g)
+    return topk_softmax_gate(logits, top_k, True, BF16)
+
+
+@pytest.mark.usefixtures("needs_kernel")
+@pytest.mark.parametrize("top_k", [1, 2, 4])
+@pytest.mark.parametrize("tokens", [0, 1, 5, 17, 64, 300])
+def test_kernel_matches_the_torch_path_bit_for_bit(tokens, top_k):
+    w13, w2 = _stacked()
+    packed = kernels.pack_experts(w13, w2, None, None, "silu")
+    assert packed is not None
+    x = (torch.randn(tokens, H, generator=torch.Generator().manual_seed(2)) * 2).to(BF16)
+    gate = _gate(x, top_k)
+    want = fused_experts(x, gate, w13, w2)
+    got = fused_experts(x, gate, w13, w2, packed=packed)
+    assert got.dtype == BF16 and got.shape == (tokens, H)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.usefixtures("needs_kernel")
+def test_kernel_matches_a_workers_share_of_pairs():
+    """Any (row, expert, weight) pairs, summed as one index_add_ sums them (in fp32)."""
+    w13, w2 = _stacked(3)
+    packed = kernels.pack_experts(w13, w2, None, None, "silu")
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(40, H, generator=g).to(BF16)
+    # unique (row, expert) pairs, rows with 0..E pairs, in no particular order
+    pairs = torch.randperm(40 * E, generator=g)[:150]
+    rows, experts = pairs // E, pairs % E
+    weights = torch.rand(150, generator=g).to(BF16)
+    want = fused_expert_pairs(x, rows, experts, weights, w13, w2)
+    got = fused_expert_pairs(x, rows, experts, weights, w13, w2, packed=packed)
+    assert torch.equal(got, want)
+    assert (got[torch.isin(torch.arange(40), rows, invert=True)] == 0).all()
+
+
+@pytest.mark.usefixtures("needs_kernel")
+def test_local_experts_and_a_worker_stack_use_the_kernel():
+    w13, w2 = _stacked(5)
+    experts = {LogicalExpert(0, e): ExpertWeights(w13[e], w2[e]) for e in range(E)}
+    local = LocalExperts(experts)
+    assert local.stacked[0][5] is not None
+    x = torch.randn(32, H, generator=torch.Generator().manual_seed(6)).to(BF16)
+    gate = _gate(x, 2)
+    assert torch.equal(local.forward(0, x, gate), fused_experts(x, gate, w13, w2))
+    stack = LayerStack.of(
+        list(range(E)), [experts[LogicalExpert(0, e)] for e in range(E)], E, "cpu"
+    )
+    assert stack.packed is not None
+
+
+def test_the_kernel_applies_only_where_its_arithmetic_is_the_torch_paths():
+    w13, w2 = _stacked()
+    b13, b2 = torch.zeros(E, 2 * INTER, dtype=BF16), torch.zeros(E, H, dtype=BF16)
+    assert kernels.pack_experts(w13.float(), w2.float(), None, None, "silu") is None
+    assert kernels.pack_experts(w13, w2, b13, b2, "silu") is None
+    odd13, odd2 = w13[:, : 2 * 40, :40], w2[:, :40, :40]  # sizes not multiples of 32
+    assert kernels.pack_experts(odd13, odd2, None, None, "silu") is None
+    assert kernels.pack_experts(w13, w2, None, None, "clamped_swiglu") is None
+
+
+@pytest.mark.usefixtures("needs_kernel")
+def test_fp32_gate_weights_keep_the_torch_paths_arithmetic():
+    """The torch path multiplies bf16 outputs by fp32 weights in fp32; so must any call."""
+    w13, w2 = _stacked()
+    packed = kernels.pack_experts(w13, w2, None, None, "silu")
+    x = torch.randn(8, H).to(BF16)
+    gate = _gate(x, 2)
+    gate32 = replace(gate, weights=gate.weights.float())
+    want = fused_experts(x, gate32, w13, w2)
+    assert torch.equal(fused_experts(x, gate32, w13, w2, packed=packed), want)
+
+
+def test_the_kernel_can_be_switched_off(monkeypatch):
+    monkeypatch.setenv(kernels.ENABLE_VAR, "0")
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_ops", None)
+    assert kernels.cpu_ops() is None
+    w13, w2 = _stacked()
+    assert kernels.pack_experts(w13, w2, None, None, "silu") is None
+    assert SILU.name == "silu"  # the name pack_experts compares with is the model's own
