@@ -125,3 +125,15 @@ def test_the_kernel_can_be_switched_off(monkeypatch):
     w13, w2 = _stacked()
     assert kernels.pack_experts(w13, w2, None, None, "silu") is None
     assert SILU.name == "silu"  # the name pack_experts compares with is the model's own
+
+
+@pytest.mark.usefixtures("needs_kernel")
+@pytest.mark.timeout(120)
+def test_a_build_killed_midway_does_not_block_later_loads(monkeypatch):
+    """torch's lock file, left behind by a killed build, would make every later load wait
+    forever; under elasticmoe's flock it is known to be a leftover and removed."""
+    (kernels.build_directory() / "lock").write_text("")
+    monkeypatch.setattr(kernels, "_tried", False)
+    monkeypatch.setattr(kernels, "_ops", None)
+    assert kernels.cpu_ops() is not None
+    assert not (kernels.build_directory() / "lock").exists()

@@ -61,7 +61,7 @@ from elasticmoe.experts.wire import (
 )
 from elasticmoe.model.checkpoint import CheckpointError, CheckpointReader
 from elasticmoe.model.config import MoEModelConfig, load_config
-from elasticmoe.model.kernels import PackedExperts, pack_experts
+from elasticmoe.model.kernels import PackedExperts, cpu_ops, pack_experts
 from elasticmoe.model.moe import fused_expert_pairs
 
 __all__ = [
@@ -277,6 +277,8 @@ class ExpertStore:
         self.stats = StoreStats()
         # layer -> its held experts stacked for one batched call; dropped on load/unload
         self._stacks: dict[int, LayerStack] = {}
+        if self.device.type == "cpu" and self.dtype == torch.bfloat16:
+            cpu_ops()  # the CPU kernel's one-time build now, not inside the first forward
 
     # -- queries ----------------------------------------------------------
 

@@ -15,6 +15,7 @@ same, only slower.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import logging
 import os
@@ -53,6 +54,14 @@ def _build_flags() -> list[str]:
     ]
 
 
+def build_directory() -> Path:
+    """Where this source, torch version and flags are built: ``$ELASTICMOE_HOME/kernels``."""
+    from elasticmoe.model.registry import home
+
+    key = SOURCE.read_bytes() + " ".join([torch.__version__, *_build_flags()]).encode()
+    return home() / "kernels" / f"cpu_moe-{hashlib.sha256(key).hexdigest()[:12]}"
+
+
 def _ninja_on_path() -> Any:
     """PATH with the ``ninja`` package's binary first, for the build only: torch runs
     ``ninja`` from PATH, which need not include the virtualenv's ``bin``."""
@@ -87,19 +96,19 @@ def cpu_ops() -> Any:
         try:
             from torch.utils.cpp_extension import load
 
-            from elasticmoe.model.registry import home
-
-            flags = _build_flags()
-            digest = hashlib.sha256(
-                SOURCE.read_bytes() + " ".join([torch.__version__, *flags]).encode()
-            ).hexdigest()[:12]
-            build_dir = home() / "kernels" / f"cpu_moe-{digest}"
+            build_dir = build_directory()
             build_dir.mkdir(parents=True, exist_ok=True)
-            with _ninja_on_path():
+            # One build at a time across processes (engine, workers). torch's own lock
+            # file stays behind when a build is killed, and then makes every later load
+            # wait forever; an flock is released with its process, so under it a torch
+            # lock file can only be such a leftover.
+            with open(build_dir / "build.flock", "w") as held, _ninja_on_path():
+                fcntl.flock(held, fcntl.LOCK_EX)
+                (build_dir / "lock").unlink(missing_ok=True)
                 load(
                     name="elasticmoe_cpu",
                     sources=[str(SOURCE)],
-                    extra_cflags=flags,
+                    extra_cflags=_build_flags(),
                     build_directory=str(build_dir),
                     is_python_module=False,
                     verbose=False,
