@@ -19,6 +19,9 @@ records it from each frame's reported compute time); dispatch overhead =
 (router time - critical-path compute) per layer call. Code without those
 figures (before issue 14) falls back to the workers' summed compute / workers.
 `--cluster` runs the workers on a local 3-node ``ray.cluster_utils.Cluster``.
+``--dtype bfloat16`` runs engine and workers in bf16, where the CPU expert kernel
+(``elasticmoe.model.kernels``) computes the experts on both sides; medians are reported
+beside the means, which one stalled step can move.
 
 Prints JSON on stdout; progress on stderr.
 """
@@ -154,7 +157,7 @@ def run_mode(args: argparse.Namespace) -> dict:
     mc = load_config(model_dir)
     cfg = EngineConfig(
         model=str(model_dir),
-        dtype="float32",
+        dtype=args.dtype,
         num_kv_blocks=4096,
         max_num_seqs=256,
         max_num_batched_tokens=4096,
@@ -211,6 +214,7 @@ def run_mode(args: argparse.Namespace) -> dict:
                 wid,
                 model_dir,
                 len(experts),
+                dtype=args.dtype,
                 experts_to_load=[tuple(e) for e, ws in placement.items() if wid in ws],
             )
         expert_map = ExpertMap(1, placement, addresses)
@@ -268,6 +272,8 @@ def spawn(mode: str, args: argparse.Namespace, model_dir: Path) -> dict:
         str(args.steps),
         "--prompt-len",
         str(args.prompt_len),
+        "--dtype",
+        args.dtype,
         "--num-workers",
         str(args.num_workers),
         "--micro-batches",
@@ -290,6 +296,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--prompt-len", type=int, default=16)
     ap.add_argument("--num-workers", type=int, default=2)
+    ap.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16"],
+        default="float32",
+        help="bfloat16: the CPU expert kernel runs in the engine and in the workers",
+    )
     ap.add_argument("--cluster", action="store_true", help="workers on a local 3-node cluster")
     ap.add_argument(
         "--micro-batches",
@@ -320,7 +332,11 @@ def main() -> None:
     results = []
     for batch in [int(b) for b in args.batch_sizes.split(",")]:
         loc = local["results"][str(batch)]
-        row: dict = {"batch_size": batch, "local_step_ms": round(loc["step_ms"], 3)}
+        row: dict = {
+            "batch_size": batch,
+            "local_step_ms": round(loc["step_ms"], 3),
+            "p50_local_step_ms": round(loc["p50_step_ms"], 3),
+        }
         row["local_expert_ms_per_step"] = round(loc["expert_backend_ms"], 3)
         for mb, dst in dist["results"][str(batch)].items():
             compute_ms = dst["worker_compute_ms"]
@@ -330,6 +346,10 @@ def main() -> None:
                 "distributed_step_ms": round(dst["step_ms"], 3),
                 "p50_distributed_step_ms": round(dst["p50_step_ms"], 3),
                 "ratio_distributed_over_local": round(dst["step_ms"] / loc["step_ms"], 3),
+                # medians: one stalled step (a GC pause, a page-fault burst) moves the means
+                "p50_ratio_distributed_over_local": round(
+                    dst["p50_step_ms"] / loc["p50_step_ms"], 3
+                ),
                 "expert_calls_per_layer_step": round(dst["calls_per_layer_step"], 3),
                 "router_ms_per_step": round(dst["expert_backend_ms"], 3),
                 "worker_compute_ms_per_step": round(compute_ms, 3),
@@ -358,6 +378,7 @@ def main() -> None:
                 "hidden_size": mc.hidden_size,
             },
             "num_workers": args.num_workers,
+            "dtype": args.dtype,
             "micro_batch_min_seqs": dist["micro_batch_min_seqs"],
             "cluster_nodes": dist.get("nodes", 1),
             "steps_timed": args.steps,
