@@ -3,6 +3,8 @@ for bit, wherever it runs, and the torch path wherever it does not apply."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -20,12 +22,20 @@ from elasticmoe.model.moe import fused_expert_pairs, fused_experts
 
 @pytest.fixture
 def needs_kernel():
-    """Built on first use (here under the test's ELASTICMOE_HOME, not at collection)."""
-    if kernels.cpu_ops() is None:
-        pytest.skip(
-            "the CPU kernel is not built here (no AVX512, no compiler, or "
-            f"{kernels.ENABLE_VAR}=0); the torch path runs and the other tests cover it"
-        )
+    """Built on first use (here under the test's ELASTICMOE_HOME, not at collection).
+
+    Skipped where the kernel does not apply (switched off, a CPU it does not support, no
+    C++ compiler); a build that fails on a machine with a compiler fails these tests
+    instead of skipping them.
+    """
+    if kernels.cpu_ops() is not None:
+        return
+    if kernels.build_error is not None and shutil.which(os.environ.get("CXX", "c++")):
+        pytest.fail(f"the CPU kernel failed to build: {kernels.build_error}")
+    pytest.skip(
+        "the CPU kernel is off here (no AVX512 or bf16 packing, no C++ compiler, or "
+        f"{kernels.ENABLE_VAR}=0); the torch path runs and the other tests cover it"
+    )
 
 
 E, H, INTER = 8, 64, 96  # multiples of the kernel's 32-column blocks

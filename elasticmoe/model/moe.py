@@ -213,9 +213,8 @@ def fused_experts(
     """
     top_k = gate.indices.shape[1]
     flat = gate.indices.flatten()
-    if _kernel_applies(packed, hidden, gate.weights):
-        token_idx = torch.arange(hidden.shape[0]).repeat_interleave(top_k)
-        return moe_pairs(hidden, token_idx, flat, gate.weights.flatten(), packed, False)
+    if _kernel_applies(packed, hidden, gate.weights):  # pairs in the gate's [T, k] layout
+        return moe_pairs(hidden, None, flat, gate.weights.flatten(), packed, False)
     order = torch.argsort(flat, stable=True)
     return _fused_sorted(
         hidden,

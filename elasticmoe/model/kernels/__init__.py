@@ -37,6 +37,9 @@ BLOCK_N = 32
 _lock = threading.Lock()
 _ops: Any = None
 _tried = False
+# Why the last build failed (None: it did not fail; the kernel may still be off for other
+# reasons: switched off, or a CPU it does not support).
+build_error: str | None = None
 
 
 def _build_flags() -> list[str]:
@@ -81,7 +84,7 @@ def _cpu_supported() -> bool:
 
 def cpu_ops() -> Any:
     """``torch.ops.elasticmoe_cpu`` once built and usable here, else None (logged once)."""
-    global _ops, _tried
+    global _ops, _tried, build_error
     if _tried:
         return _ops
     with _lock:
@@ -120,6 +123,7 @@ def cpu_ops() -> Any:
             _ops = ops
         except Exception as exc:  # no compiler, no ninja, a failed build: torch's path runs
             logger.warning("CPU kernels unavailable, using torch's path: %s", exc)
+            build_error = str(exc)
             _ops = None
     return _ops
 
@@ -159,14 +163,15 @@ def pack_experts(
 
 def moe_pairs(
     hidden: torch.Tensor,
-    token_idx: torch.Tensor,
+    token_idx: torch.Tensor | None,
     expert_idx: torch.Tensor,
     weights: torch.Tensor,
     packed: PackedExperts,
     fp32_sum: bool,
 ) -> torch.Tensor:
     """Per token row of ``hidden`` [T, H], the weighted sum over its (row, expert, weight)
-    pairs of the packed experts, added in ascending expert order: rounded to bf16 after each
+    pairs of the packed experts (``token_idx`` None: pairs in the gate's [T, k] layout,
+    flattened), added in ascending expert order: rounded to bf16 after each
     add, or (``fp32_sum``) summed in fp32 and rounded once, as ``index_add_`` does. [T, H]."""
     return cpu_ops().moe_pairs(
         hidden, token_idx, expert_idx, weights, packed.w13, packed.w2, fp32_sum

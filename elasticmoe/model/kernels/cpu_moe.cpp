@@ -64,31 +64,44 @@ inline void store_bf16(const fVec& x, bf16* dst) {
 }
 
 // hidden [T, H] bf16; pairs (token_idx, expert_idx, weights) [P] (int64, int64, bf16), in
-// any order, at most one pair per (token, expert); w13p: pack_weight of [E, 2I, H] (gate
+// any order (token_idx None: the gate's [T, k] layout flattened), at most one pair per (token, expert); w13p: pack_weight of [E, 2I, H] (gate
 // rows then up rows); w2p: pack_weight of [E, H, I]. Returns [T, H] bf16: per token the sum
 // of weight * expert(hidden[token]) over its pairs, added in ascending expert order, either
 // rounded to bf16 after every add (fp32_sum false) or summed in fp32 and rounded once.
-at::Tensor moe_pairs(const at::Tensor& hidden, const at::Tensor& token_idx,
+at::Tensor moe_pairs(const at::Tensor& hidden, const std::optional<at::Tensor>& token_idx,
                      const at::Tensor& expert_idx, const at::Tensor& weights,
                      const at::Tensor& w13p, const at::Tensor& w2p, bool fp32_sum) {
   TORCH_CHECK(hidden.dim() == 2 && hidden.scalar_type() == at::kBFloat16,
               "hidden must be [T, H] bf16");
-  TORCH_CHECK(token_idx.scalar_type() == at::kLong && expert_idx.scalar_type() == at::kLong,
-              "token_idx and expert_idx must be int64");
+  TORCH_CHECK(expert_idx.scalar_type() == at::kLong, "expert_idx must be int64");
   TORCH_CHECK(weights.scalar_type() == at::kBFloat16, "weights must be bf16");
   const int64_t T = hidden.size(0), H = hidden.size(1);
-  const int64_t P = token_idx.numel();
+  const int64_t P = expert_idx.numel();
   const int64_t E = w13p.size(0);
   const int64_t I = w13p.size(1) * BN / 2;
-  TORCH_CHECK(expert_idx.numel() == P && weights.numel() == P, "pair tensors differ in length");
+  TORCH_CHECK(weights.numel() == P, "pair tensors differ in length");
   TORCH_CHECK(w13p.size(2) == H * BN && w2p.size(0) == E && w2p.size(1) * BN == H &&
                   w2p.size(2) == I * BN,
               "packed weights do not match hidden size ", H);
   auto x = hidden.contiguous();
-  auto tok_t = token_idx.contiguous();
+  // No token_idx: the gate's layout, pair p = (token p / k, slot p % k) for k = P / T.
+  at::Tensor tok_t;
+  std::vector<int64_t> gate_tokens;
+  const int64_t* tok = nullptr;
+  if (token_idx.has_value()) {
+    TORCH_CHECK(token_idx->scalar_type() == at::kLong && token_idx->numel() == P,
+                "token_idx must be int64, one per pair");
+    tok_t = token_idx->contiguous();
+    tok = tok_t.data_ptr<int64_t>();
+  } else {
+    TORCH_CHECK(T > 0 ? P % T == 0 : P == 0, "without token_idx, pairs must be T x top_k");
+    const int64_t k = T > 0 ? P / T : 1;
+    gate_tokens.resize(P);
+    for (int64_t p = 0; p < P; ++p) gate_tokens[p] = p / k;
+    tok = gate_tokens.data();
+  }
   auto eid_t = expert_idx.contiguous();
   auto wt_t = weights.contiguous();
-  const int64_t* tok = tok_t.data_ptr<int64_t>();
   const int64_t* eid = eid_t.data_ptr<int64_t>();
   const bf16* pw = wt_t.data_ptr<bf16>();
 
@@ -227,7 +240,7 @@ TORCH_LIBRARY(elasticmoe_cpu, m) {
   m.def("can_pack() -> bool", can_pack);
   m.def("pack_weight(Tensor w) -> Tensor");
   m.def(
-      "moe_pairs(Tensor hidden, Tensor token_idx, Tensor expert_idx, Tensor weights, "
+      "moe_pairs(Tensor hidden, Tensor? token_idx, Tensor expert_idx, Tensor weights, "
       "Tensor w13p, Tensor w2p, bool fp32_sum) -> Tensor");
 }
 
