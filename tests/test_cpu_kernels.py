@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -125,6 +126,32 @@ def test_fp32_gate_weights_keep_the_torch_paths_arithmetic():
     gate32 = replace(gate, weights=gate.weights.float())
     want = fused_experts(x, gate32, w13, w2)
     assert torch.equal(fused_experts(x, gate32, w13, w2, packed=packed), want)
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+@pytest.mark.skipif(
+    os.environ.get(kernels.ENABLE_VAR, "1") == "0" or not shutil.which("c++"),
+    reason="the kernel is switched off, or there is no C++ compiler",
+)
+def test_the_kernel_runs_on_every_cpu_with_bf16_dot_products():
+    """A CPU with AMX or AVX512-BF16 gets the kernel (the brgemm or the kernel's own
+    micro-kernel); it was once silently off on AVX512-BF16 CPUs without AMX."""
+    flags = _cpu_flags()
+    if not flags & {"amx_bf16", "avx512_bf16"}:
+        pytest.skip("this CPU has neither AMX nor AVX512-BF16")
+    ops = kernels.cpu_ops()
+    assert ops is not None, kernels.build_error
+    assert ops.backend() == ("brgemm" if "amx_bf16" in flags else "avx512_bf16")
 
 
 def test_the_kernel_can_be_switched_off(monkeypatch):

@@ -118,7 +118,7 @@ def cpu_ops() -> Any:
                 )
             ops = torch.ops.elasticmoe_cpu
             if not ops.can_pack():
-                logger.info("CPU kernels off: oneDNN cannot pack bf16 weights on this CPU")
+                logger.info("CPU kernels off: this CPU has neither AMX nor AVX512-BF16")
                 return None
             _ops = ops
         except Exception as exc:  # no compiler, no ninja, a failed build: torch's path runs

@@ -5,7 +5,9 @@
 // rounded to bf16, the gate weight multiplied in bf16, and each token's pairs added in
 // ascending expert order as the torch path adds them), but the matmuls are oneDNN brgemm
 // micro-kernels (AMX where the CPU has it, through ATen's cpublas) over weights packed once,
-// instead of torch.bmm, which repacks every expert's weights on every call.
+// instead of torch.bmm, which repacks every expert's weights on every call. On a CPU
+// with AVX512-BF16 but no AMX (AMD Zen 4, Intel Cooper Lake), where ATen's cpublas has no
+// bf16 micro-kernel, the matmuls are this file's own (vdpbf16ps over the same packed layout).
 //
 // Built on first use by elasticmoe.model.kernels (torch.utils.cpp_extension).
 
@@ -16,8 +18,11 @@
 #include <ATen/native/CPUBlas.h>
 #include <torch/library.h>
 
+#include <immintrin.h>
+
 #include <algorithm>
 #include <cstring>
+#include <string>
 #include <vector>
 
 namespace {
@@ -29,7 +34,91 @@ using bf16 = at::BFloat16;
 using fVec = at::vec::Vectorized<float>;
 using bVec = at::vec::Vectorized<bf16>;
 
-bool can_pack() { return at::native::cpublas::could_pack(at::kBFloat16); }
+// Which micro-kernel the matmuls run on: ATen's cpublas brgemm (oneDNN; AMX), this file's
+// AVX512-BF16 one, or none (the kernel is off and torch's path runs).
+enum class Backend { kNone, kBrgemm, kAvx512Bf16 };
+
+Backend backend_here() {
+  static const Backend b = [] {
+    if (at::native::cpublas::could_pack(at::kBFloat16)) return Backend::kBrgemm;
+    if (__builtin_cpu_supports("avx512bf16")) return Backend::kAvx512Bf16;
+    return Backend::kNone;
+  }();
+  return b;
+}
+
+bool can_pack() { return backend_here() != Backend::kNone; }
+
+std::string backend_name() {
+  switch (backend_here()) {
+    case Backend::kBrgemm: return "brgemm";
+    case Backend::kAvx512Bf16: return "avx512_bf16";
+    default: return "";
+  }
+}
+
+// VNNI layout of one [K, BN] block of B (row-major, leading dimension ld): [K / 2, BN, 2],
+// the pair (B[k][n], B[k + 1][n]) side by side, as vdpbf16ps reads it.
+void pack_vnni(int64_t K, int64_t ld, const bf16* src, bf16* dst) {
+  for (int64_t k = 0; k < K; k += 2)
+    for (int64_t n = 0; n < BN; ++n) {
+      dst[k * BN + 2 * n] = src[k * ld + n];
+      dst[k * BN + 2 * n + 1] = src[(k + 1) * ld + n];
+    }
+}
+
+// C[ROWS, BN] (fp32, ld BN) = A[ROWS, K] (bf16, ld lda) x B (one pack_vnni block), each
+// output summed over k in ascending pairs in one fp32 accumulator.
+template <int ROWS>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void dot_rows(
+    int64_t K, const bf16* A, int64_t lda, const bf16* B, float* C) {
+  static_assert(BN == 32, "two 16-float accumulators per row");
+  __m512 acc[ROWS][2];
+  for (int r = 0; r < ROWS; ++r) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 2) {
+    const __m512bh b0 = (__m512bh)_mm512_loadu_si512(B + k * BN);
+    const __m512bh b1 = (__m512bh)_mm512_loadu_si512(B + k * BN + 32);
+    for (int r = 0; r < ROWS; ++r) {
+      int32_t pair;
+      std::memcpy(&pair, A + r * lda + k, sizeof(pair));
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(pair);
+      acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+      acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
+    }
+  }
+  for (int r = 0; r < ROWS; ++r) {
+    _mm512_storeu_ps(C + r * BN, acc[r][0]);
+    _mm512_storeu_ps(C + r * BN + 16, acc[r][1]);
+  }
+}
+
+// C[rows, BN] = A[rows, K] x B: 8 rows at a time (16 accumulators, 2 B and 1 A register).
+void dot_block(int64_t rows, int64_t K, const bf16* A, int64_t lda, const bf16* B, float* C) {
+  for (int64_t r = 0; r < rows; r += 8) {
+    const bf16* a = A + r * lda;
+    float* c = C + r * BN;
+    switch (std::min<int64_t>(8, rows - r)) {
+      case 1: dot_rows<1>(K, a, lda, B, c); break;
+      case 2: dot_rows<2>(K, a, lda, B, c); break;
+      case 3: dot_rows<3>(K, a, lda, B, c); break;
+      case 4: dot_rows<4>(K, a, lda, B, c); break;
+      case 5: dot_rows<5>(K, a, lda, B, c); break;
+      case 6: dot_rows<6>(K, a, lda, B, c); break;
+      case 7: dot_rows<7>(K, a, lda, B, c); break;
+      default: dot_rows<8>(K, a, lda, B, c); break;
+    }
+  }
+}
+
+// C[BM, BN] (rows past `rows` undefined) = A[BM, K] x one packed block of B, on this CPU's
+// micro-kernel. A's rows past `rows` are zeros.
+inline void matmul_block(Backend be, int64_t rows, int64_t K, const bf16* A, const bf16* B,
+                         float* C) {
+  if (be == Backend::kBrgemm)
+    at::native::cpublas::brgemm(BM, BN, K, K, BN, BN, false, A, B, C);
+  else
+    dot_block(rows, K, A, K, B, C);
+}
 
 // w: [E, N, K] bf16 (each expert as nn.Linear stores it: out x in). Returns B = w[e]^T,
 // VNNI-packed in blocks of BN output columns: [E, N / BN, K * BN].
@@ -44,11 +133,17 @@ at::Tensor pack_weight(const at::Tensor& w) {
   const bf16* src = wt.data_ptr<bf16>();
   bf16* dst = packed.data_ptr<bf16>();
   const int64_t blocks = N / BN;
+  const Backend be = backend_here();
+  TORCH_CHECK(be != Backend::kNone, "pack_weight: no bf16 micro-kernel on this CPU");
   at::parallel_for(0, E * blocks, 1, [&](int64_t b0, int64_t b1) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t e = b / blocks, nb = b % blocks;
-      at::native::cpublas::pack(K, BN, N, BN, at::kBFloat16, at::kBFloat16,
-                                src + e * K * N + nb * BN, dst + b * K * BN);
+      const bf16* from = src + e * K * N + nb * BN;
+      if (be == Backend::kBrgemm)
+        at::native::cpublas::pack(K, BN, N, BN, at::kBFloat16, at::kBFloat16, from,
+                                  dst + b * K * BN);
+      else
+        pack_vnni(K, N, from, dst + b * K * BN);
     }
   });
   return packed;
@@ -145,6 +240,8 @@ at::Tensor moe_pairs(const at::Tensor& hidden, const std::optional<at::Tensor>& 
   // Gate/up: one task per (expert, column block), over all of the expert's row blocks, so a
   // weight block is read once per call.
   const int64_t nb13 = I / BN;
+  const Backend be = backend_here();
+  TORCH_CHECK(be != Backend::kNone, "moe_pairs: no bf16 micro-kernel on this CPU");
   at::parallel_for(0, E * nb13, 1, [&](int64_t t0, int64_t t1) {
     alignas(64) float cg[BM * BN];
     alignas(64) float cu[BM * BN];
@@ -155,8 +252,8 @@ at::Tensor moe_pairs(const at::Tensor& hidden, const std::optional<at::Tensor>& 
       const bf16* bg = W13 + (e * 2 * nb13 + j) * H * BN;
       const bf16* bu = W13 + (e * 2 * nb13 + nb13 + j) * H * BN;
       for (int64_t b = first_blk[e]; b < first_blk[e + 1]; ++b) {
-        at::native::cpublas::brgemm(BM, BN, H, H, BN, BN, false, A + b * BM * H, bg, cg);
-        at::native::cpublas::brgemm(BM, BN, H, H, BN, BN, false, A + b * BM * H, bu, cu);
+        matmul_block(be, blk_rows[b], H, A + b * BM * H, bg, cg);
+        matmul_block(be, blk_rows[b], H, A + b * BM * H, bu, cu);
         for (int64_t r = 0; r < blk_rows[b]; ++r) {
           bf16* o = ACT + (b * BM + r) * I + j * BN;
           for (int64_t c = 0; c < BN; c += fVec::size()) {
@@ -168,7 +265,7 @@ at::Tensor moe_pairs(const at::Tensor& hidden, const std::optional<at::Tensor>& 
         }
       }
     }
-    at::native::cpublas::brgemm_release();
+    if (be == Backend::kBrgemm) at::native::cpublas::brgemm_release();
   });
 
   // Down projection, times the pair's gate weight (both rounded to bf16).
@@ -180,7 +277,7 @@ at::Tensor moe_pairs(const at::Tensor& hidden, const std::optional<at::Tensor>& 
       if (first_blk[e] == first_blk[e + 1]) continue;
       const bf16* bw = W2 + (e * nb2 + j) * I * BN;
       for (int64_t b = first_blk[e]; b < first_blk[e + 1]; ++b) {
-        at::native::cpublas::brgemm(BM, BN, I, I, BN, BN, false, ACT + b * BM * I, bw, c2);
+        matmul_block(be, blk_rows[b], I, ACT + b * BM * I, bw, c2);
         for (int64_t r = 0; r < blk_rows[b]; ++r) {
           const int64_t s = blk_start[b] + r;
           const fVec w(static_cast<float>(pw[order[s]]));
@@ -190,7 +287,7 @@ at::Tensor moe_pairs(const at::Tensor& hidden, const std::optional<at::Tensor>& 
         }
       }
     }
-    at::native::cpublas::brgemm_release();
+    if (be == Backend::kBrgemm) at::native::cpublas::brgemm_release();
   });
 
   // Combine: each token's pairs in ascending expert order (the sorted order), from zero.
@@ -238,6 +335,7 @@ at::Tensor moe_pairs(const at::Tensor& hidden, const std::optional<at::Tensor>& 
 
 TORCH_LIBRARY(elasticmoe_cpu, m) {
   m.def("can_pack() -> bool", can_pack);
+  m.def("backend() -> str", backend_name);
   m.def("pack_weight(Tensor w) -> Tensor");
   m.def(
       "moe_pairs(Tensor hidden, Tensor? token_idx, Tensor expert_idx, Tensor weights, "
