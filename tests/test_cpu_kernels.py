@@ -1,5 +1,6 @@
-"""The packed CPU expert kernel (elasticmoe/model/kernels): the torch path's results, bit
-for bit, wherever it runs, and the torch path wherever it does not apply."""
+"""elasticmoe's CPU kernels (elasticmoe/model/kernels): the packed expert kernel gives the
+torch path's results, bit for bit, wherever it runs; decode attention is as close to an fp32
+reference as the torch path; the torch path runs wherever they do not apply."""
 
 from __future__ import annotations
 
@@ -174,3 +175,113 @@ def test_a_build_killed_midway_does_not_block_later_loads(monkeypatch):
     monkeypatch.setattr(kernels, "_ops", None)
     assert kernels.cpu_ops() is not None
     assert not (kernels.build_directory() / "lock").exists()
+
+
+# ------------------------------------------------------------------ decode attention
+def _paged_case(batch, max_len, heads, kv_heads, head_dim, block_size=16, seed=0):
+    """Random bf16 caches, block tables over shuffled blocks (block 0 unused, as the
+    engine's scratch block), lengths up to ``max_len`` (the first exactly ``max_len``)."""
+    g = torch.Generator().manual_seed(seed)
+    lens = torch.randint(1, max_len + 1, (batch,), generator=g)
+    lens[0] = max_len
+    nblocks = (lens + block_size - 1) // block_size
+    num = 1 + int(nblocks.sum())
+    kc = torch.randn(num, block_size, kv_heads, head_dim, generator=g).to(BF16)
+    vc = torch.randn(num, block_size, kv_heads, head_dim, generator=g).to(BF16)
+    tables = torch.zeros(batch, int(nblocks.max()), dtype=torch.long)
+    perm, used = torch.randperm(num - 1, generator=g) + 1, 0
+    for b in range(batch):
+        tables[b, : nblocks[b]] = perm[used : used + nblocks[b]]
+        used += int(nblocks[b])
+    q = torch.randn(batch, heads, head_dim, generator=g).to(BF16)
+    return q, kc, vc, lens - 1, tables
+
+
+def _reference_attention(q, kc, vc, positions, tables, scale, window):
+    """fp32 attention of each query to keys max(0, pos - window + 1)..pos, in plain torch."""
+    batch, heads, dim = q.shape
+    bs, kv_heads = kc.shape[1], kc.shape[2]
+    out = torch.empty(batch, heads, dim)
+    for b in range(batch):
+        pos = int(positions[b])
+        idx = torch.arange(max(0, pos - window + 1) if window else 0, pos + 1)
+        rows = tables[b, idx // bs] * bs + idx % bs
+        keys = kc.reshape(-1, kv_heads, dim)[rows].float()
+        values = vc.reshape(-1, kv_heads, dim)[rows].float()
+        for h in range(heads):
+            kv = h // (heads // kv_heads)
+            probs = torch.softmax(keys[:, kv] @ q[b, h].float() * scale, 0)
+            out[b, h] = probs @ values[:, kv]
+    return out
+
+
+def _torch_path(q, kc, vc, positions, tables, scale, window):
+    """The same rows through paged_attention with the kernel out of the way."""
+    from elasticmoe.model.attention import AttentionGroup, AttentionMetadata, _attend_paged
+
+    batch = q.shape[0]
+    group = AttentionGroup(
+        token_idx=torch.arange(batch).view(batch, 1),
+        positions=positions.view(batch, 1),
+        block_tables=tables,
+        q_valid=None,
+    )
+    meta = AttentionMetadata(slot_mapping=torch.zeros(batch, dtype=torch.long), groups=[group])
+    return _attend_paged(q, kc, vc, meta, scale, window)
+
+
+@pytest.mark.usefixtures("needs_kernel")
+@pytest.mark.parametrize(
+    ("heads", "kv_heads", "head_dim", "max_len", "window"),
+    [
+        (8, 4, 32, 128, None),  # the issue-13 Mixtral's shapes
+        (8, 8, 64, 70, None),  # no GQA, partial last block
+        (16, 2, 32, 300, None),  # 8 query heads per KV head, long contexts
+        (8, 4, 32, 128, 40),  # sliding window
+        (4, 1, 16, 1, None),  # one key each
+    ],
+)
+def test_decode_attention_is_as_close_to_fp32_as_the_torch_path(
+    monkeypatch, heads, kv_heads, head_dim, max_len, window
+):
+    """Not bit-equal (SDPA's bf16 kernel rounds its probabilities to bf16; the kernel keeps
+    them in fp32): each result within a bf16 rounding of the fp32 reference, and no
+    further from it than the torch path is, beyond one bf16 step."""
+    q, kc, vc, positions, tables = _paged_case(24, max_len, heads, kv_heads, head_dim)
+    scale = head_dim**-0.5
+    want = _reference_attention(q, kc, vc, positions, tables, scale, window)
+    got = kernels.decode_attention(q, kc, vc, positions, tables, scale, window)
+    assert got is not None and got.dtype == BF16 and got.shape == q.shape
+    monkeypatch.setattr(kernels, "decode_attention", lambda *args: None)
+    torch_path = _torch_path(q, kc, vc, positions, tables, scale, window)
+    err = (got.float() - want).abs()
+    torch_err = (torch_path.float() - want).abs()
+    step = want.abs().clamp_min(2**-8) * 2**-7  # one bf16 step at each value
+    assert bool((err <= step).all())
+    assert float(err.max()) <= float(torch_err.max()) + float(step.max())
+
+
+@pytest.mark.usefixtures("needs_kernel")
+def test_paged_attention_runs_decode_groups_on_the_kernel_and_the_rest_on_torch():
+    """paged_attention's decode group goes through the kernel (bf16), fp32 does not."""
+    q, kc, vc, positions, tables = _paged_case(6, 40, 8, 4, 32)
+    scale = 32**-0.5
+    via_kernel = kernels.decode_attention(q, kc, vc, positions, tables, scale, None)
+    assert torch.equal(_torch_path(q, kc, vc, positions, tables, scale, None), via_kernel)
+    assert (
+        kernels.decode_attention(q.float(), kc.float(), vc.float(), positions, tables, scale, None)
+        is None
+    )
+
+
+@pytest.mark.usefixtures("needs_kernel")
+def test_decode_attention_refuses_positions_past_the_block_table():
+    q, kc, vc, positions, tables = _paged_case(2, 20, 8, 4, 32)
+    positions = positions.clone()
+    positions[1] = tables.shape[1] * kc.shape[1]  # one past the last slot the table maps
+    with pytest.raises(RuntimeError, match="past the block table"):
+        kernels.decode_attention(q, kc, vc, positions, tables, 1.0, None)
+    tables = tables.clone()
+    tables[0, 0] = kc.shape[0]
+    with pytest.raises(RuntimeError, match="block id out of range"):
+        kernels.decode_attention(q, kc, vc, positions.clamp_max(0), tables, 1.0, None)

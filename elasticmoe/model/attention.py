@@ -24,6 +24,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from elasticmoe.model import kernels
+
 
 @dataclass
 class AttentionGroup:
@@ -219,6 +221,20 @@ def _attend_paged(
     out = torch.empty_like(q)
     for group in meta.groups:
         b, max_q = group.token_idx.shape
+        if max_q == 1 and sinks is None and v_cache is not None:
+            rows = group.token_idx.view(-1)
+            attn = kernels.decode_attention(
+                q.index_select(0, rows),
+                k_cache,
+                v_cache,
+                group.positions.view(-1),
+                group.block_tables,
+                scale,
+                sliding_window,
+            )
+            if attn is not None:  # the CPU kernel (bf16): keys read in place, no mask
+                out.index_copy_(0, rows, attn)
+                continue
         # Gather each sequence's blocks: [B, nb, bs, Hkv, D] -> [B, Hkv, S, D]
         blocks = group.block_tables.flatten()
         keys = k_cache.index_select(0, blocks).view(b, -1, num_kv_heads, head_dim).transpose(1, 2)

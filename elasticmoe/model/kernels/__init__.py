@@ -1,15 +1,21 @@
 """elasticmoe's own CPU kernels (C++ beside this file), built on first use.
 
-``cpu_moe.cpp`` runs a layer's routed experts (bf16, SiLU, no biases) as oneDNN brgemm
-micro-kernels over weights packed once at load, with the same roundings as
+``cpu_moe.cpp`` runs a layer's routed experts (bf16, SiLU, no biases) as micro-kernels
+(oneDNN's brgemm with AMX, its own ``vdpbf16ps`` loop with AVX512-BF16 alone) over
+weights packed once at load, with the same roundings as
 :func:`elasticmoe.model.moe.fused_experts`. ``torch.bmm`` over the stacked weights repacks
 every expert's weights on every call, which is most of its time at decode batch sizes.
 
+``cpu_attention.cpp`` attends decode queries (bf16) to the paged K/V cache in place
+through the block tables, in fp32, instead of gathering every sequence's blocks and calling
+SDPA, whose bf16 kernel is slow on CPUs without AMX. Not bit-equal to SDPA (which rounds
+its probabilities to bf16), and at least as close to an fp32 reference.
+
 The extension is compiled with ``torch.utils.cpp_extension`` (a C++ compiler and ninja)
-into ``$ELASTICMOE_HOME/kernels`` the first time a bf16 model is loaded on a CPU whose
-oneDNN can pack bf16 weights (AVX512-BF16 or AMX), then reused. Where it cannot be built or
-used, or ``ELASTICMOE_CPU_KERNELS=0``, the torch path runs instead: the results are the
-same, only slower.
+into ``$ELASTICMOE_HOME/kernels`` the first time a bf16 model is loaded on a CPU with AMX
+or AVX512-BF16, then reused. Where it cannot be built or used, or
+``ELASTICMOE_CPU_KERNELS=0``, the torch path runs instead: the experts' results are the
+same, only slower; attention's differ by bf16 rounding.
 """
 
 from __future__ import annotations
@@ -30,7 +36,8 @@ import torch
 logger = logging.getLogger(__name__)
 
 ENABLE_VAR = "ELASTICMOE_CPU_KERNELS"
-SOURCE = Path(__file__).with_name("cpu_moe.cpp")
+# One extension (``torch.ops.elasticmoe_cpu``) from these sources.
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("cpu_moe.cpp", "cpu_attention.cpp"))
 # The column block of the packed weights (BN in cpu_moe.cpp): packed dims must divide by it.
 BLOCK_N = 32
 
@@ -61,7 +68,8 @@ def build_directory() -> Path:
     """Where this source, torch version and flags are built: ``$ELASTICMOE_HOME/kernels``."""
     from elasticmoe.model.registry import home
 
-    key = SOURCE.read_bytes() + " ".join([torch.__version__, *_build_flags()]).encode()
+    key = b"".join(src.read_bytes() for src in SOURCES)
+    key += " ".join([torch.__version__, *_build_flags()]).encode()
     return home() / "kernels" / f"cpu_moe-{hashlib.sha256(key).hexdigest()[:12]}"
 
 
@@ -110,7 +118,7 @@ def cpu_ops() -> Any:
                 (build_dir / "lock").unlink(missing_ok=True)
                 load(
                     name="elasticmoe_cpu",
-                    sources=[str(SOURCE)],
+                    sources=[str(src) for src in SOURCES],
                     extra_cflags=_build_flags(),
                     build_directory=str(build_dir),
                     is_python_module=False,
@@ -175,4 +183,29 @@ def moe_pairs(
     add, or (``fp32_sum``) summed in fp32 and rounded once, as ``index_add_`` does. [T, H]."""
     return cpu_ops().moe_pairs(
         hidden, token_idx, expert_idx, weights, packed.w13, packed.w2, fp32_sum
+    )
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    positions: torch.Tensor,
+    block_tables: torch.Tensor,
+    scale: float,
+    sliding_window: int | None,
+) -> torch.Tensor | None:
+    """One query per sequence (q [B, Hq, D], the query at ``positions`` [B]) attended to its
+    cached keys through its block table (caches [N, bs, Hkv, D]): [B, Hq, D], or None where
+    the kernel does not apply (another device or dtype, head_dim not a multiple of 16, no
+    kernel here)."""
+    if q.device.type != "cpu" or q.dtype != torch.bfloat16 or k_cache.dtype != torch.bfloat16:
+        return None
+    if q.shape[-1] % 16 or not k_cache.is_contiguous() or not v_cache.is_contiguous():
+        return None
+    ops = cpu_ops()
+    if ops is None:
+        return None
+    return ops.decode_attention(
+        q, k_cache, v_cache, positions, block_tables, scale, sliding_window or 0
     )
