@@ -71,36 +71,44 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
   bf16* O = out.data_ptr<bf16>();
   const float fscale = static_cast<float>(scale);
 
+  // Tasks are (sequence, KV head) pairs; a thread's range is cut into runs of one
+  // sequence's consecutive KV heads, which lie side by side in each cache row, so a run
+  // reads its keys (then its values) as whole contiguous rows.
   at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
-    std::vector<float> qf(G * D), probs(G * max_keys);
+    std::vector<float> qf(Hq * D), probs(Hq * max_keys), accf(Hq * D);
     std::vector<const bf16*> krow(max_keys), vrow(max_keys);
-    __m512 acc[512 / L];
-    for (int64_t t = t0; t < t1; ++t) {
-      const int64_t b = t / Hkv, h = t % Hkv;
+    for (int64_t t = t0; t < t1;) {
+      const int64_t b = t / Hkv, h0 = t % Hkv, h1 = std::min(Hkv, h0 + (t1 - t));
+      t += h1 - h0;
+      const int64_t nq = (h1 - h0) * G;  // query heads h0 * G .. h1 * G - 1
       const int64_t last = pos[b];
       const int64_t first = window > 0 ? std::max<int64_t>(0, last - window + 1) : 0;
       const int64_t S = last - first + 1;
-      for (int64_t g = 0; g < G; ++g)
-        for (int64_t c = 0; c < nc; ++c)
-          _mm512_storeu_ps(&qf[g * D + c * L], load16(Q + (b * Hq + h * G + g) * D + c * L));
+      const bf16* qb = Q + (b * Hq + h0 * G) * D;
+      for (int64_t i = 0; i < nq * nc; ++i) _mm512_storeu_ps(&qf[i * L], load16(qb + i * L));
       for (int64_t s = 0; s < S; ++s) {
         const int64_t p = first + s;
-        const int64_t row = (tab[b * MB + p / bs] * bs + p % bs) * Hkv + h;
-        krow[s] = K + row * D;
-        vrow[s] = V + row * D;
+        const int64_t row = ((tab[b * MB + p / bs] * bs + p % bs) * Hkv + h0) * D;
+        krow[s] = K + row;
+        vrow[s] = V + row;
       }
-      // scores: each key row read once for the G heads
+      const int64_t run = (h1 - h0) * D;  // bf16 of one cache row this run reads
       for (int64_t s = 0; s < S; ++s) {
-        const bf16* k = krow[s];
-        for (int64_t g = 0; g < G; ++g) {
-          __m512 dot = _mm512_setzero_ps();
-          for (int64_t c = 0; c < nc; ++c)
-            dot = _mm512_fmadd_ps(_mm512_loadu_ps(&qf[g * D + c * L]), load16(k + c * L), dot);
-          probs[g * S + s] = _mm512_reduce_add_ps(dot) * fscale;
+        if (s + 4 < S)
+          for (int64_t x = 0; x < run; x += 32) _mm_prefetch(krow[s + 4] + x, _MM_HINT_T0);
+        for (int64_t hh = 0; hh < h1 - h0; ++hh) {
+          const bf16* k = krow[s] + hh * D;
+          for (int64_t g = 0; g < G; ++g) {
+            const int64_t i = hh * G + g;
+            __m512 dot = _mm512_setzero_ps();
+            for (int64_t c = 0; c < nc; ++c)
+              dot = _mm512_fmadd_ps(_mm512_loadu_ps(&qf[i * D + c * L]), load16(k + c * L), dot);
+            probs[i * S + s] = _mm512_reduce_add_ps(dot) * fscale;
+          }
         }
       }
-      for (int64_t g = 0; g < G; ++g) {
-        float* pr = &probs[g * S];
+      for (int64_t i = 0; i < nq; ++i) {  // softmax of each query's scores, in place
+        float* pr = &probs[i * S];
         float mx = -std::numeric_limits<float>::infinity();
         for (int64_t s = 0; s < S; ++s) mx = std::max(mx, pr[s]);
         const fVec vmx(mx);
@@ -116,18 +124,30 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
           pr[s] = std::exp(pr[s] - mx);
           sum += pr[s];
         }
-        for (int64_t c = 0; c < nc; ++c) acc[c] = _mm512_setzero_ps();
-        for (int64_t s2 = 0; s2 < S; ++s2) {
-          const __m512 w = _mm512_set1_ps(pr[s2]);
-          const bf16* v = vrow[s2];
-          for (int64_t c = 0; c < nc; ++c) acc[c] = _mm512_fmadd_ps(w, load16(v + c * L), acc[c]);
+        const float inv = 1.f / sum;
+        for (s = 0; s < S; ++s) pr[s] *= inv;
+      }
+      std::fill(accf.begin(), accf.begin() + nq * D, 0.f);
+      for (int64_t s = 0; s < S; ++s) {
+        if (s + 4 < S)
+          for (int64_t x = 0; x < run; x += 32) _mm_prefetch(vrow[s + 4] + x, _MM_HINT_T0);
+        for (int64_t hh = 0; hh < h1 - h0; ++hh) {
+          const bf16* v = vrow[s] + hh * D;
+          for (int64_t c = 0; c < nc; ++c) {
+            const __m512 vc = load16(v + c * L);
+            for (int64_t g = 0; g < G; ++g) {
+              const int64_t i = hh * G + g;
+              float* a = &accf[i * D + c * L];
+              _mm512_storeu_ps(a, _mm512_fmadd_ps(_mm512_set1_ps(probs[i * S + s]), vc,
+                                                  _mm512_loadu_ps(a)));
+            }
+          }
         }
-        const __m512 inv = _mm512_set1_ps(1.f / sum);
-        bf16* o = O + (b * Hq + h * G + g) * D;
-        for (int64_t c = 0; c < nc; ++c) {
-          const fVec r(_mm512_mul_ps(acc[c], inv));
-          at::vec::convert_from_float<bf16>(r, r).store(o + c * L, L);
-        }
+      }
+      bf16* ob = O + (b * Hq + h0 * G) * D;
+      for (int64_t i = 0; i < nq * nc; ++i) {
+        const fVec r = fVec::loadu(&accf[i * L]);
+        at::vec::convert_from_float<bf16>(r, r).store(ob + i * L, L);
       }
     }
   });
