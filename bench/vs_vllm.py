@@ -279,6 +279,7 @@ def _aiperf_metrics(artifact_dir: Path) -> dict[str, Any]:
         "requests_per_s": pick("request_throughput", "avg"),
         "itl_ms_p50": pick("inter_token_latency", "p50"),
         "itl_ms_avg": pick("inter_token_latency", "avg"),
+        "itl_ms_p99": pick("inter_token_latency", "p99"),
         "ttft_ms_p50": pick("time_to_first_token", "p50"),
         "request_latency_ms_p50": pick("request_latency", "p50"),
         "output_len_avg": pick("output_sequence_length", "avg"),

@@ -130,3 +130,28 @@ def test_process_priority_is_per_thread_on_this_platform() -> None:
     me = threading.get_native_id()
     on_thread(lambda: lower_current_thread("low"))
     assert os.getpriority(os.PRIO_PROCESS, me) == thread_priority()[1]
+
+
+def test_the_start_up_heap_is_frozen_in_actors_only(ray_instance):
+    """An engine's or worker's actor freezes its start-up objects (a full collection of
+    them stalls a step for about 150 ms); a caller's process is left alone."""
+    import gc
+
+    import ray
+
+    from elasticmoe.experts.priority import freeze_start_up_heap
+
+    @ray.remote(num_cpus=0)
+    class Probe:
+        def freeze(self) -> tuple[bool, int]:
+            return freeze_start_up_heap(), gc.get_freeze_count()
+
+    probe = Probe.remote()
+    try:
+        froze, frozen = ray.get(probe.freeze.remote())
+    finally:
+        ray.kill(probe)
+    assert froze and frozen > 0
+    before = gc.get_freeze_count()
+    assert freeze_start_up_heap() is False
+    assert gc.get_freeze_count() == before

@@ -25,6 +25,7 @@ from elasticmoe.engine.request import (
     SamplingParams,
     StreamError,
 )
+from elasticmoe.experts.priority import freeze_start_up_heap
 from elasticmoe.router.router import ExpertRouter, RouterConfig
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class EngineActor:
         self._subscribers_lock = threading.Lock()
         if expert_map is None:  # local mode: every expert in this actor
             self.engine = LLMEngine(EngineConfig(**engine_config))
+            freeze_start_up_heap()
             self.loop = EngineLoop(self.engine).start()
             return
         initial_map = ExpertMap.from_dict(expert_map)
@@ -117,6 +119,7 @@ class EngineActor:
             return self.router
 
         self.engine = LLMEngine(EngineConfig(**engine_config), expert_backend=make_router)
+        freeze_start_up_heap()
         self.loop = EngineLoop(self.engine).start()
         if controller_name:
             # pull fallback: a push lost while this engine was busy or restarting

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from elasticmoe.core.experts import LogicalExpert
-from elasticmoe.experts.priority import BackgroundPriority, warm_up
+from elasticmoe.experts.priority import BackgroundPriority, freeze_start_up_heap, warm_up
 
 if TYPE_CHECKING:  # imported at run time by ExpertWorker.__init__, below serving (see above)
     import torch
@@ -258,6 +258,7 @@ class ExpertWorker:
         if experts:
             assert self._servicer is not None
             await self._servicer.load_experts(experts)
+        freeze_start_up_heap()
         return await self.info()
 
     async def set_fault(
