@@ -21,7 +21,9 @@ figures (before issue 14) falls back to the workers' summed compute / workers.
 `--cluster` runs the workers on a local 3-node ``ray.cluster_utils.Cluster``.
 ``--dtype bfloat16`` runs engine and workers in bf16, where the CPU expert kernel
 (``elasticmoe.model.kernels``) computes the experts on both sides; medians are reported
-beside the means, which one stalled step can move.
+beside the means, which one stalled step can move. The distributed engine runs
+``--distributed-engine-threads`` torch threads (1, as a deployment's engine actor gets
+from Ray), the local engine torch's default (all cores).
 
 Prints JSON on stdout; progress on stderr.
 """
@@ -259,6 +261,10 @@ def spawn(mode: str, args: argparse.Namespace, model_dir: Path) -> dict:
     if mode == "distributed":
         # the engine blocks on RPCs; spinning OpenMP threads would steal the workers' cores
         env["OMP_WAIT_POLICY"] = "PASSIVE"
+        # as a deployment runs it (an engine actor of num_cpus 1 gets Ray's
+        # OMP_NUM_THREADS=1): sleeping OpenMP threads woken for every op cost more than
+        # a second thread gives back while the workers share the cores
+        env["OMP_NUM_THREADS"] = str(args.distributed_engine_threads)
     cmd = [
         sys.executable,
         __file__,
@@ -313,6 +319,13 @@ def main() -> None:
         type=int,
         default=0,
         help="split only with this many sequences per micro-batch (0: EngineConfig's default)",
+    )
+    ap.add_argument(
+        "--distributed-engine-threads",
+        type=int,
+        default=1,
+        help="torch threads of the distributed engine (a deployment's engine actor: 1); the "
+        "local engine keeps torch's default, all cores",
     )
     ap.add_argument("--run", choices=["local", "distributed"], help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
