@@ -268,6 +268,8 @@ def test_paged_attention_runs_decode_groups_on_the_kernel_and_the_rest_on_torch(
     scale = 32**-0.5
     via_kernel = kernels.decode_attention(q, kc, vc, positions, tables, scale, None)
     assert torch.equal(_torch_path(q, kc, vc, positions, tables, scale, None), via_kernel)
+    int32 = kernels.decode_attention(q, kc, vc, positions.int(), tables.int(), scale, None)
+    assert torch.equal(int32, via_kernel)
     assert (
         kernels.decode_attention(q.float(), kc.float(), vc.float(), positions, tables, scale, None)
         is None

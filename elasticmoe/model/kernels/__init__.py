@@ -207,5 +207,11 @@ def decode_attention(
     if ops is None:
         return None
     return ops.decode_attention(
-        q, k_cache, v_cache, positions, block_tables, scale, sliding_window or 0
+        q,
+        k_cache,
+        v_cache,
+        positions.to(torch.long),  # no copy when they are int64 already (the engine's)
+        block_tables.to(torch.long),
+        scale,
+        sliding_window or 0,
     )
