@@ -141,7 +141,8 @@ def _cpu_flags() -> set[str]:
 
 
 @pytest.mark.skipif(
-    os.environ.get(kernels.ENABLE_VAR, "1") == "0" or not shutil.which("c++"),
+    os.environ.get(kernels.ENABLE_VAR, "1") == "0"
+    or not shutil.which(os.environ.get("CXX", "c++")),
     reason="the kernel is switched off, or there is no C++ compiler",
 )
 def test_the_kernel_runs_on_every_cpu_with_bf16_dot_products():

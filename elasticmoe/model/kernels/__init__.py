@@ -125,7 +125,7 @@ def cpu_ops() -> Any:
                     verbose=False,
                 )
             ops = torch.ops.elasticmoe_cpu
-            if not ops.can_pack():
+            if not ops.backend():  # neither micro-kernel runs on this CPU
                 logger.info("CPU kernels off: this CPU has neither AMX nor AVX512-BF16")
                 return None
             _ops = ops

@@ -31,6 +31,12 @@ inline __m512 load16(const bf16* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
+// The n bf16 at p into L1, one 64-byte line at a time.
+inline void prefetch(const bf16* p, int64_t n) {
+  for (int64_t x = 0; x < n; x += 32)
+    _mm_prefetch(reinterpret_cast<const char*>(p + x), _MM_HINT_T0);
+}
+
 // q [B, Hq, D] bf16, the decode rows; k_cache, v_cache [N, bs, Hkv, D] bf16; positions [B]
 // int64, each query's position (it sees keys 0..pos, the last `window` of them when window
 // > 0); block_tables [B, MB] int64. Returns [B, Hq, D] bf16.
@@ -47,7 +53,8 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
               "positions and block tables must be int64");
   const int64_t B = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t N = k_cache.size(0), bs = k_cache.size(1), Hkv = k_cache.size(2);
-  TORCH_CHECK(k_cache.size(3) == D && D % L == 0 && D <= 512, "head_dim must match, a multiple of 16");
+  TORCH_CHECK(k_cache.size(3) == D && D % L == 0 && D <= 512,
+              "head_dim must match the cache's, a multiple of 16 up to 512");
   TORCH_CHECK(Hkv > 0 && Hq % Hkv == 0, "query heads must be a multiple of KV heads");
   TORCH_CHECK(positions.numel() == B && block_tables.dim() == 2 && block_tables.size(0) == B,
               "one position and one block table per query");
@@ -76,7 +83,7 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
   // reads its keys (then its values) as whole contiguous rows.
   at::parallel_for(0, B * Hkv, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> qf(Hq * D), probs(Hq * max_keys), accf(Hq * D);
-    std::vector<const bf16*> krow(max_keys), vrow(max_keys);
+    std::vector<int64_t> row(max_keys);  // offset of key s's run in either cache
     for (int64_t t = t0; t < t1;) {
       const int64_t b = t / Hkv, h0 = t % Hkv, h1 = std::min(Hkv, h0 + (t1 - t));
       t += h1 - h0;
@@ -88,16 +95,13 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
       for (int64_t i = 0; i < nq * nc; ++i) _mm512_storeu_ps(&qf[i * L], load16(qb + i * L));
       for (int64_t s = 0; s < S; ++s) {
         const int64_t p = first + s;
-        const int64_t row = ((tab[b * MB + p / bs] * bs + p % bs) * Hkv + h0) * D;
-        krow[s] = K + row;
-        vrow[s] = V + row;
+        row[s] = ((tab[b * MB + p / bs] * bs + p % bs) * Hkv + h0) * D;
       }
       const int64_t run = (h1 - h0) * D;  // bf16 of one cache row this run reads
       for (int64_t s = 0; s < S; ++s) {
-        if (s + 4 < S)
-          for (int64_t x = 0; x < run; x += 32) _mm_prefetch(krow[s + 4] + x, _MM_HINT_T0);
+        if (s + 4 < S) prefetch(K + row[s + 4], run);
         for (int64_t hh = 0; hh < h1 - h0; ++hh) {
-          const bf16* k = krow[s] + hh * D;
+          const bf16* k = K + row[s] + hh * D;
           for (int64_t g = 0; g < G; ++g) {
             const int64_t i = hh * G + g;
             __m512 dot = _mm512_setzero_ps();
@@ -129,10 +133,9 @@ at::Tensor decode_attention(const at::Tensor& q, const at::Tensor& k_cache,
       }
       std::fill(accf.begin(), accf.begin() + nq * D, 0.f);
       for (int64_t s = 0; s < S; ++s) {
-        if (s + 4 < S)
-          for (int64_t x = 0; x < run; x += 32) _mm_prefetch(vrow[s + 4] + x, _MM_HINT_T0);
+        if (s + 4 < S) prefetch(V + row[s + 4], run);
         for (int64_t hh = 0; hh < h1 - h0; ++hh) {
-          const bf16* v = vrow[s] + hh * D;
+          const bf16* v = V + row[s] + hh * D;
           for (int64_t c = 0; c < nc; ++c) {
             const __m512 vc = load16(v + c * L);
             for (int64_t g = 0; g < G; ++g) {

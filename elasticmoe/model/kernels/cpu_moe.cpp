@@ -35,7 +35,7 @@ using fVec = at::vec::Vectorized<float>;
 using bVec = at::vec::Vectorized<bf16>;
 
 // Which micro-kernel the matmuls run on: ATen's cpublas brgemm (oneDNN; AMX), this file's
-// AVX512-BF16 one, or none (the kernel is off and torch's path runs).
+// AVX512-BF16 one, or none (the extension is then off and torch's path runs; its name is "").
 enum class Backend { kNone, kBrgemm, kAvx512Bf16 };
 
 Backend backend_here() {
@@ -46,8 +46,6 @@ Backend backend_here() {
   }();
   return b;
 }
-
-bool can_pack() { return backend_here() != Backend::kNone; }
 
 std::string backend_name() {
   switch (backend_here()) {
@@ -159,8 +157,9 @@ inline void store_bf16(const fVec& x, bf16* dst) {
 }
 
 // hidden [T, H] bf16; pairs (token_idx, expert_idx, weights) [P] (int64, int64, bf16), in
-// any order (token_idx None: the gate's [T, k] layout flattened), at most one pair per (token, expert); w13p: pack_weight of [E, 2I, H] (gate
-// rows then up rows); w2p: pack_weight of [E, H, I]. Returns [T, H] bf16: per token the sum
+// any order (token_idx None: the gate's [T, k] layout flattened), at most one pair per
+// (token, expert); w13p: pack_weight of [E, 2I, H] (gate rows then up rows); w2p:
+// pack_weight of [E, H, I]. Returns [T, H] bf16: per token the sum
 // of weight * expert(hidden[token]) over its pairs, added in ascending expert order, either
 // rounded to bf16 after every add (fp32_sum false) or summed in fp32 and rounded once.
 at::Tensor moe_pairs(const at::Tensor& hidden, const std::optional<at::Tensor>& token_idx,
@@ -334,7 +333,6 @@ at::Tensor moe_pairs(const at::Tensor& hidden, const std::optional<at::Tensor>& 
 }  // namespace
 
 TORCH_LIBRARY(elasticmoe_cpu, m) {
-  m.def("can_pack() -> bool", can_pack);
   m.def("backend() -> str", backend_name);
   m.def("pack_weight(Tensor w) -> Tensor");
   m.def(
