@@ -35,7 +35,7 @@ def needs_kernel():
     if kernels.build_error is not None and shutil.which(os.environ.get("CXX", "c++")):
         pytest.fail(f"the CPU kernel failed to build: {kernels.build_error}")
     pytest.skip(
-        "the CPU kernel is off here (no AVX512 or bf16 packing, no C++ compiler, or "
+        "the CPU kernel is off here (neither AMX nor AVX512-BF16, no C++ compiler, or "
         f"{kernels.ENABLE_VAR}=0); the torch path runs and the other tests cover it"
     )
 
@@ -216,8 +216,8 @@ def _reference_attention(q, kc, vc, positions, tables, scale, window):
     return out
 
 
-def _torch_path(q, kc, vc, positions, tables, scale, window):
-    """The same rows through paged_attention with the kernel out of the way."""
+def _via_attend_paged(q, kc, vc, positions, tables, scale, window):
+    """The same rows through the engine's _attend_paged (the kernel unless patched out)."""
     from elasticmoe.model.attention import AttentionGroup, AttentionMetadata, _attend_paged
 
     batch = q.shape[0]
@@ -254,7 +254,7 @@ def test_decode_attention_is_as_close_to_fp32_as_the_torch_path(
     got = kernels.decode_attention(q, kc, vc, positions, tables, scale, window)
     assert got is not None and got.dtype == BF16 and got.shape == q.shape
     monkeypatch.setattr(kernels, "decode_attention", lambda *args: None)
-    torch_path = _torch_path(q, kc, vc, positions, tables, scale, window)
+    torch_path = _via_attend_paged(q, kc, vc, positions, tables, scale, window)
     err = (got.float() - want).abs()
     torch_err = (torch_path.float() - want).abs()
     step = want.abs().clamp_min(2**-8) * 2**-7  # one bf16 step at each value
@@ -268,7 +268,7 @@ def test_paged_attention_runs_decode_groups_on_the_kernel_and_the_rest_on_torch(
     q, kc, vc, positions, tables = _paged_case(6, 40, 8, 4, 32)
     scale = 32**-0.5
     via_kernel = kernels.decode_attention(q, kc, vc, positions, tables, scale, None)
-    assert torch.equal(_torch_path(q, kc, vc, positions, tables, scale, None), via_kernel)
+    assert torch.equal(_via_attend_paged(q, kc, vc, positions, tables, scale, None), via_kernel)
     int32 = kernels.decode_attention(q, kc, vc, positions.int(), tables.int(), scale, None)
     assert torch.equal(int32, via_kernel)
     assert (
