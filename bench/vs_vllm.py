@@ -425,6 +425,7 @@ def offline_part(args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
             a == b for a, b in zip(r["_token_ids"], result["vllm"]["_token_ids"], strict=True)
         )
         result[f"elasticmoe_{mode}"] = r
+    _distributed_vs_local(result, "output_tokens_per_s_best", None)
     for v in result.values():
         if isinstance(v, dict):
             v.pop("_token_ids", None)
@@ -475,7 +476,18 @@ def served_part(args: argparse.Namespace, modes: list[str]) -> dict[str, Any]:
         )
         r["ratio_itl_p50_vs_vllm"] = _ratio(r["itl_ms_p50"], result["vllm"]["itl_ms_p50"])
         result[f"elasticmoe_{mode}"] = r
+    _distributed_vs_local(result, "output_tokens_per_s", "itl_ms_p50")
     return result
+
+
+def _distributed_vs_local(result: dict[str, Any], throughput: str, latency: str | None) -> None:
+    """Issue 14's figures: the distributed mode against the local one of the same run."""
+    local, dist = result.get("elasticmoe_local"), result.get("elasticmoe_distributed")
+    if local is None or dist is None:
+        return
+    dist[f"ratio_{throughput}_vs_local"] = _ratio(dist[throughput], local[throughput])
+    if latency is not None:
+        dist[f"ratio_{latency}_vs_local"] = _ratio(dist[latency], local[latency])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

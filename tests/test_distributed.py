@@ -257,19 +257,22 @@ def _usage(path, prompts, params) -> list[set[tuple[int, int]]]:
     return out
 
 
+@pytest.mark.parametrize("transport", ["node", "grpc"])
 @pytest.mark.parametrize("rare_replicas", [2, 1], ids=["all-two-replicas", "one-lone-expert"])
 def test_worker_killed_mid_step_fails_only_requests_without_a_replica(
-    hf_family_models, rare_replicas
+    hf_family_models, rare_replicas, transport
 ):
     """Three real worker actors behind one router; the victim holds a frame of the first
     step (its fault hook keeps the result back) and is killed while the step waits for it.
     Its rows are retried on the other replicas within the step; with ``rare_replicas=1``
     the least-used expert lives only on the victim, and exactly the requests routed to it
-    fail, the others finish with the local tokens."""
+    fail, the others finish with the local tokens. Over both transports: the workers' node
+    streams (the default on one node) and gRPC ForwardStreams (``node_streams=False``)."""
     from elasticmoe.core.expert_map import ExpertMap
     from elasticmoe.core.experts import LogicalExpert
     from elasticmoe.model.config import load_config
     from elasticmoe.router.router import RouterConfig
+    from elasticmoe.router.stream import NodeStream, WorkerStream
 
     path, _ = hf_family_models["mixtral"]
     mc = load_config(path)
@@ -290,7 +293,9 @@ def test_worker_killed_mid_step_fails_only_requests_without_a_replica(
     handles, addresses = start_held_workers(path, len(experts), placement, "w1")
     try:
         victim = handles["w1"]
-        config = RouterConfig(expert_wait_timeout_s=0, probe_down_after_s=600)
+        config = RouterConfig(
+            expert_wait_timeout_s=0, probe_down_after_s=600, node_streams=transport == "node"
+        )
         remote = router_llm(path, ExpertMap(1, placement, addresses), config, num_kv_blocks=256)
         # the condition: the victim has computed a frame (its result is being held)
         out = generate_killing(
@@ -302,6 +307,8 @@ def test_worker_killed_mid_step_fails_only_requests_without_a_replica(
         )
         router = remote.engine.model.experts
         assert router.stats.failed_calls >= 1 and router.stats.retried_rows >= 1
+        kind = NodeStream if transport == "node" else WorkerStream
+        assert {type(s) for s in router._streams.values()} == {kind}
         router.close()
     finally:
         for h in handles.values():

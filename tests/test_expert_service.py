@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+import numpy as np
 import pytest
 import torch
 
@@ -608,9 +610,12 @@ def frame_reference(
 ) -> torch.Tensor:
     want = torch.zeros_like(hidden)
     for row, e, w in sorted(pairs, key=lambda p: p[1]):
-        want[row] += w * reference(model_dir, LogicalExpert(layer, e), hidden.dtype).forward(
-            hidden[row : row + 1]
-        )[0]
+        want[row] += (
+            w
+            * reference(model_dir, LogicalExpert(layer, e), hidden.dtype).forward(
+                hidden[row : row + 1]
+            )[0]
+        )
     return want
 
 
@@ -677,3 +682,194 @@ def test_bad_token_frames_name_the_field(start: Callable[..., Server], model_dir
     )
     empty = s.stub.ForwardTokens(token_frame(0, hidden, []), timeout=10)
     assert torch.equal(tensor_from_proto(empty.output), hidden)
+
+
+# ---------------------------------------------------------------------------
+# The node-local data plane: the same frames over a worker's Unix socket
+
+
+def node_frame(layer: int, hidden: torch.Tensor, pairs: list[tuple[int, int, float]]):
+    """The router's :class:`Frame` for (row, expert, weight) pairs over ``hidden``'s rows."""
+    from elasticmoe.experts.wire import host_array
+    from elasticmoe.router.stream import Frame
+
+    return Frame(
+        layer=layer,
+        epoch=3,
+        dtype=hidden.dtype,
+        hidden=host_array(hidden),
+        pair_rows=np.array([p[0] for p in pairs], dtype=np.int32),
+        pair_experts=np.array([p[1] for p in pairs], dtype=np.int32),
+        pair_weights=host_array(torch.tensor([p[2] for p in pairs], dtype=hidden.dtype)),
+    )
+
+
+@pytest.fixture
+def node_server(start: Callable[..., Server]) -> Iterator[Callable[..., Any]]:
+    """Factory: a started server and its node-stream server (with ``token``); stopped after."""
+    from elasticmoe.experts.node_stream import NodeStreamServer
+    from elasticmoe.experts.rpc import RpcSecurity
+
+    started: list[NodeStreamServer] = []
+
+    def _start(token: str | None = "t0k3n", **kw: Any) -> tuple[Server, NodeStreamServer]:
+        s = start(**kw)
+        node = NodeStreamServer(s.servicer, RpcSecurity(token=token), num_threads=1)
+        node.start()
+        s.servicer.node_stream = node.name
+        started.append(node)
+        return s, node
+
+    yield _start
+    for node in started:
+        node.stop()
+
+
+def open_node_stream(s: Server, name: str, token: str | None = "t0k3n", worker: str = "w0"):
+    from elasticmoe.router.stream import NodeStream
+
+    return NodeStream(worker, s.address, name, token, s.store.dtype, s.store.hidden_size)
+
+
+def test_node_stream_answers_frames_as_forward_stream_does(
+    node_server: Callable[..., Any], model_dir: Path
+) -> None:
+    """Health names the socket; frames in, one result each in order, a bad frame is
+    answered with its code and the stream goes on; results equal the reference."""
+    s, node = node_server()
+    s.load((0, 1), (0, 5))
+    assert s.health().node_stream == node.name and node.name.startswith("@elasticmoe-")
+    torch.manual_seed(1)
+    hidden = torch.randn(4, load_config(model_dir).hidden_size)
+    stream = open_node_stream(s, node.name)
+    frames = [
+        node_frame(0, hidden, FRAME_PAIRS),
+        node_frame(0, hidden, [(0, 2, 1.0)]),  # 0:2 is not hosted here
+        node_frame(0, hidden[:1], [(3, 1, 1.0)]),  # row out of range
+        node_frame(0, hidden[:2], [(1, 5, 0.5)]),
+    ]
+    tickets = [stream.submit(f) for f in frames]
+    assert stream.num_in_flight == 4
+    results = [stream.result(t, timeout=30) for t in tickets]
+    assert [r.code for r in results] == [
+        0,
+        Code.NOT_FOUND.value[0],
+        Code.INVALID_ARGUMENT.value[0],
+        0,
+    ]
+    assert "0:2" in results[1].error or "(0, 2)" in results[1].error, results[1].error
+    assert "pair_rows" in results[2].error
+    want = frame_reference(model_dir, 0, hidden, FRAME_PAIRS)
+    torch.testing.assert_close(results[0].output, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        results[3].output,
+        frame_reference(model_dir, 0, hidden[:2], [(1, 5, 0.5)]),
+        rtol=1e-6,
+        atol=1e-6,
+    )
+    assert results[0].compute_seconds > 0 and not stream.broken
+    assert dict(s.stats().rows_per_expert) == {"0:1": 3, "0:5": 4}
+    stream.close()
+
+
+def test_node_stream_refuses_a_wrong_token_or_worker(node_server: Callable[..., Any]) -> None:
+    from elasticmoe.router.stream import NodeRefusedError
+
+    s, node = node_server()
+    with pytest.raises(NodeRefusedError, match="deployment token"):
+        open_node_stream(s, node.name, token="wrong")
+    with pytest.raises(NodeRefusedError, match="deployment token"):
+        open_node_stream(s, node.name, token=None)
+    with pytest.raises(NodeRefusedError, match="serves worker 'w0', not 'w9'"):
+        open_node_stream(s, node.name, worker="w9")
+    with pytest.raises(NodeRefusedError, match="elasticmoe-nothing-here"):
+        open_node_stream(s, "@elasticmoe-nothing-here")
+    # none of that took the server down
+    open_node_stream(s, node.name).close()
+    wait_for(lambda: node.num_connections == 0)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met"
+        time.sleep(0.01)
+
+
+def test_node_stream_bad_frames_name_the_field_and_garbage_ends_the_connection(
+    node_server: Callable[..., Any], model_dir: Path
+) -> None:
+    import socket as socketlib
+
+    from elasticmoe.experts.node_stream import FRAME, RESULT, socket_address
+
+    s, node = node_server()
+    s.load((0, 1))
+    size = load_config(model_dir).hidden_size
+    stream = open_node_stream(s, node.name)
+    # a frame whose hidden size or dtype is not the worker's: answered, the stream goes on
+    wrong_size = node_frame(0, torch.zeros(2, size + 1), [(0, 1, 1.0)])
+    wrong_dtype = node_frame(0, torch.zeros(2, size, dtype=torch.bfloat16), [(0, 1, 1.0)])
+    ok = node_frame(0, torch.ones(2, size), [(1, 1, 1.0)])
+    results = [stream.result(stream.submit(f), 30) for f in (wrong_size, wrong_dtype, ok)]
+    assert [r.code for r in results] == [Code.INVALID_ARGUMENT.value[0]] * 2 + [0]
+    assert "hidden_size" in results[0].error and "dtype" in results[1].error
+    assert results[2].output.shape == (2, size)
+
+    # bytes that are not a frame header end that connection only
+    raw = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    raw.settimeout(30)
+    raw.connect(socket_address(node.name))
+    from elasticmoe.experts.node_stream import HELLO, HELLO_MAGIC
+
+    raw.sendall(HELLO.pack(HELLO_MAGIC, 5, 2) + b"t0k3nw0")
+    assert raw.recv(64)[:4] == b"EMA1"
+    raw.sendall(b"x" * FRAME.size)
+    assert raw.recv(RESULT.size) == b""  # closed, nothing answered
+    raw.close()
+    again = stream.result(stream.submit(ok), 30)
+    assert again.code == 0 and torch.equal(again.output, results[2].output)
+    stream.close()
+
+
+def test_node_stream_large_frames_in_flight_both_ways_do_not_deadlock(
+    node_server: Callable[..., Any], model_dir: Path
+) -> None:
+    """Two frames and their results each far larger than a socket's buffer, both frames
+    written before either result is read (two micro-batches): the router reads results
+    while its writes wait, so neither side blocks for good."""
+    s, node = node_server()
+    s.load((0, 1))
+    size = load_config(model_dir).hidden_size
+    rows = (4 << 20) // (4 * size)  # 4 MiB of hidden rows each way per frame
+    stream = open_node_stream(s, node.name)
+    torch.manual_seed(0)
+    hidden = torch.randn(rows, size)
+    pairs = [(r, 1, 1.0) for r in range(rows)]
+    tickets = [stream.submit(node_frame(0, hidden, pairs)) for _ in range(2)]
+    a, b = (stream.result(t, timeout=120) for t in tickets)
+    assert a.code == b.code == 0 and torch.equal(a.output, b.output)
+    torch.testing.assert_close(
+        a.output[:3], frame_reference(model_dir, 0, hidden[:3], pairs[:3]), rtol=1e-6, atol=1e-6
+    )
+    stream.close()
+
+
+def test_stopping_ends_idle_node_streams_and_refuses_new_ones(
+    node_server: Callable[..., Any], model_dir: Path
+) -> None:
+    from elasticmoe.router.stream import NodeRefusedError, StreamBrokenError
+
+    s, node = node_server()
+    s.load((0, 1))
+    stream = open_node_stream(s, node.name)
+    wait_for(lambda: node.num_connections == 1)
+    node.stop()
+    wait_for(lambda: node.num_connections == 0)
+    size = load_config(model_dir).hidden_size
+    ticket = stream.submit(node_frame(0, torch.ones(1, size), [(0, 1, 1.0)]))
+    with pytest.raises(StreamBrokenError, match="node stream to w0 broke"):
+        stream.result(ticket, timeout=30)
+    assert stream.broken
+    with pytest.raises(NodeRefusedError):
+        open_node_stream(s, node.name)

@@ -2,8 +2,8 @@
 
 A server interceptor, installed only when a worker is started with fault
 injection enabled (off by default), that delays and/or fails ``Forward`` and
-``ForwardTokens`` calls and ``ForwardStream`` frames (a failed frame answers
-UNAVAILABLE in its TokenResult; the stream goes on) and can delay
+``ForwardTokens`` calls and ``ForwardStream`` and node-stream frames (a failed
+frame answers UNAVAILABLE in its result; the stream goes on) and can delay
 ``LoadExperts`` (so a drill can catch a scaling operation half-way). The settings
 can be changed while the worker runs
 (``ExpertWorker.set_fault``).
@@ -70,15 +70,22 @@ class FaultInterceptor(grpc.aio.ServerInterceptor):
             response_serializer=handler.response_serializer,
         )
 
+    def frame_fault(self) -> tuple[float, bool]:
+        """For one stream frame (gRPC or node-local): seconds to delay it, and whether to
+        fail it."""
+        cfg = self.config
+        fail = bool(cfg.fail_rate) and self._rng.random() < cfg.fail_rate
+        return cfg.delay_ms / 1e3, fail
+
     def _faulty_stream(self, handler):
         inner = handler.stream_stream
 
         async def faulty(requests, context):
             async for result in inner(requests, context):
-                cfg = self.config
-                if cfg.delay_ms:
-                    await asyncio.sleep(cfg.delay_ms / 1e3)
-                if cfg.fail_rate and self._rng.random() < cfg.fail_rate:
+                delay, fail = self.frame_fault()
+                if delay:
+                    await asyncio.sleep(delay)
+                if fail:
                     seq = result.seq
                     result.Clear()
                     result.code = grpc.StatusCode.UNAVAILABLE.value[0]

@@ -52,6 +52,7 @@ __all__ = [
     "BackgroundPriority",
     "freeze_start_up_heap",
     "lower_current_thread",
+    "serve_without_wakeup_preemption",
     "thread_priority",
     "warm_up",
 ]
@@ -102,6 +103,27 @@ def lower_current_thread(level: str = "idle") -> str:
     except (AttributeError, OSError) as e:
         logger.info("could not lower thread %d: %s", tid, e)
         return "unchanged"
+
+
+def serve_without_wakeup_preemption() -> bool:
+    """Put the calling thread, one that serves frames, under ``SCHED_BATCH``: the same
+    CPU share as before (its nice value is kept), but its wake-ups do not preempt the
+    thread running on the CPU it wakes on.
+
+    An engine writes a layer's frames to its workers one after the other. Under the
+    normal policy the first worker, woken by the first write, preempts the engine on a
+    busy 2-core node, and the second frame goes out only once the first worker has
+    computed: the workers run one after the other, not side by side. A batch thread
+    takes an idle core, or waits for the engine to block on the results. Returns whether
+    the policy was set (any unprivileged thread may; not every platform has it)."""
+    if not hasattr(os, "SCHED_BATCH"):
+        return False
+    try:
+        os.sched_setscheduler(threading.get_native_id(), os.SCHED_BATCH, os.sched_param(0))
+    except OSError as e:
+        logger.info("SCHED_BATCH refused (%s); frames are served at the normal policy", e)
+        return False
+    return True
 
 
 def thread_priority(tid: int | None = None) -> tuple[str, int]:

@@ -797,6 +797,8 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         self._num_threads = num_threads
         self._loop_threads = threading.local()  # whether torch's threads are set there
         self._stream_tasks: dict[asyncio.Task, bool] = {}  # ForwardStream handler -> idle
+        # the name of the worker's node-local data plane, once it has one (Health tells it)
+        self.node_stream = ""
         # Executors of a servicer nobody closed still end their threads once it is collected.
         self._finalizer = weakref.finalize(self, _shutdown, self._compute, self._io)
 
@@ -886,15 +888,16 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             )
         try:
             return await self._frame(frame)
-        except (ExpertStoreError, WireError, CheckpointError) as e:
-            return expert_pb2.TokenResult(seq=frame.seq, code=_status_of(e).value[0], error=str(e))
         except Exception as e:
-            logger.exception("worker %s: ForwardStream frame failed", self.store.worker_id)
-            return expert_pb2.TokenResult(
-                seq=frame.seq,
-                code=grpc.StatusCode.INTERNAL.value[0],
-                error=f"{type(e).__name__}: {e}",
-            )
+            code, error = self._frame_failure(e)
+            return expert_pb2.TokenResult(seq=frame.seq, code=code, error=error)
+
+    def _frame_failure(self, e: Exception) -> tuple[int, str]:
+        """A failed frame's status code and message (unexpected errors are logged)."""
+        if isinstance(e, (ExpertStoreError, WireError, CheckpointError)):
+            return _status_of(e).value[0], str(e)
+        logger.exception("worker %s: frame failed", self.store.worker_id, exc_info=e)
+        return grpc.StatusCode.INTERNAL.value[0], f"{type(e).__name__}: {e}"
 
     async def _frame(self, frame: expert_pb2.TokenFrame) -> expert_pb2.TokenResult:
         # Small frames (decode batches) run right here on the event loop: the hop to the
@@ -929,18 +932,55 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             raise InvalidRequestError(
                 f"pair_weights.shape {list(weights.shape)} must be [{num_pairs}] (one per pair)"
             )
-        start = time.perf_counter()
-        if store.device.type != "cpu":
-            rows, experts = rows.to(store.device), experts.to(store.device)
-        out = store.forward_pairs(frame.layer, hidden, rows, experts, weights, frame.epoch)
-        if out.device.type == "cuda":
-            torch.cuda.synchronize(out.device)  # count the kernels, not just their launch
-        seconds = time.perf_counter() - start
-        ids, counts = torch.unique(experts, return_counts=True)
-        store.record_forward(frame.layer, ids.tolist(), counts.tolist(), seconds)
+        out, seconds = self.forward_frame(frame.layer, frame.epoch, hidden, rows, experts, weights)
         return expert_pb2.TokenResult(
             seq=frame.seq, output=tensor_to_proto(out), compute_seconds=seconds
         )
+
+    def forward_frame(
+        self,
+        layer: int,
+        epoch: int,
+        hidden: torch.Tensor,
+        pair_rows: torch.Tensor,
+        pair_experts: torch.Tensor,
+        pair_weights: torch.Tensor,
+    ) -> tuple[torch.Tensor, float]:
+        """One decoded frame (either transport): the weighted sums per token row and the
+        seconds its compute took; the counters are updated. ``hidden`` and ``pair_weights``
+        are on the store's device; the int32 pair indices may be on the host."""
+        store = self.store
+        start = time.perf_counter()
+        if store.device.type != "cpu":
+            pair_rows, pair_experts = pair_rows.to(store.device), pair_experts.to(store.device)
+        out = store.forward_pairs(layer, hidden, pair_rows, pair_experts, pair_weights, epoch)
+        if out.device.type == "cuda":
+            torch.cuda.synchronize(out.device)  # count the kernels, not just their launch
+        seconds = time.perf_counter() - start
+        ids, counts = torch.unique(pair_experts, return_counts=True)
+        store.record_forward(layer, ids.tolist(), counts.tolist(), seconds)
+        return out, seconds
+
+    def compute_frame(
+        self,
+        layer: int,
+        epoch: int,
+        hidden: torch.Tensor,
+        pair_rows: torch.Tensor,
+        pair_experts: torch.Tensor,
+        pair_weights: torch.Tensor,
+    ) -> tuple[int, float, torch.Tensor | None, str]:
+        """:meth:`forward_frame` for a stream that answers every frame: (status code,
+        seconds, output, "") or (code, 0.0, None, message) when it fails."""
+        try:
+            with torch.inference_mode():
+                out, seconds = self.forward_frame(
+                    layer, epoch, hidden, pair_rows, pair_experts, pair_weights
+                )
+        except Exception as e:
+            code, error = self._frame_failure(e)
+            return code, 0.0, None, error
+        return 0, seconds, out, ""
 
     # -- control plane ----------------------------------------------------
 
@@ -1062,6 +1102,7 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
             status=self.status,
             worker_id=self.store.worker_id,
             num_experts=len(self.store.replicas()),
+            node_stream=self.node_stream,
         )
 
     @_rpc

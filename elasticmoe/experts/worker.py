@@ -159,6 +159,7 @@ class ExpertWorker:
         bind_all: bool = False,
         fault_injection: bool = False,
         background_priority: BackgroundPriority = "idle",
+        node_stream: bool = True,
     ) -> None:
         if num_threads < 1:
             raise ValueError(f"num_threads={num_threads} must be >= 1")
@@ -181,6 +182,8 @@ class ExpertWorker:
         self.host = host
         self.port = port
         self.bind_all = bind_all
+        # also serve frames on a Unix socket to routers on this node (node_stream.py)
+        self.node_stream = node_stream
         # installed only when asked: the default server has no fault hook at all
         self._faults = FaultInterceptor() if fault_injection else None
         # Several workers share a node's cores; torch's default (one thread per
@@ -189,6 +192,7 @@ class ExpertWorker:
         self._store: ExpertStore | None = None
         self._servicer: ExpertServicer | None = None
         self._server: Any = None
+        self._node_server: Any = None
         self._address: str | None = None
 
     @classmethod
@@ -248,6 +252,16 @@ class ExpertWorker:
             )
             self._store, self._servicer, self._server = store, servicer, server
             self._address = format_address(advertise, port)
+            if self.node_stream:
+                from elasticmoe.experts.node_stream import NodeStreamServer
+
+                self._node_server = NodeStreamServer(
+                    servicer,
+                    num_threads=self.num_threads,
+                    fault=self._faults.frame_fault if self._faults else None,
+                )
+                self._node_server.start()
+                servicer.node_stream = self._node_server.name
             logger.info(
                 "expert worker %s serving on %s (%s, %d slots)",
                 self.worker_id,
@@ -284,6 +298,9 @@ class ExpertWorker:
 
         self._servicer.status = NOT_SERVING
         self._servicer.end_idle_streams()
+        if self._node_server is not None:
+            self._node_server.stop()
+            self._node_server = None
         await self._server.stop(grace)
         self._servicer.close()
         self._servicer = self._server = None

@@ -34,12 +34,19 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from elasticmoe._proto.elasticmoe.v1 import expert_pb2, expert_pb2_grpc
 from elasticmoe.core.expert_map import ExpertMap
-from elasticmoe.experts.rpc import StubCache
-from elasticmoe.experts.wire import WireError, array_to_proto, host_array, tensor_from_proto
+from elasticmoe.experts.rpc import RpcSecurity, StubCache
+from elasticmoe.experts.wire import WireError, host_array
 from elasticmoe.model.gate import GateOutput
 from elasticmoe.model.moe import ExpertGroups, group_by_expert
 from elasticmoe.router.dispatch import DispatchTable, NoLiveReplicaError, RowSlice
-from elasticmoe.router.stream import StreamBrokenError, WorkerStream
+from elasticmoe.router.stream import (
+    Frame,
+    NodeRefusedError,
+    NodeStream,
+    StreamBrokenError,
+    WorkerStream,
+    wait_for_results,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +96,11 @@ class RouterConfig(BaseModel):
         2.0, gt=0, le=3600, description="a down worker is probed again (Health) after this long"
     )
     min_split_rows: int = Field(16, ge=1)
+    node_streams: bool = Field(
+        True,
+        description="send frames to a worker on this node (same network namespace) over its "
+        "Unix socket instead of gRPC (elasticmoe/experts/node_stream.py); false: gRPC always",
+    )
     slow_worker_factor: float = Field(
         3.0,
         gt=1,
@@ -209,7 +221,10 @@ class ExpertRouter:
         self.latency = WorkerLatency(self.config.slow_worker_factor)
         self.stats = RouterStats()
         self._table: DispatchTable | None = None
-        self._streams: dict[str, WorkerStream] = {}
+        self._streams: dict[str, WorkerStream | NodeStream] = {}
+        # (worker, address) -> its node stream's name, "" where it is not reachable from here
+        self._node_names: dict[tuple[str, str], str] = {}
+        self._token = RpcSecurity.from_env().token
         # rows of this step whose experts had no live replica (their requests fail), with why
         self.lost_rows: list[tuple[torch.Tensor, str]] = []
         self._step_deadline: float | None = None
@@ -369,9 +384,7 @@ class ExpertRouter:
         logger.warning("%s (%d token rows)", why, rows.numel())
         return [r for r in pending if r[0] not in missing]
 
-    def _frame(
-        self, state: _Pending, slices: list[RowSlice]
-    ) -> tuple[expert_pb2.TokenFrame, torch.Tensor]:
+    def _frame(self, state: _Pending, slices: list[RowSlice]) -> tuple[Frame, torch.Tensor]:
         """One worker's frame for ``slices`` and the token rows it carries (ascending).
 
         Built with numpy on host views of the layer's tensors: a frame is a handful of
@@ -391,33 +404,29 @@ class ExpertRouter:
             np.array([s.expert for s in slices], dtype=np.int32), [s.num_rows for s in slices]
         )
         tokens, rows = np.unique(pair_tokens, return_inverse=True)
-        dtype = state.hidden.dtype
-        frame = expert_pb2.TokenFrame(
+        frame = Frame(
             layer=state.layer,
             epoch=self.expert_map.epoch,
-            hidden=array_to_proto(hidden[tokens], dtype),
-            pair_rows=rows.astype(np.int32).tobytes(),
-            pair_experts=pair_experts.tobytes(),
-            pair_weights=array_to_proto(pair_weights, dtype),
+            dtype=state.hidden.dtype,
+            hidden=hidden[tokens],
+            pair_rows=rows.astype(np.int32),
+            pair_experts=pair_experts,
+            pair_weights=np.ascontiguousarray(pair_weights),
         )
         return frame, torch.from_numpy(tokens).to(state.hidden.device)
 
-    def _submit_frames(
-        self, state: _Pending, plan: dict[str, list[RowSlice]]
-    ) -> list[tuple[str, list[RowSlice], torch.Tensor, concurrent.futures.Future]]:
-        """One frame per worker of ``plan``, all in flight at once.
+    def _submit_frames(self, state: _Pending, plan: dict[str, list[RowSlice]]) -> list[tuple]:
+        """One frame per worker of ``plan``, all in flight at once: per frame (worker, its
+        slices, its token rows, the stream, the ticket, when it was sent).
 
-        Every frame is built before the first is sent: a sent frame wakes its stream's
-        gRPC thread, which would take the GIL from the building of the next one."""
+        Every frame is built before the first is sent: a sent frame wakes its worker (and
+        a gRPC stream's thread), which would take the GIL from the building of the next one."""
         calls = []
         frames = [(worker, slices, *self._frame(state, slices)) for worker, slices in plan.items()]
         for worker, slices, frame, tokens in frames:
-            future = self._stream(worker).submit(frame)
-            sent = time.monotonic()
-            future.add_done_callback(
-                lambda f, w=worker, t=sent: self.latency.observe(w, time.monotonic() - t)
-            )
-            calls.append((worker, slices, tokens, future))
+            stream = self._stream(worker)
+            ticket = stream.submit(frame)
+            calls.append((worker, slices, tokens, stream, ticket, time.monotonic()))
             self.stats.rows_sent += len(tokens)
         self.stats.forward_calls += len(calls)
         return calls
@@ -425,43 +434,35 @@ class ExpertRouter:
     def _collect(self, state: _Pending) -> list[tuple[int, int, int]]:
         """Wait for ``state.calls``; appends (worker, tokens, partial sums) to
         ``state.partials``; returns the ranges of the frames that failed."""
-        layer, hidden = state.layer, state.hidden
+        layer = state.layer
         failed: list[tuple[int, int, int]] = []
         slowest = 0.0
         deadline = time.monotonic() + self.config.rpc_timeout_s
-        for worker, slices, tokens, future in state.calls:
+        node_calls = [(c[3], c[4]) for c in state.calls if isinstance(c[3], NodeStream)]
+        if node_calls:
+            wait_for_results(node_calls, self.config.rpc_timeout_s)
+        for worker, slices, tokens, stream, ticket, sent in state.calls:
             try:
                 try:
-                    response = future.result(timeout=max(0.0, deadline - time.monotonic()))
+                    result = stream.result(ticket, max(0.0, deadline - time.monotonic()))
                 except concurrent.futures.TimeoutError:
                     # results come back in order: nothing behind this frame can arrive
                     self._close_stream(worker, "a frame timed out")
                     raise StreamBrokenError(
                         f"no result within rpc_timeout_s={self.config.rpc_timeout_s}"
                     ) from None
-                if response.code:
-                    raise WireError(f"{_code_name(response.code)}: {response.error}")
-                y = tensor_from_proto(
-                    response.output,
-                    self.dtype,
-                    (len(tokens), self.hidden_size),
-                    device=hidden.device,
-                    readonly_ok=True,
-                    what="TokenResult.output",
-                )
-                if y.shape[0] != len(tokens) or y.dim() != 2:
-                    raise WireError(
-                        f"TokenResult.output.shape {list(y.shape)} must be "
-                        f"[{len(tokens)}, {self.hidden_size}]"
-                    )
+                self.latency.observe(worker, result.arrived - sent)
+                if result.code:
+                    raise WireError(f"{_code_name(result.code)}: {result.error}")
             except (StreamBrokenError, WireError) as e:
                 self.stats.failed_calls += 1
-                self._mark_down(worker, f"ForwardStream frame (layer={layer}) failed: {e}")
+                self._mark_down(worker, f"frame (layer={layer}) failed: {e}")
                 failed.extend((s.expert, s.start, s.end) for s in slices)
                 continue
-            state.partials.append((worker, tokens, y))
-            slowest = max(slowest, response.compute_seconds)
-            self.stats.worker_compute_seconds += response.compute_seconds
+            assert result.output is not None
+            state.partials.append((worker, tokens, result.output))
+            slowest = max(slowest, result.compute_seconds)
+            self.stats.worker_compute_seconds += result.compute_seconds
         self.stats.critical_compute_seconds += slowest
         state.calls = []
         return failed
@@ -489,17 +490,46 @@ class ExpertRouter:
             if worker in self.expert_map.workers:
                 self._probe(worker)
 
-    def _stream(self, worker: str) -> WorkerStream:
-        """The open ForwardStream to ``worker`` (a new one after a break or a move)."""
+    def _stream(self, worker: str) -> WorkerStream | NodeStream:
+        """The open stream to ``worker`` (a new one after a break or a move): its node
+        stream where the worker is on this node, else its gRPC ForwardStream."""
         address = self.expert_map.workers[worker]
         stream = self._streams.get(worker)
         if stream is None or stream.broken or stream.address != address:
             if stream is not None:
                 stream.close("replaced")
-            stream = self._streams[worker] = WorkerStream(
-                self._stub(worker), worker, address
-            )
+            stream = self._streams[worker] = self._open_stream(worker, address)
         return stream
+
+    def _open_stream(self, worker: str, address: str) -> WorkerStream | NodeStream:
+        name = self._node_name(worker, address) if self.config.node_streams else ""
+        if name:
+            try:
+                return NodeStream(
+                    worker,
+                    address,
+                    name,
+                    self._token,
+                    self.dtype,
+                    self.hidden_size,
+                    timeout=self.config.rpc_timeout_s,
+                )
+            except NodeRefusedError as e:
+                logger.info("%s; its frames go over gRPC", e)
+                self._node_names[(worker, address)] = ""
+        return WorkerStream(self._stub(worker), worker, address, self.dtype, self.hidden_size)
+
+    def _node_name(self, worker: str, address: str) -> str:
+        """The worker's node stream name as its Health answer tells it ("" if none); not
+        remembered when the worker does not answer (it may be starting or down)."""
+        key = (worker, address)
+        if key not in self._node_names:
+            try:
+                health = self._stub(worker).Health(expert_pb2.HealthRequest(), timeout=2.0)
+            except grpc.RpcError:
+                return ""
+            self._node_names[key] = health.node_stream
+        return self._node_names[key]
 
     def frames_in_flight(self, worker: str) -> int:
         """Frames sent to ``worker`` on its open stream that have no result yet (several

@@ -143,14 +143,16 @@ class HealthRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class HealthResponse(_message.Message):
-    __slots__ = ("status", "worker_id", "num_experts")
+    __slots__ = ("status", "worker_id", "num_experts", "node_stream")
     STATUS_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    NODE_STREAM_FIELD_NUMBER: _ClassVar[int]
     status: str
     worker_id: str
     num_experts: int
-    def __init__(self, status: _Optional[str] = ..., worker_id: _Optional[str] = ..., num_experts: _Optional[int] = ...) -> None: ...
+    node_stream: str
+    def __init__(self, status: _Optional[str] = ..., worker_id: _Optional[str] = ..., num_experts: _Optional[int] = ..., node_stream: _Optional[str] = ...) -> None: ...
 
 class StatsRequest(_message.Message):
     __slots__ = ()
