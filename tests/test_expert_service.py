@@ -873,3 +873,54 @@ def test_stopping_ends_idle_node_streams_and_refuses_new_ones(
     assert stream.broken
     with pytest.raises(NodeRefusedError):
         open_node_stream(s, node.name)
+
+
+def test_the_router_takes_node_streams_where_offered_and_grpc_otherwise(
+    node_server: Callable[..., Any], start: Callable[..., Server], model_dir: Path
+) -> None:
+    """w0 offers a node stream, w1 (no node-stream server) does not: the router opens one
+    of each, and its output is the per-expert reference. Once w0's socket is gone (the
+    name its Health gives cannot be reached), the next stream to w0 is gRPC, and a
+    router told ``node_streams=False`` never opens one."""
+    from elasticmoe.core.expert_map import ExpertMap
+    from elasticmoe.model.gate import GateOutput
+    from elasticmoe.router.router import ExpertRouter, RouterConfig
+    from elasticmoe.router.stream import NodeStream, WorkerStream
+
+    w0, node = node_server(token=None, worker_id="w0")
+    w1 = start(worker_id="w1")
+    w0.load((0, 1))
+    w1.load((0, 5))
+    placement = {LogicalExpert(0, 1): ("w0",), LogicalExpert(0, 5): ("w1",)}
+    expert_map = ExpertMap(1, placement, {"w0": w0.address, "w1": w1.address})
+    size = load_config(model_dir).hidden_size
+    torch.manual_seed(2)
+    hidden = torch.randn(4, size)
+    indices = torch.tensor([[1, 5], [5, 1], [1, 5], [5, 1]])
+    weights = torch.tensor([[0.75, 0.25], [0.5, 0.5], [0.1, 0.9], [1.0, 0.0]])
+    gate = GateOutput(weights, indices, torch.bincount(indices.flatten(), minlength=8))
+    pairs = [
+        (t, int(e), float(w)) for t in range(4) for e, w in zip(indices[t], weights[t], strict=True)
+    ]
+    want = frame_reference(model_dir, 0, hidden, pairs)
+
+    def run(config: RouterConfig) -> tuple[torch.Tensor, dict[str, type]]:
+        router = ExpertRouter(expert_map, torch.float32, size, config)
+        try:
+            router.begin_step()
+            out = router.forward(0, hidden, gate)
+            router.end_step()
+            return out, {w: type(s) for w, s in router._streams.items()}
+        finally:
+            router.close()
+
+    out, kinds = run(RouterConfig())
+    assert kinds == {"w0": NodeStream, "w1": WorkerStream}
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    out, kinds = run(RouterConfig(node_streams=False))
+    assert kinds == {"w0": WorkerStream, "w1": WorkerStream}
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+    node.stop()
+    out, kinds = run(RouterConfig())
+    assert kinds == {"w0": WorkerStream, "w1": WorkerStream}
+    torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)

@@ -4,7 +4,9 @@ Ray places and supervises the worker (resources from its pool: CPU, GPU, or
 the custom ``NPU`` resource); the data plane does not go through Ray at all.
 Routers and peers call the worker's grpc.aio server directly at the address
 :meth:`ExpertWorker.start` returns, so one token batch costs one gRPC call
-instead of a Ray task plus object-store round trips.
+instead of a Ray task plus object-store round trips. Routers on the worker's own
+node send their frames to its node stream instead (a Unix socket whose name its
+``Health`` answer gives: :mod:`elasticmoe.experts.node_stream`).
 
 The actor is asynchronous: the gRPC server lives on the actor's event loop and
 keeps serving between (and during) Ray method calls.

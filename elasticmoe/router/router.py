@@ -1,4 +1,5 @@
-"""The engine-side router: sends each MoE layer's rows to expert workers over gRPC.
+"""The engine-side router: sends each MoE layer's rows to expert workers (over each
+worker's node stream on this node, gRPC elsewhere: :mod:`elasticmoe.router.stream`).
 
 Per step: a :class:`DispatchTable` fixes live replicas, down workers and costs.
 Per layer: group (token, expert) pairs by logical expert, split them over
@@ -222,7 +223,7 @@ class ExpertRouter:
         self.stats = RouterStats()
         self._table: DispatchTable | None = None
         self._streams: dict[str, WorkerStream | NodeStream] = {}
-        # (worker, address) -> its node stream's name, "" where it is not reachable from here
+        # (worker, address) -> its node stream's name as its Health gave it ("" if it has none)
         self._node_names: dict[tuple[str, str], str] = {}
         self._token = RpcSecurity.from_env().token
         # rows of this step whose experts had no live replica (their requests fail), with why
@@ -502,28 +503,35 @@ class ExpertRouter:
         return stream
 
     def _open_stream(self, worker: str, address: str) -> WorkerStream | NodeStream:
-        name = self._node_name(worker, address) if self.config.node_streams else ""
-        if name:
-            try:
-                return NodeStream(
-                    worker,
-                    address,
-                    name,
-                    self._token,
-                    self.dtype,
-                    self.hidden_size,
-                    timeout=self.config.rpc_timeout_s,
-                )
-            except NodeRefusedError as e:
-                logger.info("%s; its frames go over gRPC", e)
-                self._node_names[(worker, address)] = ""
+        """The worker's node stream where it is reachable from here, else its gRPC stream.
+        A node stream that cannot be opened under the remembered name is asked for again
+        (a worker restarted at the same address has a new one) before gRPC is used."""
+        if self.config.node_streams:
+            for cached in (True, False):
+                name = self._node_name(worker, address, cached)
+                if not name:
+                    break
+                try:
+                    return NodeStream(
+                        worker,
+                        address,
+                        name,
+                        self._token,
+                        self.dtype,
+                        self.hidden_size,
+                        timeout=self.config.rpc_timeout_s,
+                    )
+                except NodeRefusedError as e:
+                    self._node_names.pop((worker, address), None)
+                    if not cached:
+                        logger.info("%s; this stream goes over gRPC", e)
         return WorkerStream(self._stub(worker), worker, address, self.dtype, self.hidden_size)
 
-    def _node_name(self, worker: str, address: str) -> str:
+    def _node_name(self, worker: str, address: str, cached: bool = True) -> str:
         """The worker's node stream name as its Health answer tells it ("" if none); not
         remembered when the worker does not answer (it may be starting or down)."""
         key = (worker, address)
-        if key not in self._node_names:
+        if not cached or key not in self._node_names:
             try:
                 health = self._stub(worker).Health(expert_pb2.HealthRequest(), timeout=2.0)
             except grpc.RpcError:
