@@ -1,4 +1,4 @@
-"""Decode step time: experts on remote workers (gRPC) vs in-process, same engine.
+"""Decode step time: experts on remote workers (node streams or gRPC) vs in-process, same engine.
 
 Both runs use the same LLMEngine code in this process; only the expert
 backend differs (ExpertRouter to `--num-workers` ExpertWorker actors vs
@@ -58,7 +58,7 @@ from elasticmoe.experts.local import LocalExperts
 from elasticmoe.experts.worker import start_worker
 from elasticmoe.model.config import load_config
 from elasticmoe.model.init_model import init_model
-from elasticmoe.router.router import ExpertRouter
+from elasticmoe.router.router import ExpertRouter, RouterConfig
 
 
 class TimedBackend:
@@ -223,7 +223,12 @@ def run_mode(args: argparse.Namespace) -> dict:
         engine = LLMEngine(
             cfg,
             expert_backend=lambda r, m, d, dev: TimedBackend(
-                ExpertRouter(expert_map, d, m.config.hidden_size)
+                ExpertRouter(
+                    expert_map,
+                    d,
+                    m.config.hidden_size,
+                    RouterConfig(node_streams=args.transport == "node"),
+                )
             ),
         )
         router = engine.model.experts.inner
@@ -287,6 +292,8 @@ def spawn(mode: str, args: argparse.Namespace, model_dir: Path) -> dict:
         "--micro-batch-min-seqs",
         str(args.micro_batch_min_seqs),
         *(["--cluster"] if args.cluster else []),
+        "--transport",
+        args.transport,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     if proc.returncode != 0:
@@ -309,6 +316,13 @@ def main() -> None:
         help="bfloat16: the CPU expert kernel runs in the engine and in the workers",
     )
     ap.add_argument("--cluster", action="store_true", help="workers on a local 3-node cluster")
+    ap.add_argument(
+        "--transport",
+        choices=["node", "grpc"],
+        default="node",
+        help="node: frames to the workers' node streams (the default where the workers share "
+        "the engine's node, as here); grpc: every frame over gRPC ForwardStream",
+    )
     ap.add_argument(
         "--micro-batches",
         default="1,2",
@@ -391,6 +405,7 @@ def main() -> None:
                 "hidden_size": mc.hidden_size,
             },
             "num_workers": args.num_workers,
+            "transport": args.transport,
             "dtype": args.dtype,
             "micro_batch_min_seqs": dist["micro_batch_min_seqs"],
             "cluster_nodes": dist.get("nodes", 1),
