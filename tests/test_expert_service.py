@@ -827,6 +827,15 @@ def test_node_stream_bad_frames_name_the_field_and_garbage_ends_the_connection(
     raw.sendall(b"x" * FRAME.size)
     assert raw.recv(RESULT.size) == b""  # closed, nothing answered
     raw.close()
+    # nor can a frame whose dtype code is unknown (its body's length depends on it)
+    raw = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    raw.settimeout(30)
+    raw.connect(socket_address(node.name))
+    raw.sendall(HELLO.pack(HELLO_MAGIC, 5, 2) + b"t0k3nw0")
+    assert raw.recv(64)[:4] == b"EMA1"
+    raw.sendall(FRAME.pack(b"EMF1", 1, 0, 0, 1, 1, size, 9))
+    assert raw.recv(RESULT.size) == b""
+    raw.close()
     again = stream.result(stream.submit(ok), 30)
     assert again.code == 0 and torch.equal(again.output, results[2].output)
     stream.close()

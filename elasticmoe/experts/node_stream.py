@@ -61,6 +61,7 @@ __all__ = [
     "DTYPE_CODES",
     "FRAME",
     "HELLO",
+    "ITEMSIZE",
     "MAX_FRAME_BYTES",
     "RESULT",
     "WELCOME",
@@ -87,6 +88,12 @@ WELCOME_MAGIC = b"EMA1"
 
 DTYPE_CODES: dict[torch.dtype, int] = {torch.float32: 1, torch.bfloat16: 2, torch.float16: 3}
 _CODE_DTYPES = {code: dtype for dtype, code in DTYPE_CODES.items()}
+ITEMSIZE: dict[torch.dtype, int] = {
+    torch.float32: 4,
+    torch.bfloat16: 2,
+    torch.float16: 2,
+    torch.int32: 4,
+}
 # the same bound as a gRPC message: a router cannot send on one path what the other refuses
 MAX_FRAME_BYTES = MAX_MESSAGE_BYTES
 # connections one worker accepts at once (each is a thread; a router holds one)
@@ -271,7 +278,9 @@ class NodeStreamServer:
         if magic != FRAME_MAGIC:
             raise _Desync(f"a frame header starts with {bytes(magic)!r}, not {FRAME_MAGIC!r}")
         dtype = _CODE_DTYPES.get(code)
-        itemsize = 4 if dtype is None else torch.empty((), dtype=dtype).element_size()
+        if dtype is None:  # the body's length depends on it
+            raise _Desync(f"frame {seq}: dtype code {code} is not one of {sorted(_CODE_DTYPES)}")
+        itemsize = ITEMSIZE[dtype]
         size = frame_body_bytes(num_tokens, num_pairs, hidden_size, itemsize)
         if size > MAX_FRAME_BYTES:
             raise _Desync(f"frame {seq} has a {size}-byte body; at most {MAX_FRAME_BYTES}")
@@ -280,9 +289,7 @@ class NodeStreamServer:
         if not recv_exact(conn, memoryview(body)[:size]):
             raise OSError("the router closed the stream inside a frame")
         store = self.servicer.store
-        if dtype is None:
-            error = f"dtype code {code} is not one of {sorted(_CODE_DTYPES)}"
-        elif dtype != store.dtype:
+        if dtype != store.dtype:
             error = f"hidden.dtype is {dtype}, expected {store.dtype}"
         elif hidden_size != store.hidden_size:
             error = f"hidden_size is {hidden_size}, expected {store.hidden_size}"
@@ -291,7 +298,6 @@ class NodeStreamServer:
         if error is not None:
             _result(conn, seq, _INVALID, 0.0, 0, error)
             return body
-        assert dtype is not None
         hidden = _view(body, 0, dtype, (num_tokens, hidden_size))
         offset = hidden.numel() * itemsize
         rows = _view(body, offset, torch.int32, (num_pairs,))
@@ -323,7 +329,7 @@ class NodeStreamServer:
 
 
 def _view(buf: bytearray, offset: int, dtype: torch.dtype, shape: tuple[int, ...]) -> torch.Tensor:
-    count = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+    count = math.prod(shape) * ITEMSIZE[dtype]
     if count == 0:
         return torch.empty(shape, dtype=dtype)
     return (

@@ -43,6 +43,8 @@ from elasticmoe.experts.node_stream import (
     FRAME_MAGIC,
     HELLO,
     HELLO_MAGIC,
+    ITEMSIZE,
+    MAX_FRAME_BYTES,
     RESULT,
     RESULT_MAGIC,
     WELCOME,
@@ -233,7 +235,7 @@ class NodeStream:
         self.name = name
         self.dtype = dtype
         self.hidden_size = hidden_size
-        self._itemsize = torch.empty((), dtype=dtype).element_size()
+        self._itemsize = ITEMSIZE[dtype]
         self._seq = itertools.count(1)
         self._broken: str | None = None
         self._waiting: set[int] = set()  # sent, result not read yet
@@ -363,6 +365,8 @@ class NodeStream:
                     self._fields = RESULT.unpack(self._header)
                     if self._fields[0] != RESULT_MAGIC:
                         raise StreamBrokenError("a result header has a bad magic")
+                    if self._fields[5] > MAX_FRAME_BYTES:
+                        raise StreamBrokenError(f"a result of {self._fields[5]} bytes")
                     self._body, self._got = bytearray(self._fields[5]), 0
                 if self._got < len(self._body):
                     n = self._sock.recv_into(memoryview(self._body)[self._got :])
