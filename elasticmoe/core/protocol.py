@@ -337,4 +337,6 @@ def recover(entries: Sequence[Mapping[str, Any]], map_epoch: int | None) -> Reco
     if published:
         steps = (Step.DONE,) if last is Step.PUBLISHED else (Step.PUBLISHED, Step.DONE)
         return Recovery(change, "finish", change.epoch, change.remove, change.remove_workers, steps)
-    return Recovery(change, "roll_back", None, change.add, change.add_workers, (Step.ROLLED_BACK,))
+    return Recovery(
+        change, "roll_back", None, change.add, change.add_workers, (Step.ROLLED_BACK,)
+    )

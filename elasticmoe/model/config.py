@@ -167,7 +167,6 @@ class MoEModelConfig:
     def rotary_dim(self) -> int:
         """Leading dims of each head that RoPE rotates."""
         return int(self.head_dim * self.partial_rotary_factor)
-
     def layer_sliding_window(self, layer: int) -> int | None:
         """The sliding window of ``layer``'s attention (None: full attention)."""
         if self.gpt_oss is not None:

@@ -79,8 +79,7 @@ class DispatchTable:
         live = row.get(expert)
         if live is None:
             live = [
-                w
-                for w in self.expert_map.replicas_of(LogicalExpert(layer, expert))
+                w for w in self.expert_map.replicas_of(LogicalExpert(layer, expert))
                 if w not in self.down
             ]
             # a slow worker's delay is per call, not per row: any rows sent there hold up the
