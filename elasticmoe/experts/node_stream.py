@@ -45,7 +45,7 @@ import socket
 import struct
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import grpc
@@ -66,6 +66,8 @@ __all__ = [
     "RESULT",
     "WELCOME",
     "NodeStreamServer",
+    "byte_views",
+    "drop_sent",
     "frame_body_bytes",
     "recv_exact",
     "socket_address",
@@ -124,16 +126,26 @@ def recv_exact(sock: socket.socket, view: memoryview) -> bool:
     return True
 
 
-def send_all(sock: socket.socket, buffers: list) -> None:
+def byte_views(buffers: Sequence) -> list[memoryview]:
+    """Flat byte views of the non-empty ``buffers`` (bytes, bytearrays, numpy arrays), for
+    one gathered ``sendmsg``."""
+    return [v for v in (memoryview(b).cast("B") for b in buffers) if len(v)]
+
+
+def drop_sent(views: list[memoryview], sent: int) -> None:
+    """Remove the first ``sent`` bytes from ``views`` (what a partial ``sendmsg`` wrote)."""
+    while views and sent >= len(views[0]):
+        sent -= len(views[0])
+        views.pop(0)
+    if views and sent:
+        views[0] = views[0][sent:]
+
+
+def send_all(sock: socket.socket, buffers: Sequence) -> None:
     """Write ``buffers`` in order on the blocking ``sock`` (one gathered write when it fits)."""
-    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    views = byte_views(buffers)
     while views:
-        sent = sock.sendmsg(views)
-        while views and sent >= len(views[0]):
-            sent -= len(views[0])
-            views.pop(0)
-        if views and sent:
-            views[0] = views[0][sent:]
+        drop_sent(views, sock.sendmsg(views))
 
 
 class _Desync(Exception):
@@ -144,7 +156,8 @@ class NodeStreamServer:
     """Answers frames for one worker's servicer on an abstract Unix socket (see module doc).
 
     One thread accepts; each connection gets its own thread, which receives a frame,
-    computes it (:meth:`ExpertServicer.forward_frame`) and writes the result. Those
+    computes it (:meth:`ExpertServicer.forward_frame`, a failure answered with
+    :meth:`ExpertServicer.frame_failure`'s code and message) and writes the result. Those
     threads are started by the thread that calls :meth:`start`, so they serve at its
     priority (a worker's serving priority), under ``SCHED_BATCH`` (a frame's arrival does
     not preempt its engine while it writes the layer's other frames:
@@ -305,9 +318,12 @@ class NodeStreamServer:
         weights = _view(body, offset + 8 * num_pairs, dtype, (num_pairs,))
         if store.device.type != "cpu":
             hidden, weights = hidden.to(store.device), weights.to(store.device)
-        status, seconds, out, message = self.servicer.compute_frame(
-            layer, epoch, hidden, rows, experts, weights
-        )
+        try:
+            out, seconds = self.servicer.forward_frame(layer, epoch, hidden, rows, experts, weights)
+            status, message = 0, ""
+        except Exception as e:
+            status, message = self.servicer.frame_failure(e)
+            out, seconds = None, 0.0
         if self.fault is not None:
             delay, fail = self.fault()
             if delay:

@@ -889,10 +889,10 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         try:
             return await self._frame(frame)
         except Exception as e:
-            code, error = self._frame_failure(e)
+            code, error = self.frame_failure(e)
             return expert_pb2.TokenResult(seq=frame.seq, code=code, error=error)
 
-    def _frame_failure(self, e: Exception) -> tuple[int, str]:
+    def frame_failure(self, e: Exception) -> tuple[int, str]:
         """A failed frame's status code and message (unexpected errors are logged)."""
         if isinstance(e, (ExpertStoreError, WireError, CheckpointError)):
             return _status_of(e).value[0], str(e)
@@ -960,27 +960,6 @@ class ExpertServicer(expert_pb2_grpc.ExpertServiceServicer):
         ids, counts = torch.unique(pair_experts, return_counts=True)
         store.record_forward(layer, ids.tolist(), counts.tolist(), seconds)
         return out, seconds
-
-    def compute_frame(
-        self,
-        layer: int,
-        epoch: int,
-        hidden: torch.Tensor,
-        pair_rows: torch.Tensor,
-        pair_experts: torch.Tensor,
-        pair_weights: torch.Tensor,
-    ) -> tuple[int, float, torch.Tensor | None, str]:
-        """:meth:`forward_frame` for a stream that answers every frame: (status code,
-        seconds, output, "") or (code, 0.0, None, message) when it fails."""
-        try:
-            with torch.inference_mode():
-                out, seconds = self.forward_frame(
-                    layer, epoch, hidden, pair_rows, pair_experts, pair_weights
-                )
-        except Exception as e:
-            code, error = self._frame_failure(e)
-            return code, 0.0, None, error
-        return 0, seconds, out, ""
 
     # -- control plane ----------------------------------------------------
 

@@ -161,7 +161,6 @@ class ExpertWorker:
         bind_all: bool = False,
         fault_injection: bool = False,
         background_priority: BackgroundPriority = "idle",
-        node_stream: bool = True,
     ) -> None:
         if num_threads < 1:
             raise ValueError(f"num_threads={num_threads} must be >= 1")
@@ -184,8 +183,6 @@ class ExpertWorker:
         self.host = host
         self.port = port
         self.bind_all = bind_all
-        # also serve frames on a Unix socket to routers on this node (node_stream.py)
-        self.node_stream = node_stream
         # installed only when asked: the default server has no fault hook at all
         self._faults = FaultInterceptor() if fault_injection else None
         # Several workers share a node's cores; torch's default (one thread per
@@ -254,16 +251,16 @@ class ExpertWorker:
             )
             self._store, self._servicer, self._server = store, servicer, server
             self._address = format_address(advertise, port)
-            if self.node_stream:
-                from elasticmoe.experts.node_stream import NodeStreamServer
+            # frames from routers on this node come on a Unix socket (node_stream.py)
+            from elasticmoe.experts.node_stream import NodeStreamServer
 
-                self._node_server = NodeStreamServer(
-                    servicer,
-                    num_threads=self.num_threads,
-                    fault=self._faults.frame_fault if self._faults else None,
-                )
-                self._node_server.start()
-                servicer.node_stream = self._node_server.name
+            self._node_server = NodeStreamServer(
+                servicer,
+                num_threads=self.num_threads,
+                fault=self._faults.frame_fault if self._faults else None,
+            )
+            self._node_server.start()
+            servicer.node_stream = self._node_server.name
             logger.info(
                 "expert worker %s serving on %s (%s, %d slots)",
                 self.worker_id,

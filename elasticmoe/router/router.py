@@ -27,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 import grpc
 import numpy as np
@@ -173,6 +174,18 @@ class WorkerLatency:
         return sorted(w for w, c in self.costs().items() if c > 1.0)
 
 
+class _Call(NamedTuple):
+    """One frame in flight: to ``worker`` for ``slices``, carrying ``tokens`` (the layer's
+    rows, ascending), sent on ``stream`` at ``sent`` (``time.monotonic``)."""
+
+    worker: str
+    slices: list[RowSlice]
+    tokens: torch.Tensor
+    stream: WorkerStream | NodeStream
+    ticket: Any
+    sent: float
+
+
 @dataclass
 class _Pending:
     """A layer submitted to the workers (:meth:`ExpertRouter.submit`), not yet waited for."""
@@ -182,7 +195,7 @@ class _Pending:
     groups: ExpertGroups
     started: float
     pending: list[tuple[int, int, int]]
-    calls: list = field(default_factory=list)
+    calls: list[_Call] = field(default_factory=list)
     partials: list[tuple[str, torch.Tensor, torch.Tensor]] = field(default_factory=list)
     _host: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
 
@@ -416,9 +429,8 @@ class ExpertRouter:
         )
         return frame, torch.from_numpy(tokens).to(state.hidden.device)
 
-    def _submit_frames(self, state: _Pending, plan: dict[str, list[RowSlice]]) -> list[tuple]:
-        """One frame per worker of ``plan``, all in flight at once: per frame (worker, its
-        slices, its token rows, the stream, the ticket, when it was sent).
+    def _submit_frames(self, state: _Pending, plan: dict[str, list[RowSlice]]) -> list[_Call]:
+        """One frame per worker of ``plan``, all in flight at once.
 
         Every frame is built before the first is sent: a sent frame wakes its worker (and
         a gRPC stream's thread), which would take the GIL from the building of the next one."""
@@ -427,7 +439,7 @@ class ExpertRouter:
         for worker, slices, frame, tokens in frames:
             stream = self._stream(worker)
             ticket = stream.submit(frame)
-            calls.append((worker, slices, tokens, stream, ticket, time.monotonic()))
+            calls.append(_Call(worker, slices, tokens, stream, ticket, time.monotonic()))
             self.stats.rows_sent += len(tokens)
         self.stats.forward_calls += len(calls)
         return calls
@@ -435,11 +447,11 @@ class ExpertRouter:
     def _collect(self, state: _Pending) -> list[tuple[int, int, int]]:
         """Wait for ``state.calls``; appends (worker, tokens, partial sums) to
         ``state.partials``; returns the ranges of the frames that failed."""
-        layer = state.layer
+        layer, device = state.layer, state.hidden.device
         failed: list[tuple[int, int, int]] = []
         slowest = 0.0
         deadline = time.monotonic() + self.config.rpc_timeout_s
-        node_calls = [(c[3], c[4]) for c in state.calls if isinstance(c[3], NodeStream)]
+        node_calls = [(c.stream, c.ticket) for c in state.calls if isinstance(c.stream, NodeStream)]
         if node_calls:
             wait_for_results(node_calls, self.config.rpc_timeout_s)
         for worker, slices, tokens, stream, ticket, sent in state.calls:
@@ -460,8 +472,9 @@ class ExpertRouter:
                 self._mark_down(worker, f"frame (layer={layer}) failed: {e}")
                 failed.extend((s.expert, s.start, s.end) for s in slices)
                 continue
-            assert result.output is not None
-            state.partials.append((worker, tokens, result.output))
+            assert result.output is not None  # results arrive on the host
+            output = result.output if device.type == "cpu" else result.output.to(device)
+            state.partials.append((worker, tokens, output))
             slowest = max(slowest, result.compute_seconds)
             self.stats.worker_compute_seconds += result.compute_seconds
         self.stats.critical_compute_seconds += slowest
@@ -507,7 +520,8 @@ class ExpertRouter:
         A node stream that cannot be opened under the remembered name is asked for again
         (a worker restarted at the same address has a new one) before gRPC is used."""
         if self.config.node_streams:
-            for cached in (True, False):
+            remembered = (worker, address) in self._node_names
+            for cached in (True, False) if remembered else (False,):
                 name = self._node_name(worker, address, cached)
                 if not name:
                     break
@@ -527,7 +541,7 @@ class ExpertRouter:
                         logger.info("%s; this stream goes over gRPC", e)
         return WorkerStream(self._stub(worker), worker, address, self.dtype, self.hidden_size)
 
-    def _node_name(self, worker: str, address: str, cached: bool = True) -> str:
+    def _node_name(self, worker: str, address: str, cached: bool) -> str:
         """The worker's node stream name as its Health answer tells it ("" if none); not
         remembered when the worker does not answer (it may be starting or down)."""
         key = (worker, address)

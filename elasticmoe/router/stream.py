@@ -49,6 +49,8 @@ from elasticmoe.experts.node_stream import (
     RESULT_MAGIC,
     WELCOME,
     WELCOME_MAGIC,
+    byte_views,
+    drop_sent,
     recv_exact,
     socket_address,
 )
@@ -238,7 +240,7 @@ class NodeStream:
         self._itemsize = ITEMSIZE[dtype]
         self._seq = itertools.count(1)
         self._broken: str | None = None
-        self._waiting: set[int] = set()  # sent, result not read yet
+        self._waiting: dict[int, int] = {}  # sent, result not read yet: seq -> its rows
         self._results: dict[int, FrameResult] = {}  # read, not taken yet
         self._header = bytearray(RESULT.size)
         self._got = 0  # bytes of the result being read (header, then body)
@@ -299,9 +301,10 @@ class NodeStream:
             hidden_size,
             DTYPE_CODES[frame.dtype],
         )
-        self._waiting.add(seq)
-        parts = (header, frame.hidden, frame.pair_rows, frame.pair_experts, frame.pair_weights)
-        views = [v for v in (memoryview(p).cast("B") for p in parts) if len(v)]
+        self._waiting[seq] = num_tokens
+        views = byte_views(
+            (header, frame.hidden, frame.pair_rows, frame.pair_experts, frame.pair_weights)
+        )
         try:
             while views:
                 try:
@@ -320,11 +323,7 @@ class NodeStream:
                         if self._broken is not None:
                             return seq
                     continue
-                while views and sent >= len(views[0]):
-                    sent -= len(views[0])
-                    views.pop(0)
-                if views and sent:
-                    views[0] = views[0][sent:]
+                drop_sent(views, sent)
         except (OSError, StreamBrokenError) as e:
             self._fail(f"writing a frame: {e}")
         return seq
@@ -348,7 +347,8 @@ class NodeStream:
                 self._pump()
         return self._results.pop(ticket)
 
-    def has_result(self, ticket: int) -> bool:
+    def done(self, ticket: int) -> bool:
+        """Whether :meth:`result` returns at once (the result is in, or the stream broke)."""
         return ticket in self._results or self._broken is not None
 
     def _pump(self) -> None:
@@ -385,17 +385,17 @@ class NodeStream:
         assert self._fields is not None and self._body is not None
         _, seq, code, seconds, num_tokens, _ = self._fields
         body, self._body, self._got = self._body, None, 0
-        self._waiting.discard(seq)
+        rows = self._waiting.pop(seq, None)
         arrived = time.monotonic()
         if code:
             error = body.decode("utf-8", "replace")
             self._results[seq] = FrameResult(code, error, None, 0.0, arrived)
             return
-        if len(body) != num_tokens * self.hidden_size * self._itemsize:
+        if num_tokens != rows or len(body) != num_tokens * self.hidden_size * self._itemsize:
             self._results[seq] = FrameResult(
                 _DATA_LOSS,
-                f"a result of {num_tokens} rows has {len(body)} bytes, "
-                f"not {num_tokens} x {self.hidden_size} {self.dtype}",
+                f"frame {seq} sent {rows} rows; its result has {num_tokens} rows in "
+                f"{len(body)} bytes of {self.hidden_size}-wide {self.dtype}",
                 None,
                 0.0,
                 arrived,
@@ -421,7 +421,7 @@ def wait_for_results(calls: Sequence[tuple[NodeStream, int]], timeout: float) ->
     when all are in, a stream broke, or after ``timeout`` seconds (then :meth:`result`
     tells which)."""
     deadline = time.monotonic() + timeout
-    open_calls = [(s, t) for s, t in calls if not s.has_result(t)]
+    open_calls = [(s, t) for s, t in calls if not s.done(t)]
     while open_calls:
         remaining = deadline - time.monotonic()
         if remaining <= 0:
@@ -432,14 +432,14 @@ def wait_for_results(calls: Sequence[tuple[NodeStream, int]], timeout: float) ->
         ready = {fd for fd, _ in poller.poll(remaining * 1000)}
         for stream in {s for s, _ in open_calls if s.fileno() in ready}:
             stream._pump()
-        open_calls = [(s, t) for s, t in open_calls if not s.has_result(t)]
+        open_calls = [(s, t) for s, t in open_calls if not s.done(t)]
 
 
-def _poll(sock: socket.socket, events: int, timeout: float | None) -> tuple[bool, bool]:
-    """(readable, writable) of ``sock`` within ``timeout`` seconds (None: no limit)."""
+def _poll(sock: socket.socket, events: int, timeout: float) -> tuple[bool, bool]:
+    """(readable, writable) of ``sock`` within ``timeout`` seconds."""
     poller = select.poll()
     poller.register(sock.fileno(), events)
-    ready = poller.poll(None if timeout is None else timeout * 1000)
+    ready = poller.poll(timeout * 1000)
     mask = ready[0][1] if ready else 0
     if mask & (select.POLLERR | select.POLLNVAL):
         raise StreamBrokenError("the connection failed")
