@@ -933,3 +933,57 @@ def test_the_router_takes_node_streams_where_offered_and_grpc_otherwise(
     out, kinds = run(RouterConfig())
     assert kinds == {"w0": WorkerStream, "w1": WorkerStream}
     torch.testing.assert_close(out, want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_node_stream_result_with_the_wrong_rows_is_data_loss_not_a_crash(
+    model_dir: Path,
+) -> None:
+    """A peer on the socket that answers a 2-row frame with 1 row: the router gets a
+    DATA_LOSS result naming both counts (and would retry elsewhere), not a shape error
+    later in the layer's combine."""
+    import socket as socketlib
+
+    from elasticmoe.experts.node_stream import (
+        FRAME,
+        HELLO,
+        RESULT,
+        WELCOME,
+        frame_body_bytes,
+        recv_exact,
+        socket_address,
+    )
+
+    size = load_config(model_dir).hidden_size
+    name = "@elasticmoe-test-wrong-rows"
+    listener = socketlib.socket(socketlib.AF_UNIX, socketlib.SOCK_STREAM)
+    listener.bind(socket_address(name))
+    listener.listen(1)
+
+    def lying_worker() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            head = bytearray(HELLO.size)
+            recv_exact(conn, memoryview(head))
+            _, token_len, id_len = HELLO.unpack(head)
+            recv_exact(conn, memoryview(bytearray(token_len + id_len)))
+            conn.sendall(WELCOME.pack(b"EMA1", 1, 2) + b"w0")
+            header = bytearray(FRAME.size)
+            recv_exact(conn, memoryview(header))
+            _, seq, _, _, rows, pairs, hidden, _ = FRAME.unpack(header)
+            recv_exact(conn, memoryview(bytearray(frame_body_bytes(rows, pairs, hidden, 4))))
+            out = bytes(4 * hidden)  # one row, not two
+            conn.sendall(RESULT.pack(b"EMR1", seq, 0, 0.0, 1, len(out)) + out)
+            conn.recv(1)  # until the router closes
+
+    thread = threading.Thread(target=lying_worker, daemon=True)
+    thread.start()
+    from elasticmoe.router.stream import NodeStream
+
+    stream = NodeStream("w0", "x", name, None, torch.float32, size)
+    result = stream.result(stream.submit(node_frame(0, torch.ones(2, size), [(1, 1, 1.0)])), 30)
+    assert result.code == Code.DATA_LOSS.value[0] and result.output is None
+    assert "sent 2 rows" in result.error and "has 1 rows" in result.error
+    stream.close()
+    thread.join(30)
+    listener.close()
+    assert not thread.is_alive()
