@@ -1,6 +1,7 @@
 """elasticmoe's CPU kernels (elasticmoe/model/kernels): the packed expert kernel gives the
 torch path's results, bit for bit, wherever it runs; decode attention is as close to an fp32
-reference as the torch path; the torch path runs wherever they do not apply."""
+reference as the torch path; the torch path runs wherever they do not apply, with bf16
+experts widened to fp32 on CPUs without bf16 dot products."""
 
 from __future__ import annotations
 
@@ -127,6 +128,103 @@ def test_fp32_gate_weights_keep_the_torch_paths_arithmetic():
     gate32 = replace(gate, weights=gate.weights.float())
     want = fused_experts(x, gate32, w13, w2)
     assert torch.equal(fused_experts(x, gate32, w13, w2, packed=packed), want)
+
+
+@pytest.fixture
+def without_bf16_dot_products(monkeypatch):
+    """As on a CPU without AMX or AVX512-BF16 (an AVX2 EPYC, say), whatever this one has."""
+    monkeypatch.setattr(kernels, "native_bf16_matmul", lambda: False)
+    monkeypatch.delenv(kernels.ENABLE_VAR, raising=False)
+
+
+def _one_bf16_step_apart(got: torch.Tensor, want: torch.Tensor) -> None:
+    """Within a bf16 rounding step of the output's scale (fp32 sums in another order may
+    round an intermediate across a bf16 boundary), and mostly equal."""
+    if not want.numel():
+        assert got.shape == want.shape
+        return
+    diff = (got.float() - want.float()).abs()
+    assert diff.max() <= 2 * torch.finfo(BF16).eps * want.float().abs().max()
+    assert diff.gt(0).float().mean() < 0.05
+
+
+@pytest.mark.usefixtures("without_bf16_dot_products")
+@pytest.mark.parametrize("tokens", [0, 1, 5, 17, 64, 300])
+def test_widened_experts_multiply_in_fp32_and_round_as_bf16_matmuls_do(tokens):
+    """Without bf16 dot products the bf16 experts run as fp32 matmuls over fp32 copies,
+    each result rounded to bf16: the bf16 path's values (both accumulate in fp32), through
+    both the padded bmm and the grouped path (1 token: fewer pairs than experts)."""
+    w13, w2 = _stacked(7)
+    wide = kernels.widen_experts(w13, w2)
+    assert wide is not None and wide.fp32
+    assert wide.w13.dtype == torch.float32 and wide.w13.stride() == w13.stride()
+    assert torch.equal(wide.w13, w13.float()) and torch.equal(wide.w2, w2.float())
+    x = (torch.randn(tokens, H, generator=torch.Generator().manual_seed(8)) * 2).to(BF16)
+    gate = _gate(x, 2)
+    got = fused_experts(x, gate, w13, w2, packed=wide)
+    assert got.dtype == BF16 and got.shape == (tokens, H)
+    _one_bf16_step_apart(got, fused_experts(x, gate, w13, w2))
+    rows = torch.arange(tokens).repeat_interleave(2)
+    experts, weights = gate.indices.flatten(), gate.weights.flatten()
+    _one_bf16_step_apart(
+        fused_expert_pairs(x, rows, experts, weights, w13, w2, packed=wide),
+        fused_expert_pairs(x, rows, experts, weights, w13, w2),
+    )
+
+
+@pytest.mark.usefixtures("without_bf16_dot_products")
+def test_local_experts_and_a_worker_stack_widen_where_the_kernel_does_not_apply():
+    b13 = torch.randn(E, 2 * INTER).to(BF16)
+    b2 = torch.randn(E, H).to(BF16)
+    w13, w2 = _stacked(9)
+    experts = {LogicalExpert(0, e): ExpertWeights(w13[e], w2[e], b13[e], b2[e]) for e in range(E)}
+    local = LocalExperts(experts)
+    wide = local.stacked[0][5]
+    assert wide is not None and wide.fp32  # biases: never the kernel, but widened
+    x = torch.randn(32, H, generator=torch.Generator().manual_seed(10)).to(BF16)
+    gate = _gate(x, 2)
+    _one_bf16_step_apart(local.forward(0, x, gate), fused_experts(x, gate, w13, w2, b13, b2))
+    stack = LayerStack.of(
+        list(range(E)), [experts[LogicalExpert(0, e)] for e in range(E)], E, "cpu"
+    )
+    assert stack.packed is not None and stack.packed.fp32
+
+
+def test_widening_is_only_for_bf16_on_cpus_without_bf16_dot_products(monkeypatch):
+    w13, w2 = _stacked()
+    monkeypatch.setattr(kernels, "native_bf16_matmul", lambda: True)
+    assert kernels.widen_experts(w13, w2) is None  # oneDNN's bf16 matmuls are fast there
+    monkeypatch.setattr(kernels, "native_bf16_matmul", lambda: False)
+    assert kernels.widen_experts(w13.float(), w2.float()) is None
+    monkeypatch.setenv(kernels.ENABLE_VAR, "0")
+    assert kernels.widen_experts(w13, w2) is None
+
+
+@pytest.mark.usefixtures("without_bf16_dot_products")
+def test_widened_linears_multiply_in_fp32_and_round_once():
+    g = torch.Generator().manual_seed(11)
+    model = torch.nn.Sequential(torch.nn.Linear(H, 96), torch.nn.Linear(96, 40, bias=False))
+    model = model.to(BF16)
+    x = torch.randn(17, H, generator=g).to(BF16)
+    with torch.no_grad():
+        want = model(x)
+        assert kernels.widen_linears(model) == 2
+        assert kernels.widen_linears(model) == 0  # already switched
+        first = model[0].forward
+        assert first.wide is None  # fp32 copies on first call only
+        got = model(x)
+        assert first.wide[0].dtype == torch.float32 and torch.equal(
+            first.wide[0], model[0].weight.float()
+        )
+        assert got.dtype == BF16
+        one = torch.nn.functional.linear(x.float(), model[0].weight.float(), model[0].bias.float())
+        assert torch.equal(model[0](x), one.to(BF16))
+        _one_bf16_step_apart(got, want)
+
+
+def test_linears_stay_plain_with_bf16_dot_products(monkeypatch):
+    monkeypatch.setattr(kernels, "native_bf16_matmul", lambda: True)
+    assert kernels.widen_linears(torch.nn.Linear(4, 4).to(BF16)) == 0
 
 
 def _cpu_flags() -> set[str]:

@@ -9,7 +9,7 @@ from elasticmoe.experts.weights import ExpertWeights, load_expert_weights
 from elasticmoe.model.checkpoint import CheckpointReader
 from elasticmoe.model.config import MoEModelConfig
 from elasticmoe.model.gate import GateOutput
-from elasticmoe.model.kernels import pack_experts
+from elasticmoe.model.kernels import pack_experts, widen_experts
 from elasticmoe.model.moe import combine_expert_outputs, fused_experts, group_by_expert
 
 
@@ -47,7 +47,7 @@ class LocalExperts:
             if layer_experts[0].down_bias is not None:
                 b2 = torch.stack([w.down_bias for w in layer_experts])
             activation = layer_experts[0].activation
-            packed = pack_experts(w13, w2, b13, b2, activation.name)
+            packed = pack_experts(w13, w2, b13, b2, activation.name) or widen_experts(w13, w2)
             self.stacked[layer] = (w13, w2, b13, b2, activation, packed)
             for e in range(len(ids)):
                 self.experts[LogicalExpert(layer, e)] = ExpertWeights(

@@ -61,7 +61,7 @@ from elasticmoe.experts.wire import (
 )
 from elasticmoe.model.checkpoint import CheckpointError, CheckpointReader
 from elasticmoe.model.config import MoEModelConfig, load_config
-from elasticmoe.model.kernels import PackedExperts, cpu_ops, pack_experts
+from elasticmoe.model.kernels import PackedExperts, cpu_ops, pack_experts, widen_experts
 from elasticmoe.model.moe import fused_expert_pairs
 
 __all__ = [
@@ -226,7 +226,9 @@ class LayerStack:
         biased = weights[0].gate_up_bias is not None
         b13 = torch.stack([w.gate_up_bias for w in weights]) if biased else None
         b2 = torch.stack([w.down_bias for w in weights]) if biased else None
-        packed = pack_experts(w13, w2, b13, b2, weights[0].activation.name)
+        packed = pack_experts(w13, w2, b13, b2, weights[0].activation.name) or widen_experts(
+            w13, w2
+        )
         return cls(index, w13, w2, b13, b2, packed)
 
     def weights_of(self, position: int, like: ExpertWeights) -> ExpertWeights:

@@ -32,6 +32,7 @@ from elasticmoe.model.gate import (
     topk_logits_softmax_gate,
     topk_softmax_gate,
 )
+from elasticmoe.model.kernels import widen_linears
 from elasticmoe.model.moe import ExpertBackend, submit_experts, wait_experts
 from elasticmoe.model.rope import (
     apply_rotary,
@@ -543,5 +544,6 @@ class MoEForCausalLM(nn.Module):
         for module in model.modules():
             if isinstance(module, Attention):
                 module.fuse_projections()
+        widen_linears(model)  # bf16 on a CPU without bf16 dot products: fp32 matmuls
         model.eval()
         return model

@@ -209,7 +209,9 @@ def fused_experts(
     synchronisation; see :func:`_use_grouped_mm` for when), or each expert's rows padded to
     the busiest expert's count and run as one ``torch.bmm`` over the stacked weights (one
     host read of that count per layer, free on CPU). ``packed`` (the same weights packed by
-    :func:`elasticmoe.model.kernels.pack_experts`): the CPU kernel, same roundings.
+    :func:`elasticmoe.model.kernels.pack_experts`): the CPU kernel, same roundings; or
+    their fp32 copies (:func:`~elasticmoe.model.kernels.widen_experts`): these matmuls in
+    fp32, each result rounded to bf16.
     """
     top_k = gate.indices.shape[1]
     flat = gate.indices.flatten()
@@ -222,8 +224,7 @@ def fused_experts(
         flat[order],
         gate.weights.flatten()[order],
         gate.tokens_per_expert,
-        w13,
-        w2,
+        *_matmul_weights(packed, hidden, w13, w2),
         uniform=True,
         b13=b13,
         b2=b2,
@@ -260,8 +261,7 @@ def fused_expert_pairs(
         sorted_experts,
         weights[order],
         counts,
-        w13,
-        w2,
+        *_matmul_weights(packed, hidden, w13, w2),
         uniform=False,
         b13=b13,
         b2=b2,
@@ -276,10 +276,33 @@ def _kernel_applies(
     anything else, e.g. fp32 gate weights, keeps the torch path and its arithmetic)."""
     return (
         packed is not None
+        and not packed.fp32
         and hidden.device.type == "cpu"
         and hidden.dtype == torch.bfloat16
         and weights.dtype == torch.bfloat16
     )
+
+
+def _matmul_weights(
+    packed: PackedExperts | None, hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The expert weights the matmuls read: the fp32 copies
+    (:func:`~elasticmoe.model.kernels.widen_experts`) for bf16 rows on a CPU without bf16
+    dot products, else the stacked weights themselves."""
+    if packed is not None and packed.fp32 and hidden.dtype == torch.bfloat16:
+        return packed.w13, packed.w2
+    return w13, w2
+
+
+def _matmul(x: torch.Tensor, w: torch.Tensor, offs: torch.Tensor | None = None) -> torch.Tensor:
+    """``x @ w`` batched by expert (``torch.bmm``; ``offs``: ``torch._grouped_mm`` over
+    sorted rows) in ``x``'s dtype. fp32 weights for bf16 rows (widened, see
+    :func:`_matmul_weights`): multiplied in fp32, the result rounded to bf16, as a bf16
+    matmul rounds its fp32 accumulator."""
+    widened = w.dtype == torch.float32 and x.dtype == torch.bfloat16
+    a = x.float() if widened else x
+    y = torch.bmm(a, w) if offs is None else torch._grouped_mm(a, w, offs=offs)
+    return y.to(x.dtype) if widened else y
 
 
 def _fused_sorted(
@@ -304,10 +327,10 @@ def _fused_sorted(
     grouped, max_rows = _use_grouped_mm(hidden, counts, num_pairs)
     if grouped:
         offs = torch.cumsum(counts, 0, dtype=torch.int32)
-        h = torch._grouped_mm(x, w13.transpose(1, 2), offs=offs)
+        h = _matmul(x, w13.transpose(1, 2), offs)
         if b13 is not None:
             h = h + b13.index_select(0, sorted_experts)
-        y = torch._grouped_mm(activate(h, activation), w2.transpose(1, 2), offs=offs)
+        y = _matmul(activate(h, activation), w2.transpose(1, 2), offs)
         if b2 is not None:
             y = y + b2.index_select(0, sorted_experts)
         return _combine(token_idx, weights, y, torch.zeros_like(hidden), uniform)
@@ -318,10 +341,10 @@ def _fused_sorted(
     # Padding rows are never read back, and a matmul row depends only on its own input row.
     xp = hidden.new_empty(num_experts * max_rows, hidden.shape[1])
     xp.index_copy_(0, row, x)
-    h = torch.bmm(xp.view(num_experts, max_rows, -1), w13.transpose(1, 2))
+    h = _matmul(xp.view(num_experts, max_rows, -1), w13.transpose(1, 2))
     if b13 is not None:
         h = h + b13[:, None, :]
-    y = torch.bmm(activate(h, activation), w2.transpose(1, 2))
+    y = _matmul(activate(h, activation), w2.transpose(1, 2))
     if b2 is not None:
         y = y + b2[:, None, :]
     y = y.view(num_experts * max_rows, -1)
