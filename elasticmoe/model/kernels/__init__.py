@@ -16,6 +16,12 @@ into ``$ELASTICMOE_HOME/kernels`` the first time a bf16 model is loaded on a CPU
 or AVX512-BF16, then reused. Where it cannot be built or used, or
 ``ELASTICMOE_CPU_KERNELS=0``, the torch path runs instead: the experts' results are the
 same, only slower; attention's differ by bf16 rounding.
+
+On a CPU without bf16 dot products (neither AMX nor AVX512-BF16: AVX2, say) torch's bf16
+matmuls convert in software, about 1 GFLOP/s. There :func:`widen_experts` and
+:func:`widen_linears` give a bf16 model's experts and linear layers fp32 copies of their
+weights: the matmuls run in fp32 and round their results to bf16, as bf16 matmuls round
+their fp32 accumulators.
 """
 
 from __future__ import annotations
