@@ -8,7 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 from dataclasses import replace
-from pathlib import Path
 
 import pytest
 import torch
@@ -227,17 +226,6 @@ def test_linears_stay_plain_with_bf16_dot_products(monkeypatch):
     assert kernels.widen_linears(torch.nn.Linear(4, 4).to(BF16)) == 0
 
 
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
 @pytest.mark.skipif(
     os.environ.get(kernels.ENABLE_VAR, "1") == "0"
     or not shutil.which(os.environ.get("CXX", "c++")),
@@ -246,7 +234,7 @@ def _cpu_flags() -> set[str]:
 def test_the_kernel_runs_on_every_cpu_with_bf16_dot_products():
     """A CPU with AMX or AVX512-BF16 gets the kernel (the brgemm or the kernel's own
     micro-kernel); it was once silently off on AVX512-BF16 CPUs without AMX."""
-    flags = _cpu_flags()
+    flags = kernels.cpu_flags()
     if not flags & {"amx_bf16", "avx512_bf16"}:
         pytest.skip("this CPU has neither AMX nor AVX512-BF16")
     ops = kernels.cpu_ops()

@@ -179,17 +179,25 @@ def pack_experts(
         return PackedExperts(ops.pack_weight(w13), ops.pack_weight(w2))
 
 
+def cpu_flags() -> set[str]:
+    """The CPU's feature flags (``/proc/cpuinfo``; empty where there is none)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    return set()
+
+
 @functools.cache
 def native_bf16_matmul() -> bool:
     """Whether this CPU has bf16 dot products (AMX or AVX512-BF16), which torch's bf16
     matmuls (oneDNN) use; without them those matmuls convert in software."""
-    flags: set[str] = set()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                flags = set(line.split(":", 1)[1].split())
-                break
-    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    return bool(cpu_flags() & {"amx_bf16", "avx512_bf16"})
+
+
+def _widening() -> bool:
+    """Whether bf16 matmuls multiply in fp32 here (:func:`widen_experts`, :func:`widen_linears`)."""
+    return os.environ.get(ENABLE_VAR, "1") != "0" and not native_bf16_matmul()
 
 
 def widen_experts(w13: torch.Tensor, w2: torch.Tensor) -> PackedExperts | None:
@@ -205,7 +213,7 @@ def widen_experts(w13: torch.Tensor, w2: torch.Tensor) -> PackedExperts | None:
     """
     if w13.device.type != "cpu" or w13.dtype != torch.bfloat16 or w2.dtype != torch.bfloat16:
         return None
-    if os.environ.get(ENABLE_VAR, "1") == "0" or native_bf16_matmul():
+    if not _widening():
         return None
     with torch.inference_mode():
         return PackedExperts(_widen(w13), _widen(w2), fp32=True)
@@ -226,7 +234,7 @@ def widen_linears(model: torch.nn.Module) -> int:
     bias in fp32 and rounds once to bf16, as a bf16 ``F.linear`` does with its fp32
     accumulator.
     """
-    if os.environ.get(ENABLE_VAR, "1") == "0" or native_bf16_matmul():
+    if not _widening():
         return 0
     count = 0
     for module in model.modules():
