@@ -301,6 +301,68 @@ def spawn(mode: str, args: argparse.Namespace, model_dir: Path) -> dict:
     return json.loads(proc.stdout)
 
 
+def compare(local: dict, dist: dict, args: argparse.Namespace, num_moe_layers: int) -> list:
+    """One round's rows: per batch size, local against each micro-batch setting."""
+    results = []
+    for batch in [int(b) for b in args.batch_sizes.split(",")]:
+        loc = local["results"][str(batch)]
+        row: dict = {
+            "batch_size": batch,
+            "local_step_ms": round(loc["step_ms"], 3),
+            "p50_local_step_ms": round(loc["p50_step_ms"], 3),
+        }
+        row["local_expert_ms_per_step"] = round(loc["expert_backend_ms"], 3)
+        for mb, dst in dist["results"][str(batch)].items():
+            compute_ms = dst["worker_compute_ms"]
+            # the critical path: the slowest worker of each layer call (else the old estimate)
+            critical_ms = dst.get("critical_compute_ms", compute_ms / args.num_workers)
+            row[f"micro_batches_{mb}"] = {
+                "distributed_step_ms": round(dst["step_ms"], 3),
+                "p50_distributed_step_ms": round(dst["p50_step_ms"], 3),
+                "ratio_distributed_over_local": round(dst["step_ms"] / loc["step_ms"], 3),
+                # medians: one stalled step (a GC pause, a page-fault burst) moves the means
+                "p50_ratio_distributed_over_local": round(
+                    dst["p50_step_ms"] / loc["p50_step_ms"], 3
+                ),
+                "expert_calls_per_layer_step": round(dst["calls_per_layer_step"], 3),
+                "router_ms_per_step": round(dst["expert_backend_ms"], 3),
+                "worker_compute_ms_per_step": round(compute_ms, 3),
+                "critical_path_compute_ms_per_step": round(critical_ms, 3),
+                "critical_path_measured": "critical_compute_ms" in dst,
+                "dispatch_overhead_ms_per_layer": round(
+                    (dst["expert_backend_ms"] - critical_ms) / num_moe_layers, 3
+                ),
+            }
+        one, two = row.get("micro_batches_1"), row.get("micro_batches_2")
+        if one and two:
+            row["pingpong_speedup"] = round(
+                one["distributed_step_ms"] / two["distributed_step_ms"], 3
+            )
+        results.append(row)
+    return results
+
+
+def median_rows(rounds: list[list[dict]]) -> list[dict]:
+    """The rounds' rows merged: each number the median over the rounds; each p50 ratio also
+    as its [min, max] over the rounds (``p50_ratio_range``)."""
+
+    def merge(values: list):
+        first = values[0]
+        if isinstance(first, dict):
+            out = {k: merge([v[k] for v in values]) for k in first}
+            if "p50_ratio_distributed_over_local" in first:
+                ratios = [v["p50_ratio_distributed_over_local"] for v in values]
+                out["p50_ratio_range"] = [min(ratios), max(ratios)]
+            return out
+        if isinstance(first, bool) or not isinstance(first, (int, float)):
+            return first
+        if all(v == first for v in values):  # the batch size, a count
+            return first
+        return round(statistics.median(values), 3)
+
+    return [merge(list(rows)) for rows in zip(*rounds, strict=True)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--arch", default="mixtral")
@@ -341,58 +403,38 @@ def main() -> None:
         help="torch threads of the distributed engine (a deployment's engine actor: 1); the "
         "local engine keeps torch's default, all cores",
     )
+    ap.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="run local and distributed this many times, alternating; report medians",
+    )
     ap.add_argument("--run", choices=["local", "distributed"], help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.rounds < 1:
+        ap.error(f"--rounds must be >= 1, got {args.rounds}")
     if args.run:
         print(json.dumps(run_mode(args)))
         return
 
+    rounds = []
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = init_model(args.arch, args.preset, Path(tmp) / "m")
         mc = load_config(model_dir)
-        with console.status("local (experts in-process)"):
-            local = spawn("local", args, model_dir)
-        with console.status(f"distributed (experts on {args.num_workers} worker actors)"):
-            dist = spawn("distributed", args, model_dir)
-    num_moe_layers = len(mc.moe_layers)
-    results = []
-    for batch in [int(b) for b in args.batch_sizes.split(",")]:
-        loc = local["results"][str(batch)]
-        row: dict = {
-            "batch_size": batch,
-            "local_step_ms": round(loc["step_ms"], 3),
-            "p50_local_step_ms": round(loc["p50_step_ms"], 3),
-        }
-        row["local_expert_ms_per_step"] = round(loc["expert_backend_ms"], 3)
-        for mb, dst in dist["results"][str(batch)].items():
-            compute_ms = dst["worker_compute_ms"]
-            # the critical path: the slowest worker of each layer call (else the old estimate)
-            critical_ms = dst.get("critical_compute_ms", compute_ms / args.num_workers)
-            row[f"micro_batches_{mb}"] = {
-                "distributed_step_ms": round(dst["step_ms"], 3),
-                "p50_distributed_step_ms": round(dst["p50_step_ms"], 3),
-                "ratio_distributed_over_local": round(dst["step_ms"] / loc["step_ms"], 3),
-                # medians: one stalled step (a GC pause, a page-fault burst) moves the means
-                "p50_ratio_distributed_over_local": round(
-                    dst["p50_step_ms"] / loc["p50_step_ms"], 3
-                ),
-                "expert_calls_per_layer_step": round(dst["calls_per_layer_step"], 3),
-                "router_ms_per_step": round(dst["expert_backend_ms"], 3),
-                "worker_compute_ms_per_step": round(compute_ms, 3),
-                "critical_path_compute_ms_per_step": round(critical_ms, 3),
-                "critical_path_measured": "critical_compute_ms" in dst,
-                "dispatch_overhead_ms_per_layer": round(
-                    (dst["expert_backend_ms"] - critical_ms) / num_moe_layers, 3
-                ),
-            }
-        one, two = row.get("micro_batches_1"), row.get("micro_batches_2")
-        if one and two:
-            row["pingpong_speedup"] = round(
-                one["distributed_step_ms"] / two["distributed_step_ms"], 3
-            )
+        num_moe_layers = len(mc.moe_layers)
+        # local and distributed alternate, round after round: on a shared machine one run of
+        # each can land in a fast and a slow minute of its neighbours' load
+        for r in range(args.rounds):
+            label = f"round {r + 1}/{args.rounds}: " if args.rounds > 1 else ""
+            with console.status(f"{label}local (experts in-process)"):
+                local = spawn("local", args, model_dir)
+            with console.status(f"{label}distributed (experts on {args.num_workers} workers)"):
+                dist = spawn("distributed", args, model_dir)
+            rounds.append(compare(local, dist, args, num_moe_layers))
+    results = rounds[0] if len(rounds) == 1 else median_rows(rounds)
+    for row in results:
         console.print(row)
-        results.append(row)
     emit_json(
         {
             "benchmark": "dispatch",
@@ -410,6 +452,7 @@ def main() -> None:
             "micro_batch_min_seqs": dist["micro_batch_min_seqs"],
             "cluster_nodes": dist.get("nodes", 1),
             "steps_timed": args.steps,
+            "rounds": args.rounds,
             "torch_threads": {
                 "local": local["torch_threads"],
                 "distributed_engine": dist["torch_threads"],
@@ -423,8 +466,11 @@ def main() -> None:
             "micro_batches_N: the distributed engine with N micro-batches per step (same "
             "workers, same run); with 2, router_ms_per_step is the time the engine spends in "
             "submit and wait (blocked), so overlap shows as a smaller figure; "
-            "pingpong_speedup = step time with 1 / step time with 2",
+            "pingpong_speedup = step time with 1 / step time with 2; with rounds > 1 every "
+            "figure is the median over the rounds (local and distributed alternate), with "
+            "the range of the p50 ratio beside it, and per_round holds each round's rows",
             "results": results,
+            **({"per_round": rounds} if len(rounds) > 1 else {}),
         }
     )
 
