@@ -23,7 +23,9 @@ figures (before issue 14) falls back to the workers' summed compute / workers.
 (``elasticmoe.model.kernels``) computes the experts on both sides; medians are reported
 beside the means, which one stalled step can move. The distributed engine runs
 ``--distributed-engine-threads`` torch threads (1, as a deployment's engine actor gets
-from Ray), the local engine torch's default (all cores).
+from Ray), the local engine torch's default (all cores). ``--rounds N`` runs the two N times,
+alternating, and reports each figure's median over the rounds (with the range of each p50
+ratio): on a shared machine one run of each can land in a fast and a slow minute.
 
 Prints JSON on stdout; progress on stderr.
 """
